@@ -1,0 +1,73 @@
+"""Pieces every command shares: one-line errors with exit code 2, checkpoint options, output files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from models import CheckpointError, load_model
+from models.device import resolve_device
+
+console = Console()
+
+# Errors that mean "bad input": reported as one line, exit code 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ValueError, FileNotFoundError, KeyError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the library's input errors into a one-line message and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            fail(str(message).splitlines()[0] if str(message) else type(e).__name__)
+
+    return wrapper
+
+
+def new_app(help: str) -> typer.Typer:
+    app = typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    # A callback keeps typer from collapsing a one-command app into that command.
+    app.callback()(lambda: None)
+    return app
+
+
+TrustOption = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints with pickled Python objects (runs code).")
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
+def open_model(checkpoint: Path | None, device: str = "auto", trust: bool = False):
+    """(model, metadata) from a checkpoint path, or the built-in default model when none is given."""
+    torch_device = resolve_device(device)
+    if checkpoint is None:
+        fail("no checkpoint given and no built-in default model is shipped yet; pass a checkpoint path")
+    return load_model(checkpoint, torch_device, trust)
+
+
+def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")

@@ -1,0 +1,348 @@
+"""Coding rates of token embeddings: ``R(Z)``, ``R(P^T Z)`` and ``R(Q)`` (SPEC.md §3.1).
+
+For one image's tokens ``Z ∈ R^{m×N}`` (columns = tokens, ``m`` = dimension of the space
+they live in) the coding rate is::
+
+    R(Z) = ½ logdet(I_N + m/(N ε²) ZᵀZ) = ½ logdet(I_m + m/(N ε²) Z Zᵀ)
+
+In code tokens are rows, ``Z: (..., N, m)``. Both forms are equal (Sylvester's determinant
+identity); we always factorise the smaller Gram matrix, in float64, with a batched Cholesky
+(``logdet = 2 Σ log diag L``) and ``slogdet`` as a fallback for the entries where Cholesky fails.
+
+Subspace rates use a layer's projection ``proj: (h, p, d)`` — the official ``(h·p, d)`` matrix
+with its rows grouped by head, so that ``P_{l,k} = proj[k].T ∈ R^{d×p}``:
+
+- head ``k``: ``R(P_{l,k}ᵀ Z)`` with ``m = p``;
+- whole layer: ``R(P_lᵀ Z)`` with ``m = h·p`` (all heads concatenated).
+
+Token normalisation (``normalize``):
+
+- ``"l2"`` (default): each token scaled to unit L2 norm in R^d, before any projection;
+- ``"none"``: raw tokens;
+- ``"crate"``: CRATE's convention, each *projected* token scaled to unit norm inside its head
+  (for rates without a projection, such as ``R(Z)`` or ``R(Q)``, this is the same as ``"l2"``).
+
+All functions are pure: they accept any floating dtype on any device, compute in float64 on the
+input's device, return float64, and never modify their inputs (safe inside and outside
+``torch.inference_mode``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "NORMALIZE_MODES",
+    "class_rate",
+    "coding_rate",
+    "normalize_tokens",
+    "rate_table",
+    "subspace_rates",
+    "token_rate",
+]
+
+NORMALIZE_MODES: tuple[str, ...] = ("l2", "none", "crate")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_eps(eps: float) -> None:
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def _check_tokens(Z: Tensor, name: str = "Z") -> None:
+    """Z must be a float tensor of shape (B, N, d) with N >= 1."""
+    _check_float(Z, name)
+    if Z.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, N, d), got {tuple(Z.shape)}")
+    if Z.shape[-2] < 1:
+        raise ValueError(f"{name} must hold at least one token, got shape {tuple(Z.shape)}")
+
+
+def _check_proj(proj: Tensor, d: int, name: str = "proj") -> None:
+    """proj must be a float tensor of shape (h, p, d)."""
+    _check_float(proj, name)
+    if proj.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape (heads, dim_head, d), got {tuple(proj.shape)}; "
+            "reshape an official (h*p, d) matrix with proj.reshape(h, p, d)"
+        )
+    if proj.shape[-1] != d:
+        raise ValueError(
+            f"{name} last dim must equal the token width d = {d}, got shape {tuple(proj.shape)}"
+        )
+    if proj.shape[0] < 1 or proj.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one head of width >= 1, got {tuple(proj.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# log-determinant and rate kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _logdet_pd(M: Tensor) -> Tensor:
+    """log det of symmetric positive-definite matrices ``M: (..., n, n)`` -> ``(...)``.
+
+    Batched Cholesky (``logdet = 2 Σ log diag L``); the entries where Cholesky reports failure
+    are recomputed with ``slogdet`` (``nan`` where the determinant is not positive).
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    failed = info != 0
+    if failed.any():  # one host sync; rare path
+        sign, logabs = torch.linalg.slogdet(M[failed])
+        fallback = torch.where(sign > 0, logabs, torch.full_like(logabs, float("nan")))
+        logdet = logdet.index_put((failed,), fallback)
+    return logdet
+
+
+def _rate_from_gram(G: Tensor, m: int, N: int, eps: float) -> Tensor:
+    """``½ logdet(I + m/(N ε²) G)`` for Gram matrices ``G: (..., n, n)`` (float64) -> ``(...)``.
+
+    ``G`` is either ``Z Zᵀ`` (n = N) or ``Zᵀ Z`` (n = m) for tokens ``Z: (N, m)`` as rows.
+    """
+    n = G.shape[-1]
+    scale = m / (N * eps * eps)
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    return 0.5 * _logdet_pd(eye + scale * G)
+
+
+def _smaller_gram(Z: Tensor) -> Tensor:
+    """Gram of tokens ``Z: (..., N, m)``: ``Z Zᵀ (N×N)`` if N <= m else ``Zᵀ Z (m×m)``."""
+    N, m = Z.shape[-2], Z.shape[-1]
+    return Z @ Z.mT if N <= m else Z.mT @ Z
+
+
+def _diagonal_blocks(G: Tensor, h: int, p: int) -> Tensor:
+    """Diagonal ``p×p`` blocks of ``G: (..., h·p, h·p)`` -> ``(..., h, p, p)``."""
+    blocks = G.unflatten(-1, (h, p)).unflatten(-3, (h, p))  # (..., h, p, h, p)
+    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # (..., h, p, p)
+
+
+def _orthonormal_basis(proj: Tensor) -> Tensor:
+    """Replace each head's rows ``proj[k]: (p, d)`` by an orthonormal basis of their span.
+
+    QR of ``P_k = proj[k].T`` (float64); returns ``Q_kᵀ`` stacked, ``(h, p, d)``.
+    """
+    h, p, d = proj.shape
+    if p > d:
+        raise ValueError(f"orthonormalize needs dim_head <= d, got dim_head = {p}, d = {d}")
+    Q, _ = torch.linalg.qr(proj.mT)  # (h, d, p), reduced
+    return Q.mT
+
+
+def _as64(x: Tensor, device: torch.device | None = None) -> Tensor:
+    return x.to(device=x.device if device is None else device, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def coding_rate(Z: Tensor, eps: float = 0.1) -> Tensor:
+    """Coding rate of each token set, no normalisation.
+
+    ``Z: (..., N, m)`` (N tokens as rows in R^m) -> ``(...)`` float64::
+
+        R(Z) = ½ logdet(I_N + m/(N ε²) Z Zᵀ) = ½ logdet(I_m + m/(N ε²) Zᵀ Z)
+
+    (row convention; the smaller of the two Gram matrices is factorised).
+    """
+    _check_float(Z, "Z")
+    _check_eps(eps)
+    if Z.ndim < 2:
+        raise ValueError(f"Z must have shape (..., N, m), got {tuple(Z.shape)}")
+    N, m = Z.shape[-2], Z.shape[-1]
+    if N < 1:
+        raise ValueError(f"Z must hold at least one token, got shape {tuple(Z.shape)}")
+    if m == 0:
+        return torch.zeros(Z.shape[:-2], dtype=torch.float64, device=Z.device)
+    return _rate_from_gram(_smaller_gram(_as64(Z)), m, N, eps)
+
+
+def normalize_tokens(Z: Tensor, mode: str) -> Tensor:
+    """Normalise tokens ``Z: (..., N, d)`` in R^d -> float64 ``(..., N, d)``.
+
+    ``"l2"`` and ``"crate"``: each token scaled to unit L2 norm (zero tokens stay zero);
+    ``"none"``: unchanged. (CRATE's per-head normalisation of *projected* tokens is applied by
+    :func:`subspace_rates` / :func:`rate_table`; without a projection it equals ``"l2"``.)
+    """
+    _check_mode(mode)
+    _check_float(Z, "Z")
+    Z = _as64(Z)
+    return Z if mode == "none" else F.normalize(Z, dim=-1)
+
+
+def token_rate(Z: Tensor, eps: float = 0.1, normalize: str = "l2") -> Tensor:
+    """``R(Z_j)`` per image with m = d. ``Z: (B, N, d)`` -> ``(B,)`` float64."""
+    _check_tokens(Z)
+    _check_mode(normalize)
+    return coding_rate(normalize_tokens(Z, normalize), eps)
+
+
+def _subspace_rates64(
+    Z: Tensor, P: Tensor, eps: float, crate: bool, C: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-head and whole-layer rates for several same-shaped subspaces at once.
+
+    ``Z: (*b, N, d)`` float64, already normalised in R^d; ``P: (S, h, p, d)`` float64;
+    optional ``C = Zᵀ Z: (*b, d, d)``. Returns ``per_head (*b, S, h)``, ``whole (*b, S)``.
+
+    Linear case with N > h·p: the feature-side Gram of the projected tokens is
+    ``P C Pᵀ (h·p × h·p)``, and the head Grams ``P_k C P_kᵀ`` are its diagonal blocks, so the
+    ``d×d`` covariance ``C`` is the only O(N) product. Otherwise (CRATE normalisation is not
+    linear, or few tokens) the tokens are projected explicitly and :func:`coding_rate` picks
+    the smaller Gram.
+    """
+    S, h, p, d = P.shape
+    N, m = Z.shape[-2], h * p
+    W = P.reshape(S, m, d)
+    if not crate and N > m:
+        C = Z.mT @ Z if C is None else C
+        G = W @ C.unsqueeze(-3) @ W.mT  # (*b, S, m, m)
+        whole = _rate_from_gram(G, m, N, eps)
+        heads = _rate_from_gram(_diagonal_blocks(G, h, p), p, N, eps)
+        return heads, whole
+    Y = (Z.unsqueeze(-3) @ W.mT).unflatten(-1, (h, p))  # (*b, S, N, h, p)
+    if crate:
+        Y = F.normalize(Y, dim=-1)
+    whole = coding_rate(Y.flatten(-2), eps)  # m = h·p
+    heads = coding_rate(Y.movedim(-2, -3), eps)  # (*b, S, h, N, p) -> m = p
+    return heads, whole
+
+
+def _prepare_proj(proj: Tensor, device: torch.device, orthonormalize: bool) -> Tensor:
+    P = _as64(proj, device)
+    return _orthonormal_basis(P) if orthonormalize else P
+
+
+def subspace_rates(
+    Z: Tensor,
+    proj: Tensor,
+    eps: float = 0.1,
+    normalize: str = "l2",
+    orthonormalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Rates of the tokens projected onto one layer's subspaces.
+
+    ``Z: (B, N, d)``, ``proj: (h, p, d)`` with ``P_k = proj[k].T``. Returns
+    ``per_head: (B, h)`` = ``R(P_kᵀ Z)`` (m = p) and ``whole: (B,)`` = ``R(P_lᵀ Z)`` (m = h·p),
+    float64. ``orthonormalize`` replaces each ``P_k`` by an orthonormal basis of its span (QR).
+    """
+    _check_tokens(Z)
+    _check_proj(proj, Z.shape[-1])
+    _check_mode(normalize)
+    _check_eps(eps)
+    P = _prepare_proj(proj, Z.device, orthonormalize)
+    Zn = normalize_tokens(Z, normalize)
+    heads, whole = _subspace_rates64(Zn, P.unsqueeze(0), eps, crate=normalize == "crate")
+    return heads[:, 0], whole[:, 0]
+
+
+def rate_table(
+    tokens: list[Tensor],
+    subspaces: list[Tensor],
+    eps: float = 0.1,
+    normalize: str = "l2",
+    orthonormalize: bool = False,
+) -> dict:
+    """All coding rates for the token embeddings of every layer and every layer's subspace.
+
+    ``tokens[j]: (B, N, d)`` for j = 0..L (same shape for every j); ``subspaces[l]: (h_l, p_l, d)``.
+    Returns (float64, on the tokens' device)::
+
+        "token_rate":    (B, J)        R(Z_j)
+        "subspace_rate": (B, S, J)     R(P_lᵀ Z_j)        m = h_l·p_l
+        "head_rate":     [ (B, h_l, J) for each l ]       R(P_{l,k}ᵀ Z_j), m = p_l
+        "ratio":         (B, S, J)     subspace_rate / token_rate
+
+    All layers are stacked into one batch and subspaces with the same ``(h, p)`` share one
+    batched log-det call; ``Z_jᵀ Z_j`` is computed once and reused when it is the smaller Gram.
+    """
+    Zs = _stack_tokens(tokens)  # (J, B, N, d), float64, normalised
+    _check_mode(normalize)
+    _check_eps(eps)
+    Zs = normalize_tokens(Zs, normalize)
+    J, B, N, d = Zs.shape
+    for l, proj in enumerate(subspaces):
+        _check_proj(proj, d, name=f"subspaces[{l}]")
+    Ps = [_prepare_proj(proj, Zs.device, orthonormalize) for proj in subspaces]
+
+    C = Zs.mT @ Zs if N > d else None  # shared (J, B, d, d) covariance
+    tok = coding_rate(Zs, eps) if C is None else _rate_from_gram(C, d, N, eps)  # (J, B)
+
+    whole: list[Tensor | None] = [None] * len(Ps)
+    heads: list[Tensor | None] = [None] * len(Ps)
+    for (h, p), idx in _group_by_shape(Ps).items():
+        hr, wr = _subspace_rates64(Zs, torch.stack([Ps[i] for i in idx]), eps, normalize == "crate", C)
+        for g, i in enumerate(idx):
+            whole[i] = wr[..., g].T  # (B, J)
+            heads[i] = hr[..., g, :].permute(1, 2, 0).contiguous()  # (B, h, J)
+
+    token_rate_ = tok.T.contiguous()  # (B, J)
+    if Ps:
+        sub = torch.stack(whole, dim=1)  # (B, S, J)
+    else:
+        sub = Zs.new_zeros((B, 0, J))
+    return {
+        "token_rate": token_rate_,
+        "subspace_rate": sub,
+        "head_rate": heads,
+        "ratio": sub / token_rate_.unsqueeze(1),
+    }
+
+
+def _stack_tokens(tokens: list[Tensor]) -> Tensor:
+    """Validate ``tokens`` (a non-empty list of same-shaped (B, N, d)) -> float64 ``(J, B, N, d)``."""
+    if isinstance(tokens, Tensor) or not isinstance(tokens, (list, tuple)) or len(tokens) == 0:
+        raise ValueError("tokens must be a non-empty list of (B, N, d) tensors")
+    for j, Z in enumerate(tokens):
+        _check_tokens(Z, name=f"tokens[{j}]")
+        if Z.shape != tokens[0].shape:
+            raise ValueError(
+                f"all tokens must have the same shape; tokens[0] is {tuple(tokens[0].shape)}, "
+                f"tokens[{j}] is {tuple(Z.shape)}"
+            )
+    device = tokens[0].device
+    return torch.stack([_as64(Z, device) for Z in tokens])
+
+
+def _group_by_shape(Ps: list[Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the subspaces grouped by their ``(h, p)``, in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, P in enumerate(Ps):
+        groups[(P.shape[0], P.shape[1])].append(i)
+    return dict(groups)
+
+
+def class_rate(Q: Tensor, eps: float = 0.1, normalize: str = "l2") -> Tensor:
+    """``R(Q)`` of the class embeddings, m = d. ``Q: (B, K, d)`` -> ``(B,)`` float64.
+
+    ``"crate"`` equals ``"l2"`` here (no projection).
+    """
+    _check_tokens(Q, name="Q")
+    _check_mode(normalize)
+    return coding_rate(normalize_tokens(Q, normalize), eps)

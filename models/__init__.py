@@ -1,0 +1,20 @@
+"""The segmentation stack: ViT backbones, DEPICT / Segmenter decoders, checkpoints."""
+
+from models.checkpoint import CheckpointError, load_model, save_checkpoint
+from models.registry import DecoderConfig, ModelConfig, create_model, list_variants, variant_config
+from models.backbone import BackboneConfig
+from models.segmentor import Segmentor, predict_probs
+
+__all__ = [
+    "BackboneConfig",
+    "CheckpointError",
+    "DecoderConfig",
+    "ModelConfig",
+    "Segmentor",
+    "create_model",
+    "list_variants",
+    "load_model",
+    "predict_probs",
+    "save_checkpoint",
+    "variant_config",
+]

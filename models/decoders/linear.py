@@ -1,0 +1,17 @@
+"""Segmenter's linear decoder: one linear classifier on every patch token."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class LinearDecoder(nn.Module):
+    def __init__(self, dim: int, n_cls: int):
+        super().__init__()
+        self.n_cls = n_cls
+        self.head = nn.Linear(dim, n_cls)
+
+    def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
+        """z: (B, N, d) patch tokens on a grid (h, w) -> logits (B, K, h, w)."""
+        B = z.shape[0]
+        return self.head(z).transpose(1, 2).reshape(B, self.n_cls, *grid)

@@ -1,0 +1,122 @@
+"""Backbone + decoder -> per-pixel class logits, and the paper's inference protocols (SPEC §1.4–1.5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbone import NORMALIZATION, ViTBackbone
+
+
+def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
+    """Zero-pad (B, C, H, W) on the right/bottom so that H and W are multiples of ``multiple``."""
+    H, W = images.shape[-2:]
+    return F.pad(images, (0, -W % multiple, 0, -H % multiple))
+
+
+class Segmentor(nn.Module):
+    """``encoder`` (ViT) + ``decoder`` (any family in ``models.decoders``) -> logits (B, K, H, W)."""
+
+    def __init__(self, encoder: ViTBackbone, decoder: nn.Module, config=None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.config = config
+        self.n_cls = decoder.n_cls
+        self.patch_size = encoder.patch_size
+        mean, std = NORMALIZATION[encoder.config.normalization]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Images in [0, 1], (B, 3, H, W) -> normalised with the backbone's mean / std."""
+        return (images - self.mean) / self.std
+
+    def encode(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Normalised images (B, 3, H, W) -> decoder input Z_0 (B, N, d) and its grid (h, w)."""
+        return self.encoder(pad_to_multiple(images, self.patch_size))
+
+    def decode(self, z: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+        """Z_0 (B, N, d) on ``grid`` -> logits (B, K, H, W) for an image of ``size`` = (H, W)."""
+        masks = self.decoder(z, grid)
+        padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
+        return masks[..., : size[0], : size[1]]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W)."""
+        z, grid = self.encode(images)
+        return self.decode(z, grid, images.shape[-2:])
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): every ``stride``, the last one flush with the end."""
+    if length <= window:
+        return [0]
+    return [s for s in range(0, length - window, stride)] + [length - window]
+
+
+@torch.no_grad()
+def sliding_window_probs(
+    model: nn.Module, images: Tensor, window: int, stride: int, batch_size: int = 8
+) -> Tensor:
+    """Class probabilities (B, K, H, W): softmax per window, averaged where windows overlap."""
+    B, _, H, W = images.shape
+    crops, anchors = [], []
+    for b in range(B):
+        for top in _window_starts(H, window, stride):
+            for left in _window_starts(W, window, stride):
+                crops.append(images[b, :, top : top + window, left : left + window])
+                anchors.append((b, top, left))
+    probs = images.new_zeros(B, model.n_cls, H, W)
+    count = images.new_zeros(B, 1, H, W)
+    for i in range(0, len(crops), batch_size):
+        out = model(torch.stack(crops[i : i + batch_size])).float().softmax(dim=1)
+        for p, (b, top, left) in zip(out, anchors[i : i + batch_size]):
+            h, w = p.shape[-2:]
+            probs[b, :, top : top + h, left : left + w] += p
+            count[b, :, top : top + h, left : left + w] += 1
+    return probs / count
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: Tensor,
+    window: int | None = None,
+    stride: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    short_side: int | None = None,
+    batch_size: int = 8,
+) -> Tensor:
+    """The evaluation protocol: normalised images (B, 3, H, W) -> class probabilities (B, K, H, W).
+
+    The image is first resized so its short side is ``short_side`` (when given), then for every scale
+    (and its horizontal flip when ``flip``) run through sliding windows (whole image when ``window``
+    is None); the probability maps are resized back to (H, W) and averaged.
+    """
+    H, W = images.shape[-2:]
+    if short_side is not None:
+        factor = short_side / min(H, W)
+        base = (round(H * factor), round(W * factor))
+    else:
+        base = (H, W)
+    total = images.new_zeros(images.shape[0], model.n_cls, H, W)
+    views = [(s, f) for s in scales for f in ([False, True] if flip else [False])]
+    for scale, flipped in views:
+        size = (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (H, W) else images
+        if flipped:
+            x = x.flip(-1)
+        if window is None:
+            p = model(x).float().softmax(dim=1)
+        else:
+            p = sliding_window_probs(model, x, window, stride or window, batch_size)
+        if flipped:
+            p = p.flip(-1)
+        total += F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False) if size != (H, W) else p
+    return total / len(views)
