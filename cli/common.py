@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +67,19 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     console.print(table)
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+def image_source_options(
+    images: list[Path] | None, dataset: str | None, data_root: Path | None, split: str, num_images: int | None
+) -> dict:
+    """The keyword arguments of ``depict_analysis.inputs.image_batches`` from the shared CLI options."""
+    if images and dataset:
+        fail("give --images or --dataset, not both")
+    if not images and not dataset:
+        dataset = "synthetic"  # the built-in default models were trained on it
+    return {"images": images or None, "dataset": dataset, "data_root": data_root, "split": split, "num_images": num_images}
+
+
+ImagesOption = typer.Option(None, "--images", help="Image files or folders (repeatable).")
+DatasetOption = typer.Option(None, "--dataset", help="ade20k | pascal_context | pascal_context60 | cityscapes | folder | synthetic")
+DataRootOption = typer.Option(None, "--data-root", help="The dataset's root folder.")
+SplitOption = typer.Option("val", "--split", help="Dataset split.")
+SeedOption = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers.")

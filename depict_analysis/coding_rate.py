@@ -222,7 +222,7 @@ def _subspace_rates64(
     W = P.reshape(S, m, d)
     if not crate and N > m:
         C = Z.mT @ Z if C is None else C
-        G = W @ C.unsqueeze(-3) @ W.mT  # (*b, S, m, m)
+        G = (W.flatten(0, 1) @ C).unflatten(-2, (S, m)) @ W.mT  # (*b, S, m, m)
         whole = _rate_from_gram(G, m, N, eps)
         heads = _rate_from_gram(_diagonal_blocks(G, h, p), p, N, eps)
         return heads, whole
