@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from cli.coding_rate import coding_rate
 from cli.common import new_app
+from cli.orthogonality import orthogonality
+from cli.pca_seg import pca_seg
 
 app = new_app("Analyses of DEPICT / Segmenter decoders: every command writes a figure (PNG, PDF) and its numbers (JSON, CSV).")
 
+app.command("coding-rate")(coding_rate)
+app.command("pca-seg")(pca_seg)
+app.command("orthogonality")(orthogonality)
 
 if __name__ == "__main__":
     app()

@@ -22,35 +22,19 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from depict_analysis.coding_rate import NORMALIZE_MODES, class_rate, rate_table
-from depict_analysis.inputs import Batch
+from depict_analysis.inputs import Batch, image_progress
+from depict_analysis.outputs import describe_model
 from depict_analysis.trace import Trace, trace
 from models.device import autocast
 
 FINAL_STAGE = "final"
-
-
-@contextmanager
-def image_progress(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over images on stderr; yields ``advance(n_images)``.
-
-    Shown only on a terminal (a log file gets nothing) and removed when done.
-    """
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _check_settings(eps: float, normalize: str) -> None:
@@ -77,18 +61,6 @@ def batch_rates(tr: Trace, eps: float, normalize: str, orthonormalize: bool) -> 
 def summarize(values: np.ndarray) -> dict[str, np.ndarray]:
     """Per-image values ``(n, ...)`` -> mean and std (ddof = 0) over images ``(...)``, and the values."""
     return {"mean": values.mean(axis=0), "std": values.std(axis=0), "per_image": values}
-
-
-def describe_model(model: nn.Module, family: str) -> dict:
-    """What a result's ``settings.model`` records: variant, decoder family (``Trace.family``), d, patch, K."""
-    config = model.config
-    return {
-        "variant": (config.name if config is not None else "") or "custom",
-        "decoder": family,
-        "d_model": model.encoder.dim,
-        "patch_size": model.patch_size,
-        "n_cls": model.n_cls,
-    }
 
 
 def analyze_coding_rates(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -98,3 +101,16 @@ def _collate(chunk: list) -> Batch:
     labels = torch.stack([c[1] for c in chunk]) if has_labels else None
     return Batch(pixels, labels, [c[2] for c in chunk])
 
+
+@contextmanager
+def image_progress(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over images on stderr; yields ``advance(n_images)``.
+
+    Shown only on a terminal (a log file gets nothing) and removed when done.
+    """
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 import matplotlib
 
 matplotlib.use("Agg")  # figures are written to files; no display is needed or assumed
@@ -67,3 +69,15 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def describe_model(model: nn.Module, family: str) -> dict:
+    """What a result's ``settings.model`` records: variant, decoder family (``Trace.family``), d, patch, K."""
+    config = model.config
+    return {
+        "variant": (config.name if config is not None else "") or "custom",
+        "decoder": family,
+        "d_model": model.encoder.dim,
+        "patch_size": model.patch_size,
+        "n_cls": model.n_cls,
+    }

@@ -138,21 +138,46 @@ def upsample_labels(labels: Tensor, grid: tuple[int, int], size: tuple[int, int]
     return label_map[..., rows[:, None], cols[None, :]]
 
 
-def _hungarian_miou(pred: np.ndarray, ref: np.ndarray) -> float:
-    """mIoU over the reference classes after a one-to-one segment -> class matching.
+def _iou_matching(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
+    """IoU of every segment with every reference class, and the one-to-one matching maximising it.
 
-    The matching maximises the total IoU (scipy ``linear_sum_assignment``); reference classes
-    left unmatched (fewer segments than classes) count IoU 0. Extra segments are unmatched and
-    only lower the IoU of the classes they overlap.
+    pred, ref: 1-D arrays of ids. Returns ``(iou (n_seg, n_cls), rows, cols, segment ids, class ids)``
+    where segment ``segment_ids[rows[i]]`` is matched to class ``class_ids[cols[i]]``
+    (scipy ``linear_sum_assignment``, maximising the total IoU).
     """
-    _, seg = np.unique(pred, return_inverse=True)
-    _, cls = np.unique(ref, return_inverse=True)
-    n_seg, n_cls = seg.max() + 1, cls.max() + 1
+    seg_ids, seg = np.unique(pred, return_inverse=True)
+    cls_ids, cls = np.unique(ref, return_inverse=True)
+    n_seg, n_cls = len(seg_ids), len(cls_ids)
     inter = np.bincount(seg * n_cls + cls, minlength=n_seg * n_cls).reshape(n_seg, n_cls)
     union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
     iou = inter / union
     rows, cols = linear_sum_assignment(iou, maximize=True)
-    return float(iou[rows, cols].sum() / n_cls)
+    return iou, rows, cols, seg_ids, cls_ids
+
+
+def _hungarian_miou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """mIoU over the reference classes after a one-to-one segment -> class matching.
+
+    The matching maximises the total IoU (see :func:`_iou_matching`); reference classes left
+    unmatched (fewer segments than classes) count IoU 0. Extra segments are unmatched and only
+    lower the IoU of the classes they overlap.
+    """
+    iou, rows, cols, _, cls_ids = _iou_matching(pred, ref)
+    return float(iou[rows, cols].sum() / len(cls_ids))
+
+
+def match_segments(pred: Tensor, ref: Tensor, ignore_index: int = 255) -> dict[int, int]:
+    """The Hungarian segment -> class matching behind the mIoU of :func:`segmentation_scores`.
+
+    pred: segment ids (H, W); ref: class labels (H, W), pixels equal to ``ignore_index`` left out.
+    Returns ``{segment id: class id}`` for the matched pairs that overlap (at most one segment per
+    class; pairs with IoU 0 and segments lying wholly in the ignored area are absent).
+    """
+    keep = ref != ignore_index
+    if not bool(keep.any()):
+        return {}
+    iou, rows, cols, seg_ids, cls_ids = _iou_matching(pred[keep].cpu().numpy(), ref[keep].cpu().numpy())
+    return {int(seg_ids[r]): int(cls_ids[c]) for r, c in zip(rows, cols) if iou[r, c] > 0}
 
 
 def segmentation_scores(pred: Tensor, ref: Tensor, ignore_index: int = 255) -> dict[str, float]:

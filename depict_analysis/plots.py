@@ -5,11 +5,14 @@ Figures are sized for a paper column or page and share one seaborn style.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
@@ -21,3 +24,227 @@ def palette_image(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: len(palette)] = palette[:256]
     return lut[np.asarray(labels).clip(0, 255)]
+
+
+# ------------------------------------------------------------------------ coding rate (SPEC §3.1)
+
+LAYER_AXIS_LABEL = r"decoder layer $j$  (0 = input $Z_0$)"
+
+
+def _band(ax: plt.Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, color, **line) -> matplotlib.lines.Line2D:
+    """A mean line over a ±std band of the same colour; returns the line (for legends)."""
+    mean, std = np.asarray(mean), np.asarray(std)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
+    return ax.plot(x, mean, color=color, markersize=4, **line)[0]
+
+
+def _rate_caption(result: dict) -> str:
+    s = result["settings"]
+    basis = ", orthonormalised $P$" if s["orthonormalize"] else ""
+    return (
+        f"{s['model']['variant']} ({s['model']['decoder']}): mean ± std over {s['num_images']} images, "
+        f"ε = {s['eps']:g}, token normalisation: {s['normalize']}{basis}"
+    )
+
+
+def _legend_row_major(fig: plt.Figure, handles: list, max_columns: int = 4) -> None:
+    """A legend below the axes whose entries read left to right (matplotlib fills columns first)."""
+    ncol = min(len(handles), max_columns)
+    nrows = -(-len(handles) // ncol)
+    ordered = [handles[i] for c in range(ncol) for i in range(c, nrows * ncol, ncol) if i < len(handles)]
+    fig.legend(handles=ordered, loc="outside lower center", ncol=ncol, frameon=False)
+
+
+def plot_subspace_rates(result: dict) -> plt.Figure:
+    """The paper's coding-rate figure, from an ``analyze_coding_rates`` result.
+
+    Left: R(P_lᵀ Z_j) against the decoder layer j, one line per subspace l (mean ± std band) and a
+    dashed vertical line of the same colour at the layer that owns P_l; subspaces that update only
+    the class embeddings (DEPICT-CA's MSCA) are dotted and have no such line. Right: the ratio
+    R(P_lᵀ Z_j) / R(Z_j).
+    """
+    layers = np.asarray(result["layers"])
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), sharex=True, layout="constrained")
+    owned, unowned = [], []
+    for s, space in enumerate(result["subspaces"]):
+        color = LINE_COLORS[s % len(LINE_COLORS)]
+        is_owned = space["layer"] is not None
+        style = {"marker": "o", "linestyle": "-"} if is_owned else {"marker": "s", "linestyle": ":"}
+        for ax, key in zip(axes, ("subspace_rate", "ratio")):
+            line = _band(ax, layers, result[key]["mean"][s], result[key]["std"][s], color, label=space["name"], **style)
+            if is_owned:
+                ax.axvline(space["layer"], color=color, linestyle="--", linewidth=1.0, alpha=0.7)
+        (owned if is_owned else unowned).append(line)
+    def key(**style) -> matplotlib.lines.Line2D:  # a legend entry explaining a line style
+        return matplotlib.lines.Line2D([], [], color="0.35", linewidth=1.0, markersize=4, **style)
+
+    if owned:
+        owned.append(key(linestyle="--", label=r"layer that owns $P_\ell$"))
+    if unowned:
+        unowned.append(key(linestyle=":", marker="s", label="updates $Q$ only: no owner layer"))
+    axes[0].set(title="Rate in each layer's subspace", ylabel=r"$R(P_\ell^\top Z_j)$  (nats)")
+    axes[1].set(title="Relative to the rate in $\\mathbb{R}^d$", ylabel=r"$R(P_\ell^\top Z_j)\ /\ R(Z_j)$  (ratio)")
+    for ax in axes:
+        ax.set(xticks=layers, xlabel=LAYER_AXIS_LABEL)
+    if owned or unowned:
+        _legend_row_major(fig, owned + unowned)
+    fig.suptitle(_rate_caption(result), fontsize="small")
+    return fig
+
+
+def plot_token_class_rates(result: dict) -> plt.Figure:
+    """R(Z_j) against the decoder layer j (left); R(Q) at each class stage, then the final Q̂ (right).
+
+    Both from an ``analyze_coding_rates`` result, as mean ± std over images.
+    """
+    layers = np.asarray(result["layers"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 3.0), layout="constrained")
+    tokens = result["token_rate"]
+    _band(left, layers, tokens["mean"], tokens["std"], LINE_COLORS[0], marker="o")
+    left.set(xticks=layers, title="Patch tokens $Z_j$", xlabel=LAYER_AXIS_LABEL, ylabel="$R(Z_j)$  (nats)")
+
+    classes = result["class_rate"]
+    x, color = np.arange(len(classes["stages"])), LINE_COLORS[1]
+    _band(right, x[:-1], classes["mean"][:-1], classes["std"][:-1], color, marker="o")
+    right.errorbar(x[-1], classes["mean"][-1], yerr=classes["std"][-1], color=color, marker="D", capsize=3)
+    right.set_xticks(x, [*classes["stages"][:-1], r"final $\hat{Q}$"], rotation=30 if len(x) > 6 else 0)
+    right.set(xlim=(-0.5, len(x) - 0.5), title="Class embeddings $Q$", xlabel="stage (after layer)")
+    right.set_ylabel("$R(Q)$  (nats)")
+    fig.suptitle(_rate_caption(result), fontsize="small")
+    return fig
+
+
+# ----------------------------------------------------------------- PCA segmentation (SPEC §3.2)
+
+SCORE_TITLES = {"ari": "adjusted Rand index", "nmi": "normalised mutual information", "miou": "mIoU (Hungarian-matched)"}
+
+
+@dataclass
+class PCAPanel:
+    """One layer's column of the PCA figure."""
+
+    title: str
+    segments: np.ndarray  # (H, W, 3) uint8: the coloured PCA segmentation
+    components: np.ndarray  # (H, W, 3) float in [0, 1]: first three PCA coordinates as RGB
+    caption: str  # scores, shown under the segmentation
+
+
+def _show(ax: plt.Axes, image: np.ndarray, title: str, caption: str = "") -> None:
+    ax.imshow(image, interpolation="nearest")
+    ax.set(xticks=[], yticks=[], title=title)
+    ax.set_xlabel(caption, fontsize="x-small")
+    ax.grid(False)
+
+
+def pca_segmentation_figure(
+    image: np.ndarray,
+    panels: list[PCAPanel],
+    prediction: np.ndarray,
+    ground_truth: np.ndarray | None,
+    prediction_caption: str,
+    legend: list[tuple[str, np.ndarray]],
+    title: str,
+    note: str,
+) -> plt.Figure:
+    """image | one PCA segmentation per layer | model prediction (| ground truth); below each layer its
+    PCA-RGB view, below the prediction a legend of the classes shown.
+
+    image: (H, W, 3) float in [0, 1]; prediction / ground_truth: (H, W, 3) uint8 (palette-coloured);
+    legend: (class name, RGB uint8) pairs; note: a footnote on how to read the figure.
+    """
+    cols = 2 + len(panels) + (ground_truth is not None)
+    H, W = image.shape[:2]
+    side = 2.3
+    height = side * float(np.clip(H / W, 0.5, 2.0))
+    fig, axes = plt.subplots(2, cols, figsize=(side * cols, 2 * height + 1.4), layout="constrained", squeeze=False)
+    _show(axes[0, 0], image, "image")
+    for i, panel in enumerate(panels, start=1):
+        _show(axes[0, i], panel.segments, panel.title, panel.caption)
+        _show(axes[1, i], panel.components, "PCA components 1–3 as RGB")
+    _show(axes[0, len(panels) + 1], prediction, "model prediction", prediction_caption)
+    if ground_truth is not None:
+        _show(axes[0, -1], ground_truth, "ground truth")
+    for ax in (axes[1, 0], *axes[1, len(panels) + 1 :]):
+        ax.set_axis_off()
+    handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor="0.3", label=n) for n, c in legend]
+    if handles:
+        axes[1, len(panels) + 1].legend(handles=handles, loc="upper left", frameon=False, fontsize="small",
+                                        ncol=1 + len(handles) // 9, title="classes shown")
+    fig.suptitle(title)
+    fig.supxlabel(note, fontsize="x-small")
+    return fig
+
+
+def pca_scores_figure(rows: list[dict], sources: dict[str, str], references: dict[str, str], title: str) -> plt.Figure:
+    """Box plots (mean as a white diamond, images as dots) of each score, per reference and source.
+
+    rows: long-format dicts with ``reference``, ``source`` and the scores ``ari``, ``nmi``, ``miou``;
+    ``sources`` / ``references``: key -> display label, in plotting order (keys absent from rows are skipped).
+    """
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["source"].isin(sources) & frame["reference"].isin(references)]
+    hue_order = [sources[s] for s in sources if s in set(frame["source"])]
+    order = [references[r] for r in references if r in set(frame["reference"])]
+    frame = frame.assign(source=frame["source"].map(sources), reference=frame["reference"].map(references))
+    colors = dict(zip(hue_order, LINE_COLORS))
+    fig, axes = plt.subplots(1, len(SCORE_TITLES), figsize=(3.0 * len(SCORE_TITLES), 3.2), layout="constrained")
+    for ax, (score, score_title) in zip(axes, SCORE_TITLES.items()):
+        common = {"data": frame, "x": "reference", "y": score, "hue": "source", "order": order,
+                  "hue_order": hue_order, "ax": ax}
+        sns.boxplot(**common, palette=colors, showfliers=False, showmeans=True, width=0.7,
+                    meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "0.2", "markersize": 4})
+        sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue_order, "0.25"), size=2.5, alpha=0.5, legend=False)
+        ax.set(title=score_title, xlabel="", ylabel="")
+        ax.tick_params(axis="x", labelsize="small")
+        ax.get_legend().remove()
+    handles = [matplotlib.patches.Patch(facecolor=colors[h], label=h) for h in hue_order]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.suptitle(f"{title}\nboxes: quartiles, ◇: mean, dots: images", fontsize="medium")
+    return fig
+
+
+# ---------------------------------------------------------------------- orthogonality (SPEC §3.3)
+
+
+@dataclass
+class GramCell:
+    """One heatmap of a Gram matrix (n, n); ``block`` = head size p outlines the diagonal head blocks."""
+
+    matrix: np.ndarray
+    title: str
+    block: int | None = None
+
+
+def gram_grid_figure(
+    cells: list[list[GramCell | None]], columns: list[str], scale_labels: list[str], title: str
+) -> plt.Figure:
+    """A grid of Gram heatmaps: rows of cells (None leaves a gap), one column per model.
+
+    Each row shares one colour scale, symmetric about 0 (diverging ``RdBu_r``: red > 0, blue < 0),
+    with its colour bar (labelled ``scale_labels[row]``) on the right; ``columns`` head the first row.
+    """
+    n_rows, n_cols = len(cells), len(columns)
+    figsize = (2.5 * n_cols + 1.0, 2.4 * n_rows + 0.6)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=figsize, layout="constrained", squeeze=False)
+    for r, row in enumerate(cells):
+        vmax = max((float(np.abs(c.matrix).max()) for c in row if c is not None), default=1.0) or 1.0
+        image = None
+        for ax, cell in zip(axes[r], row):
+            ax.set(xticks=[], yticks=[])
+            ax.grid(False)
+            if cell is None:
+                ax.set_axis_off()
+                continue
+            image = ax.imshow(cell.matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="antialiased")
+            n = len(cell.matrix)
+            if cell.block and cell.block < n:
+                for start in range(0, n, cell.block):
+                    ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), cell.block, cell.block,
+                                                              fill=False, edgecolor="black", linewidth=0.8))
+            ax.set_title(cell.title, fontsize="small")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[r]), shrink=0.85, pad=0.02, label=scale_labels[r])
+    for ax, column in zip(axes[0], columns):
+        ax.set_title(f"{column}\n{ax.get_title()}", fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return fig

@@ -66,7 +66,8 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
                 "if you trust its source, pass --trust-checkpoint"
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError) as e:
+        # the weights-only unpickler raises KeyError / IndexError on arbitrary bytes (e.g. a text file)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,112 @@
+"""``depict-analyze orthogonality``: PᵀP per layer and QᵀQ of one or more checkpoints (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from cli.common import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    ImagesOption,
+    SplitOption,
+    TrustOption,
+    console,
+    image_source_options,
+    open_model,
+    user_errors,
+)
+from depict_analysis.inputs import image_batches
+from depict_analysis.orthogonality_analysis import analyze_orthogonality, grams, orthogonality_figure, summary_rows
+from depict_analysis.outputs import save_csv, save_figure, save_json
+
+NAME = "orthogonality"
+COLUMNS = {  # header -> the row keys it shows (the first present)
+    "matrix": ("name",),
+    "n": ("size",),
+    "‖PₖᵀPₖ−I‖/√p": ("head_orthonormality_mean",),
+    "mean |off|": ("cross_head_mean_abs", "mean_abs_offdiag"),
+    "coherence": ("coherence",),
+    "coh./image": ("coherence_per_image_mean",),
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def summary_table(rows: list[dict]) -> Table:
+    """One section per checkpoint, one row per matrix."""
+    table = Table(
+        title="Orthogonality: P raw, Q̂ and cls_emb with rows normalised",
+        caption="mean |off|: mean |PₖᵀPⱼ| over head pairs k≠j (P) or mean |off-diagonal| (Q); "
+        "coherence: max |cos| between distinct vectors",
+    )
+    table.add_column("checkpoint", no_wrap=True)
+    for header in COLUMNS:
+        table.add_column(header, justify="right", no_wrap=header == "matrix")
+    for i, row in enumerate(rows):
+        first = i == 0 or rows[i - 1]["checkpoint"] != row["checkpoint"]
+        if first and i:
+            table.add_section()
+        values = [next((row[k] for k in keys if row.get(k) is not None), None) for keys in COLUMNS.values()]
+        table.add_row(row["checkpoint"] if first else "", *map(_cell, values))
+    return table
+
+
+def checkpoint_labels(paths: list[Path]) -> list[str]:
+    """Short unique names: a release folder's name, a file's stem (``checkpoint.pth``: its folder)."""
+    stems = [p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
+
+
+@user_errors
+def orthogonality(
+    checkpoints: Optional[list[Path]] = typer.Argument(None, help="Our .pt files and/or official release folders, side by side."),
+    images: Optional[list[Path]] = ImagesOption,
+    dataset: Optional[str] = DatasetOption,
+    data_root: Optional[Path] = DataRootOption,
+    split: str = SplitOption,
+    num_images: int = typer.Option(16, "--num-images", min=1, help="Images to average the final Q̂ over."),
+    out: Path = typer.Option(Path("figures/orthogonality"), "--out", help="Output folder."),
+    device: str = DeviceOption,
+    trust: bool = TrustOption,
+):
+    """Gram matrices PᵀP of every layer's subspaces and QᵀQ of the class embeddings, with scalar summaries."""
+    paths = checkpoints or [None]
+    labels = checkpoint_labels(checkpoints) if checkpoints else ["default"]
+    source = image_source_options(images, dataset, data_root, split, num_images)
+    results = []
+    for path in paths:
+        model, _ = open_model(path, device, trust)
+        total, batches = image_batches(max(model.config.backbone.image_size), **source)
+        results.append(analyze_orthogonality(model, batches, total=total))
+    rows = [row for label, result in zip(labels, results) for row in summary_rows(label, result)]
+    matrices = {key: m for label, result in zip(labels, results) for key, m in grams(label, result).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / f"{NAME}_grams.npz", **matrices)
+    report = {
+        "input": {key: value for key, value in source.items() if value},
+        "checkpoints": [
+            {"label": label, "path": path, "model": r["model"], "num_images": r["num_images"],
+             "panels": [panel.summary() for panel in r["panels"]]}
+            for label, path, r in zip(labels, paths, results)
+        ],
+        "grams": f"{NAME}_grams.npz (keys <label>/<matrix name>)",
+    }
+    written = [
+        *save_figure(orthogonality_figure(labels, results), out, NAME),
+        save_json(out / f"{NAME}.json", report),
+        save_csv(out / f"{NAME}.csv", rows),
+        out / f"{NAME}_grams.npz",
+    ]
+    console.print(summary_table(rows))
+    console.print("wrote " + ", ".join(map(str, written)))
