@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
-from cli.common import DeviceOption, TrustOption, new_app, open_model, print_table, user_errors
+from cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
+                        open_model, print_table, user_errors)
 from models import create_model
+from models.data import build_dataset
+from models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
+from models.predict import palette_for, predict_files
 from models.summary import model_summary
+from models.train import PRESETS_DIR, build_config
+from models.train import train as run_training
 
 app = new_app("Inspect, train, evaluate and run DEPICT / Segmenter models.")
 
@@ -44,6 +54,143 @@ def info(
             (f"decoder GFLOPs @ {image_size}²", f"{summary['decoder_gflops']:.2f}"),
         ],
     )
+
+
+WindowOption = typer.Option(None, "--window", help="Sliding-window size (default: the model's training size).")
+StrideOption = typer.Option(None, "--stride", help="Sliding-window stride (default: max(window - 32, window / 2)).")
+MultiscaleOption = typer.Option(False, "--multiscale", help="Average scales 0.5..1.75 and their flips.")
+BatchOption = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[str] = typer.Option(
+        None, "--config", help=f"YAML file of training options, or a preset: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.yaml')))}."
+    ),
+    overrides: list[str] = typer.Option([], "--set", help="key=value for any training option (repeatable)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Model variant, e.g. depict-sa-vit-s16."),
+    dataset: Optional[str] = DatasetOption,
+    data_root: Optional[Path] = DataRootOption,
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Training crop (the variant's image size by default)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step, over all processes. [8]"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step. [1]"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimizer steps. [160000]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate of the poly schedule. [1e-3]"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA. [on]"),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [off]"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: at the end). [0]"),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on the first N images. [all]"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps. [1000]"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading processes. [4]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed. [0]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoint.pt, log.jsonl, metrics.json. [runs/train]"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. [auto]"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Backbone weights: a local file, or a timm name (downloads)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this checkpoint (its options are the defaults)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Train a model with the paper's recipe (Nesterov SGD, poly schedule); run under torchrun for several processes.
+
+    Options given here override --set, which overrides --config, which overrides the resumed checkpoint's options.
+    SIGINT / SIGTERM save a checkpoint and exit with 128 + the signal number.
+    """
+    options = dict(
+        model=variant, dataset=dataset, data_root=data_root and str(data_root), crop_size=crop_size, batch_size=batch_size,
+        grad_accum=grad_accum, iterations=iterations, lr=lr, amp=amp, compile=compile_model, eval_every=eval_every,
+        eval_images=eval_images, save_every=save_every, num_workers=num_workers, seed=seed, out_dir=out and str(out),
+        device=device, pretrained=pretrained,
+    )
+    result = run_training(build_config(resume=resume, config_file=config, overrides=overrides, **options), resume=resume, progress=progress)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
+    if main:
+        scores = result["eval"] or {}
+        rows = [("iteration", result["iteration"]), ("checkpoint", result["checkpoint"])]
+        print_table("depict train", rows + [(key, f"{100 * scores[key]:.2f}") for key in ("miou", "pixel_acc") if key in scores])
+    if result["stopped_by"]:
+        code = 128 + signal.Signals[result["stopped_by"]]
+        if main:
+            fail(f"stopped by {result['stopped_by']}; continue with --resume {result['checkpoint']}", code)
+        raise typer.Exit(code)
+
+
+def _trained_dataset(meta: dict) -> tuple[str | None, str | None, dict]:
+    """(name, root, extra arguments) of the dataset a checkpoint was trained on, as far as it says."""
+    trained = meta.get("train_config")
+    if trained:
+        return trained["dataset"], trained["data_root"], trained["dataset_kwargs"]
+    return ((meta.get("variant") or {}).get("dataset_kwargs") or {}).get("dataset"), None, {}
+
+
+@app.command("eval")
+@user_errors
+def evaluate_command(
+    checkpoint: Path = typer.Argument(..., help="Our .pt file or an official release folder."),
+    dataset: Optional[str] = DatasetOption,
+    data_root: Optional[Path] = DataRootOption,
+    split: str = SplitOption,
+    multiscale: bool = MultiscaleOption,
+    window: Optional[int] = WindowOption,
+    stride: Optional[int] = StrideOption,
+    short_side: Optional[int] = typer.Option(None, "--short-side", help="Resize images to this short side first (default: the window; 0: keep)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", help="Evaluate the first N images only."),
+    batch_size: int = BatchOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores to this JSON file."),
+    device: str = DeviceOption,
+    trust: bool = TrustOption,
+):
+    """mIoU of a checkpoint on a dataset split (dataset-level IoU, sliding windows, optional multi-scale)."""
+    model, meta = open_model(checkpoint, device, trust)
+    trained_name, trained_root, trained_kwargs = _trained_dataset(meta)
+    name = dataset or trained_name
+    if name is None:
+        fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
+    same = name == trained_name
+    data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
+    protocol = inference_protocol(model, meta, window, stride, short_side)
+    scales = MULTISCALE_RATIOS if multiscale else (1.0,)
+    scores = evaluate(
+        model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True
+    )
+    table = Table(title=f"{data.name} {split}: {scores['n_images']} images")
+    for column in ("class", "IoU", "accuracy"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    percent = lambda x: "-" if math.isnan(x) else f"{100 * x:.2f}"  # noqa: E731
+    for cls, iou, acc in zip(data.class_names, scores["iou"], scores["acc"]):
+        table.add_row(cls, percent(iou), percent(acc))
+    table.add_section()
+    table.add_row("[bold]mean", f"[bold]{percent(scores['miou'])}", f"[bold]{percent(scores['mean_acc'])}")
+    table.add_row("pixel accuracy", "", percent(scores["pixel_acc"]))
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(checkpoint), "dataset": data.name, "split": split, "classes": data.class_names, **scores}
+        out.write_text(json.dumps(jsonable(record), indent=2) + "\n")
+
+
+@app.command()
+@user_errors
+def predict(
+    checkpoint: Path = typer.Argument(..., help="Our .pt file or an official release folder."),
+    images: list[Path] = typer.Argument(..., help="Image files (any mode: RGB, RGBA, grey, 16-bit)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png and <stem>_overlay.png."),
+    window: Optional[int] = WindowOption,
+    stride: Optional[int] = StrideOption,
+    short_side: int = typer.Option(0, "--short-side", help="Resize images to this short side first (0: keep their size)."),
+    multiscale: bool = MultiscaleOption,
+    alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
+    batch_size: int = BatchOption,
+    device: str = DeviceOption,
+    trust: bool = TrustOption,
+):
+    """Segment images: a label map (uint8 class ids) and a colour overlay for each."""
+    model, meta = open_model(checkpoint, device, trust)
+    protocol = inference_protocol(model, meta, window, stride, short_side)
+    records = predict_files(
+        model, images, out, palette=palette_for(meta, model.n_cls), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
+        flip=multiscale, alpha=alpha, batch_size=batch_size, progress=True,
+    )
+    console.print(f"wrote {2 * len(records)} files to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,565 @@
+"""Training (SPEC §1.5): Nesterov SGD, per-iteration poly schedule, bf16 AMP, torchrun DDP, exact resume.
+
+Data stream: micro-batch m of a run is a pure function of (seed, m). Epoch e visits the dataset in
+``DistributedSampler``'s order for (seed, e), split evenly across ranks (tail dropped), and item i of
+epoch e is augmented with a numpy generator seeded by (seed, e, i). A resumed run starts the stream
+at the micro-batch where its checkpoint stopped and restores the optimizer and RNG states, so N + N
+iterations with a resume in between give the weights of 2N straight.
+
+Loss: cross-entropy summed over the labelled pixels of a step (all micro-batches on all ranks) and
+divided by their count, so a step's gradient does not depend on how its batch is split.
+
+Files in ``out_dir``: ``config.yaml`` (the effective TrainConfig), ``log.jsonl`` (one line per log
+step and per evaluation), ``checkpoint.pt`` (latest; ``models.load_model`` reads it) and, once the run
+is complete, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+import types
+import typing
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from models.backbone import load_pretrained
+from models.checkpoint import FORMAT, CheckpointError, read_checkpoint, save_checkpoint
+from models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
+                         normalization_stats)
+from models.device import autocast, resolve_device
+from models.evaluate import evaluate, jsonable
+from models.registry import ModelConfig, create_model, variant_config
+from models.segmentor import Segmentor
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+# ---------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Field types are checked (and ints accepted for floats) on creation."""
+
+    model: str | dict = "depict-sa-vit-s16"  # variant name, or a ModelConfig dict; n_cls comes from the dataset
+    dataset: str = "ade20k"
+    data_root: str | None = None
+    dataset_kwargs: dict = field(default_factory=dict)  # extra dataset arguments, e.g. synthetic {size: 64}
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int | None = None  # training crop, made the backbone's image size; None: the variant's
+    base_size: int | None = None  # short side images are scaled to (x U(0.5, 2) in training); None: crop
+    batch_size: int = 8  # images per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step
+    iterations: int = 160_000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    poly_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    amp: bool = True  # bf16 autocast, CUDA only
+    compile: bool = False  # torch.compile the training forward
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_images: int | None = None  # evaluate on the first N validation images; None: all
+    eval_stride: int | None = None  # sliding-window stride; None: max(crop - 32, crop / 2)
+    save_every: int = 1000  # 0: save at the end (and on SIGINT / SIGTERM) only
+    stop_after: int | None = None  # save and stop at this iteration; the schedule still runs to `iterations`
+    num_workers: int = 4
+    seed: int = 0
+    out_dir: str = "runs/train"
+    device: str = "auto"
+    pretrained: str | None = None  # backbone weights: a local file, or a timm model name (downloads)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+        for name in ("batch_size", "grad_accum", "iterations", "log_every", "crop_size", "base_size",
+                     "eval_stride", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"training option {name!r} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_images", "save_every", "num_workers", "lr", "min_lr", "momentum", "weight_decay"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"training option {name!r} must not be negative, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown training option {unknown[0]!r}; known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against a field type such as ``int | None`` (ints and numeric strings pass as floats:
+    YAML reads ``1e-3`` as a string)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in options:
+        if kind is type(None) and value is None:
+            return value
+        if kind in (bool, str, dict) and isinstance(value, kind):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in options)
+    raise ValueError(f"training option {name!r} must be {expected}, got {value!r}")
+
+
+def load_yaml_config(source: str | Path) -> dict[str, Any]:
+    """TrainConfig fields from a YAML file, or from a preset in ``models/configs`` given by name."""
+    path = Path(source)
+    if not path.is_file():
+        path = PRESETS_DIR / f"{source}.yaml"
+        if not path.is_file():
+            presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+            raise ValueError(f"{source}: no such config file or preset (presets: {presets})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of training options, found {type(values).__name__}")
+    return values
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=0.01", "dataset_kwargs={size: 32}"]`` -> ``{"lr": 0.01, ...}``: each value is read as YAML."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
+    return values
+
+
+def build_config(
+    *, resume: str | Path | None = None, config_file: str | Path | None = None, overrides: Sequence[str] = (), **options: Any
+) -> TrainConfig:
+    """Layer the sources of a run's settings, later ones winning: TrainConfig's defaults, the config of
+    the checkpoint to ``resume`` (without its ``stop_after``), ``config_file`` (YAML or preset name),
+    ``overrides`` (``key=value``) and ``options`` (None = not given)."""
+    values: dict[str, Any] = {}
+    if resume is not None:
+        values.update(read_checkpoint(resume).get("train_config") or {})
+        values.pop("stop_after", None)
+    if config_file is not None:
+        values.update(load_yaml_config(config_file))
+    values.update(parse_overrides(overrides))
+    values.update({key: value for key, value in options.items() if value is not None})
+    return TrainConfig.from_dict(values)
+
+
+def poly_lr(iteration: int, iterations: int, lr: float, min_lr: float = 1e-5, power: float = 0.9) -> float:
+    """SPEC's poly schedule at 0-based ``iteration``: ``(lr - min_lr)(1 - iteration/iterations)^power + min_lr``."""
+    return (lr - min_lr) * (1 - iteration / iterations) ** power + min_lr
+
+
+def build_model(config: TrainConfig, n_cls: int) -> Segmentor:
+    """A fresh model for ``config`` with ``n_cls`` classes; ``crop_size`` becomes the backbone's image size."""
+    if isinstance(config.model, str):
+        model_config = variant_config(config.model, n_cls)
+    else:
+        try:
+            model_config = ModelConfig.from_dict({**config.model, "n_cls": n_cls})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"training option 'model' is neither a variant name nor a ModelConfig dict ({e})") from None
+    if config.crop_size is not None:
+        model_config.backbone.image_size = (config.crop_size, config.crop_size)
+    model = create_model(model_config)
+    if config.pretrained:
+        load_pretrained(model.encoder, config.pretrained)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class AugmentedItems(Dataset):
+    """Key ``(epoch, i)`` -> item i of ``dataset`` through ``transform`` with a generator seeded by (seed, epoch, i).
+
+    Returns image FloatTensor (3, h, w) and label LongTensor (h, w), both of the crop size.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, transform: TrainTransform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        epoch, index = key
+        image, label = self.dataset.load_raw(index)
+        return self.transform(image, label, np.random.default_rng([self.seed, epoch, index]))
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by (seed, epoch), split across ranks, tail dropped) that yields
+    ``(epoch, index)`` keys and starts ``start`` positions into the epoch (for resuming)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in islice(super().__iter__(), self.start, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def micro_batches(loader: DataLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images (b, 3, h, w), labels (b, h, w)) from micro-batch number ``start`` of the stream.
+
+    ``loader`` batches an ``EpochSampler`` with ``drop_last=True``.
+    """
+    sampler, size = loader.sampler, loader.batch_size
+    epoch, skip = divmod(start, sampler.num_samples // size)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = skip * size
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def train_loader(
+    dataset: SegmentationDataset, model_config: ModelConfig, config: TrainConfig, env: DistEnv, pin_memory: bool
+) -> DataLoader:
+    """This rank's micro-batches of augmented crops of the model's training size, in the order the
+    module docstring describes (``micro_batches`` streams them across epochs)."""
+    micro = config.batch_size // (env.world_size * config.grad_accum)
+    if micro * env.world_size * config.grad_accum != config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of ranks x grad_accum = {env.world_size * config.grad_accum}")
+    crop = model_config.backbone.image_size
+    mean, std = normalization_stats(model_config.backbone.normalization)
+    transform = TrainTransform(crop, mean, std, base_size=config.base_size or crop[0])
+    items = AugmentedItems(dataset, transform, config.seed)
+    sampler = EpochSampler(items, env.rank, env.world_size, config.seed)
+    if sampler.num_samples < micro:
+        raise ValueError(f"{dataset.name} {dataset.split} has {len(dataset)} images: less than one batch per rank")
+    return DataLoader(
+        items,
+        batch_size=micro,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=config.num_workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+    )
+
+
+def _worker_error(error: DatasetError) -> DatasetError:
+    """A DataLoader worker's DatasetError comes back with a traceback as message: keep its last line."""
+    message = str(error)
+    if message.startswith("Caught "):
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return DatasetError(message)
+
+
+# ------------------------------------------------------------------------------ processes and signals
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device_spec: str) -> Iterator[tuple[DistEnv, torch.device]]:
+    """Join torchrun's process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, one GPU per ``LOCAL_RANK``;
+    gloo on the CPU) and leave it afterwards; a single process otherwise. Yields (env, device)."""
+    device = resolve_device(device_spec)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield DistEnv(), device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield DistEnv(dist.get_rank(), dist.get_world_size()), device
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+class StopSignals:
+    """While active (main thread only), SIGINT / SIGTERM just record ``signum``; a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "StopSignals":
+        self.signum = 0
+        in_main = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if in_main else {}
+        return self
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, numpy, torch CPU (and this device's CUDA) generator states, as plain tensors / numbers."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed(*entropy: int) -> None:
+    """Seed python, numpy and torch from ``entropy`` (e.g. (seed, rank))."""
+    value = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def _model_from_checkpoint(raw: dict, path: str | Path) -> Segmentor:
+    if raw.get("format") != FORMAT or "optimizer" not in raw or "iteration" not in raw:
+        raise CheckpointError(f"{path}: not a training checkpoint of ours (no optimizer state); cannot resume from it")
+    model = create_model(ModelConfig.from_dict(raw["config"]))
+    model.load_state_dict(raw["model"])
+    return model
+
+
+class _Run:
+    """The state of one training process: data, model (DDP-wrapped under torchrun), optimizer, log."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv, device: torch.device, resume: str | Path | None):
+        self.config, self.env, self.device = config, env, device
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        if resume is None and self.checkpoint_path.exists():
+            raise ValueError(f"{self.out_dir} already holds a run; resume it with --resume {self.checkpoint_path} or pick another --out")
+
+        _seed(config.seed)  # the same initial weights on every rank
+        train_set = build_dataset(config.dataset, config.data_root, config.train_split, **config.dataset_kwargs)
+        self.val_set = build_dataset(config.dataset, config.data_root, config.val_split, **config.dataset_kwargs)
+        raw = read_checkpoint(resume) if resume is not None else None
+        self.net = build_model(config, train_set.n_cls) if raw is None else _model_from_checkpoint(raw, resume)
+        if self.net.n_cls != train_set.n_cls:
+            raise ValueError(f"the checkpoint predicts {self.net.n_cls} classes but {train_set.name} has {train_set.n_cls}")
+        self.net.to(device).train()
+        ids = [device.index] if device.type == "cuda" else None
+        self.model = DistributedDataParallel(self.net, device_ids=ids) if env.world_size > 1 else self.net
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = torch.optim.SGD(
+            self.net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+        )
+        self.iteration = 0
+        if raw is not None:
+            self.optimizer.load_state_dict(raw["optimizer"])
+            self.iteration = raw["iteration"]
+            self._restore_rng(raw["rng"])
+        else:
+            _seed(config.seed, 1, env.rank)  # per-rank streams for drop-path / dropout
+
+        loader = train_loader(train_set, self.net.config, config, env, pin_memory=device.type == "cuda")
+        self.micro_per_epoch = len(loader)
+        self.stream = micro_batches(loader, self.iteration * config.grad_accum)
+        self.scores: dict | None = None
+        self.log_path = self.out_dir / "log.jsonl"
+        if env.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if resume is None:
+                self.log_path.write_text("")
+
+    def _restore_rng(self, states: list[dict]) -> None:
+        if len(states) == self.env.world_size:
+            set_rng_state(states[self.env.rank], self.device)
+        else:
+            warnings.warn(f"the checkpoint was written by {len(states)} processes, not {self.env.world_size}: random streams restart")
+            _seed(self.config.seed, 1, self.env.rank, self.iteration)
+
+    def _next_batch(self) -> tuple[Tensor, Tensor]:
+        try:
+            images, labels = next(self.stream)
+        except DatasetError as e:
+            raise _worker_error(e) from None
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def step(self) -> Tensor:
+        """One optimizer step -> this rank's share of the step's mean loss (the shares sum to it)."""
+        config, world = self.config, self.env.world_size
+        lr = poly_lr(self.iteration, config.iterations, config.lr, config.min_lr, config.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self._next_batch() for _ in range(config.grad_accum)]
+        labelled = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
+        if world > 1:
+            dist.all_reduce(labelled)
+        scale = world / labelled.clamp(min=1)  # DDP averages gradients over ranks
+        total = torch.zeros((), device=self.device)
+        for k, (images, labels) in enumerate(batches):
+            last = k == len(batches) - 1
+            with self.model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with autocast(self.device, config.amp):
+                    loss = F.cross_entropy(self.forward(images), labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
+                loss.backward()
+            total += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / world
+
+    def evaluate(self) -> dict:
+        crop = self.net.config.backbone.image_size[0]
+        short_side = self.config.base_size or crop
+        self.scores = evaluate(
+            self.net, self.val_set, window=crop, stride=self.config.eval_stride, short_side=short_side, num_images=self.config.eval_images
+        )
+        return self.scores
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0), with every rank's RNG state: a collective call."""
+        state = rng_state(self.device)
+        states = [state]
+        if self.env.world_size > 1:
+            states = [None] * self.env.world_size
+            dist.all_gather_object(states, state)
+        if self.env.main:
+            save_checkpoint(
+                self.checkpoint_path,
+                self.net,
+                optimizer=self.optimizer.state_dict(),
+                iteration=self.iteration,
+                rng=states,
+                train_config=self.config.to_dict(),
+                world_size=self.env.world_size,
+                metrics=self.scores,
+            )
+
+    def log(self, record: dict) -> None:
+        if self.env.main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(jsonable(record)) + "\n")
+
+    def stop_requested(self, stop: StopSignals, log_step: bool) -> int:
+        """The signal that asks to stop (0 if none). Under DDP the ranks agree at log steps only."""
+        if self.env.world_size == 1:
+            return stop.signum
+        if not log_step:
+            return 0
+        flag = torch.tensor([stop.signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def loop(self, stop: StopSignals, show: bool) -> dict:
+        """Train to ``iterations`` (or ``stop_after``, or a stop signal), logging, evaluating and saving on the way."""
+        config = self.config
+        end = min(config.iterations, config.stop_after or config.iterations)
+        columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        with Progress(*columns, disable=not show) as progress:
+            task = progress.add_task("train", total=config.iterations, completed=self.iteration, stats="")
+            loss_sum, steps, signum, last_loss = torch.zeros((), device=self.device), 0, 0, None
+            clock = time.perf_counter()
+            while self.iteration < end and not signum:
+                loss_sum += self.step()
+                self.iteration, steps = self.iteration + 1, steps + 1
+                progress.advance(task)
+                it = self.iteration
+                log_step = it % config.log_every == 0 or it == end
+                if log_step:
+                    if self.env.world_size > 1:
+                        dist.all_reduce(loss_sum)
+                    last_loss, lr = float(loss_sum) / steps, self.optimizer.param_groups[0]["lr"]
+                    speed = steps * config.batch_size / (time.perf_counter() - clock)
+                    epoch = round(it * config.grad_accum / self.micro_per_epoch, 3)
+                    self.log({"type": "train", "iter": it, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_s": speed})
+                    progress.update(task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {speed:.1f} img/s")
+                    loss_sum, steps = torch.zeros((), device=self.device), 0
+                if it == config.iterations or config.eval_every and it % config.eval_every == 0:
+                    scores = self.evaluate()
+                    self.log({"type": "eval", "iter": it, **{k: scores[k] for k in ("miou", "pixel_acc", "mean_acc", "iou")}})
+                    if show:
+                        progress.console.print(f"iteration {it}: mIoU {100 * scores['miou']:.2f}, pixel accuracy {100 * scores['pixel_acc']:.2f}")
+                signum = self.stop_requested(stop, log_step) if it < end else 0
+                if signum or it == end or config.save_every and it % config.save_every == 0:
+                    self.save()
+                if log_step:
+                    clock = time.perf_counter()  # throughput counts training steps, not evaluation or saving
+        completed = self.iteration >= config.iterations
+        result = {
+            "iteration": self.iteration,
+            "completed": completed,
+            "stopped_by": signal.Signals(signum).name if signum else None,
+            "checkpoint": str(self.checkpoint_path),
+            "loss": last_loss,
+            "eval": self.scores,
+        }
+        if self.env.main and completed:
+            (self.out_dir / "metrics.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        return result
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue, from the checkpoint ``resume``) the training ``config`` describes.
+
+    Under torchrun every process calls this; the batch is split across them. SIGINT / SIGTERM make the
+    run save a checkpoint and return early. Returns ``{"iteration", "completed", "stopped_by" (signal
+    name or None), "checkpoint", "loss" (mean of the last log window), "eval" (the last evaluation's
+    ``models.evaluate.evaluate`` scores, or None)}``.
+    """
+    with distributed(config.device) as (env, device), StopSignals() as stop:
+        run = _Run(config, env, device, resume)
+        try:
+            return run.loop(stop, show=progress and env.main)
+        finally:
+            run.stream.close()  # stops the DataLoader's worker processes now, also after an error

@@ -1,0 +1,91 @@
+"""`depict predict`: label maps and overlays for images of any mode and size."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from models import create_model, load_model, predict_probs, save_checkpoint
+from models.data import class_info, load_image
+from models.data.base import image_to_tensor
+from models.predict import overlay, palette_for
+
+K = 5
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", create_model("depict-sa-tiny", n_cls=K))  # trained size: 32 px
+    return tmp_path / "m.pt"
+
+
+def write_images(folder) -> dict[str, tuple[int, int]]:
+    """One image per mode; sizes (w, h) below and above the 32-px window."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "rgb": rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
+        "rgba": rng.integers(0, 256, (24, 30, 4), dtype=np.uint8),
+        "grey": rng.integers(0, 256, (90, 20), dtype=np.uint8),
+        "deep": rng.integers(0, 65536, (33, 47), dtype=np.uint16),
+    }
+    folder.mkdir()
+    for name, array in arrays.items():
+        Image.fromarray(array).save(folder / f"{name}.png")
+    assert Image.open(folder / "deep.png").mode.startswith("I;16")
+    return {name: (a.shape[1], a.shape[0]) for name, a in arrays.items()}
+
+
+def test_predict_writes_labels_and_overlays_for_every_image_mode(tmp_path, checkpoint):
+    sizes = write_images(tmp_path / "in")
+    paths = [str(tmp_path / "in" / f"{name}.png") for name in sizes]
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), *paths, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    for name, size in sizes.items():
+        label, blended = Image.open(tmp_path / "out" / f"{name}_label.png"), Image.open(tmp_path / "out" / f"{name}_overlay.png")
+        assert (label.mode, label.size) == ("L", size) and (blended.mode, blended.size) == ("RGB", size)
+        assert np.asarray(label).max() < K
+
+
+def test_large_images_go_through_sliding_windows(tmp_path, checkpoint):
+    write_images(tmp_path / "in")
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--stride", "16"])
+    assert result.exit_code == 0, result.stderr
+    model, _ = load_model(checkpoint)
+    x = model.normalize(image_to_tensor(load_image(tmp_path / "in" / "rgb.png"))[None])
+    expected = predict_probs(model, x, window=32, stride=16).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rgb_label.png")), expected)
+
+
+def test_overlay_blends_class_colours_and_palette_follows_the_dataset():
+    image = Image.fromarray(np.full((2, 3, 3), 100, dtype=np.uint8))
+    palette = np.array([[0, 0, 0], [255, 0, 50]], dtype=np.uint8)
+    label = np.array([[0, 1, 1], [1, 0, 0]])
+    out = np.asarray(overlay(image, label, palette, alpha=0.5))
+    np.testing.assert_array_equal(out[0, 0], [50, 50, 50])
+    np.testing.assert_array_equal(out[0, 1], [178, 50, 75])  # round((100 + 255) / 2) = 178 (half to even)
+    np.testing.assert_array_equal(palette_for({"train_config": {"dataset": "synthetic"}}, 8), class_info("synthetic")[1])
+    assert palette_for({"variant": {"dataset_kwargs": {"dataset": "ade20k"}}}, 150).shape == (150, 3)
+    assert palette_for({}, 4).shape == (4, 3)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("corrupt", "corrupt image"),
+    ("not an image", "not an image file"),
+    ("missing", "image file not found"),
+    ("duplicate names", "share the name"),
+])
+def test_bad_images_are_one_line_errors_with_exit_2(tmp_path, checkpoint, case, fragment):
+    write_images(tmp_path / "in")
+    bad = tmp_path / "bad.png"
+    if case == "corrupt":
+        bad.write_bytes((tmp_path / "in" / "rgb.png").read_bytes()[:200])
+    elif case == "not an image":
+        bad.write_text("hello")
+    paths = [str(bad)] if case != "duplicate names" else [str(tmp_path / "in" / "rgb.png"), str(tmp_path / "in" / "rgb.png")]
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), *paths, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, (result.stdout, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

@@ -1,0 +1,210 @@
+"""Training engine: poly schedule, typed config, exact resume, DDP equivalence, signals, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from models import load_model, variant_config
+from models.checkpoint import read_checkpoint
+from models.evaluate import evaluate
+from models.data import build_dataset
+from models.train import TrainConfig, build_config, poly_lr, train
+
+# 20 synthetic 32-px scenes: one epoch is 5 steps of 4 images, so every multi-step run crosses epochs.
+TINY = dict(dataset="synthetic", dataset_kwargs={"size": 32, "length": 20}, batch_size=4, num_workers=0, eval_images=4)
+
+
+def tiny_config(out_dir, **overrides) -> TrainConfig:
+    return TrainConfig(**{"model": "depict-sa-tiny", "out_dir": str(out_dir), **TINY, **overrides})
+
+
+def weights(path) -> dict:
+    return read_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def log_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_poly_schedule_values_by_hand():
+    # (1e-3 - 1e-5) (1 - i/100)^0.9 + 1e-5, worked out by hand
+    assert poly_lr(0, 100, 1e-3) == pytest.approx(1e-3, rel=1e-12)
+    assert poly_lr(50, 100, 1e-3) == pytest.approx(0.00099 * 0.5**0.9 + 1e-5, rel=1e-12)
+    assert poly_lr(50, 100, 1e-3) == pytest.approx(5.405279e-4, rel=1e-6)
+    assert poly_lr(99, 100, 1e-3) == pytest.approx(2.569044e-5, rel=1e-6)
+    assert poly_lr(100, 100, 1e-3) == pytest.approx(1e-5, rel=1e-12)
+    assert poly_lr(30, 40, 1e-2, min_lr=0.0, power=1.0) == pytest.approx(2.5e-3, rel=1e-12)
+
+
+def test_config_is_typed_and_layered(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: depict-ca-tiny\nlr: 1e-2\niterations: 50\nbatch_size: 4\n")
+    config = build_config(config_file=tmp_path / "run.yaml", overrides=["iterations=70", "dataset_kwargs={size: 32}"], batch_size=2, lr=None)
+    assert (config.model, config.iterations, config.batch_size) == ("depict-ca-tiny", 70, 2)
+    assert config.lr == 0.01 and isinstance(config.lr, float)  # YAML reads 1e-2 as a string
+    assert config.dataset_kwargs == {"size": 32}
+    assert build_config(config_file="synthetic-tiny").dataset == "synthetic"  # a preset by name
+    for bad, fragment in [
+        (dict(overrides=["iterations=many"]), "'iterations' must be int"),
+        (dict(overrides=["learning_rate=0.1"]), "unknown training option 'learning_rate'"),
+        (dict(overrides=["lr"]), "key=value"),
+        (dict(batch_size=0), "'batch_size' must be at least 1"),
+        (dict(config_file="no-such-preset"), "no such config file or preset"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            build_config(**bad)
+
+
+def test_a_run_logs_evaluates_and_writes_a_loadable_checkpoint(tmp_path):
+    result = train(tiny_config(tmp_path / "run", iterations=4, log_every=2), progress=False)
+    assert result["completed"] and result["iteration"] == 4 and result["stopped_by"] is None
+    model, meta = load_model(tmp_path / "run" / "checkpoint.pt")
+    assert meta["iteration"] == 4 and meta["train_config"]["model"] == "depict-sa-tiny" and model.n_cls == 8
+    lines = log_lines(tmp_path / "run")
+    train_lines = [line for line in lines if line["type"] == "train"]
+    assert [line["iter"] for line in train_lines] == [2, 4]
+    for line in train_lines:  # the lr of the step that ended the window
+        assert line["lr"] == pytest.approx(poly_lr(line["iter"] - 1, 4, 1e-3))
+        assert line["loss"] > 0 and line["images_per_s"] > 0
+    assert lines[-1]["type"] == "eval" and 0 <= lines[-1]["miou"] <= 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval"]["miou"] == pytest.approx(result["eval"]["miou"])
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_config(tmp_path / "run", iterations=4), progress=False)
+
+
+def test_resume_continues_exactly(tmp_path):
+    # drop-path draws from torch's RNG and micro-batches cross an epoch: both must be restored exactly
+    model = variant_config("depict-sa-tiny").to_dict()
+    model["backbone"]["drop_path_rate"] = 0.2
+    common = dict(model=model, iterations=6, grad_accum=2, log_every=1, dataset_kwargs={"size": 32, "length": 10})
+    train(tiny_config(tmp_path / "straight", **common), progress=False)
+    first = train(tiny_config(tmp_path / "split", stop_after=3, **common), progress=False)
+    assert first["iteration"] == 3 and not first["completed"]
+    config = build_config(resume=tmp_path / "split" / "checkpoint.pt")  # the run's own settings, stop_after dropped
+    assert config.stop_after is None and config.grad_accum == 2
+    second = train(config, resume=tmp_path / "split" / "checkpoint.pt", progress=False)
+    assert second["completed"] and second["iteration"] == 6
+    assert_same_weights(weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "split" / "checkpoint.pt"), atol=0)
+    straight_losses = [line["loss"] for line in log_lines(tmp_path / "straight") if line["type"] == "train"]
+    split_losses = [line["loss"] for line in log_lines(tmp_path / "split") if line["type"] == "train"]
+    assert straight_losses == split_losses
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    train(tiny_config(tmp_path / "one", iterations=2), progress=False)
+    train(tiny_config(tmp_path / "accum", iterations=2, grad_accum=4), progress=False)
+    assert_same_weights(weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "accum" / "checkpoint.pt"), atol=1e-6)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    args = ["--variant", "depict-sa-tiny", "--dataset", "synthetic", "--iterations", "3", "--batch-size", "4",
+            "--num-workers", "0", "--eval-images", "5", "--no-progress", "--set", "dataset_kwargs={size: 32, length: 20}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cli.main", "train", *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, meta = load_model(tmp_path / "ddp" / "checkpoint.pt")
+    assert meta["world_size"] == 2 and len(meta["rng"]) == 2  # both ranks contributed their RNG state
+    assert not torch.equal(meta["rng"][0]["torch"], meta["rng"][1]["torch"])
+
+    train(tiny_config(tmp_path / "single", iterations=3, eval_images=5), progress=False)
+    assert_same_weights(weights(tmp_path / "ddp" / "checkpoint.pt"), weights(tmp_path / "single" / "checkpoint.pt"), atol=1e-5)
+
+    # the DDP run's evaluation (images split over ranks, confusion matrices all-reduced) = one process
+    ddp_scores = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["eval"]
+    val = build_dataset("synthetic", None, "val", size=32, length=20)
+    scores = evaluate(model, val, window=32, short_side=32, num_images=5)
+    assert ddp_scores["n_pixels"] == scores["n_pixels"] == 5 * 32 * 32
+    for key in ("miou", "pixel_acc", "mean_acc"):
+        assert ddp_scores[key] == scores[key]
+    assert ddp_scores["iou"] == [None if np.isnan(x) else x for x in scores["iou"]]
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "train", "--variant", "depict-sa-tiny", "--dataset", "synthetic",
+         "--iterations", "100000", "--save-every", "0", "--num-workers", "0", "--no-progress", "--out", str(run_dir),
+         "--set", "log_every=1", "--set", "dataset_kwargs={size: 32}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    while not (run_dir / "log.jsonl").is_file() or not (run_dir / "log.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    model, meta = load_model(run_dir / "checkpoint.pt")
+    assert meta["iteration"] >= 1 and model.n_cls == 8
+    assert meta["iteration"] == log_lines(run_dir)[-1]["iter"]
+    assert not (run_dir / "metrics.json").exists()
+
+
+def _folder_dataset(root, mask_value: int = 1, corrupt: bool = False):
+    """A two-class folder dataset of two 40x40 images; one mask holds ``mask_value``."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.yaml").write_text("classes: [{name: a}, {name: b}]\n")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((40, 40), mask_value if i else 0, dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+    if corrupt:
+        (root / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing root", "does not exist"),
+        ("wrong layout", "expected ADE20K images"),
+        ("label >= K", "contains value 7"),
+        ("label >= K, workers", "contains value 7"),
+        ("corrupt image", "corrupt image"),
+        ("unknown variant", "unknown variant 'depict-xl'"),
+        ("bad option", "'save_every' must be int"),
+    ],
+)
+def test_train_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, fragment):
+    args = ["train", "--variant", "depict-sa-tiny", "--iterations", "2", "--batch-size", "2", "--num-workers", "0",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    if case == "missing root":
+        args += ["--dataset", "ade20k", "--data-root", str(tmp_path / "nowhere")]
+    elif case == "wrong layout":
+        (tmp_path / "ADEChallengeData2016" / "annotations" / "training").mkdir(parents=True)
+        args += ["--dataset", "ade20k", "--data-root", str(tmp_path)]
+    elif case.startswith("label"):
+        args += ["--dataset", "folder", "--data-root", str(_folder_dataset(tmp_path / "d", mask_value=7))]
+        args += ["--num-workers", "1"] if "workers" in case else []
+    elif case == "corrupt image":
+        args += ["--dataset", "folder", "--data-root", str(_folder_dataset(tmp_path / "d", corrupt=True))]
+    elif case == "unknown variant":
+        args += ["--dataset", "synthetic", "--variant", "depict-xl"]
+    else:
+        args += ["--dataset", "synthetic", "--set", "save_every=often"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
