@@ -6,12 +6,14 @@ from cli.coding_rate import coding_rate
 from cli.common import new_app
 from cli.orthogonality import orthogonality
 from cli.pca_seg import pca_seg
+from cli.robustness import robustness
 
 app = new_app("Analyses of DEPICT / Segmenter decoders: every command writes a figure (PNG, PDF) and its numbers (JSON, CSV).")
 
 app.command("coding-rate")(coding_rate)
 app.command("pca-seg")(pca_seg)
 app.command("orthogonality")(orthogonality)
+app.command("robustness")(robustness)
 
 if __name__ == "__main__":
     app()

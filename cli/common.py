@@ -58,6 +58,12 @@ def open_model(checkpoint: Path | None, device: str = "auto", trust: bool = Fals
     return load_model(checkpoint, torch_device, trust)
 
 
+def checkpoint_labels(paths: list[Path]) -> list[str]:
+    """Short unique names: a release folder's name, a file's stem (``checkpoint.pth``: its folder)."""
+    stems = [p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
+
+
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")

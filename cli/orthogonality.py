@@ -18,6 +18,7 @@ from cli.common import (
     SplitOption,
     TrustOption,
     console,
+    checkpoint_labels,
     image_source_options,
     open_model,
     user_errors,
@@ -60,12 +61,6 @@ def summary_table(rows: list[dict]) -> Table:
         values = [next((row[k] for k in keys if row.get(k) is not None), None) for keys in COLUMNS.values()]
         table.add_row(row["checkpoint"] if first else "", *map(_cell, values))
     return table
-
-
-def checkpoint_labels(paths: list[Path]) -> list[str]:
-    """Short unique names: a release folder's name, a file's stem (``checkpoint.pth``: its folder)."""
-    stems = [p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
 
 
 @user_errors

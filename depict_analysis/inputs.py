@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.data import DatasetError, build_dataset, load_image
+from models.data import DatasetError, build_dataset, load_image, load_label
 from models.data.base import image_to_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -41,6 +41,31 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def matching_labels(images: Sequence[Path], labels: Sequence[str | Path]) -> list[Path]:
+    """For each image, the label file of the same stem among ``labels`` (files, or folders of them)."""
+    by_stem: dict[str, Path] = {}
+    for source in map(Path, labels):
+        if not source.exists():
+            raise DatasetError(f"{source}: no such label file or folder")
+        for path in sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]:
+            by_stem.setdefault(path.stem, path)
+    missing = [f.name for f in images if f.stem not in by_stem]
+    if missing:
+        raise DatasetError(f"no label map named like {missing[0]} in {', '.join(map(str, labels))} ({len(missing)} missing)")
+    return [by_stem[f.stem] for f in images]
+
+
+def _read(image: Path, label: Path | None) -> tuple[Tensor, Tensor | None, str]:
+    """(pixels (3, H, W), label (H, W) or None, path) of one image file and its optional label map."""
+    pixels = image_to_tensor(load_image(image))
+    if label is None:
+        return pixels, None, str(image)
+    target = torch.from_numpy(load_label(label))
+    if target.shape != pixels.shape[1:]:
+        raise DatasetError(f"label {label} is {tuple(target.shape)} but image {image} is {tuple(pixels.shape[1:])}")
+    return pixels, target, str(image)
+
+
 def square_crop(pixels: Tensor, size: int, label: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Resize the short side to ``size`` (bilinear; labels nearest) and take the centre square.
 
@@ -66,16 +91,21 @@ def image_batches(
     split: str = "val",
     num_images: int | None = None,
     batch_size: int = 8,
+    labels: Sequence[str | Path] | None = None,
 ) -> tuple[int, Iterator[Batch]]:
     """(number of images, iterator of Batches) from image files/folders or a dataset split.
 
     Every image is resized and centre-cropped to ``size`` × ``size`` so that a batch shares one token grid.
+    ``labels`` (with ``images`` only): label maps or folders of them, matched to the images by file stem.
     """
     if (images is None) == (dataset is None):
         raise ValueError("give either images (files / folders) or a dataset, not both")
+    if labels is not None and images is None:
+        raise ValueError("label files go with image files; a dataset brings its own labels")
     if images is not None:
         files = image_files(images)[:num_images]
-        items = ((image_to_tensor(load_image(f)), None, str(f)) for f in files)
+        label_paths = matching_labels(files, labels) if labels is not None else [None] * len(files)
+        items = (_read(f, l) for f, l in zip(files, label_paths))
         total = len(files)
     else:
         ds = build_dataset(dataset, data_root, split)
@@ -103,13 +133,15 @@ def _collate(chunk: list) -> Batch:
 
 
 @contextmanager
-def image_progress(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over images on stderr; yields ``advance(n_images)``.
+def image_progress(
+    total: int | None, description: str, enabled: bool = True, unit: str = "images"
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over images (or other ``unit``s) on stderr; yields ``advance(n)``.
 
     Shown only on a terminal (a log file gets nothing) and removed when done.
     """
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal)) as bar:
         task = bar.add_task(description, total=total)

@@ -248,3 +248,104 @@ def gram_grid_figure(
         ax.set_title(f"{column}\n{ax.get_title()}", fontsize="small")
     fig.suptitle(title, fontsize="medium")
     return fig
+
+
+# ------------------------------------------------------------------------- robustness (SPEC §3.4)
+
+
+def _checkpoint_names(result: dict) -> dict[str, str]:
+    """``{label: legend text}`` in sweep order: the label and its decoder family."""
+    families = {c["label"]: c["model"]["decoder"] for c in result["checkpoints"]}
+    labels = dict.fromkeys(row["checkpoint"] for row in result["summary"])
+    return {label: f"{label} ({families[label]})" if label in families else label for label in labels}
+
+
+def _robustness_caption(result: dict) -> str:
+    s = result["settings"]
+    partial = "  [interrupted: partial results]" if not result.get("complete", True) else ""
+    draws = f"mean ± std over {s['draws']} draws" if s["draws"] > 1 else "one draw"
+    return f"{s['description']}\n{s['num_images']} images; {draws}, seed {s['seed']}{partial}"
+
+
+def _axis_break(ax: plt.Axes, x: float) -> None:
+    """Two short slanted strokes across the bottom spine at data position ``x`` (log axis)."""
+    transform = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for dx in (0.93, 1.07):
+        ax.plot([x * dx / 1.06, x * dx * 1.06], [-0.025, 0.025], transform=transform, color="0.3",
+                linewidth=1.0, clip_on=False, zorder=5)
+
+
+def _log_sigma_axis(ax: plt.Axes, positive: list[float], x0: float) -> None:
+    """Log x axis over the positive σ values, with "0" at ``x0`` and an axis break before the first σ."""
+    ax.set_xscale("log")
+    if not positive:
+        ax.set_xticks([x0], ["0"])
+        return
+    lo, hi = positive[0], positive[-1]
+    decades = [10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)]
+    majors = [d for d in decades if lo / 1.001 <= d <= hi * 1.001]
+    minors = [m * d for d in decades for m in range(2, 10) if lo / 1.001 <= m * d <= hi * 1.001]
+    ax.set_xticks([x0] + majors, ["0"] + [f"$10^{{{round(np.log10(d))}}}$" for d in majors])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.FixedLocator(minors))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="x", which="minor", length=2)
+    ax.set_xlim(x0 / 10**0.3, hi * 10**0.3)
+    _axis_break(ax, float(np.sqrt(x0 * lo)))
+
+
+def plot_robustness_curves(result: dict) -> plt.Figure:
+    """mIoU (%) against σ on a log axis, one curve per checkpoint with a ±std band over draws.
+
+    σ = 0 (the clean model) has no place on a log axis: it is drawn one decade left of the smallest
+    σ, behind an axis break (//), as a diamond joined to the curve by a dashed segment, with a
+    dotted line at its level across the plot. ``result`` is what ``robustness.json`` holds.
+    """
+    rows = result["summary"]
+    positive = sorted({r["sigma"] for r in rows if r["sigma"] > 0})
+    x0 = positive[0] / 10 if positive else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for i, (label, name) in enumerate(_checkpoint_names(result).items()):
+        color = LINE_COLORS[i % len(LINE_COLORS)]
+        mine = sorted((r for r in rows if r["checkpoint"] == label), key=lambda r: r["sigma"])
+        noisy = [r for r in mine if r["sigma"] > 0]
+        x = np.array([r["sigma"] for r in noisy])
+        mean, std = 100 * np.array([r["mean"] for r in noisy]), 100 * np.array([r["std"] for r in noisy])
+        if noisy:
+            _band(ax, x, mean, std, color, marker="o", label=name)
+        clean_row = next((r for r in mine if r["sigma"] == 0), None)
+        if clean_row is not None:
+            clean = 100 * clean_row["mean"]
+            ax.axhline(clean, color=color, linestyle=":", linewidth=0.9, alpha=0.7)
+            ax.plot([x0], [clean], marker="D", markersize=7, color=color, label=None if noisy else name)
+            if noisy:
+                ax.plot([x0, x[0]], [clean, mean[0]], color=color, linestyle="--", linewidth=1.0)
+    _log_sigma_axis(ax, positive, x0)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel=f"{result['settings']['sigma_label']}  (log scale; 0 = clean model)", ylabel="mIoU (%)")
+    clean_key = matplotlib.lines.Line2D([], [], color="0.4", marker="D", linestyle=":", label="clean model (σ = 0)")
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], clean_key], loc="lower left", frameon=True, fontsize="small")
+    ax.set_title(_robustness_caption(result), fontsize="small")
+    return fig
+
+
+def plot_robustness_bars(result: dict) -> plt.Figure:
+    """Structured transforms: grouped bars per checkpoint, clean vs transformed mIoU (%), ±std whiskers."""
+    names = _checkpoint_names(result)
+    fig, ax = plt.subplots(figsize=(max(3.6, 1.5 * len(names) + 1.6), 3.6), layout="constrained")
+    width = 0.38
+    for offset, sigma, color, legend in ((-width / 2, 0.0, "0.65", "clean"), (width / 2, 1.0, LINE_COLORS[0], "transformed")):
+        picked = [(i, r) for i, label in enumerate(names) for r in result["summary"]
+                  if r["checkpoint"] == label and r["sigma"] == sigma]
+        if not picked:
+            continue
+        x = np.array([i for i, _ in picked]) + offset
+        heights = [100 * r["mean"] for _, r in picked]
+        bars = ax.bar(x, heights, width, yerr=[100 * r["std"] for _, r in picked], color=color, capsize=3, label=legend)
+        ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize="x-small")
+    ax.set_xticks(range(len(names)), list(names.values()))
+    ax.xaxis.grid(False)
+    ax.set(ylabel="mIoU (%)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+    ax.legend(loc="lower right", frameon=True, fontsize="small")
+    ax.set_title(_robustness_caption(result), fontsize="small")
+    return fig

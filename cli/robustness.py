@@ -1,0 +1,175 @@
+"""``depict-analyze robustness``: mIoU under parameter, input and structured perturbations (SPEC §3.4).
+
+Results are written after every evaluation, so an interrupted sweep (Ctrl-C, SIGTERM) leaves what
+it finished on disk (``"complete": false`` in the JSON) and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    ImagesOption,
+    SeedOption,
+    SplitOption,
+    TrustOption,
+    console,
+    checkpoint_labels,
+    fail,
+    image_source_options,
+    open_model,
+    user_errors,
+)
+from depict_analysis.inputs import image_batches, image_progress
+from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
+from depict_analysis.robustness import (
+    NOISES,
+    TARGETS,
+    draws_per_sigma,
+    parse_sigmas,
+    resolve_perturbation,
+    robustness_figure,
+    robustness_records,
+    robustness_result,
+    sweep_settings,
+)
+from depict_analysis.trace import adapter_for
+
+NAME = "robustness"
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
+Target = Enum("Target", {name: name for name in TARGETS}, type=str)
+
+
+def default_checkpoints() -> list[Path | None]:
+    """The checkpoints a bare ``depict-analyze robustness`` compares (None: ``open_model``'s built-in default)."""
+    return [None]
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (like Ctrl-C), so partial results get written."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def summary_table(result: dict) -> Table:
+    """mIoU (%) mean ± std over draws: one row per σ, one column per checkpoint."""
+    labels = list(dict.fromkeys(row["checkpoint"] for row in result["summary"]))
+    sigmas = sorted({row["sigma"] for row in result["summary"]})
+    cells = {(row["checkpoint"], row["sigma"]): row for row in result["summary"]}
+    settings = result["settings"]
+    structured = settings["kind"] == "structured"
+    table = Table(title="mIoU (%), mean ± std over draws", caption=settings["description"])
+    table.add_column(settings["noise"] if structured else settings["sigma_label"], justify="right")
+    for label in labels:
+        table.add_column(label, justify="right", no_wrap=True)
+    for sigma in sigmas:
+        row = [cells.get((label, sigma)) for label in labels]
+        name = ("transformed" if sigma else "clean") if structured else f"{sigma:g}"
+        table.add_row(name, *(f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if c else "—" for c in row))
+    return table
+
+
+def write_numbers(out: Path, result: dict) -> list[Path]:
+    """robustness.json and robustness.csv (one row per (checkpoint, σ, draw))."""
+    return [save_json(out / f"{NAME}.json", result), save_csv(out / f"{NAME}.csv", result["records"])]
+
+
+@user_errors
+def robustness(
+    checkpoints: Optional[list[Path]] = typer.Argument(
+        None, help="Our .pt files and/or official release folders, one curve each."
+    ),
+    noise: Noise = typer.Option("gaussian", "--noise", help="What to apply (structured transforms: DEPICT only)."),
+    target: Optional[Target] = typer.Option(
+        None, "--target", help="What gaussian / uniform noise perturbs.", show_default="decoder; input for salt-pepper, blur"
+    ),
+    sigmas: Optional[str] = typer.Option(
+        None, "--sigmas", help="Comma-separated noise levels; 0 (the clean model) is always added.",
+        show_default="per noise, see above",
+    ),
+    relative: bool = typer.Option(False, "--relative", help="Parameter noise σ × each tensor's std."),
+    draws: int = typer.Option(3, "--draws", min=1, help="Random draws per σ > 0 (rotations for structured transforms)."),
+    seed: int = SeedOption,
+    images: Optional[list[Path]] = ImagesOption,
+    labels: Optional[list[Path]] = typer.Option(
+        None, "--labels", help="Label maps (class ids, 255 = ignore) or folders, matched to --images by file stem."
+    ),
+    dataset: Optional[str] = DatasetOption,
+    data_root: Optional[Path] = DataRootOption,
+    split: str = SplitOption,
+    num_images: int = typer.Option(32, "--num-images", min=1, help="Images to evaluate every (σ, draw) on."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    size: Optional[int] = typer.Option(
+        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="each model's training size"
+    ),
+    out: Path = typer.Option(Path("figures/robustness"), "--out", help="Output folder."),
+    device: str = DeviceOption,
+    trust: bool = TrustOption,
+):
+    """mIoU against noise level σ: Gaussian / uniform parameter noise, input noise, or DEPICT's structured transforms.
+
+    Default σ: parameter noise (absolute or --relative) 0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2,
+    5e-2, 0.1, 0.2, 0.5, 1; noise on the normalised input (--target input) std 0.01 … 2;
+    salt-pepper a fraction 1e-3 … 0.5 of the pixels; blur std 0.5 … 8 pixels. head-rotation,
+    global-rotation and head-orthonormalize (DEPICT only) compare clean with transformed.
+    """
+    if labels and not images:
+        fail("--labels goes with --images (a dataset brings its own labels)")
+    perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
+    grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
+    paths = checkpoints or default_checkpoints()
+    names = ["default"] * len(paths) if None in paths else checkpoint_labels(paths)
+    source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
+    settings = sweep_settings(perturbation, grid, draws, seed) | {
+        "input": {key: value for key, value in source.items() if value}, "batch_size": batch_size, "size": size,
+    }
+    n_evaluations = len(paths) * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
+    described, records, written = [], [], []
+
+    def result(complete: bool) -> dict:
+        return robustness_result(settings, described, records, complete)
+
+    complete = False
+    try:
+        with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
+            for path, name in zip(paths, names):
+                model, _ = open_model(path, device, trust)
+                side = size or max(model.config.backbone.image_size)
+                total, batches = image_batches(side, **source, batch_size=batch_size)
+                settings["num_images"] = total
+                described.append({"label": name, "path": path, "size": side,
+                                  "model": describe_model(model, adapter_for(model.decoder).family)})
+                for record in robustness_records(model, name, batches, perturbation, grid, draws, seed, advance=advance):
+                    records.append(record)
+                    write_numbers(out, result(False))
+                del model  # before the next one loads
+        complete = True
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if records:
+            written = [*save_figure(robustness_figure(result(complete)), out, NAME), *write_numbers(out, result(complete))]
+    if not complete:
+        fail(f"interrupted after {len(records)} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
+    console.print(summary_table(result(True)))
+    console.print("wrote " + ", ".join(map(str, written)))
