@@ -55,6 +55,9 @@ class _SubspaceLayer(nn.Module):
 
     def _attend(self, queries: Tensor, keys: Tensor, return_attention: bool):
         """queries: (B, T, d) already in R^d, keys: (B, S, d) normalised -> update (B, T, d)."""
+        # One (h·p)-wide matmul in, one out, heads as strided views: SDPA's CPU flash kernel reads
+        # strided heads and writes its output in (B, T, h, p) order, so merging is free; making
+        # the heads contiguous first gains nothing (benchmarks/decoder.py, README "Performance").
         q = _split_heads(queries @ self.proj.T, self.heads)
         k = q if keys is queries else _split_heads(keys @ self.proj.T, self.heads)
         out, attention = subspace_attention(q, k, return_attention)
