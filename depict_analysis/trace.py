@@ -52,7 +52,7 @@ class Trace:
         return len(self.tokens) - 1
 
 
-def _head_attention(module: nn.Module, inputs: tuple, output) -> Tensor:
+def _head_attention(module: nn.Module, inputs: tuple) -> Tensor:
     """Attention probabilities of a layer, recomputed from its inputs (forward() skips the hooks)."""
     if isinstance(module, (MSSA, MSCA)):
         return module.forward(*inputs, return_attention=True)[1]
@@ -182,11 +182,12 @@ def trace(model: nn.Module, images: Tensor, attention: bool = False) -> Trace:
     and on error. Runs under ``torch.inference_mode``.
     """
     adapter = adapter_for(model.decoder)
-    seen: dict[str, list] = {"input": [], "tokens": [], "classes": [], "final": [], "attention": []}
+    seen: dict[str, list] = {"input": [], "grid": [], "tokens": [], "classes": [], "final": [], "attention": []}
     n_tokens = []
 
-    def on_input(module, args):
+    def on_input(module, args):  # decoder(z, grid)
         seen["input"].append(args[0])
+        seen["grid"].append(tuple(args[1]))
         n_tokens.append(args[0].shape[1])
 
     def on_token_layer(module, args, output):
@@ -203,7 +204,7 @@ def trace(model: nn.Module, images: Tensor, attention: bool = False) -> Trace:
         handles.append(adapter.final_module().register_forward_hook(lambda m, a, out: seen["final"].append(out)))
     if attention:
         handles += [
-            m.register_forward_hook(lambda m, a, out: seen["attention"].append(_head_attention(m, a, out)))
+            m.register_forward_hook(lambda m, a, out: seen["attention"].append(_head_attention(m, a)))
             for m in adapter.attention_modules()
         ]
     try:
@@ -225,10 +226,6 @@ def trace(model: nn.Module, images: Tensor, attention: bool = False) -> Trace:
         classes = [model.decoder.cls_emb.detach().expand(z0.shape[0], -1, -1)] + seen["classes"]
         stages = ["input"] + [f"{adapter.stage}{i}" for i in range(1, len(classes))]
     return Trace(
-        adapter.family, _grid(model, images), tokens, classes, stages, subspaces, class_embeddings, masks, seen["attention"]
+        adapter.family, seen["grid"][0], tokens, classes, stages, subspaces, class_embeddings, masks, seen["attention"]
     )
 
-
-def _grid(model: nn.Module, images: Tensor) -> tuple[int, int]:
-    P = model.patch_size
-    return (-(-images.shape[-2] // P), -(-images.shape[-1] // P))
