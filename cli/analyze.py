@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cli.coding_rate import coding_rate
 from cli.common import new_app
+from cli.demo import demo, report
 from cli.orthogonality import orthogonality
 from cli.pca_seg import pca_seg
 from cli.robustness import robustness
@@ -14,6 +15,8 @@ app.command("coding-rate")(coding_rate)
 app.command("pca-seg")(pca_seg)
 app.command("orthogonality")(orthogonality)
 app.command("robustness")(robustness)
+app.command("demo")(demo)
+app.command("report")(report)
 
 if __name__ == "__main__":
     app()

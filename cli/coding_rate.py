@@ -10,22 +10,22 @@ import typer
 from rich.table import Table
 
 from cli.common import (
+    CheckpointHelp,
     DataRootOption,
     DatasetOption,
     DeviceOption,
     ImagesOption,
     SplitOption,
     TrustOption,
+    checkpoint_name,
     console,
     image_source_options,
     open_model,
     user_errors,
 )
 from depict_analysis.coding_rate import NORMALIZE_MODES
-from depict_analysis.coding_rate_analysis import analyze_coding_rates, rate_rows
+from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
 from depict_analysis.inputs import image_batches
-from depict_analysis.outputs import save_csv, save_figure, save_json
-from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
 
 Normalize = Enum("Normalize", {mode: mode for mode in NORMALIZE_MODES}, type=str)
 
@@ -49,7 +49,7 @@ def rate_table_view(result: dict) -> Table:
 
 @user_errors
 def coding_rate(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Our .pt file or an official release folder."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
     images: Optional[list[Path]] = ImagesOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
@@ -70,18 +70,13 @@ def coding_rate(
     trust: bool = TrustOption,
 ):
     """Coding rate of the patch tokens in each layer's subspace, of the tokens, and of the class embeddings."""
-    model, _ = open_model(checkpoint, device, trust)
+    model, meta = open_model(checkpoint, device, trust)
     size = size or max(model.config.backbone.image_size)
     source = image_source_options(images, dataset, data_root, split, num_images)
     total, batches = image_batches(size, **source, batch_size=batch_size)
     settings = {"eps": eps, "normalize": normalize.value, "orthonormalize": orthonormalize, "per_head": per_head}
     result = analyze_coding_rates(model, batches, **settings, total=total)
-    result["settings"] |= {"checkpoint": checkpoint, "input": {k: v for k, v in source.items() if v is not None}}
-    written = [
-        *save_figure(plot_subspace_rates(result), out, "coding_rate"),
-        *save_figure(plot_token_class_rates(result), out, "coding_rate_tokens"),
-        save_json(out / "coding_rate.json", result),
-        save_csv(out / "coding_rate.csv", rate_rows(result)),
-    ]
+    result["settings"] |= {"checkpoint": checkpoint_name(checkpoint, meta), "input": {k: v for k, v in source.items() if v is not None}}
+    written = write_coding_rates(result, out)
     console.print(rate_table_view(result))
     console.print("wrote " + ", ".join(map(str, written)))

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from models import CheckpointError, load_model
 from models.device import resolve_device
+from models.pretrained import DEFAULT_MODELS, LABELS, load_default
 
 console = Console()
 
@@ -50,17 +51,55 @@ TrustOption = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints 
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 
 
-def open_model(checkpoint: Path | None, device: str = "auto", trust: bool = False):
-    """(model, metadata) from a checkpoint path, or the built-in default model when none is given."""
+BUILTIN = "builtin:"  # `builtin:segmenter` names a built-in model wherever a checkpoint path goes
+CheckpointHelp = (f"Our .pt file, an official release folder, or {BUILTIN}NAME ({', '.join(DEFAULT_MODELS)}); "
+                  f"default: the built-in {DEFAULT_MODELS[0]}.")
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False, default: str = DEFAULT_MODELS[0]):
+    """(model, metadata) from a checkpoint path or ``builtin:NAME``; the built-in ``default`` when none is given."""
     torch_device = resolve_device(device)
     if checkpoint is None:
-        fail("no checkpoint given and no built-in default model is shipped yet; pass a checkpoint path")
+        return load_default(default, torch_device)
+    if str(checkpoint).startswith(BUILTIN):
+        return load_default(str(checkpoint)[len(BUILTIN):], torch_device)
     return load_model(checkpoint, torch_device, trust)
+
+
+def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
+    """``[CKPT] FILE...`` -> (checkpoint or None, files): the first path is the checkpoint when it is a
+    folder, a .pt / .pth file or ``builtin:NAME``."""
+    first = str(paths[0]) if paths else ""
+    if paths and (paths[0].is_dir() or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith(BUILTIN)):
+        return paths[0], list(paths[1:])
+    return None, list(paths)
+
+
+
+def open_models(checkpoints: list[Path] | None, device: str = "auto", trust: bool = False):
+    """(label, source, model, metadata) of each checkpoint, lazily (one model in memory at a time);
+    all built-in models (DEPICT-SA, DEPICT-CA, Segmenter) when ``checkpoints`` is empty. ``source`` is what
+    results record as the checkpoint (``checkpoint_name``)."""
+    if checkpoints:
+        for label, path in zip(checkpoint_labels(checkpoints), checkpoints):
+            model, meta = open_model(path, device, trust)
+            yield label, checkpoint_name(path, meta), model, meta
+    else:
+        for name, label in LABELS.items():
+            model, meta = open_model(None, device, trust, default=name)
+            yield label, checkpoint_name(None, meta), model, meta
+
+
+def checkpoint_name(path: Path | None, meta: dict) -> str:
+    """What results record as the checkpoint: its path, or ``builtin:<name>`` for a built-in model."""
+    return f"{BUILTIN}{meta['builtin']}" if "builtin" in meta else str(path)
 
 
 def checkpoint_labels(paths: list[Path]) -> list[str]:
     """Short unique names: a release folder's name, a file's stem (``checkpoint.pth``: its folder)."""
-    stems = [p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
+    stems = [LABELS.get(str(p)[len(BUILTIN):], str(p)) if str(p).startswith(BUILTIN) else
+             p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
     return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
 
 

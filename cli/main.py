@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
-                        open_model, print_table, user_errors)
+                        CheckpointHelp, checkpoint_name, open_model, print_table, split_checkpoint, user_errors)
 from models import create_model
 from models.data import build_dataset
 from models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
@@ -28,16 +28,19 @@ app = new_app("Inspect, train, evaluate and run DEPICT / Segmenter models.")
 @app.command()
 @user_errors
 def info(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Our .pt file or an official release folder."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
     variant: Optional[str] = typer.Option(None, help="Describe a registered variant instead (random weights)."),
     n_cls: int = typer.Option(150, help="Classes, with --variant."),
-    image_size: int = typer.Option(512, help="Image side for the decoder GFLOPs."),
+    image_size: Optional[int] = typer.Option(
+        None, help="Image side for the decoder GFLOPs.", show_default="the model's training size"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
     """Variant, classes, parameters (encoder / decoder) and decoder GFLOPs of a model."""
     model = create_model(variant, n_cls) if variant else open_model(checkpoint, device, trust)[0]
+    image_size = image_size or max(model.config.backbone.image_size)
     summary = model_summary(model, (image_size, image_size))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -118,14 +121,16 @@ def _trained_dataset(meta: dict) -> tuple[str | None, str | None, dict]:
     """(name, root, extra arguments) of the dataset a checkpoint was trained on, as far as it says."""
     trained = meta.get("train_config")
     if trained:
-        return trained["dataset"], trained["data_root"], trained["dataset_kwargs"]
+        # a procedural dataset's ``length`` counted training scenes; evaluation keeps the split's own
+        kwargs = {k: v for k, v in trained["dataset_kwargs"].items() if k != "length"}
+        return trained["dataset"], trained["data_root"], kwargs
     return ((meta.get("variant") or {}).get("dataset_kwargs") or {}).get("dataset"), None, {}
 
 
 @app.command("eval")
 @user_errors
 def evaluate_command(
-    checkpoint: Path = typer.Argument(..., help="Our .pt file or an official release folder."),
+    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
@@ -164,15 +169,18 @@ def evaluate_command(
     console.print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": str(checkpoint), "dataset": data.name, "split": split, "classes": data.class_names, **scores}
+        record = {"checkpoint": checkpoint_name(checkpoint, meta), "dataset": data.name, "split": split, "classes": data.class_names, **scores}
         out.write_text(json.dumps(jsonable(record), indent=2) + "\n")
 
 
 @app.command()
 @user_errors
 def predict(
-    checkpoint: Path = typer.Argument(..., help="Our .pt file or an official release folder."),
-    images: list[Path] = typer.Argument(..., help="Image files (any mode: RGB, RGBA, grey, 16-bit)."),
+    paths: list[Path] = typer.Argument(
+        ..., metavar="[CKPT] IMAGE...",
+        help="A checkpoint (.pt / .pth file or release folder; default: the built-in DEPICT-SA), then image files "
+        "(any mode: RGB, RGBA, grey, 16-bit).",
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png and <stem>_overlay.png."),
     window: Optional[int] = WindowOption,
     stride: Optional[int] = StrideOption,
@@ -184,6 +192,9 @@ def predict(
     trust: bool = TrustOption,
 ):
     """Segment images: a label map (uint8 class ids) and a colour overlay for each."""
+    checkpoint, images = split_checkpoint(paths)
+    if not images:
+        fail("give at least one image after the checkpoint")
     model, meta = open_model(checkpoint, device, trust)
     protocol = inference_protocol(model, meta, window, stride, short_side)
     records = predict_files(

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
@@ -18,16 +17,13 @@ from cli.common import (
     SplitOption,
     TrustOption,
     console,
-    checkpoint_labels,
     image_source_options,
-    open_model,
+    open_models,
     user_errors,
 )
 from depict_analysis.inputs import image_batches
-from depict_analysis.orthogonality_analysis import analyze_orthogonality, grams, orthogonality_figure, summary_rows
-from depict_analysis.outputs import save_csv, save_figure, save_json
+from depict_analysis.orthogonality_analysis import analyze_orthogonality, summary_rows, write_orthogonality
 
-NAME = "orthogonality"
 COLUMNS = {  # header -> the row keys it shows (the first present)
     "matrix": ("name",),
     "n": ("size",),
@@ -65,7 +61,7 @@ def summary_table(rows: list[dict]) -> Table:
 
 @user_errors
 def orthogonality(
-    checkpoints: Optional[list[Path]] = typer.Argument(None, help="Our .pt files and/or official release folders, side by side."),
+    checkpoints: Optional[list[Path]] = typer.Argument(None, help="Our .pt files and/or official release folders, side by side (builtin:NAME too); default: the built-in DEPICT-SA, DEPICT-CA and Segmenter."),
     images: Optional[list[Path]] = ImagesOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
@@ -76,32 +72,15 @@ def orthogonality(
     trust: bool = TrustOption,
 ):
     """Gram matrices PᵀP of every layer's subspaces and QᵀQ of the class embeddings, with scalar summaries."""
-    paths = checkpoints or [None]
-    labels = checkpoint_labels(checkpoints) if checkpoints else ["default"]
     source = image_source_options(images, dataset, data_root, split, num_images)
-    results = []
-    for path in paths:
-        model, _ = open_model(path, device, trust)
+    labels, names, results = [], [], []
+    for label, name, model, _ in open_models(checkpoints, device, trust):
         total, batches = image_batches(max(model.config.backbone.image_size), **source)
         results.append(analyze_orthogonality(model, batches, total=total))
+        labels.append(label)
+        names.append(name)
+    settings = {"input": {key: value for key, value in source.items() if value}}
+    written = write_orthogonality(labels, names, results, out, settings)
     rows = [row for label, result in zip(labels, results) for row in summary_rows(label, result)]
-    matrices = {key: m for label, result in zip(labels, results) for key, m in grams(label, result).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / f"{NAME}_grams.npz", **matrices)
-    report = {
-        "input": {key: value for key, value in source.items() if value},
-        "checkpoints": [
-            {"label": label, "path": path, "model": r["model"], "num_images": r["num_images"],
-             "panels": [panel.summary() for panel in r["panels"]]}
-            for label, path, r in zip(labels, paths, results)
-        ],
-        "grams": f"{NAME}_grams.npz (keys <label>/<matrix name>)",
-    }
-    written = [
-        *save_figure(orthogonality_figure(labels, results), out, NAME),
-        save_json(out / f"{NAME}.json", report),
-        save_csv(out / f"{NAME}.csv", rows),
-        out / f"{NAME}_grams.npz",
-    ]
     console.print(summary_table(rows))
     console.print("wrote " + ", ".join(map(str, written)))

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from cli.common import (
+    CheckpointHelp,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -21,6 +22,7 @@ from cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    checkpoint_name,
     console,
     fail,
     image_source_options,
@@ -28,7 +30,6 @@ from cli.common import (
     user_errors,
 )
 from depict_analysis.inputs import image_batches
-from depict_analysis.outputs import save_csv, save_figure, save_json
 from depict_analysis.pca import METHODS
 from depict_analysis.pca_analysis import (
     REFERENCES,
@@ -37,12 +38,10 @@ from depict_analysis.pca_analysis import (
     checkpoint_dataset,
     class_legend,
     parse_layers,
-    pca_figure,
-    scores_figure,
     single_images,
+    write_pca,
 )
 
-NAME = "pca-seg"
 SHORT_REFERENCE = {"prediction": "prediction", "ground_truth": "ground truth"}
 
 
@@ -59,20 +58,10 @@ def summary_table(summary: dict, n: int) -> Table:
     return table
 
 
-def _unique_names(paths: list[str]) -> list[str]:
-    """File stems, with ``-2``, ``-3`` … appended to repeats."""
-    seen: dict[str, int] = {}
-    names = []
-    for stem in (Path(p).stem for p in paths):
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
-
-
 @user_errors
 def pca_seg(
     image: Optional[list[Path]] = typer.Argument(None, help="Images, one figure each (any size or mode)."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Our .pt file or an official release folder."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help=CheckpointHelp),
     k: Optional[int] = typer.Option(None, "--k", min=2, help="Segments [default: classes the model predicts, 2..8]."),
     method: str = typer.Option("argmax", "--method", help="argmax (decoder's rule, sign-dependent) | kmeans (more robust)."),
     layers: str = typer.Option("0,L1", "--layers", help="Token layers to compare: numbers, L1 = last MSSA layer."),
@@ -110,16 +99,7 @@ def pca_seg(
         total, batches = image_batches(size, **source)
     result = analyze_pca(model, batches, layers=layer_spec, k=k, method=method, seed=seed, examples=examples, total=total)
     names, palette = class_legend(model.n_cls, [source.get("dataset"), checkpoint_dataset(meta)])
-
-    written = []
-    for name, example in zip(_unique_names([e.path for e in result["examples"]]), result["examples"]):
-        written += save_figure(pca_figure(example, names, palette, method), out, f"{NAME}_{name}")
-    if not image:
-        written += save_figure(scores_figure(result), out, NAME)
-    settings = result["settings"] | {"checkpoint": ckpt, "input": {key: value for key, value in source.items() if value}}
-    written += [
-        save_json(out / f"{NAME}.json", {"settings": settings, "summary": result["summary"], "images": result["images"]}),
-        save_csv(out / f"{NAME}.csv", result["rows"]),
-    ]
+    settings = {"checkpoint": checkpoint_name(ckpt, meta), "input": {key: value for key, value in source.items() if value}}
+    written = write_pca(result, out, names, palette, settings=settings, score_figure=not image)
     console.print(summary_table(result["summary"], len(result["images"])))
     console.print("wrote " + ", ".join(map(str, written)))

@@ -25,36 +25,26 @@ from cli.common import (
     SplitOption,
     TrustOption,
     console,
-    checkpoint_labels,
     fail,
     image_source_options,
-    open_model,
+    open_models,
     user_errors,
 )
 from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.robustness import (
     NOISES,
     TARGETS,
+    NAME,
     draws_per_sigma,
     parse_sigmas,
     resolve_perturbation,
-    robustness_figure,
-    robustness_records,
-    robustness_result,
-    sweep_settings,
+    run_robustness,
 )
-from depict_analysis.trace import adapter_for
+from models.pretrained import LABELS
 
-NAME = "robustness"
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
 Target = Enum("Target", {name: name for name in TARGETS}, type=str)
-
-
-def default_checkpoints() -> list[Path | None]:
-    """The checkpoints a bare ``depict-analyze robustness`` compares (None: ``open_model``'s built-in default)."""
-    return [None]
 
 
 @contextmanager
@@ -89,15 +79,10 @@ def summary_table(result: dict) -> Table:
     return table
 
 
-def write_numbers(out: Path, result: dict) -> list[Path]:
-    """robustness.json and robustness.csv (one row per (checkpoint, σ, draw))."""
-    return [save_json(out / f"{NAME}.json", result), save_csv(out / f"{NAME}.csv", result["records"])]
-
-
 @user_errors
 def robustness(
     checkpoints: Optional[list[Path]] = typer.Argument(
-        None, help="Our .pt files and/or official release folders, one curve each."
+        None, help="Our .pt files and/or official release folders, one curve each (builtin:NAME too); default: the built-in DEPICT-SA, DEPICT-CA and Segmenter."
     ),
     noise: Noise = typer.Option("gaussian", "--noise", help="What to apply (structured transforms: DEPICT only)."),
     target: Optional[Target] = typer.Option(
@@ -137,39 +122,17 @@ def robustness(
         fail("--labels goes with --images (a dataset brings its own labels)")
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
     grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
-    paths = checkpoints or default_checkpoints()
-    names = ["default"] * len(paths) if None in paths else checkpoint_labels(paths)
     source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    settings = sweep_settings(perturbation, grid, draws, seed) | {
-        "input": {key: value for key, value in source.items() if value}, "batch_size": batch_size, "size": size,
-    }
-    n_evaluations = len(paths) * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
-    described, records, written = [], [], []
-
-    def result(complete: bool) -> dict:
-        return robustness_result(settings, described, records, complete)
-
-    complete = False
-    try:
-        with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
-            for path, name in zip(paths, names):
-                model, _ = open_model(path, device, trust)
-                side = size or max(model.config.backbone.image_size)
-                total, batches = image_batches(side, **source, batch_size=batch_size)
-                settings["num_images"] = total
-                described.append({"label": name, "path": path, "size": side,
-                                  "model": describe_model(model, adapter_for(model.decoder).family)})
-                for record in robustness_records(model, name, batches, perturbation, grid, draws, seed, advance=advance):
-                    records.append(record)
-                    write_numbers(out, result(False))
-                del model  # before the next one loads
-        complete = True
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if records:
-            written = [*save_figure(robustness_figure(result(complete)), out, NAME), *write_numbers(out, result(complete))]
-    if not complete:
-        fail(f"interrupted after {len(records)} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
-    console.print(summary_table(result(True)))
-    console.print("wrote " + ", ".join(map(str, written)))
+    n_models = len(checkpoints) if checkpoints else len(LABELS)
+    n_evaluations = n_models * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
+    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust))
+    settings = {"input": {key: value for key, value in source.items() if value}, "batch_size": batch_size}
+    with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
+        result = run_robustness(
+            models, lambda side: image_batches(side, **source, batch_size=batch_size), perturbation, grid, out,
+            draws=draws, seed=seed, size=size, settings=settings, advance=advance,
+        )
+    if not result["complete"]:
+        fail(f"interrupted after {len(result['records'])} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
+    console.print(summary_table(result))
+    console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv")

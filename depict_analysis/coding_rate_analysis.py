@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ from torch import nn
 
 from depict_analysis.coding_rate import NORMALIZE_MODES, class_rate, rate_table
 from depict_analysis.inputs import Batch, image_progress
-from depict_analysis.outputs import describe_model
+from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
+from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
 from depict_analysis.trace import Trace, trace
 from models.device import autocast
 
@@ -153,3 +155,15 @@ def rate_rows(result: dict) -> list[dict]:
                 add(image, "head_rate", values, name, k)
         add(image, "class_rate", result["class_rate"]["per_image"][i], stages=result["class_rate"]["stages"])
     return rows
+
+
+def write_coding_rates(result: dict, out: str | Path) -> list[Path]:
+    """``coding_rate.png/.pdf`` (subspace rates), ``coding_rate_tokens.png/.pdf`` (R(Z_j), R(Q)),
+    ``coding_rate.json`` (the result) and ``coding_rate.csv`` (``rate_rows``) in ``out``."""
+    out = Path(out)
+    return [
+        *save_figure(plot_subspace_rates(result), out, "coding_rate"),
+        *save_figure(plot_token_class_rates(result), out, "coding_rate_tokens"),
+        save_json(out / "coding_rate.json", result),
+        save_csv(out / "coding_rate.csv", rate_rows(result)),
+    ]

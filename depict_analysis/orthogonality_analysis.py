@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from depict_analysis import plots
 from depict_analysis.inputs import image_progress
-from depict_analysis.outputs import describe_model
+from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.inputs import Batch
 from depict_analysis.orthogonality import class_summary, subspace_summary
 from depict_analysis.trace import Subspace, trace
@@ -153,3 +154,34 @@ def orthogonality_figure(labels: Sequence[str], results: Sequence[dict]) -> Figu
     title = (r"Gram matrices: raw $P^\top P$ per layer (head blocks outlined), normalised $\hat{Q}^\top\hat{Q}$"
              "; colour scale shared per row")
     return plots.gram_grid_figure(cells, columns, scale_labels, title)
+
+
+NAME = "orthogonality"
+
+
+def write_orthogonality(
+    labels: Sequence[str], checkpoints: Sequence[str], results: Sequence[dict], out: str | Path, settings: dict
+) -> list[Path]:
+    """``orthogonality.png/.pdf`` (the models side by side), ``orthogonality.json`` (``settings``, per
+    checkpoint its panels' summaries), ``orthogonality.csv`` (``summary_rows``) and the matrices in
+    ``orthogonality_grams.npz`` (keys ``<label>/<panel name>``) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    matrices = {key: m for label, result in zip(labels, results) for key, m in grams(label, result).items()}
+    np.savez_compressed(out / f"{NAME}_grams.npz", **matrices)
+    report = {
+        **settings,
+        "checkpoints": [
+            {"label": label, "path": path, "model": r["model"], "num_images": r["num_images"],
+             "panels": [panel.summary() for panel in r["panels"]]}
+            for label, path, r in zip(labels, checkpoints, results)
+        ],
+        "grams": f"{NAME}_grams.npz (keys <label>/<matrix name>)",
+    }
+    rows = [row for label, result in zip(labels, results) for row in summary_rows(label, result)]
+    return [
+        *save_figure(orthogonality_figure(labels, results), out, NAME),
+        save_json(out / f"{NAME}.json", report),
+        save_csv(out / f"{NAME}.csv", rows),
+        out / f"{NAME}_grams.npz",
+    ]

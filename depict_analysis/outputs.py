@@ -19,11 +19,12 @@ matplotlib.use("Agg")  # figures are written to files; no display is needed or a
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved file is for others to read too
     os.replace(tmp, path)
 
 
@@ -44,7 +45,7 @@ def _jsonable(x: Any) -> Any:
 
 def save_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    _atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
     return path
 
 

@@ -35,7 +35,7 @@ from depict_analysis.pca import (
     upsample_labels,
 )
 from depict_analysis.inputs import image_progress
-from depict_analysis.outputs import describe_model
+from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.trace import adapter_for, trace
 from models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
 from models.data.base import image_to_tensor
@@ -277,7 +277,7 @@ def single_images(
 def checkpoint_dataset(meta: dict) -> str | None:
     """The dataset a checkpoint was trained on, when its metadata says (ours or an official variant.yml)."""
     official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
-    name = meta.get("dataset") or official.get("dataset")
+    name = meta.get("dataset") or (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
     return name if isinstance(name, str) else None
 
 
@@ -367,3 +367,34 @@ def scores_figure(result: dict) -> Figure:
     title = (f"PCA segmentation ({settings['method']}) over {settings['num_images']} images: "
              f"{settings['model']['variant']}")
     return plots.pca_scores_figure(result["rows"], sources, references, title)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+NAME = "pca-seg"
+
+
+def unique_names(paths: Sequence[str]) -> list[str]:
+    """File stems, with ``-2``, ``-3`` … appended to repeats."""
+    seen: dict[str, int] = {}
+    names = []
+    for stem in (Path(p).stem for p in paths):
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def write_pca(
+    result: dict, out: str | Path, class_names: Sequence[str], palette: np.ndarray, *, settings: dict, score_figure: bool = True
+) -> list[Path]:
+    """``pca-seg_<image>.png/.pdf`` per example, ``pca-seg.png/.pdf`` (score distributions, when
+    ``score_figure``), ``pca-seg.json`` (settings updated with ``settings``, summary, per-image scores)
+    and ``pca-seg.csv`` (score rows) in ``out``."""
+    out = Path(out)
+    written = []
+    for name, example in zip(unique_names([e.path for e in result["examples"]]), result["examples"]):
+        written += save_figure(pca_figure(example, class_names, palette, result["settings"]["method"]), out, f"{NAME}_{name}")
+    if score_figure:
+        written += save_figure(scores_figure(result), out, NAME)
+    report = {"settings": result["settings"] | settings, "summary": result["summary"], "images": result["images"]}
+    return written + [save_json(out / f"{NAME}.json", report), save_csv(out / f"{NAME}.csv", result["rows"])]

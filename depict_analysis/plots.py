@@ -5,6 +5,7 @@ Figures are sized for a paper column or page and share one seaborn style.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import matplotlib
@@ -191,8 +192,10 @@ def pca_scores_figure(rows: list[dict], sources: dict[str, str], references: dic
     for ax, (score, score_title) in zip(axes, SCORE_TITLES.items()):
         common = {"data": frame, "x": "reference", "y": score, "hue": "source", "order": order,
                   "hue_order": hue_order, "ax": ax}
-        sns.boxplot(**common, palette=colors, showfliers=False, showmeans=True, width=0.7,
-                    meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "0.2", "markersize": 4})
+        with warnings.catch_warnings():  # seaborn passes matplotlib >= 3.11 a deprecated `vert`; not ours to fix
+            warnings.filterwarnings("ignore", "vert: bool was deprecated", matplotlib.MatplotlibDeprecationWarning)
+            sns.boxplot(**common, palette=colors, showfliers=False, showmeans=True, width=0.7,
+                        meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "0.2", "markersize": 4})
         sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue_order, "0.25"), size=2.5, alpha=0.5, legend=False)
         ax.set(title=score_title, xlabel="", ylabel="")
         ax.tick_params(axis="x", labelsize="small")

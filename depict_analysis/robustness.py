@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from torch.func import functional_call
 
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
+from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.trace import adapter_for
 from models.evaluate import ConfusionMatrix, miou
 
@@ -448,3 +450,56 @@ def robustness_figure(result: dict) -> Figure:
     if result["settings"]["kind"] == "structured":
         return plots.plot_robustness_bars(result)
     return plots.plot_robustness_curves(result)
+
+
+NAME = "robustness"
+
+
+def write_robustness_numbers(result: dict, out: str | Path) -> list[Path]:
+    """``robustness.json`` (the result) and ``robustness.csv`` (one row per (checkpoint, σ, draw))."""
+    out = Path(out)
+    return [save_json(out / f"{NAME}.json", result), save_csv(out / f"{NAME}.csv", result["records"])]
+
+
+def run_robustness(
+    models: Iterable[tuple[str, str, nn.Module]],
+    batches_for: Callable[[int], tuple[int, Iterable[Batch]]],
+    perturbation: Perturbation,
+    sigmas: Sequence[float],
+    out: str | Path,
+    *,
+    draws: int = 3,
+    seed: int = 0,
+    size: int | None = None,
+    settings: dict | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> dict:
+    """Sweep every ``(label, source, model)`` of ``models`` and write ``robustness.png/.pdf/.json/.csv`` to ``out``.
+
+    ``batches_for(side)`` gives (number of images, batches of ``side``-pixel crops); ``side`` is
+    ``size`` or each model's training size. The JSON / CSV are rewritten after every evaluation; a
+    KeyboardInterrupt ends the sweep with what is done written out and ``"complete": false`` in the
+    returned result (see ``robustness_result``), which is returned in every case.
+    """
+    settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {"size": size}
+    described, records = [], []
+    complete = False
+    try:
+        for label, source, model in models:
+            side = size or max(model.config.backbone.image_size)
+            total, batches = batches_for(side)
+            settings["num_images"] = total
+            described.append({"label": label, "path": source, "size": side,
+                              "model": describe_model(model, adapter_for(model.decoder).family)})
+            for record in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
+                records.append(record)
+                write_robustness_numbers(robustness_result(settings, described, records, False), out)
+            del model  # before the next one loads
+        complete = True
+    except KeyboardInterrupt:
+        pass
+    result = robustness_result(settings, described, records, complete)
+    if records:
+        save_figure(robustness_figure(result), out, NAME)
+        write_robustness_numbers(result, out)
+    return result

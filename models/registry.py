@@ -1,7 +1,8 @@
 """Named model variants with the paper's hyper-parameters, and ``create_model`` (SPEC §1.5).
 
 A variant name reads ``<decoder>-<backbone>``: e.g. ``depict-sa-vit-s16`` is DEPICT-SA on ViT-S/16,
-``segmenter-vit-b16`` Segmenter's mask transformer on ViT-B/16. ``tiny`` backbones are for tests.
+``segmenter-vit-b16`` Segmenter's mask transformer on ViT-B/16. ``tiny`` backbones are for tests;
+``mini`` (patch 4 on 64 px: a 16 x 16 token grid) is the backbone of the built-in default models.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ BACKBONES: dict[str, BackboneConfig] = {
     "vit-b16": BackboneConfig(768, 12, 12, 16, (512, 512), timm_name="vit_base_patch16_384"),
     "vit-l16": BackboneConfig(1024, 24, 16, 16, (640, 640), timm_name="vit_large_patch16_384"),
     "tiny": BackboneConfig(48, 2, 2, 8, (32, 32), drop_path_rate=0.0),
+    "mini": BackboneConfig(64, 4, 2, 4, (64, 64), drop_path_rate=0.0),
 }
 
 DECODERS: dict[str, DecoderConfig] = {
@@ -79,6 +81,16 @@ TINY_DECODERS: dict[str, DecoderConfig] = {
     "linear": DecoderConfig("linear"),
 }
 
+# Mini variants: the paper's proportions (heads x dim_head < d, cross heads half as wide) at d = 64.
+MINI_DECODERS: dict[str, DecoderConfig] = {
+    "depict-sa": DecoderConfig("depict_sa", n_heads=2, dim_head=24),
+    "depict-ca": DecoderConfig("depict_ca", n_heads=2, dim_head=24, cross_dim_head=12),
+    "segmenter": DecoderConfig("mask_transformer", n_layers=2, n_heads=2),
+    "linear": DecoderConfig("linear"),
+}
+
+DECODERS_FOR_BACKBONE: dict[str, dict[str, DecoderConfig]] = {"tiny": TINY_DECODERS, "mini": MINI_DECODERS}
+
 
 def list_variants() -> list[str]:
     return [f"{dec}-{bb}" for bb in BACKBONES for dec in DECODERS]
@@ -89,7 +101,7 @@ def variant_config(name: str, n_cls: int = 150) -> ModelConfig:
     for dec in DECODERS:
         if name.startswith(dec + "-") and name[len(dec) + 1 :] in BACKBONES:
             backbone = name[len(dec) + 1 :]
-            decoders = TINY_DECODERS if backbone == "tiny" else DECODERS
+            decoders = DECODERS_FOR_BACKBONE.get(backbone, DECODERS)
             return ModelConfig(replace(BACKBONES[backbone]), replace(decoders[dec]), n_cls, name)
     raise KeyError(f"unknown variant {name!r}; known: {', '.join(list_variants())}")
 

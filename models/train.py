@@ -1,4 +1,5 @@
-"""Training (SPEC §1.5): Nesterov SGD, per-iteration poly schedule, bf16 AMP, torchrun DDP, exact resume.
+"""Training (SPEC §1.5): Nesterov SGD (or AdamW), per-iteration poly schedule with optional linear
+warm-up, bf16 AMP, torchrun DDP, exact resume.
 
 Data stream: micro-batch m of a run is a pure function of (seed, m). Epoch e visits the dataset in
 ``DistributedSampler``'s order for (seed, e), split evenly across ranks (tail dropped), and item i of
@@ -38,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -52,6 +53,7 @@ from models.registry import ModelConfig, create_model, variant_config
 from models.segmentor import Segmentor
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+OPTIMIZERS = ("sgd", "adamw")
 
 
 # ---------------------------------------------------------------------------------------- configuration
@@ -72,10 +74,12 @@ class TrainConfig:
     batch_size: int = 8  # images per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step
     iterations: int = 160_000
+    optimizer: str = "sgd"  # "sgd" (Nesterov, SPEC §1.5) or "adamw" (faster from scratch: the built-in models)
     lr: float = 1e-3
     min_lr: float = 1e-5
     poly_power: float = 0.9
-    momentum: float = 0.9
+    warmup_iters: int = 0  # linear warm-up from lr / warmup_iters to lr, then poly decay over the rest
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
     amp: bool = True  # bf16 autocast, CUDA only
     compile: bool = False  # torch.compile the training forward
@@ -99,9 +103,14 @@ class TrainConfig:
                      "eval_stride", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"training option {name!r} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_images", "save_every", "num_workers", "lr", "min_lr", "momentum", "weight_decay"):
+        for name in ("eval_every", "eval_images", "save_every", "num_workers", "lr", "min_lr", "momentum", "weight_decay",
+                     "warmup_iters"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"training option {name!r} must not be negative, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.warmup_iters >= self.iterations:
+            raise ValueError(f"warmup_iters ({self.warmup_iters}) must be less than iterations ({self.iterations})")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -183,6 +192,21 @@ def build_config(
 def poly_lr(iteration: int, iterations: int, lr: float, min_lr: float = 1e-5, power: float = 0.9) -> float:
     """SPEC's poly schedule at 0-based ``iteration``: ``(lr - min_lr)(1 - iteration/iterations)^power + min_lr``."""
     return (lr - min_lr) * (1 - iteration / iterations) ** power + min_lr
+
+
+def learning_rate(iteration: int, config: TrainConfig) -> float:
+    """The rate of 0-based ``iteration``: linear warm-up over ``warmup_iters`` steps, then ``poly_lr`` over
+    the remaining ``iterations - warmup_iters``."""
+    warmup = config.warmup_iters
+    if iteration < warmup:
+        return config.lr * (iteration + 1) / warmup
+    return poly_lr(iteration - warmup, config.iterations - warmup, config.lr, config.min_lr, config.poly_power)
+
+
+def build_optimizer(config: TrainConfig, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
 
 
 def build_model(config: TrainConfig, n_cls: int) -> Segmentor:
@@ -400,9 +424,7 @@ class _Run:
         ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.net, device_ids=ids) if env.world_size > 1 else self.net
         self.forward = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = torch.optim.SGD(
-            self.net.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
-        )
+        self.optimizer = build_optimizer(config, self.net.parameters())
         self.iteration = 0
         if raw is not None:
             self.optimizer.load_state_dict(raw["optimizer"])
@@ -439,7 +461,7 @@ class _Run:
     def step(self) -> Tensor:
         """One optimizer step -> this rank's share of the step's mean loss (the shares sum to it)."""
         config, world = self.config, self.env.world_size
-        lr = poly_lr(self.iteration, config.iterations, config.lr, config.min_lr, config.poly_power)
+        lr = learning_rate(self.iteration, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = [self._next_batch() for _ in range(config.grad_accum)]

@@ -120,12 +120,12 @@ def test_cli_side_by_side_on_ours_and_official_releases(tmp_path):
     assert (out / "orthogonality.csv").read_text().splitlines()[0].startswith("checkpoint,family,name,kind")
 
 
-@pytest.mark.parametrize("problem", ["no checkpoint", "bad checkpoint", "not an image"])
+@pytest.mark.parametrize("problem", ["unknown built-in", "bad checkpoint", "not an image"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, problem):
     save_checkpoint(tmp_path / "sa.pt", tiny_model("depict-sa-tiny"))
     (tmp_path / "notes.png").write_text("not an image")
     args = {
-        "no checkpoint": [],
+        "unknown built-in": ["builtin:nope"],
         "bad checkpoint": [tmp_path / "notes.png"],
         "not an image": [tmp_path / "sa.pt", "--images", tmp_path / "notes.png"],
     }[problem]

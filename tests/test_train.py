@@ -18,7 +18,7 @@ from models import load_model, variant_config
 from models.checkpoint import read_checkpoint
 from models.evaluate import evaluate
 from models.data import build_dataset
-from models.train import TrainConfig, build_config, poly_lr, train
+from models.train import TrainConfig, build_config, learning_rate, poly_lr, train
 
 # 20 synthetic 32-px scenes: one epoch is 5 steps of 4 images, so every multi-step run crosses epochs.
 TINY = dict(dataset="synthetic", dataset_kwargs={"size": 32, "length": 20}, batch_size=4, num_workers=0, eval_images=4)
@@ -50,6 +50,36 @@ def test_poly_schedule_values_by_hand():
     assert poly_lr(99, 100, 1e-3) == pytest.approx(2.569044e-5, rel=1e-6)
     assert poly_lr(100, 100, 1e-3) == pytest.approx(1e-5, rel=1e-12)
     assert poly_lr(30, 40, 1e-2, min_lr=0.0, power=1.0) == pytest.approx(2.5e-3, rel=1e-12)
+
+
+def test_warmup_rises_linearly_then_poly_decays_over_the_rest():
+    config = TrainConfig(lr=1e-3, min_lr=0.0, poly_power=1.0, warmup_iters=4, iterations=14)
+    rates = [learning_rate(i, config) for i in range(14)]
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+    assert rates[4] == pytest.approx(1e-3, rel=1e-12)  # poly starts at its top after the warm-up
+    assert rates[9] == pytest.approx(5e-4, rel=1e-12)  # halfway through the 10 poly steps, power 1
+    assert rates[13] == pytest.approx(1e-4, rel=1e-12)
+    no_warmup = TrainConfig(lr=1e-3, iterations=100)
+    assert learning_rate(50, no_warmup) == poly_lr(50, 100, 1e-3)
+
+
+@pytest.mark.parametrize("bad", [{"optimizer": "adam"}, {"warmup_iters": 10, "iterations": 10}, {"warmup_iters": -1}])
+def test_bad_optimizer_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="optimizer|warmup_iters"):
+        TrainConfig(**bad)
+
+
+def test_adamw_with_warmup_logs_its_rates_and_resumes_exactly(tmp_path):
+    common = dict(optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_iters=2, iterations=5, log_every=1)
+    train(tiny_config(tmp_path / "straight", **common), progress=False)
+    train(tiny_config(tmp_path / "split", stop_after=2, **common), progress=False)
+    train(build_config(resume=tmp_path / "split" / "checkpoint.pt"), resume=tmp_path / "split" / "checkpoint.pt", progress=False)
+    assert_same_weights(weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "split" / "checkpoint.pt"), atol=0)
+    logged = [line["lr"] for line in log_lines(tmp_path / "straight") if line["type"] == "train"]
+    config = tiny_config(tmp_path, **common)
+    assert logged == pytest.approx([learning_rate(i, config) for i in range(5)], rel=1e-12)
+    state = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["optimizer"]["state"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(state[0])  # AdamW's moments, not SGD's momentum buffer
 
 
 def test_config_is_typed_and_layered(tmp_path):

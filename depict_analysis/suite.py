@@ -1,0 +1,215 @@
+"""All four analyses in one go, for ``depict-analyze demo`` and ``depict-analyze report``.
+
+``run_suite(primary, comparison, out)`` writes, under ``out``::
+
+    coding-rate/     R(Z_j), R(P_lᵀZ_j), R(Q) of the primary model        (coding_rate_analysis)
+    pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
+    orthogonality/   PᵀP and QᵀQ of every comparison model, side by side    (orthogonality_analysis)
+    robustness/      mIoU under Gaussian decoder-parameter noise, one curve per comparison model
+    summary.json     the headline numbers below, and the seconds each analysis took
+
+and returns the summary: per model its clean mIoU on the images used; the primary model's rates per
+layer and PCA scores per layer; per model Q̂'s mean |off-diagonal| cosine and coherence; per model
+the mIoU at each σ and ``sigma_half`` (where the mIoU falls to half its clean value); and ``claims``,
+the paper's three claims checked on these numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
+from depict_analysis.inputs import image_batches, image_progress
+from depict_analysis.orthogonality_analysis import FINAL_Q, analyze_orthogonality, write_orthogonality
+from depict_analysis.outputs import save_json
+from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
+from depict_analysis.robustness import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation, run_robustness
+from depict_analysis.trace import adapter_for
+from models.pretrained import LABELS, load_default
+
+DEPICT_FAMILIES = ("depict_sa", "depict_ca")
+BASELINE_FAMILY = "mask_transformer"
+
+
+@dataclass
+class SuiteModel:
+    label: str  # how figures and tables name it, e.g. "DEPICT-SA"
+    source: str  # what the numbers record as its checkpoint (a path or builtin:NAME)
+    model: nn.Module
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return adapter_for(self.model.decoder).family
+
+
+@dataclass
+class SuiteSettings:
+    source: dict = field(default_factory=lambda: {"dataset": "synthetic", "split": "val"})  # image_batches arguments
+    num_images: int = 64  # per analysis
+    examples: int = 4  # PCA example figures
+    sigmas: Sequence[float] = PARAMETER_SIGMAS  # Gaussian decoder-parameter noise
+    draws: int = 3
+    seed: int = 0
+    batch_size: int = 16
+
+
+def sigma_half(sigmas: Sequence[float], relative: Sequence[float]) -> float | None:
+    """The noise level at which the mIoU (``relative`` = mIoU / clean mIoU, ascending ``sigmas``) first
+    falls to 0.5, interpolated linearly in log σ between grid points; None if it never does."""
+    for i, (sigma, value) in enumerate(zip(sigmas, relative)):
+        if value <= 0.5:
+            if i == 0 or sigmas[i - 1] <= 0:
+                return float(sigma)
+            s0, v0 = math.log(sigmas[i - 1]), relative[i - 1]
+            t = (v0 - 0.5) / (v0 - value)
+            return float(math.exp(s0 + t * (math.log(sigma) - s0)))
+    return None
+
+
+def _coding_rate_summary(result: dict) -> dict:
+    return {
+        "layers": result["layers"],
+        "token_rate": result["token_rate"]["mean"],
+        "subspace_ratio": {s["name"]: r for s, r in zip(result["subspaces"], result["ratio"]["mean"])},
+        "class_rate": dict(zip(result["class_rate"]["stages"], result["class_rate"]["mean"])),
+    }
+
+
+def _pca_summary(result: dict) -> dict:
+    first, last = (layer_name(j) for j in (result["settings"]["layers"][0], result["settings"]["layers"][-1]))
+    scores = {ref: {source: {s: v["mean"] for s, v in stats.items()} for source, stats in by_source.items()}
+              for ref, by_source in result["summary"].items()}
+    return {"first": first, "last": last, "mean_scores": scores}
+
+
+def _orthogonality_summary(result: dict) -> dict:
+    panels = {p.name: p for p in result["panels"]}
+    final = panels[FINAL_Q].stats
+    cross = [p.stats["cross_head_mean_abs"] for p in result["panels"] if p.kind == "P" and p.heads > 1]
+    return {"final_Q_mean_abs_offdiag": final["mean_abs_offdiag"], "final_Q_coherence": final["coherence"],
+            "P_cross_head_mean_abs": float(np.mean(cross)) if cross else None}
+
+
+def _robustness_summary(result: dict) -> dict:
+    by_model: dict[str, dict] = {}
+    for row in sorted(result["summary"], key=lambda r: r["sigma"]):
+        entry = by_model.setdefault(row["checkpoint"], {"sigma": [], "miou": [], "relative": []})
+        for key, value in (("sigma", row["sigma"]), ("miou", row["mean"]), ("relative", row["relative"])):
+            entry[key].append(value)
+    for entry in by_model.values():
+        entry["clean"] = entry["miou"][0]
+        entry["sigma_half"] = sigma_half(entry["sigma"], entry["relative"])
+    return by_model
+
+
+def check_claims(summary: dict, families: dict[str, str], primary: str) -> list[dict]:
+    """The paper's claims on the summary's numbers: one record each with ``holds`` and the numbers it used."""
+    claims = []
+    pca = summary["pca_seg"]
+    scores = pca["mean_scores"]["prediction"]
+    first, last = scores[pca["first"]]["ari"], scores[pca["last"]]["ari"]
+    claims.append({"claim": f"PCA of {pca['last']} segments better than PCA of {pca['first']} ({primary}, ARI vs prediction)",
+                   "holds": last > first, "values": {pca["first"]: first, pca["last"]: last}})
+    baselines = [label for label, family in families.items() if family == BASELINE_FAMILY]
+    depicts = [label for label, family in families.items() if family in DEPICT_FAMILIES]
+    for depict in depicts:
+        for base in baselines:
+            q = summary["orthogonality"]
+            a, b = q[depict]["final_Q_mean_abs_offdiag"], q[base]["final_Q_mean_abs_offdiag"]
+            claims.append({"claim": f"{depict}'s Q̂ is closer to orthogonal than {base}'s (mean |off-diagonal cosine|)",
+                           "holds": a < b, "values": {depict: a, base: b}})
+            r = summary["robustness"]
+            a, b = r[depict]["sigma_half"], r[base]["sigma_half"]
+            holds = (a is None and b is not None) or (a is not None and b is not None and a > b)
+            claims.append({"claim": f"{depict} keeps its mIoU to a larger σ of decoder-parameter noise than {base} "
+                                    "(σ at half the clean mIoU)", "holds": holds, "values": {depict: a, base: b}})
+    return claims
+
+
+def run_suite(
+    primary: SuiteModel, comparison: Sequence[SuiteModel], out: str | Path, settings: SuiteSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the four analyses (see the module docstring), write their outputs and ``summary.json`` under ``out``."""
+    settings = settings or SuiteSettings()
+    out = Path(out)
+    source = settings.source
+    seconds: dict[str, float] = {}
+
+    def batches(model: nn.Module, **kwargs):
+        side = max(model.config.backbone.image_size)
+        return image_batches(side, **source, num_images=settings.num_images, **kwargs)
+
+    clock = time.perf_counter()
+    total, stream = batches(primary.model, batch_size=settings.batch_size)
+    rates = analyze_coding_rates(primary.model, stream, total=total, progress=progress)
+    rates["settings"] |= {"checkpoint": primary.source, "input": source}
+    write_coding_rates(rates, out / "coding-rate")
+    seconds["coding_rate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    total, stream = batches(primary.model, batch_size=settings.batch_size)
+    pca = analyze_pca(primary.model, stream, seed=settings.seed, examples=settings.examples, total=total, progress=progress)
+    names, palette = class_legend(primary.model.n_cls, [source.get("dataset"), checkpoint_dataset(primary.meta)])
+    write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
+    seconds["pca_seg"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    orthogonality = []
+    for entry in comparison:
+        total, stream = batches(entry.model, batch_size=settings.batch_size)
+        orthogonality.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
+    labels = [entry.label for entry in comparison]
+    write_orthogonality(labels, [entry.source for entry in comparison], orthogonality, out / "orthogonality", {"input": source})
+    seconds["orthogonality"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    noise = resolve_perturbation("gaussian", "decoder")
+    n_evaluations = len(comparison) * sum(draws_per_sigma(noise, sigma, settings.draws) for sigma in settings.sigmas)
+    with image_progress(n_evaluations, "robustness", progress, unit="evaluations") as advance:
+        robustness = run_robustness(
+            ((entry.label, entry.source, entry.model) for entry in comparison),
+            lambda side: image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size),
+            noise, settings.sigmas, out / "robustness", draws=settings.draws, seed=settings.seed,
+            settings={"input": source, "batch_size": settings.batch_size}, advance=advance,
+        )
+    if not robustness["complete"]:
+        raise KeyboardInterrupt
+    seconds["robustness"] = time.perf_counter() - clock
+
+    summary = {
+        "settings": asdict(settings) | {"primary": primary.label},
+        "models": [{"label": e.label, "source": e.source, "decoder": e.family, "variant": e.model.config.name} for e in comparison],
+        "coding_rate": {"model": primary.label, **_coding_rate_summary(rates)},
+        "pca_seg": {"model": primary.label, **_pca_summary(pca)},
+        "orthogonality": dict(zip(labels, map(_orthogonality_summary, orthogonality))),
+        "robustness": _robustness_summary(robustness),
+        "seconds": seconds,
+    }
+    summary["claims"] = check_claims(summary, {e.label: e.family for e in comparison}, primary.label)
+    save_json(out / "summary.json", summary)
+    return summary
+
+
+def default_suite_models(device: str = "cpu") -> list[SuiteModel]:
+    """The built-in models (DEPICT-SA first: the primary of the demo), loaded on ``device``."""
+    return [SuiteModel(label, f"builtin:{name}", *load_default(name, device)) for name, label in LABELS.items()]
+
+
+def run_demo(out: str | Path = "figures", device: str = "cpu", settings: SuiteSettings | None = None, progress: bool = True) -> dict:
+    """``run_suite`` on the built-in models: DEPICT-SA for the single-model analyses, all three compared;
+    ``summary.json`` also records the wall time (``seconds.total``)."""
+    clock = time.perf_counter()
+    models = default_suite_models(device)
+    summary = run_suite(models[0], models, out, settings, progress)
+    summary["seconds"]["total"] = time.perf_counter() - clock
+    save_json(Path(out) / "summary.json", summary)
+    return summary

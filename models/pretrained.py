@@ -1,0 +1,110 @@
+"""The built-in default models, shipped in ``models/weights``: no file to fetch, no network.
+
+DEPICT-SA, DEPICT-CA and Segmenter's mask transformer on the mini ViT (d 64, 4 layers, patch 4,
+64 px), trained from scratch by ``depict train`` on the synthetic dataset with one recipe, the preset
+``configs/synthetic-mini.yaml``. ``weights/manifest.json`` records, per model, its file, variant,
+recipe and mIoU on the synthetic validation split (``VALIDATION``).
+
+Retrain all three and repack the weights (a CPU hour or so; minutes on a GPU)::
+
+    python -m models.pretrained retrain --runs runs/defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
+from models.data import build_dataset
+from models.evaluate import evaluate, jsonable
+from models.segmentor import Segmentor
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+RECIPE = "synthetic-mini"
+DEFAULT_MODELS = ("depict-sa", "depict-ca", "segmenter")  # the first is the default of every command
+LABELS = {"depict-sa": "DEPICT-SA", "depict-ca": "DEPICT-CA", "segmenter": "Segmenter"}  # in figures and tables
+VALIDATION = {"dataset": "synthetic", "split": "val", "num_images": 200}  # where the recorded mIoU comes from
+
+
+def read_manifest() -> dict[str, dict[str, Any]]:
+    """``{name: {"file", "variant", "recipe", "iterations", "miou", ...}}`` of the shipped models."""
+    if not MANIFEST.is_file():
+        raise CheckpointError(f"{MANIFEST}: missing; the built-in models are not installed (reinstall depict-analysis)")
+    return json.loads(MANIFEST.read_text())["models"]
+
+
+def default_path(name: str = DEFAULT_MODELS[0]) -> Path:
+    """The weight file of a built-in model: ``depict-sa``, ``depict-ca`` or ``segmenter``."""
+    models = read_manifest()
+    if name not in models:
+        raise KeyError(f"no built-in model {name!r}; built-in: {', '.join(models)}")
+    return WEIGHTS_DIR / models[name]["file"]
+
+
+def load_default(name: str = DEFAULT_MODELS[0], device: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
+    """(model in eval mode, float32, on ``device``; its metadata) of a built-in model."""
+    model, meta = load_model(default_path(name), device)
+    return model, meta | {"builtin": name}
+
+
+def validation_miou(model: Segmentor) -> float:
+    """mIoU on the split ``VALIDATION`` names, at the model's training size (single scale)."""
+    data = build_dataset(VALIDATION["dataset"], None, VALIDATION["split"])
+    return evaluate(model, data, num_images=VALIDATION["num_images"])["miou"]
+
+
+def pack_checkpoint(run_checkpoint: str | Path, target: str | Path) -> dict[str, Any]:
+    """Copy a finished training checkpoint to ``target`` without optimizer and RNG state, weights in
+    float16 (``load_model`` reads them back as float32). Returns the manifest entry of the model."""
+    raw = read_checkpoint(run_checkpoint)
+    if raw.get("format") != FORMAT or "train_config" not in raw:
+        raise CheckpointError(f"{run_checkpoint}: not a training checkpoint of ours")
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in raw["model"].items()}
+    packed = {"format": FORMAT, "config": raw["config"], "model": weights, "iteration": raw["iteration"],
+              "train_config": raw["train_config"]}
+    atomic_save(packed, target)
+    model, _ = load_model(target)
+    return {"file": Path(target).name, "variant": raw["config"]["name"], "recipe": RECIPE, "iterations": raw["iteration"],
+            "miou": validation_miou(model), "validation": VALIDATION}
+
+
+def pack_runs(runs: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, dict]:
+    """Pack ``<runs>/<name>/checkpoint.pt`` of every default model into ``weights_dir`` with its manifest."""
+    runs, weights_dir = Path(runs), Path(weights_dir)
+    entries = {name: pack_checkpoint(runs / name / "checkpoint.pt", weights_dir / f"{name}-mini.pt") for name in DEFAULT_MODELS}
+    (weights_dir / MANIFEST.name).write_text(json.dumps({"models": jsonable(entries)}, indent=2) + "\n")
+    return entries
+
+
+def retrain(runs: str | Path, iterations: int | None = None, progress: bool = True) -> dict[str, dict]:
+    """Train the three default models with the recipe (resuming any run already in ``runs``), then pack them."""
+    from models.train import build_config, train  # training machinery only when retraining
+
+    for name in DEFAULT_MODELS:
+        run = Path(runs) / name
+        checkpoint = run / "checkpoint.pt"
+        resume = checkpoint if checkpoint.exists() else None
+        config = build_config(resume=resume, config_file=RECIPE, model=f"{name}-mini", out_dir=str(run), iterations=iterations)
+        train(config, resume=resume, progress=progress)
+    return pack_runs(runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.pretrained", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("retrain", "pack"), help="retrain: train then pack; pack: pack finished runs")
+    parser.add_argument("--runs", default="runs/defaults", help="folder of the three training runs")
+    parser.add_argument("--iterations", type=int, default=None, help="override the recipe's iterations")
+    args = parser.parse_args(argv)
+    entries = retrain(args.runs, args.iterations) if args.action == "retrain" else pack_runs(args.runs)
+    for name, entry in entries.items():
+        print(f"{name}: {entry['file']}  synthetic-val mIoU {100 * entry['miou']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
