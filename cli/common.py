@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import typer
@@ -77,18 +78,20 @@ def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
 
 
 
-def open_models(checkpoints: list[Path] | None, device: str = "auto", trust: bool = False):
+def open_models(
+    checkpoints: list[Path] | None, device: str = "auto", trust: bool = False, builtins: Sequence[str] = DEFAULT_MODELS
+):
     """(label, source, model, metadata) of each checkpoint, lazily (one model in memory at a time);
-    all built-in models (DEPICT-SA, DEPICT-CA, Segmenter) when ``checkpoints`` is empty. ``source`` is what
-    results record as the checkpoint (``checkpoint_name``)."""
+    the built-in models ``builtins`` when ``checkpoints`` is empty. ``source`` is what results record
+    as the checkpoint (``checkpoint_name``)."""
     if checkpoints:
         for label, path in zip(checkpoint_labels(checkpoints), checkpoints):
             model, meta = open_model(path, device, trust)
             yield label, checkpoint_name(path, meta), model, meta
     else:
-        for name, label in LABELS.items():
-            model, meta = open_model(None, device, trust, default=name)
-            yield label, checkpoint_name(None, meta), model, meta
+        for name in builtins:
+            model, meta = load_default(name, resolve_device(device))
+            yield LABELS[name], checkpoint_name(None, meta), model, meta
 
 
 def checkpoint_name(path: Path | None, meta: dict) -> str:

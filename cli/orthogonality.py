@@ -29,6 +29,7 @@ COLUMNS = {  # header -> the row keys it shows (the first present)
     "n": ("size",),
     "‖PₖᵀPₖ−I‖/√p": ("head_orthonormality_mean",),
     "mean |off|": ("cross_head_mean_abs", "mean_abs_offdiag"),
+    "centred |off|": ("mean_abs_offdiag_centred",),
     "coherence": ("coherence",),
     "coh./image": ("coherence_per_image_mean",),
 }
@@ -45,6 +46,7 @@ def summary_table(rows: list[dict]) -> Table:
     table = Table(
         title="Orthogonality: P raw, Q̂ and cls_emb with rows normalised",
         caption="mean |off|: mean |PₖᵀPⱼ| over head pairs k≠j (P) or mean |off-diagonal| (Q); "
+        "centred: of Q̂ minus its class mean (what the mask LayerNorm sees; floor 1/(K−1)); "
         "coherence: max |cos| between distinct vectors",
     )
     table.add_column("checkpoint", no_wrap=True)

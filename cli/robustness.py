@@ -40,7 +40,7 @@ from depict_analysis.robustness import (
     resolve_perturbation,
     run_robustness,
 )
-from models.pretrained import LABELS
+from models.pretrained import DEFAULT_MODELS
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
@@ -123,9 +123,11 @@ def robustness(
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
     grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
     source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    n_models = len(checkpoints) if checkpoints else len(LABELS)
+    # structured transforms need subspaces: without checkpoints they compare the built-in DEPICT models only
+    builtins = [n for n in DEFAULT_MODELS if n.startswith("depict")] if perturbation.kind == "structured" else DEFAULT_MODELS
+    n_models = len(checkpoints) if checkpoints else len(builtins)
     n_evaluations = n_models * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
-    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust))
+    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins))
     settings = {"input": {key: value for key, value in source.items() if value}, "batch_size": batch_size}
     with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
         result = run_robustness(

@@ -102,18 +102,24 @@ def class_summary(Q: Tensor) -> dict:
     - ``"coherence"``: ``max_{i≠j} |Ḡ_ij|`` — of the *mean* Gram, so pairs whose cosine changes
       sign between images partly cancel;
     - ``"mean_abs_offdiag"``: ``mean_{i≠j} |Ḡ_ij|``, also of the mean Gram;
-    - ``"coherence_per_image_mean"``: ``mean_b max_{i≠j} |G_b,ij|`` — no cancellation, ≥ coherence.
+    - ``"coherence_per_image_mean"``: ``mean_b max_{i≠j} |G_b,ij|`` — no cancellation, ≥ coherence;
+    - ``"mean_abs_offdiag_centred"``: ``mean_abs_offdiag`` of the rows ``Q̂_b − mean_k Q̂_b`` (normalised
+      again). The mask head's LayerNorm over the K classes removes whatever all classes share, so
+      this is the orthogonality the masks see. K centred vectors sum to zero and cannot be
+      orthogonal: the floor is ``1/(K−1)``, reached by a regular simplex.
     For a single (K, d) input both coherences coincide.
     """
     if Q.ndim not in (2, 3) or Q.shape[-2] < 2:
         shape = tuple(Q.shape)
         raise ValueError(f"expected Q of shape (K, d) or (B, K, d) with K >= 2, got {shape}")
-    Qb = Q.reshape(-1, *Q.shape[-2:])
-    grams = gram(F.normalize(Qb.to(torch.float64), dim=-1))  # (B, K, K)
+    Q_hat = F.normalize(Q.reshape(-1, *Q.shape[-2:]).to(torch.float64), dim=-1)
+    grams = gram(Q_hat)  # (B, K, K)
     mean_offdiag = _offdiag(grams.mean(dim=0)).abs()
+    centred = gram(F.normalize(Q_hat - Q_hat.mean(dim=-2, keepdim=True), dim=-1)).mean(dim=0)
     return {
         "gram": grams.mean(dim=0),
         "coherence": float(mean_offdiag.max()),
         "mean_abs_offdiag": float(mean_offdiag.mean()),
         "coherence_per_image_mean": float(_offdiag(grams).abs().amax(dim=-1).mean()),
+        "mean_abs_offdiag_centred": float(_offdiag(centred).abs().mean()),
     }

@@ -133,7 +133,8 @@ def _cell(panel: GramPanel) -> plots.GramCell:
                 rf"$\|P_k^\top P_k - I\|/\sqrt{{p}}$ {panel.stats['head_orthonormality_mean']:.2f}")
         return plots.GramCell(panel.gram.numpy(), text, panel.dim_head)
     what = rf"final $\hat{{Q}}$, mean of {panel.images} images" if panel.images else f"learned {panel.name}"
-    text = f"{what}\ncoh {panel.stats['coherence']:.2f}, mean |off-diag| {panel.stats['mean_abs_offdiag']:.2f}"
+    text = (f"{what}\ncoh {panel.stats['coherence']:.2f}, mean |off-diag| {panel.stats['mean_abs_offdiag']:.2f}"
+            f" (centred {panel.stats['mean_abs_offdiag_centred']:.2f})")
     return plots.GramCell(panel.gram.numpy(), text)
 
 

@@ -218,6 +218,30 @@ def test_class_summary_batch_equals_mean_of_single_grams():
     assert s["coherence"] <= s["coherence_per_image_mean"] + 1e-12
 
 
+def test_centred_orthogonality_sees_through_a_shared_component():
+    # a regular simplex of K unit vectors (cosines −1/(K−1)) plus one large component all classes share:
+    # raw cosines are near 1, centred ones are exactly the simplex's 1/(K−1), the floor for K centred vectors
+    K, d = 5, 8
+    simplex = torch.eye(K, dtype=torch.float64) - 1 / K  # rows sum to zero, pairwise cos −1/(K−1)
+    Q = torch.cat([simplex, torch.zeros(K, d - K, dtype=torch.float64)], dim=1)
+    Q[:, -1] = 10.0
+    s = class_summary(Q)
+    assert s["mean_abs_offdiag"] > 0.99
+    assert s["mean_abs_offdiag_centred"] == pytest.approx(1 / (K - 1), abs=1e-12)
+
+
+def test_centred_orthogonality_matches_numpy_per_image():
+    Q = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 2.0
+    grams = []
+    for q in Q.numpy():
+        unit = q / np.linalg.norm(q, axis=1, keepdims=True)
+        c = unit - unit.mean(axis=0)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+        grams.append(c @ c.T)
+    expected = np.abs(np.mean(grams, axis=0)[~np.eye(6, dtype=bool)]).mean()
+    assert class_summary(Q)["mean_abs_offdiag_centred"] == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, 4), (2, 1, 4), (4,), (2, 2, 3, 4)])
 def test_class_summary_rejects_bad_shapes(shape):
     with pytest.raises(ValueError):

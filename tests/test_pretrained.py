@@ -113,6 +113,15 @@ def test_every_analysis_runs_without_a_checkpoint(tmp_path, command):
         assert labels == ["DEPICT-SA", "DEPICT-CA", "Segmenter"] and "builtin:segmenter" in text
 
 
+def test_structured_robustness_without_a_checkpoint_compares_the_depict_models_only(tmp_path):
+    result = run(cli.analyze.app, "robustness", "--noise", "head-rotation", "--num-images", 2, "--draws", 1, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "robustness.json").read_text())
+    assert [c["label"] for c in written["checkpoints"]] == ["DEPICT-SA", "DEPICT-CA"]
+    for curve in (r for r in written["summary"] if r["sigma"] == 1):  # MSSA / MSCA are invariant to it
+        assert curve["relative"] == pytest.approx(1.0, abs=0.02)
+
+
 def test_demo_writes_every_figure_and_a_summary(tmp_path):
     result = run(cli.analyze.app, "demo", "--num-images", 2, "--draws", 1, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -121,4 +130,4 @@ def test_demo_writes_every_figure_and_a_summary(tmp_path):
         assert (tmp_path / path).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [m["source"] for m in summary["models"]] == [f"builtin:{name}" for name in DEFAULT_MODELS]
-    assert len(summary["claims"]) == 1 + 2 * 2 and summary["seconds"]["total"] > 0
+    assert len(summary["claims"]) == 1 + 2 * 3 and summary["seconds"]["total"] > 0

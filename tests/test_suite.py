@@ -71,12 +71,15 @@ def test_summary_numbers_are_those_of_the_analyses(suite):
 def test_claims_follow_from_the_numbers(suite):
     _, summary = suite
     claims = {c["claim"].split(" ")[0]: c for c in summary["claims"]}
-    assert len(summary["claims"]) == 3  # PCA, and Q̂ / robustness for the one DEPICT-Segmenter pair
+    assert len(summary["claims"]) == 4  # PCA, and Q̂ (raw, centred) / robustness for the one DEPICT-Segmenter pair
     pca = claims["PCA"]["values"]
     assert claims["PCA"]["holds"] == (pca["Z_3"] > pca["Z_0"])
     q = next(c for c in summary["claims"] if "orthogonal" in c["claim"])
     assert q["holds"] == (q["values"]["SA"] < q["values"]["Seg"])
     assert q["values"]["SA"] == summary["orthogonality"]["SA"]["final_Q_mean_abs_offdiag"]
+    centred = next(c for c in summary["claims"] if "class mean removed" in c["claim"])
+    assert centred["holds"] == (centred["values"]["SA"] < centred["values"]["Seg"])
+    assert centred["values"]["Seg"] == summary["orthogonality"]["Seg"]["final_Q_mean_abs_offdiag_centred"]
 
 
 def test_report_is_one_self_contained_page(suite, tmp_path):
