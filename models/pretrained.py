@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +83,32 @@ def pack_runs(runs: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> dict[s
     return entries
 
 
-def retrain(runs: str | Path, iterations: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Train the three default models with the recipe (resuming any run already in ``runs``), then pack them."""
+def retrain(runs: str | Path, overrides: Sequence[str] = (), weights_dir: str | Path = WEIGHTS_DIR, progress: bool = True) -> dict[str, dict]:
+    """Train the three default models with the recipe (plus ``key=value`` ``overrides``), resuming any run
+    already in ``runs``, then pack them into ``weights_dir``."""
     from models.train import build_config, train  # training machinery only when retraining
 
     for name in DEFAULT_MODELS:
         run = Path(runs) / name
         checkpoint = run / "checkpoint.pt"
         resume = checkpoint if checkpoint.exists() else None
-        config = build_config(resume=resume, config_file=RECIPE, model=f"{name}-mini", out_dir=str(run), iterations=iterations)
+        config = build_config(resume=resume, config_file=RECIPE, overrides=overrides, model=f"{name}-mini", out_dir=str(run))
         train(config, resume=resume, progress=progress)
-    return pack_runs(runs)
+    return pack_runs(runs, weights_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.pretrained", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("retrain", "pack"), help="retrain: train then pack; pack: pack finished runs")
     parser.add_argument("--runs", default="runs/defaults", help="folder of the three training runs")
-    parser.add_argument("--iterations", type=int, default=None, help="override the recipe's iterations")
+    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="where the packed files and manifest.json go")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe option when retraining (repeatable)")
     args = parser.parse_args(argv)
-    entries = retrain(args.runs, args.iterations) if args.action == "retrain" else pack_runs(args.runs)
+    if args.action == "retrain":
+        entries = retrain(args.runs, args.overrides, args.weights)
+    else:
+        entries = pack_runs(args.runs, args.weights)
     for name, entry in entries.items():
         print(f"{name}: {entry['file']}  synthetic-val mIoU {100 * entry['miou']:.2f}")
 

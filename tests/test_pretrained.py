@@ -21,6 +21,7 @@ from models.pretrained import (
     WEIGHTS_DIR,
     default_path,
     load_default,
+    main,
     pack_checkpoint,
     read_manifest,
     validation_miou,
@@ -68,6 +69,17 @@ def test_packing_drops_training_state_and_rounds_weights_to_half(tmp_path):
         assert torch.equal(raw["model"][key], value.half())
     assert entry["iterations"] == 7 and entry["variant"] == "depict-sa-tiny"
     assert entry["miou"] == validation_miou(load_model(tmp_path / "packed.pt")[0])
+
+
+def test_retrain_command_trains_packs_and_writes_a_manifest(tmp_path, capsys):
+    fast = ["iterations=2", "warmup_iters=1", "eval_images=2", "num_workers=0", "dataset_kwargs={length: 32}"]
+    main(["retrain", "--runs", str(tmp_path / "runs"), "--weights", str(tmp_path / "w"), *(f"--set={o}" for o in fast)])
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())["models"]
+    assert list(manifest) == list(DEFAULT_MODELS) and all(e["iterations"] == 2 for e in manifest.values())
+    for name, entry in manifest.items():
+        assert read_checkpoint(tmp_path / "runs" / name / "checkpoint.pt")["iteration"] == 2
+        assert (tmp_path / "w" / entry["file"]).is_file() and f"{name}: {entry['file']}" in printed
 
 
 def test_unknown_built_in_is_a_key_error():
