@@ -50,7 +50,7 @@ def demo(
     seed: int = SeedOption,
     device: str = DeviceOption,
 ):
-    """All four analyses on the built-in models and the synthetic validation split (a few CPU minutes).
+    """All four analyses on the built-in models and the synthetic validation split (~15 s on 2 CPU cores).
 
     coding-rate and pca-seg on DEPICT-SA; orthogonality and robustness (Gaussian decoder noise)
     compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json.
