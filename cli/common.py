@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -77,7 +77,6 @@ def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
     return None, list(paths)
 
 
-
 def open_models(
     checkpoints: list[Path] | None, device: str = "auto", trust: bool = False, builtins: Sequence[str] = DEFAULT_MODELS
 ):
@@ -99,10 +98,18 @@ def checkpoint_name(path: Path | None, meta: dict) -> str:
     return f"{BUILTIN}{meta['builtin']}" if "builtin" in meta else str(path)
 
 
+def _short_name(path: Path) -> str:
+    if str(path).startswith(BUILTIN):
+        return LABELS.get(str(path)[len(BUILTIN):], str(path))
+    if path.name == "checkpoint.pth":
+        return path.parent.name
+    return path.name if path.is_dir() else path.stem
+
+
 def checkpoint_labels(paths: list[Path]) -> list[str]:
-    """Short unique names: a release folder's name, a file's stem (``checkpoint.pth``: its folder)."""
-    stems = [LABELS.get(str(p)[len(BUILTIN):], str(p)) if str(p).startswith(BUILTIN) else
-             p.parent.name if p.name == "checkpoint.pth" else (p.name if p.is_dir() else p.stem) for p in paths]
+    """Short unique names: a built-in model's label, a release folder's name, a file's stem
+    (``checkpoint.pth``: its folder); repeats get ``#i``."""
+    stems = [_short_name(p) for p in paths]
     return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
 
 

@@ -146,19 +146,21 @@ def run_suite(
     source = settings.source
     seconds: dict[str, float] = {}
 
-    def batches(model: nn.Module, **kwargs):
-        side = max(model.config.backbone.image_size)
-        return image_batches(side, **source, num_images=settings.num_images, **kwargs)
+    def batches_for(side: int):
+        return image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size)
+
+    def batches(model: nn.Module):
+        return batches_for(max(model.config.backbone.image_size))
 
     clock = time.perf_counter()
-    total, stream = batches(primary.model, batch_size=settings.batch_size)
+    total, stream = batches(primary.model)
     rates = analyze_coding_rates(primary.model, stream, total=total, progress=progress)
     rates["settings"] |= {"checkpoint": primary.source, "input": source}
     write_coding_rates(rates, out / "coding-rate")
     seconds["coding_rate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    total, stream = batches(primary.model, batch_size=settings.batch_size)
+    total, stream = batches(primary.model)
     pca = analyze_pca(primary.model, stream, seed=settings.seed, examples=settings.examples, total=total, progress=progress)
     names, palette = class_legend(primary.model.n_cls, [source.get("dataset"), checkpoint_dataset(primary.meta)])
     write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
@@ -167,7 +169,7 @@ def run_suite(
     clock = time.perf_counter()
     orthogonality = []
     for entry in comparison:
-        total, stream = batches(entry.model, batch_size=settings.batch_size)
+        total, stream = batches(entry.model)
         orthogonality.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
     labels = [entry.label for entry in comparison]
     write_orthogonality(labels, [entry.source for entry in comparison], orthogonality, out / "orthogonality", {"input": source})
@@ -179,11 +181,10 @@ def run_suite(
     with image_progress(n_evaluations, "robustness", progress, unit="evaluations") as advance:
         robustness = run_robustness(
             ((entry.label, entry.source, entry.model) for entry in comparison),
-            lambda side: image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size),
-            noise, settings.sigmas, out / "robustness", draws=settings.draws, seed=settings.seed,
+            batches_for, noise, settings.sigmas, out / "robustness", draws=settings.draws, seed=settings.seed,
             settings={"input": source, "batch_size": settings.batch_size}, advance=advance,
         )
-    if not robustness["complete"]:
+    if not robustness["complete"]:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
         raise KeyboardInterrupt
     seconds["robustness"] = time.perf_counter() - clock
 
