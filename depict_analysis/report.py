@@ -16,10 +16,11 @@ from depict_analysis.outputs import atomic_write_text
 # How to read each figure: the same words as the README's gallery.
 READING = {
     "coding-rate": (
-        "Left: R(Z_j), the coding rate of the patch tokens after decoder layer j (j = 0 is the backbone output), "
-        "and R(Q) of the class embeddings. Right: R(P_lᵀZ_j) / R(Z_j), the share of the tokens' rate that lies "
-        "in layer l's subspace. DEPICT's MSSA layers are derived as compression steps, so R(Z_j) should fall "
-        "through the layers while the tokens concentrate in the learned subspaces."
+        "First figure: R(P_lᵀZ_j), the coding rate of the patch tokens inside layer l's subspace (one line per "
+        "layer l) after decoder layer j (j = 0 is the backbone output), and on the right the same divided by "
+        "R(Z_j): the share of the tokens' rate that lies in subspace l. Second figure: R(Z_j) and R(Q) of the "
+        "class embeddings per stage. DEPICT's MSSA layers are derived as compression steps, so the rates should "
+        "fall through the layers while the tokens gather into the learned subspaces."
     ),
     "pca-seg": (
         "Each token is labelled by its largest principal component, at the decoder input Z_0 and after the last "
