@@ -58,11 +58,11 @@ CheckpointHelp = (f"Our .pt file, an official release folder, or {BUILTIN}NAME (
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
-def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False, default: str = DEFAULT_MODELS[0]):
-    """(model, metadata) from a checkpoint path or ``builtin:NAME``; the built-in ``default`` when none is given."""
+def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False):
+    """(model, metadata) from a checkpoint path or ``builtin:NAME``; the built-in DEPICT-SA when none is given."""
     torch_device = resolve_device(device)
     if checkpoint is None:
-        return load_default(default, torch_device)
+        return load_default(DEFAULT_MODELS[0], torch_device)
     if str(checkpoint).startswith(BUILTIN):
         return load_default(str(checkpoint)[len(BUILTIN):], torch_device)
     return load_model(checkpoint, torch_device, trust)
@@ -83,14 +83,10 @@ def open_models(
     """(label, source, model, metadata) of each checkpoint, lazily (one model in memory at a time);
     the built-in models ``builtins`` when ``checkpoints`` is empty. ``source`` is what results record
     as the checkpoint (``checkpoint_name``)."""
-    if checkpoints:
-        for label, path in zip(checkpoint_labels(checkpoints), checkpoints):
-            model, meta = open_model(path, device, trust)
-            yield label, checkpoint_name(path, meta), model, meta
-    else:
-        for name in builtins:
-            model, meta = load_default(name, resolve_device(device))
-            yield LABELS[name], checkpoint_name(None, meta), model, meta
+    paths = checkpoints or [Path(f"{BUILTIN}{name}") for name in builtins]
+    for label, path in zip(checkpoint_labels(paths), paths):
+        model, meta = open_model(path, device, trust)
+        yield label, checkpoint_name(path, meta), model, meta
 
 
 def checkpoint_name(path: Path | None, meta: dict) -> str:

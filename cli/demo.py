@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from cli.common import (
+    BUILTIN,
     CheckpointHelp,
     DataRootOption,
     DatasetOption,
@@ -17,7 +18,6 @@ from cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
-    checkpoint_labels,
     console,
     image_source_options,
     open_models,
@@ -26,6 +26,7 @@ from cli.common import (
 from depict_analysis.report import write_report
 from depict_analysis.suite import SuiteModel, SuiteSettings, run_demo, run_suite
 from models.device import resolve_device
+from models.pretrained import DEFAULT_MODELS
 
 NumImagesOption = typer.Option(64, "--num-images", min=1, help="Images per analysis.")
 DrawsOption = typer.Option(3, "--draws", min=1, help="Noise draws per σ in the robustness sweep.")
@@ -83,14 +84,14 @@ def report(
     trust: bool = TrustOption,
 ):
     """One self-contained HTML page (figures embedded) with every analysis of a checkpoint and its numbers."""
-    paths = [checkpoint or Path("builtin:depict-sa"), *(compare or [])]
+    paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
     models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
     source = image_source_options(images, dataset, data_root, split, num_images)
     images_from = {k: v for k, v in source.items() if k != "num_images" and v is not None}
     settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed)
     folder = data or out.with_name(f"{out.stem}_data")
     summary = run_suite(models[0], models, folder, settings)
-    title = f"depict-analysis report: {checkpoint_labels(paths[:1])[0]}"
+    title = f"depict-analysis report: {models[0].label}"
     written = write_report(summary, folder, out, title)
     if summary["claims"]:
         console.print(claims_table(summary))

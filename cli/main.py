@@ -169,7 +169,8 @@ def evaluate_command(
     console.print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": checkpoint_name(checkpoint, meta), "dataset": data.name, "split": split, "classes": data.class_names, **scores}
+        record = {"checkpoint": checkpoint_name(checkpoint, meta), "dataset": data.name, "split": split,
+                  "classes": data.class_names, **scores}
         out.write_text(json.dumps(jsonable(record), indent=2) + "\n")
 
 

@@ -63,7 +63,10 @@ def summary_table(rows: list[dict]) -> Table:
 
 @user_errors
 def orthogonality(
-    checkpoints: Optional[list[Path]] = typer.Argument(None, help="Our .pt files and/or official release folders, side by side (builtin:NAME too); default: the built-in DEPICT-SA, DEPICT-CA and Segmenter."),
+    checkpoints: Optional[list[Path]] = typer.Argument(
+        None, help="Our .pt files and/or official release folders, side by side (builtin:NAME too); "
+        "default: the built-in DEPICT-SA, DEPICT-CA and Segmenter.",
+    ),
     images: Optional[list[Path]] = ImagesOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,

@@ -82,7 +82,8 @@ def summary_table(result: dict) -> Table:
 @user_errors
 def robustness(
     checkpoints: Optional[list[Path]] = typer.Argument(
-        None, help="Our .pt files and/or official release folders, one curve each (builtin:NAME too); default: the built-in DEPICT-SA, DEPICT-CA and Segmenter."
+        None, help="Our .pt files and/or official release folders, one curve each (builtin:NAME too); "
+        "default: the built-in DEPICT-SA, DEPICT-CA and Segmenter (DEPICT only for structured transforms)."
     ),
     noise: Noise = typer.Option("gaussian", "--noise", help="What to apply (structured transforms: DEPICT only)."),
     target: Optional[Target] = typer.Option(

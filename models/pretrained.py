@@ -83,7 +83,9 @@ def pack_runs(runs: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> dict[s
     return entries
 
 
-def retrain(runs: str | Path, overrides: Sequence[str] = (), weights_dir: str | Path = WEIGHTS_DIR, progress: bool = True) -> dict[str, dict]:
+def retrain(
+    runs: str | Path, overrides: Sequence[str] = (), weights_dir: str | Path = WEIGHTS_DIR, progress: bool = True
+) -> dict[str, dict]:
     """Train the three default models with the recipe (plus ``key=value`` ``overrides``), resuming any run
     already in ``runs``, then pack them into ``weights_dir``."""
     from models.train import build_config, train  # training machinery only when retraining
