@@ -3,7 +3,7 @@
 For each decoder the same weights (``load_state_dict`` of ours, strict, so the parameter layout
 is checked too) run through
 
-- ``ours``: ``models.decoders`` (``F.scaled_dot_product_attention``, heads split by views);
+- ``ours``: ``depict_analysis.models.decoders`` (``F.scaled_dot_product_attention``, heads split by views);
 - ``literal``: the operators written the way a researcher transcribes them from the paper —
   float32, explicit attention matrices ``softmax(Q Kᵀ / √p)`` of shape (B, h, T, S) built with
   reshapes/permutes, an explicit ``A @ V``, no fused kernels (the CRATE / Segmenter style);
@@ -75,7 +75,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import build_decoder, variant_config  # noqa: E402
+from depict_analysis.models.registry import build_decoder, variant_config  # noqa: E402
 
 DECODERS = {"depict-sa": "DEPICT-SA", "depict-ca": "DEPICT-CA", "segmenter": "Segmenter"}
 BACKBONES = {"t": "vit-t16", "s": "vit-s16"}
@@ -245,8 +245,8 @@ class LiteralMaskTransformer(nn.Module):
 
 def literal_twin(decoder: nn.Module, loop: bool = False) -> nn.Module:
     """A literal reference with ``decoder``'s hyper-parameters and a copy of its weights (strict)."""
-    from models.decoders.depict import DepictCA, DepictSA
-    from models.decoders.mask_transformer import MaskTransformer
+    from depict_analysis.models.decoders.depict import DepictCA, DepictSA
+    from depict_analysis.models.decoders.mask_transformer import MaskTransformer
 
     if isinstance(decoder, DepictSA):
         first = decoder.layers[0]

@@ -1,10 +1,10 @@
 """Benchmark: images/s of sliding-window evaluation and of the coding-rate analysis, against baselines.
 
-Everything runs on procedurally drawn synthetic scenes (``models.data.synthetic``), rendered once
+Everything runs on procedurally drawn synthetic scenes (``depict_analysis.models.data.synthetic``), rendered once
 and held in memory so that drawing them is not timed. Models have random weights and
 K = ``--classes`` (150, ADE20K's K) output classes; the scenes' labels (0..7) are valid class ids.
 
-Evaluation (``models.evaluate.evaluate``, single scale): the paper's protocol — short side resized
+Evaluation (``depict_analysis.models.evaluate.evaluate``, single scale): the paper's protocol — short side resized
 to the window (the model's training size), sliding windows with stride window − 32 (tiny models:
 window / 2), softmax per window averaged over overlaps, probabilities resized back to the label's
 resolution, argmax, dataset-level confusion matrix. Scenes are (15/16 × window) × (5/4 × window),
@@ -64,12 +64,12 @@ from benchmarks.decoder import literal_twin, time_interleaved  # noqa: E402
 from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E402
 from depict_analysis.inputs import Batch  # noqa: E402
 from depict_analysis.trace import Trace, trace  # noqa: E402
-from models import create_model  # noqa: E402
-from models.data.base import image_to_tensor  # noqa: E402
-from models.data.synthetic import render_scene  # noqa: E402
-from models.device import autocast  # noqa: E402
-from models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou  # noqa: E402
-from models.segmentor import _window_starts, predict_probs  # noqa: E402
+from depict_analysis.models import create_model  # noqa: E402
+from depict_analysis.models.data.base import image_to_tensor  # noqa: E402
+from depict_analysis.models.data.synthetic import render_scene  # noqa: E402
+from depict_analysis.models.device import autocast  # noqa: E402
+from depict_analysis.models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou  # noqa: E402
+from depict_analysis.models.segmentor import _window_starts, predict_probs  # noqa: E402
 
 FAMILIES = ("depict-sa", "depict-ca", "segmenter")
 
@@ -151,7 +151,7 @@ def reference_predict_probs(
     short_side: int | None = None,
     batch_size: int = 8,
 ) -> Tensor:
-    """``models.segmentor.predict_probs`` written the straightforward way (NCHW, zero-initialised sum)."""
+    """``depict_analysis.models.segmentor.predict_probs`` written the straightforward way (NCHW, zero-initialised sum)."""
     H, W = images.shape[-2:]
     if short_side is not None:
         factor = short_side / min(H, W)
@@ -176,7 +176,7 @@ def reference_predict_probs(
 
 
 def evaluate_loop(model: nn.Module, dataset, predict: Callable, grad_mode: Callable, **protocol) -> dict:
-    """``models.evaluate.evaluate`` (single process, single scale) with a swappable predictor and grad mode."""
+    """``depict_analysis.models.evaluate.evaluate`` (single process, single scale) with a swappable predictor and grad mode."""
     device = next(model.parameters()).device
     confusion = ConfusionMatrix(model.n_cls, device)
     with grad_mode():

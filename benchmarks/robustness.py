@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.coding_rate import time_interleaved  # noqa: E402
 from depict_analysis.inputs import Batch  # noqa: E402
 from depict_analysis.robustness import resolve_perturbation, robustness_records  # noqa: E402
-from models import create_model  # noqa: E402
+from depict_analysis.models import create_model  # noqa: E402
 
 
 def make_batches(n: int, size: int, batch: int, n_cls: int, device: torch.device, seed: int) -> list[Batch]:

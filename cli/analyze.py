@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cli.coding_rate import coding_rate
-from cli.common import new_app
-from cli.demo import demo, report
-from cli.orthogonality import orthogonality
-from cli.pca_seg import pca_seg
-from cli.robustness import robustness
+from depict_analysis.cli.coding_rate import coding_rate
+from depict_analysis.cli.common import new_app
+from depict_analysis.cli.demo import demo, report
+from depict_analysis.cli.orthogonality import orthogonality
+from depict_analysis.cli.pca_seg import pca_seg
+from depict_analysis.cli.robustness import robustness
 
 app = new_app("Analyses of DEPICT / Segmenter decoders: every command writes a figure (PNG, PDF) and its numbers (JSON, CSV).")
 

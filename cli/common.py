@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models import CheckpointError, load_model
-from models.device import resolve_device
-from models.pretrained import DEFAULT_MODELS, LABELS, load_default
+from depict_analysis.models import CheckpointError, load_model
+from depict_analysis.models.device import resolve_device
+from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS, load_default
 
 console = Console()
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import (
+from depict_analysis.cli.common import (
     BUILTIN,
     CheckpointHelp,
     DataRootOption,
@@ -25,8 +25,8 @@ from cli.common import (
 )
 from depict_analysis.report import write_report
 from depict_analysis.suite import SuiteModel, SuiteSettings, run_demo, run_suite
-from models.device import resolve_device
-from models.pretrained import DEFAULT_MODELS
+from depict_analysis.models.device import resolve_device
+from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 NumImagesOption = typer.Option(64, "--num-images", min=1, help="Images per analysis.")
 DrawsOption = typer.Option(3, "--draws", min=1, help="Noise draws per σ in the robustness sweep.")

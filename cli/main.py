@@ -12,15 +12,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
+from depict_analysis.cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
                         CheckpointHelp, checkpoint_name, open_model, print_table, split_checkpoint, user_errors)
-from models import create_model
-from models.data import build_dataset
-from models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
-from models.predict import palette_for, predict_files
-from models.summary import model_summary
-from models.train import PRESETS_DIR, build_config
-from models.train import train as run_training
+from depict_analysis.models import create_model
+from depict_analysis.models.data import build_dataset
+from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
+from depict_analysis.models.predict import palette_for, predict_files
+from depict_analysis.models.summary import model_summary
+from depict_analysis.models.train import PRESETS_DIR, build_config
+from depict_analysis.models.train import train as run_training
 
 app = new_app("Inspect, train, evaluate and run DEPICT / Segmenter models.")
 

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import (
+from depict_analysis.cli.common import (
     DataRootOption,
     DatasetOption,
     DeviceOption,

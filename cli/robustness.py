@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import (
+from depict_analysis.cli.common import (
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -40,7 +40,7 @@ from depict_analysis.robustness import (
     resolve_perturbation,
     run_robustness,
 )
-from models.pretrained import DEFAULT_MODELS
+from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)

@@ -34,7 +34,7 @@ from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
 from depict_analysis.trace import Trace, trace
-from models.device import autocast
+from depict_analysis.models.device import autocast
 
 FINAL_STAGE = "final"
 

@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.data import DatasetError, build_dataset, load_image, load_label
-from models.data.base import image_to_tensor
+from depict_analysis.models.data import DatasetError, build_dataset, load_image, load_label
+from depict_analysis.models.data.base import image_to_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 

@@ -27,7 +27,7 @@ from depict_analysis.outputs import describe_model, save_csv, save_figure, save_
 from depict_analysis.inputs import Batch
 from depict_analysis.orthogonality import class_summary, subspace_summary
 from depict_analysis.trace import Subspace, trace
-from models.device import autocast
+from depict_analysis.models.device import autocast
 
 FINAL_Q = "final_Q"
 LEARNED_Q = "cls_emb"

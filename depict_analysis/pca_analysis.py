@@ -37,10 +37,10 @@ from depict_analysis.pca import (
 from depict_analysis.inputs import image_progress
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.trace import adapter_for, trace
-from models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
-from models.data.base import image_to_tensor
-from models.data.transforms import resize_image, resize_label
-from models.device import autocast
+from depict_analysis.models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
+from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.data.transforms import resize_image, resize_label
+from depict_analysis.models.device import autocast
 
 SCORES = ("ari", "nmi", "miou")
 REFERENCES = ("prediction", "ground_truth")

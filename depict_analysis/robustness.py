@@ -46,7 +46,7 @@ from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
 from depict_analysis.trace import adapter_for
-from models.evaluate import ConfusionMatrix, miou
+from depict_analysis.models.evaluate import ConfusionMatrix, miou
 
 PARAMETER_NOISES = ("gaussian", "uniform")
 PIXEL_NOISES = ("salt-pepper", "blur")  # input-only
@@ -345,7 +345,7 @@ class SweepEvaluator:
         parameters: dict[str, Tensor],
         inputs: Callable[[Tensor], Tensor] | None = None,
     ) -> dict:
-        """``models.evaluate.miou`` of the model with ``parameters`` swapped in (names as in the model).
+        """``depict_analysis.models.evaluate.miou`` of the model with ``parameters`` swapped in (names as in the model).
 
         ``inputs`` maps a pixel batch (B, 3, S, S) in [0, 1] to the normalised model input
         (default ``model.normalize``); it needs uncached batches.

@@ -32,7 +32,7 @@ from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
 from depict_analysis.robustness import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation, run_robustness
 from depict_analysis.trace import adapter_for
-from models.pretrained import LABELS, load_default
+from depict_analysis.models.pretrained import LABELS, load_default
 
 DEPICT_FAMILIES = ("depict_sa", "depict_ca")
 BASELINE_FAMILY = "mask_transformer"

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.decoders.depict import MSCA, MSSA, DepictCA, DepictSA
-from models.decoders.linear import LinearDecoder
-from models.decoders.mask_transformer import MaskTransformer
+from depict_analysis.models.decoders.depict import MSCA, MSSA, DepictCA, DepictSA
+from depict_analysis.models.decoders.linear import LinearDecoder
+from depict_analysis.models.decoders.mask_transformer import MaskTransformer
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The segmentation stack: ViT backbones, DEPICT / Segmenter decoders, checkpoints."""
 
-from models.checkpoint import CheckpointError, load_model, save_checkpoint
-from models.registry import DecoderConfig, ModelConfig, create_model, list_variants, variant_config
-from models.backbone import BackboneConfig
-from models.segmentor import Segmentor, predict_probs
+from depict_analysis.models.checkpoint import CheckpointError, load_model, save_checkpoint
+from depict_analysis.models.registry import DecoderConfig, ModelConfig, create_model, list_variants, variant_config
+from depict_analysis.models.backbone import BackboneConfig
+from depict_analysis.models.segmentor import Segmentor, predict_probs
 
 __all__ = [
     "BackboneConfig",

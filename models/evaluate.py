@@ -18,10 +18,10 @@ from PIL import Image
 from rich.progress import track
 from torch import Tensor
 
-from models.data import IGNORE_INDEX, SegmentationDataset
-from models.data.base import image_to_tensor
-from models.device import autocast
-from models.segmentor import Segmentor, predict_probs
+from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset
+from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.device import autocast
+from depict_analysis.models.segmentor import Segmentor, predict_probs
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 

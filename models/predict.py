@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from models.data import class_info, load_image, make_palette
-from models.evaluate import image_probs
-from models.segmentor import Segmentor
+from depict_analysis.models.data import class_info, load_image, make_palette
+from depict_analysis.models.evaluate import image_probs
+from depict_analysis.models.segmentor import Segmentor
 
 
 def palette_for(meta: dict, n_cls: int) -> np.ndarray:

@@ -7,7 +7,7 @@ recipe and mIoU on the synthetic validation split (``VALIDATION``).
 
 Retrain all three and repack the weights (a CPU hour or so; minutes on a GPU)::
 
-    python -m models.pretrained retrain --runs runs/defaults
+    python -m depict_analysis.models.pretrained retrain --runs runs/defaults
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
-from models.data import build_dataset
-from models.evaluate import evaluate, jsonable
-from models.segmentor import Segmentor
+from depict_analysis.models.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
+from depict_analysis.models.data import build_dataset
+from depict_analysis.models.evaluate import evaluate, jsonable
+from depict_analysis.models.segmentor import Segmentor
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
@@ -88,7 +88,7 @@ def retrain(
 ) -> dict[str, dict]:
     """Train the three default models with the recipe (plus ``key=value`` ``overrides``), resuming any run
     already in ``runs``, then pack them into ``weights_dir``."""
-    from models.train import build_config, train  # training machinery only when retraining
+    from depict_analysis.models.train import build_config, train  # training machinery only when retraining
 
     for name in DEFAULT_MODELS:
         run = Path(runs) / name
@@ -100,7 +100,7 @@ def retrain(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.pretrained", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m depict_analysis.models.pretrained", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("retrain", "pack"), help="retrain: train then pack; pack: pack finished runs")
     parser.add_argument("--runs", default="runs/defaults", help="folder of the three training runs")
     parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="where the packed files and manifest.json go")

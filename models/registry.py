@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from models.backbone import BackboneConfig, ViTBackbone
-from models.decoders.depict import DepictCA, DepictSA
-from models.decoders.linear import LinearDecoder
-from models.decoders.mask_transformer import MaskTransformer
-from models.segmentor import Segmentor
+from depict_analysis.models.backbone import BackboneConfig, ViTBackbone
+from depict_analysis.models.decoders.depict import DepictCA, DepictSA
+from depict_analysis.models.decoders.linear import LinearDecoder
+from depict_analysis.models.decoders.mask_transformer import MaskTransformer
+from depict_analysis.models.segmentor import Segmentor
 
 DECODER_FAMILIES = ("depict_sa", "depict_ca", "mask_transformer", "linear")
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbone import NORMALIZATION, ViTBackbone
+from depict_analysis.models.backbone import NORMALIZATION, ViTBackbone
 
 
 def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
@@ -18,7 +18,7 @@ def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
 
 
 class Segmentor(nn.Module):
-    """``encoder`` (ViT) + ``decoder`` (any family in ``models.decoders``) -> logits (B, K, H, W)."""
+    """``encoder`` (ViT) + ``decoder`` (any family in ``depict_analysis.models.decoders``) -> logits (B, K, H, W)."""
 
     def __init__(self, encoder: ViTBackbone, decoder: nn.Module, config=None):
         super().__init__()

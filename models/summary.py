@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.segmentor import Segmentor
+from depict_analysis.models.segmentor import Segmentor
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -16,13 +17,15 @@ def decoder_gflops(model: Segmentor, image_size: tuple[int, int]) -> float:
     """Forward GFLOPs of the decoder alone for one image of ``image_size`` (multiply-add = 2 FLOPs).
 
     Runs with autograd on: FlopCounterMode's module tracker breaks on parameter views made under no_grad.
+    Attention runs on the math SDPA backend, whose matmuls every torch version counts (some count 0
+    FLOPs for the fused CPU kernels), so the number does not depend on the torch installed.
     """
     P = model.patch_size
     grid = (-(-image_size[0] // P), -(-image_size[1] // P))
     p = next(model.decoder.parameters())
     z = torch.zeros(1, grid[0] * grid[1], model.encoder.dim, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         model.decoder(z, grid)
     return counter.get_total_flops() / 1e9
 

@@ -11,7 +11,7 @@ Loss: cross-entropy summed over the labelled pixels of a step (all micro-batches
 divided by their count, so a step's gradient does not depend on how its batch is split.
 
 Files in ``out_dir``: ``config.yaml`` (the effective TrainConfig), ``log.jsonl`` (one line per log
-step and per evaluation), ``checkpoint.pt`` (latest; ``models.load_model`` reads it) and, once the run
+step and per evaluation), ``checkpoint.pt`` (latest; ``depict_analysis.models.load_model`` reads it) and, once the run
 is complete, ``metrics.json``.
 """
 
@@ -43,14 +43,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models.backbone import load_pretrained
-from models.checkpoint import FORMAT, CheckpointError, read_checkpoint, save_checkpoint
-from models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
+from depict_analysis.models.backbone import load_pretrained
+from depict_analysis.models.checkpoint import FORMAT, CheckpointError, read_checkpoint, save_checkpoint
+from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
-from models.device import autocast, resolve_device
-from models.evaluate import evaluate, jsonable
-from models.registry import ModelConfig, create_model, variant_config
-from models.segmentor import Segmentor
+from depict_analysis.models.device import autocast, resolve_device
+from depict_analysis.models.evaluate import evaluate, jsonable
+from depict_analysis.models.registry import ModelConfig, create_model, variant_config
+from depict_analysis.models.segmentor import Segmentor
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 OPTIMIZERS = ("sgd", "adamw")
@@ -577,7 +577,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     Under torchrun every process calls this; the batch is split across them. SIGINT / SIGTERM make the
     run save a checkpoint and return early. Returns ``{"iteration", "completed", "stopped_by" (signal
     name or None), "checkpoint", "loss" (mean of the last log window), "eval" (the last evaluation's
-    ``models.evaluate.evaluate`` scores, or None)}``.
+    ``depict_analysis.models.evaluate.evaluate`` scores, or None)}``.
     """
     with distributed(config.device) as (env, device), StopSignals() as stop:
         run = _Run(config, env, device, resume)

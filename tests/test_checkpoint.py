@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from models import CheckpointError, create_model, load_model, save_checkpoint
-from models.checkpoint import read_variant
+from depict_analysis.models import CheckpointError, create_model, load_model, save_checkpoint
+from depict_analysis.models.checkpoint import read_variant
 from tests import official_layout as ref
 
 FAMILIES = ["depict_sa", "depict_ca", "mask_transformer", "linear"]
@@ -128,7 +128,7 @@ def test_bad_checkpoints_raise_one_line_errors(tmp_path, capsys):
 
 def test_depict_info_exits_2_with_one_line_on_bad_checkpoints(tmp_path):
     for path, fragment in bad_inputs(tmp_path):
-        proc = subprocess.run([sys.executable, "-m", "cli.main", "info", str(path)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "depict_analysis.cli.main", "info", str(path)], capture_output=True, text=True)
         assert proc.returncode == 2, (path, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
@@ -150,7 +150,7 @@ def test_trusted_loading_is_an_explicit_opt_in(tmp_path):
 def test_depict_info_json_on_official_release(tmp_path):
     ref.write_release(tmp_path / "r", "depict_sa")
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", "info", str(tmp_path / "r"), "--json", "--image-size", "64"],
+        [sys.executable, "-m", "depict_analysis.cli.main", "info", str(tmp_path / "r"), "--json", "--image-size", "64"],
         capture_output=True, text=True, check=True,
     )
     info = yaml.safe_load(proc.stdout)

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.analyze import app
+from depict_analysis.cli.analyze import app
 from depict_analysis.coding_rate import class_rate, rate_table
 from depict_analysis.coding_rate_analysis import analyze_coding_rates, rate_rows
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.outputs import save_json
 from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
 from depict_analysis.trace import trace
-from models import create_model, load_model, save_checkpoint
+from depict_analysis.models import create_model, load_model, save_checkpoint
 from tests.official_layout import write_release
 
 FILES = [f"coding_rate{name}" for name in (".png", ".pdf", "_tokens.png", "_tokens.pdf", ".json", ".csv")]

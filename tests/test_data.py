@@ -1,4 +1,4 @@
-"""Tests for models.data: on-disk layouts, label mappings, bad input, synthetic data, transforms."""
+"""Tests for depict_analysis.models.data: on-disk layouts, label mappings, bad input, synthetic data, transforms."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import (DATASETS, DatasetError, EvalTransform, TrainTransform, build_dataset,
+from depict_analysis.models.data import (DATASETS, DatasetError, EvalTransform, TrainTransform, build_dataset,
                          class_info, load_image, load_label, make_palette, normalization_stats)
-from models.data.transforms import photometric_distortion, resize_label
+from depict_analysis.models.data.transforms import photometric_distortion, resize_label
 
 MEAN, STD = normalization_stats("deit")
 

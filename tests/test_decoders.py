@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.decoders.depict import MSCA, MSSA, DepictCA, DepictSA
-from models.decoders.mask_transformer import MaskTransformer
+from depict_analysis.models.decoders.depict import MSCA, MSSA, DepictCA, DepictSA
+from depict_analysis.models.decoders.mask_transformer import MaskTransformer
 
 torch.manual_seed(0)
 FP32 = dict(atol=5e-5, rtol=5e-5)  # float32 forward vs float64 reference

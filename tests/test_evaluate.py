@@ -9,11 +9,11 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 from typer.testing import CliRunner
 
-from cli.main import app
-from models import create_model, load_model, predict_probs, save_checkpoint
-from models.data import build_dataset
-from models.data.base import image_to_tensor
-from models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou
+from depict_analysis.cli.main import app
+from depict_analysis.models import create_model, load_model, predict_probs, save_checkpoint
+from depict_analysis.models.data import build_dataset
+from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou
 from tests import official_layout as ref
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import depict_analysis.pca_analysis as pa
-from cli.analyze import app
+from depict_analysis.cli.analyze import app
 from depict_analysis.pca import choose_k, match_segments, pca_segment, segmentation_scores, upsample_labels
 from depict_analysis.pca_analysis import (
     analyze_pca,
@@ -25,8 +25,8 @@ from depict_analysis.pca_analysis import (
 )
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.trace import Trace, trace
-from models import create_model, load_model, save_checkpoint
-from models.data import make_palette
+from depict_analysis.models import create_model, load_model, save_checkpoint
+from depict_analysis.models.data import make_palette
 from tests.official_layout import write_release
 
 PERFECT = {"ari": 1.0, "nmi": 1.0, "miou": 1.0}

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
-from models import create_model, load_model, predict_probs, save_checkpoint
-from models.data import class_info, load_image
-from models.data.base import image_to_tensor
-from models.predict import overlay, palette_for
+from depict_analysis.cli.main import app
+from depict_analysis.models import create_model, load_model, predict_probs, save_checkpoint
+from depict_analysis.models.data import class_info, load_image
+from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.predict import overlay, palette_for
 
 K = 5
 

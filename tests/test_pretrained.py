@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import cli.analyze
-import cli.main
-from models import create_model, load_model, save_checkpoint
-from models.checkpoint import read_checkpoint
-from models.pretrained import (
+import depict_analysis.cli.analyze
+import depict_analysis.cli.main
+from depict_analysis.models import create_model, load_model, save_checkpoint
+from depict_analysis.models.checkpoint import read_checkpoint
+from depict_analysis.models.pretrained import (
     DEFAULT_MODELS,
     RECIPE,
     VALIDATION,
@@ -26,7 +26,7 @@ from models.pretrained import (
     read_manifest,
     validation_miou,
 )
-from models.train import load_yaml_config
+from depict_analysis.models.train import load_yaml_config
 
 FAMILIES = {"depict-sa": "depict_sa", "depict-ca": "depict_ca", "segmenter": "mask_transformer"}
 
@@ -95,18 +95,18 @@ def run(app, *args):
 
 
 def test_depict_info_eval_and_predict_use_the_default_model(tmp_path):
-    result = run(cli.main.app, "info", "--json")
+    result = run(depict_analysis.cli.main.app, "info", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["variant"] == "depict-sa-mini"
 
-    result = run(cli.main.app, "eval", "--num-images", 8, "--out", tmp_path / "eval.json")
+    result = run(depict_analysis.cli.main.app, "eval", "--num-images", 8, "--out", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["checkpoint"] == "builtin:depict-sa" and scores["dataset"] == "synthetic" and scores["n_images"] == 8
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     for args in ([tmp_path / "a.png"], ["builtin:segmenter", tmp_path / "a.png"]):
-        result = run(cli.main.app, "predict", *args, "--out", tmp_path / "pred")
+        result = run(depict_analysis.cli.main.app, "predict", *args, "--out", tmp_path / "pred")
         assert result.exit_code == 0, result.output
         label = np.array(Image.open(tmp_path / "pred" / "a_label.png"))
         assert label.shape == (40, 52) and label.max() < 8
@@ -115,7 +115,7 @@ def test_depict_info_eval_and_predict_use_the_default_model(tmp_path):
 @pytest.mark.parametrize("command", ["coding-rate", "pca-seg", "orthogonality", "robustness"])
 def test_every_analysis_runs_without_a_checkpoint(tmp_path, command):
     extra = {"robustness": ["--sigmas", "0.1", "--draws", "1"]}.get(command, [])
-    result = run(cli.analyze.app, command, "--num-images", 2, *extra, "--out", tmp_path)
+    result = run(depict_analysis.cli.analyze.app, command, "--num-images", 2, *extra, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     written = json.loads(next(tmp_path.glob("*.json")).read_text())
     text = json.dumps(written)
@@ -126,7 +126,7 @@ def test_every_analysis_runs_without_a_checkpoint(tmp_path, command):
 
 
 def test_structured_robustness_without_a_checkpoint_compares_the_depict_models_only(tmp_path):
-    result = run(cli.analyze.app, "robustness", "--noise", "head-rotation", "--num-images", 2, "--draws", 1, "--out", tmp_path)
+    result = run(depict_analysis.cli.analyze.app, "robustness", "--noise", "head-rotation", "--num-images", 2, "--draws", 1, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "robustness.json").read_text())
     assert [c["label"] for c in written["checkpoints"]] == ["DEPICT-SA", "DEPICT-CA"]
@@ -135,7 +135,7 @@ def test_structured_robustness_without_a_checkpoint_compares_the_depict_models_o
 
 
 def test_demo_writes_every_figure_and_a_summary(tmp_path):
-    result = run(cli.analyze.app, "demo", "--num-images", 2, "--draws", 1, "--out", tmp_path)
+    result = run(depict_analysis.cli.analyze.app, "demo", "--num-images", 2, "--draws", 1, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     for path in ("coding-rate/coding_rate.png", "pca-seg/pca-seg.png", "orthogonality/orthogonality.png",
                  "robustness/robustness.png", "summary.json"):

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from typer.testing import CliRunner
 
 import depict_analysis.robustness as rob
-from cli.analyze import app
+from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
 from depict_analysis.robustness import (
     draw_generator,
@@ -27,8 +27,8 @@ from depict_analysis.robustness import (
     structured_parameters,
     sweep_settings,
 )
-from models import create_model, save_checkpoint
-from models.evaluate import ConfusionMatrix, miou
+from depict_analysis.models import create_model, save_checkpoint
+from depict_analysis.models.evaluate import ConfusionMatrix, miou
 from tests.official_layout import write_release
 
 K = 4

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from models import create_model, predict_probs
-from models.segmentor import _window_starts, pad_to_multiple, sliding_window_probs
+from depict_analysis.models import create_model, predict_probs
+from depict_analysis.models.segmentor import _window_starts, pad_to_multiple, sliding_window_probs
 
 
 class PixelModel(nn.Module):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.analyze import app
+from depict_analysis.cli.analyze import app
 from depict_analysis.report import write_report
 from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite, sigma_half
-from models import create_model, save_checkpoint
+from depict_analysis.models import create_model, save_checkpoint
 
 K = 8  # the synthetic dataset's classes
 FAST = SuiteSettings(num_images=4, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=4)

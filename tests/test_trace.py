@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from depict_analysis.trace import trace
-from models import create_model
+from depict_analysis.models import create_model
 
 FAMILIES = ["depict-sa-tiny", "depict-ca-tiny", "segmenter-tiny", "linear-tiny"]
 

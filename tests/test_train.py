@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
-from models import load_model, variant_config
-from models.checkpoint import read_checkpoint
-from models.evaluate import evaluate
-from models.data import build_dataset
-from models.train import TrainConfig, build_config, learning_rate, poly_lr, train
+from depict_analysis.cli.main import app
+from depict_analysis.models import load_model, variant_config
+from depict_analysis.models.checkpoint import read_checkpoint
+from depict_analysis.models.evaluate import evaluate
+from depict_analysis.models.data import build_dataset
+from depict_analysis.models.train import TrainConfig, build_config, learning_rate, poly_lr, train
 
 # 20 synthetic 32-px scenes: one epoch is 5 steps of 4 images, so every multi-step run crosses epochs.
 TINY = dict(dataset="synthetic", dataset_kwargs={"size": 32, "length": 20}, batch_size=4, num_workers=0, eval_images=4)
@@ -148,7 +148,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "cli.main", "train", *args, "--out", str(tmp_path / "ddp")],
+         "-m", "depict_analysis.cli.main", "train", *args, "--out", str(tmp_path / "ddp")],
         capture_output=True, text=True, env=env, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -172,7 +172,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "train", "--variant", "depict-sa-tiny", "--dataset", "synthetic",
+        [sys.executable, "-m", "depict_analysis.cli.main", "train", "--variant", "depict-sa-tiny", "--dataset", "synthetic",
          "--iterations", "100000", "--save-every", "0", "--num-workers", "0", "--no-progress", "--out", str(run_dir),
          "--set", "log_every=1", "--set", "dataset_kwargs={size: 32}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -20,7 +20,7 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 class ADE20K(FileSegmentationDataset):
-    """ADE20K scene parsing, 150 classes; items as described in ``models.data.base``."""
+    """ADE20K scene parsing, 150 classes; items as described in ``depict_analysis.models.data.base``."""
 
     name = "ade20k"
 

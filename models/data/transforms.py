@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.backbone import NORMALIZATION
+from depict_analysis.models.backbone import NORMALIZATION
 
 from .base import IGNORE_INDEX
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.decoders.mask_head import class_masks
+from depict_analysis.models.decoders.mask_head import class_masks
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:

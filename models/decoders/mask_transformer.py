@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from models.decoders.mask_head import class_masks
+from depict_analysis.models.decoders.mask_head import class_masks
 
 
 class MaskTransformer(nn.Module):
