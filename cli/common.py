@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -16,6 +17,7 @@ from depict_analysis.models import CheckpointError, load_model
 from depict_analysis.models.device import resolve_device
 from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS, load_default
 
+matplotlib.use("Agg")  # the commands write figures to files: no display is needed or assumed
 console = Console()
 
 # Errors that mean "bad input": reported as one line, exit code 2, no traceback.

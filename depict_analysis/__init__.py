@@ -1,0 +1,41 @@
+"""depict-analysis: train DEPICT / Segmenter models, load anybody's checkpoint, and look inside it.
+
+The package is the front door; the segmentation stack lives in ``depict_analysis.models`` and the
+command-line tools in ``depict_analysis.cli``. Names below are imported on first use, so
+``import depict_analysis`` is quick and changes no global state.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("depict-analysis")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "DepictError": "depict_analysis.models.errors",
+    "CheckpointError": "depict_analysis.models.errors",
+    "DatasetError": "depict_analysis.models.errors",
+    "ConfigError": "depict_analysis.models.errors",
+    "InputError": "depict_analysis.models.errors",
+    "trace": "depict_analysis.trace",
+    "Trace": "depict_analysis.trace",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depict_analysis' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

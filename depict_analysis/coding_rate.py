@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from depict_analysis.models.errors import ConfigError
+
 __all__ = [
     "NORMALIZE_MODES",
     "class_rate",
@@ -57,12 +59,12 @@ NORMALIZE_MODES: tuple[str, ...] = ("l2", "none", "crate")
 
 def _check_eps(eps: float) -> None:
     if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 def _check_mode(mode: str) -> None:
     if mode not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+        raise ConfigError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
 
 
 def _check_float(x: Tensor, name: str) -> None:
@@ -148,7 +150,7 @@ def _orthonormal_basis(proj: Tensor) -> Tensor:
     """
     h, p, d = proj.shape
     if p > d:
-        raise ValueError(f"orthonormalize needs dim_head <= d, got dim_head = {p}, d = {d}")
+        raise ConfigError(f"orthonormalize needs dim_head <= d, got dim_head = {p}, d = {d}")
     Q, _ = torch.linalg.qr(proj.mT)  # (h, d, p), reduced
     return Q.mT
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.coding_rate import NORMALIZE_MODES, class_rate, rate_table
 from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
@@ -41,9 +42,9 @@ FINAL_STAGE = "final"
 
 def _check_settings(eps: float, normalize: str) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
     if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
 
 
 def batch_rates(tr: Trace, eps: float, normalize: str, orthonormalize: bool) -> dict[str, np.ndarray]:
@@ -99,7 +100,7 @@ def analyze_coding_rates(
             first = first or tr
             advance(len(batch.paths))
     if first is None:
-        raise ValueError("no images to analyse")
+        raise InputError("no images to analyse")
     values = {key: np.concatenate(chunks) for key, chunks in per_batch.items()}
     result = {
         "settings": {

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch.nn.functional as F
 from torch import Tensor
 
+from depict_analysis.models.errors import ConfigError
 from depict_analysis.models.data import DatasetError, build_dataset, load_image, load_label
 from depict_analysis.models.data.base import image_to_tensor
 
@@ -99,9 +100,9 @@ def image_batches(
     ``labels`` (with ``images`` only): label maps or folders of them, matched to the images by file stem.
     """
     if (images is None) == (dataset is None):
-        raise ValueError("give either images (files / folders) or a dataset, not both")
+        raise ConfigError("give either images (files / folders) or a dataset, not both")
     if labels is not None and images is None:
-        raise ValueError("label files go with image files; a dataset brings its own labels")
+        raise ConfigError("label files go with image files; a dataset brings its own labels")
     if images is not None:
         files = image_files(images)[:num_images]
         label_paths = matching_labels(files, labels) if labels is not None else [None] * len(files)

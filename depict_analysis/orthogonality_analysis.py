@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from depict_analysis.models.errors import InputError
 from depict_analysis import plots
 from depict_analysis.inputs import image_progress
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
@@ -100,7 +101,7 @@ def analyze_orthogonality(
             first = first or tr
             advance(len(batch.paths))
     if first is None:
-        raise ValueError("no images to analyse")
+        raise InputError("no images to analyse")
     Q = torch.cat(finals)
     panels = [subspace_panel(space) for space in first.subspaces]
     panels.append(class_panel(FINAL_Q, Q, images=len(Q)))

@@ -13,10 +13,7 @@ from typing import Any
 
 from torch import nn
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -23,6 +23,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.pca import (
@@ -86,7 +87,7 @@ def resolve_layers(layers: Sequence[int | str] | None, num_layers: int) -> list[
     chosen = [num_layers if j == LAST else j for j in spec]
     bad = [j for j in chosen if not isinstance(j, int) or not 0 <= j <= num_layers]
     if bad or not chosen:
-        raise ValueError(f"layers must be integers in 0..{num_layers} or {LAST!r}, got {list(spec)}")
+        raise ConfigError(f"layers must be integers in 0..{num_layers} or {LAST!r}, got {list(spec)}")
     return list(dict.fromkeys(chosen))
 
 
@@ -94,7 +95,7 @@ def parse_layers(text: str) -> list[int | str]:
     """``"0,L1"`` -> ``[0, "L1"]`` (the CLI's ``--layers``)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not all(t == LAST or t.isdigit() for t in items):
-        raise ValueError(f"--layers takes comma-separated layer numbers or {LAST}, got {text!r}")
+        raise ConfigError(f"--layers takes comma-separated layer numbers or {LAST}, got {text!r}")
     return [t if t == LAST else int(t) for t in items]
 
 
@@ -110,7 +111,7 @@ def segment_tokens(
     """
     n = tokens.shape[1]
     if n < max(k, 3):
-        raise ValueError(f"the image gives only {n} patch tokens ({grid[0]}x{grid[1]}); need at least "
+        raise InputError(f"the image gives only {n} patch tokens ({grid[0]}x{grid[1]}); need at least "
                          f"{max(k, 3)} for k={k} and the RGB view — use a larger image")
     H, W = size
 
@@ -213,7 +214,7 @@ def analyze_pca(
     ``total`` (number of images) sizes the progress bar.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     images, rows, kept = [], [], []
     with image_progress(total, "PCA segmentation", progress) as advance:
         for batch in batches:
@@ -226,7 +227,7 @@ def analyze_pca(
             kept += results[: max(0, examples - len(kept))]
             advance(len(results))
     if not images:
-        raise ValueError("no images to analyse")
+        raise InputError("no images to analyse")
     settings = {
         "method": method, "k": k or "auto (classes predicted, 2..8)", "layers": results[0].layers,
         "num_layers": results[0].num_layers, "seed": seed, "num_images": len(images),
@@ -266,7 +267,7 @@ def single_images(
 ) -> tuple[int, Iterator[Batch]]:
     """(number of images, iterator of one-image Batches at their own scale), like ``image_batches``."""
     if gts and len(gts) != len(paths):
-        raise ValueError(f"got {len(gts)} ground-truth maps for {len(paths)} images; give one --gt per image, in order")
+        raise InputError(f"got {len(gts)} ground-truth maps for {len(paths)} images; give one --gt per image, in order")
     pairs = list(zip(paths, gts or [None] * len(paths)))
     return len(pairs), (image_at_scale(p, max_short_side, g) for p, g in pairs)
 
@@ -287,7 +288,7 @@ def class_legend(n_cls: int, datasets: Iterable[str | None] = ()) -> tuple[list[
     for name in filter(None, datasets):
         try:
             names, palette = class_info(name)
-        except KeyError:
+        except DatasetError:
             continue
         if len(names) == n_cls:
             return names, palette

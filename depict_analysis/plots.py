@@ -1,23 +1,37 @@
 """One function per figure: data in, ``matplotlib.figure.Figure`` out (written by ``outputs.save_figure``).
 
-Figures are sized for a paper column or page and share one seaborn style.
+Figures are sized for a paper column or page and share one seaborn style, set for the duration of
+each plotting call (``styled``): importing this module changes no global matplotlib state.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from cycler import cycler
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
 LINE_COLORS = sns.color_palette("colorblind")
+
+
+def styled(plot: Callable[..., plt.Figure]) -> Callable[..., plt.Figure]:
+    """Run a figure function inside the project's seaborn style (paper context, white grid)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs) -> plt.Figure:
+        theme = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.1),
+                 "axes.prop_cycle": cycler(color=sns.color_palette("deep"))}
+        with plt.rc_context(theme):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def palette_image(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -56,6 +70,7 @@ def _legend_row_major(fig: plt.Figure, handles: list, max_columns: int = 4) -> N
     fig.legend(handles=ordered, loc="outside lower center", ncol=ncol, frameon=False)
 
 
+@styled
 def plot_subspace_rates(result: dict) -> plt.Figure:
     """The paper's coding-rate figure, from an ``analyze_coding_rates`` result.
 
@@ -93,6 +108,7 @@ def plot_subspace_rates(result: dict) -> plt.Figure:
     return fig
 
 
+@styled
 def plot_token_class_rates(result: dict) -> plt.Figure:
     """R(Z_j) against the decoder layer j (left); R(Q) at each class stage, then the final Q̂ (right).
 
@@ -137,6 +153,7 @@ def _show(ax: plt.Axes, image: np.ndarray, title: str, caption: str = "") -> Non
     ax.grid(False)
 
 
+@styled
 def pca_segmentation_figure(
     image: np.ndarray,
     panels: list[PCAPanel],
@@ -176,6 +193,7 @@ def pca_segmentation_figure(
     return fig
 
 
+@styled
 def pca_scores_figure(rows: list[dict], sources: dict[str, str], references: dict[str, str], title: str) -> plt.Figure:
     """Box plots (mean as a white diamond, images as dots) of each score, per reference and source.
 
@@ -218,6 +236,7 @@ class GramCell:
     block: int | None = None
 
 
+@styled
 def gram_grid_figure(
     cells: list[list[GramCell | None]], columns: list[str], scale_labels: list[str], title: str
 ) -> plt.Figure:
@@ -296,6 +315,7 @@ def _log_sigma_axis(ax: plt.Axes, positive: list[float], x0: float) -> None:
     _axis_break(ax, float(np.sqrt(x0 * lo)))
 
 
+@styled
 def plot_robustness_curves(result: dict) -> plt.Figure:
     """mIoU (%) against σ on a log axis, one curve per checkpoint with a ±std band over draws.
 
@@ -331,6 +351,7 @@ def plot_robustness_curves(result: dict) -> plt.Figure:
     return fig
 
 
+@styled
 def plot_robustness_bars(result: dict) -> plt.Figure:
     """Structured transforms: grouped bars per checkpoint, clean vs transformed mIoU (%), ±std whiskers."""
     names = _checkpoint_names(result)

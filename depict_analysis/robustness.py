@@ -42,6 +42,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
@@ -130,32 +131,32 @@ def resolve_perturbation(noise: str, target: str | None = None, relative: bool =
     for combinations that mean nothing (blur of parameters, a rotation of the encoder, ...).
     """
     if noise not in NOISES:
-        raise ValueError(f"unknown noise {noise!r}; expected one of: {', '.join(NOISES)}")
+        raise ConfigError(f"unknown noise {noise!r}; expected one of: {', '.join(NOISES)}")
     if target is not None and target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
+        raise ConfigError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
     target = target or ("input" if noise in PIXEL_NOISES else "decoder")
     if noise in PIXEL_NOISES and target != "input":
-        raise ValueError(f"{noise} perturbs images: use --target input (or leave it out), not {target}")
+        raise ConfigError(f"{noise} perturbs images: use --target input (or leave it out), not {target}")
     if noise in STRUCTURED and target != "decoder":
-        raise ValueError(f"{noise} transforms the decoder's MSSA / MSCA projections: --target must be decoder, not {target}")
+        raise ConfigError(f"{noise} transforms the decoder's MSSA / MSCA projections: --target must be decoder, not {target}")
     if relative and (noise not in PARAMETER_NOISES or target == "input"):
-        raise ValueError("--relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters")
+        raise ConfigError("--relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters")
     return Perturbation(noise, target, relative)
 
 
 def parse_sigmas(text: str, perturbation: Perturbation) -> tuple[float, ...]:
     """``"0,1e-3,0.01"`` -> sorted unique σ values, always including 0 (the clean reference)."""
     if perturbation.kind == "structured":
-        raise ValueError(f"{perturbation.noise} has no σ: it is either applied or not (use --draws for more rotations)")
+        raise ConfigError(f"{perturbation.noise} has no σ: it is either applied or not (use --draws for more rotations)")
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
     bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
     if bad or not values:
-        raise ValueError(f"σ values must be finite numbers ≥ 0, got {text!r}")
+        raise ConfigError(f"σ values must be finite numbers ≥ 0, got {text!r}")
     if perturbation.noise == "salt-pepper" and max(values) > 1:
-        raise ValueError(f"salt-and-pepper σ is a fraction of pixels (0..1), got {max(values):g}")
+        raise ConfigError(f"salt-and-pepper σ is a fraction of pixels (0..1), got {max(values):g}")
     return tuple(sorted({0.0, *values}))
 
 
@@ -214,10 +215,10 @@ def transformed_projection(proj: Tensor, heads: int, transform: str, generator: 
         new = random_orthogonal(hp, (), generator).T @ blocks.reshape(hp, d)
     elif transform == "head-orthonormalize":
         if p > d:
-            raise ValueError(f"cannot orthonormalise {p} basis vectors in R^{d}")
+            raise ConfigError(f"cannot orthonormalise {p} basis vectors in R^{d}")
         new = torch.linalg.qr(blocks.transpose(-1, -2)).Q.transpose(-1, -2)  # rows: orthonormal basis of span(P_k)
     else:
-        raise ValueError(f"unknown structured transform {transform!r}")
+        raise ConfigError(f"unknown structured transform {transform!r}")
     return new.reshape(hp, d).to(proj)
 
 
@@ -225,7 +226,7 @@ def subspace_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{parameter name of proj: layer}`` for every MSSA / MSCA layer of a DEPICT decoder."""
     adapter = adapter_for(model.decoder)
     if adapter.family not in SUBSPACE_FAMILIES:
-        raise ValueError(
+        raise ConfigError(
             f"structured transforms act on DEPICT's MSSA / MSCA subspaces; this model has a {adapter.family} decoder"
         )
     names = {id(module): name for name, module in model.named_modules()}
@@ -325,7 +326,7 @@ class SweepEvaluator:
         self._forward, self._decode = _Method(model, "forward"), _Method(model, "decode")
         for batch in batches:
             if batch.labels is None:
-                raise ValueError("robustness needs ground-truth labels: give --labels with --images, or a --dataset")
+                raise InputError("robustness needs ground-truth labels: give --labels with --images, or a --dataset")
             pixels, labels = batch.pixels.to(self.device), batch.labels.to(self.device)
             if cache_z0:
                 z0, grid = model.encode(model.normalize(pixels))
@@ -333,7 +334,7 @@ class SweepEvaluator:
             else:
                 self.items.append(_Item(pixels, None, None, labels))
         if not self.items:
-            raise ValueError("no images to evaluate")
+            raise InputError("no images to evaluate")
 
     @property
     def num_images(self) -> int:
@@ -356,7 +357,7 @@ class SweepEvaluator:
             size = item.labels.shape[-2:]
             if self.cache_z0:
                 if inputs is not None:
-                    raise ValueError("input perturbations need the backbone: Z_0 cannot be cached")
+                    raise ConfigError("input perturbations need the backbone: Z_0 cannot be cached")
                 logits = functional_call(self._decode, swapped, (item.z0, item.grid, size, torch.channels_last))
             else:
                 x = (inputs or self.model.normalize)(item.pixels)
@@ -387,10 +388,10 @@ def robustness_records(
     if perturbation.kind == "structured":
         subspace_layers(model)  # a clear error before any work for a decoder without subspaces
     if draws < 1:
-        raise ValueError(f"draws must be ≥ 1, got {draws}")
+        raise ConfigError(f"draws must be ≥ 1, got {draws}")
     cache_z0 = perturbation.decoder_only if cache_z0 is None else cache_z0
     if cache_z0 and not perturbation.decoder_only:
-        raise ValueError(f"cannot cache Z_0 when the {perturbation.target} is perturbed")
+        raise ConfigError(f"cannot cache Z_0 when the {perturbation.target} is perturbed")
     was_training = model.training
     model.eval()
     try:

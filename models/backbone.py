@@ -17,6 +17,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from depict_analysis.models.errors import ConfigError
+
 # Image normalisation each backbone family was pre-trained with: (mean, std).
 NORMALIZATION = {
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -40,7 +42,7 @@ class BackboneConfig:
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
         if self.normalization not in NORMALIZATION:
-            raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)}, got {self.normalization!r}")
+            raise ConfigError(f"normalization must be one of {sorted(NORMALIZATION)}, got {self.normalization!r}")
 
 
 class ViTBackbone(nn.Module):

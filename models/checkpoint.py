@@ -22,14 +22,11 @@ import yaml
 from torch import Tensor
 
 from depict_analysis.models.backbone import BackboneConfig
+from depict_analysis.models.errors import CheckpointError, ConfigError
 from depict_analysis.models.registry import DecoderConfig, ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
 
 FORMAT = "depict-analysis/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message is one line meant for the user."""
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -79,7 +76,7 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
 def save_checkpoint(path: str | os.PathLike, model: Segmentor, **state: Any) -> None:
     """Write our format: config + weights (+ any training state) in one file, atomically."""
     if model.config is None:
-        raise ValueError("the model has no ModelConfig; build it with depict_analysis.models.create_model")
+        raise ConfigError("the model has no ModelConfig; build it with depict_analysis.models.create_model")
     payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **state}
     atomic_save(payload, path)
 

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from depict_analysis.models.errors import ConfigError
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` | ``cuda:i`` -> a torch.device (``auto`` picks CUDA when available)."""
@@ -14,9 +16,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available")
     return device
 
 

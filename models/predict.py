@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from depict_analysis.models.data import class_info, load_image, make_palette
+from depict_analysis.models.data import DatasetError, class_info, load_image, make_palette
 from depict_analysis.models.evaluate import image_probs
 from depict_analysis.models.segmentor import Segmentor
 
@@ -23,7 +23,7 @@ def palette_for(meta: dict, n_cls: int) -> np.ndarray:
     name = (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
     try:
         palette = class_info(name)[1]
-    except KeyError:
+    except DatasetError:
         return make_palette(n_cls)
     return palette if len(palette) == n_cls else make_palette(n_cls)
 

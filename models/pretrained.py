@@ -44,7 +44,7 @@ def default_path(name: str = DEFAULT_MODELS[0]) -> Path:
     """The weight file of a built-in model: ``depict-sa``, ``depict-ca`` or ``segmenter``."""
     models = read_manifest()
     if name not in models:
-        raise KeyError(f"no built-in model {name!r}; built-in: {', '.join(models)}")
+        raise CheckpointError(f"no built-in model {name!r}; built-in: {', '.join(models)}")
     return WEIGHTS_DIR / models[name]["file"]
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import depict_analysis.cli.analyze
 import depict_analysis.cli.main
 from depict_analysis.models import create_model, load_model, save_checkpoint
-from depict_analysis.models.checkpoint import read_checkpoint
+from depict_analysis.models.checkpoint import CheckpointError, read_checkpoint
 from depict_analysis.models.pretrained import (
     DEFAULT_MODELS,
     RECIPE,
@@ -83,7 +83,7 @@ def test_retrain_command_trains_packs_and_writes_a_manifest(tmp_path, capsys):
 
 
 def test_unknown_built_in_is_a_key_error():
-    with pytest.raises(KeyError, match="built-in: depict-sa, depict-ca, segmenter"):
+    with pytest.raises(CheckpointError, match="built-in: depict-sa, depict-ca, segmenter"):
         default_path("segformer")
 
 

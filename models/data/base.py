@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import DatasetError
+
 IGNORE_INDEX = 255
 T = TypeVar("T")
 
@@ -26,13 +28,6 @@ Transform = Callable[[Image.Image, np.ndarray], tuple[torch.Tensor, torch.Tensor
 _HIGH_BIT_DEPTH_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535,
                          "I": 65535, "F": 1.0}
 _LABEL_MODES = {"1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N"}
-
-
-class DatasetError(ValueError):
-    """Bad dataset input (missing folder, wrong layout, unreadable file, invalid label value).
-
-    The message is one line that says what was expected, e.g. the path that should exist.
-    """
 
 
 def _open(path: str | Path, what: str) -> Image.Image:

@@ -11,6 +11,8 @@ import colorsys
 
 import numpy as np
 
+from ..errors import DatasetError
+
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
     "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
@@ -122,11 +124,11 @@ CLASS_INFO: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
 def class_info(name: str) -> tuple[list[str], np.ndarray]:
     """``(class_names, palette (n_cls, 3) uint8)`` of a built-in dataset, without needing its files.
 
-    Raises ``KeyError`` for a name without fixed classes (e.g. ``folder``, whose classes live in
+    Raises ``DatasetError`` for a name without fixed classes (e.g. ``folder``, whose classes live in
     its ``classes.yaml``).
     """
     if name not in CLASS_INFO:
-        raise KeyError(f"no built-in class list for dataset {name!r}; "
+        raise DatasetError(f"no built-in class list for dataset {name!r}; "
                        f"known: {', '.join(CLASS_INFO)}")
     names, palette = CLASS_INFO[name]
     return list(names), palette.copy()
