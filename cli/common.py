@@ -16,6 +16,7 @@ from rich.table import Table
 from depict_analysis.models import CheckpointError, load_model
 from depict_analysis.models.device import resolve_device
 from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS, load_default
+from depict_analysis.models.zoo import zoo_path
 
 matplotlib.use("Agg")  # the commands write figures to files: no display is needed or assumed
 console = Console()
@@ -55,26 +56,30 @@ DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N
 
 
 BUILTIN = "builtin:"  # `builtin:segmenter` names a built-in model wherever a checkpoint path goes
-CheckpointHelp = (f"Our .pt file, an official release folder, or {BUILTIN}NAME ({', '.join(DEFAULT_MODELS)}); "
-                  f"default: the built-in {DEFAULT_MODELS[0]}.")
+ZOO = "zoo:"  # `zoo:seg-s-mask-ade20k` names an official release, downloaded on first use
+CheckpointHelp = (f"Our .pt file, an official release folder, {BUILTIN}NAME ({', '.join(DEFAULT_MODELS)}) or "
+                  f"{ZOO}NAME (depict zoo list); default: the built-in {DEFAULT_MODELS[0]}.")
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False):
-    """(model, metadata) from a checkpoint path or ``builtin:NAME``; the built-in DEPICT-SA when none is given."""
+    """(model, metadata) from a checkpoint path, ``builtin:NAME`` or ``zoo:NAME`` (downloaded if not
+    cached); the built-in DEPICT-SA when none is given."""
     torch_device = resolve_device(device)
     if checkpoint is None:
         return load_default(DEFAULT_MODELS[0], torch_device)
     if str(checkpoint).startswith(BUILTIN):
         return load_default(str(checkpoint)[len(BUILTIN):], torch_device)
+    if str(checkpoint).startswith(ZOO):
+        return load_model(zoo_path(str(checkpoint)[len(ZOO):]), torch_device, trust)
     return load_model(checkpoint, torch_device, trust)
 
 
 def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
     """``[CKPT] FILE...`` -> (checkpoint or None, files): the first path is the checkpoint when it is a
-    folder, a .pt / .pth file or ``builtin:NAME``."""
+    folder, a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
     first = str(paths[0]) if paths else ""
-    if paths and (paths[0].is_dir() or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith(BUILTIN)):
+    if paths and (paths[0].is_dir() or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith((BUILTIN, ZOO))):
         return paths[0], list(paths[1:])
     return None, list(paths)
 
@@ -99,14 +104,16 @@ def checkpoint_name(path: Path | None, meta: dict) -> str:
 def _short_name(path: Path) -> str:
     if str(path).startswith(BUILTIN):
         return LABELS.get(str(path)[len(BUILTIN):], str(path))
+    if str(path).startswith(ZOO):
+        return str(path)[len(ZOO):].split("/")[-1]  # a Drive release: its folder name
     if path.name == "checkpoint.pth":
         return path.parent.name
     return path.name if path.is_dir() else path.stem
 
 
 def checkpoint_labels(paths: list[Path]) -> list[str]:
-    """Short unique names: a built-in model's label, a release folder's name, a file's stem
-    (``checkpoint.pth``: its folder); repeats get ``#i``."""
+    """Short unique names: a built-in model's label, a zoo model's name, a release folder's name, a
+    file's stem (``checkpoint.pth``: its folder); repeats get ``#i``."""
     stems = [_short_name(p) for p in paths]
     return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
 

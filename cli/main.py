@@ -14,6 +14,7 @@ from rich.table import Table
 
 from depict_analysis.cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
                         CheckpointHelp, checkpoint_name, open_model, print_table, split_checkpoint, user_errors)
+from depict_analysis.cli.zoo import app as zoo_app
 from depict_analysis.models import create_model
 from depict_analysis.models.data import build_dataset
 from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
@@ -23,6 +24,7 @@ from depict_analysis.models.train import PRESETS_DIR, build_config
 from depict_analysis.models.train import train as run_training
 
 app = new_app("Inspect, train, evaluate and run DEPICT / Segmenter models.")
+app.add_typer(zoo_app, name="zoo")
 
 
 @app.command()
