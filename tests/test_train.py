@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
 from depict_analysis.models import load_model, variant_config
-from depict_analysis.models.checkpoint import read_checkpoint
+from depict_analysis.models.checkpoint import CheckpointError, read_checkpoint
 from depict_analysis.models.evaluate import evaluate
 from depict_analysis.models.data import TrainTransform, build_dataset, normalization_stats
 from depict_analysis.models.train import TrainConfig, _seed, build_config, build_model, learning_rate, poly_lr, train
@@ -172,6 +172,13 @@ def test_resume_continues_exactly(tmp_path):
     straight_losses = [line["loss"] for line in log_lines(tmp_path / "straight") if line["type"] == "train"]
     split_losses = [line["loss"] for line in log_lines(tmp_path / "split") if line["type"] == "train"]
     assert straight_losses == split_losses
+
+
+def test_resume_with_other_weight_decay_groups_is_refused_in_one_line(tmp_path):
+    train(tiny_config(tmp_path / "run", iterations=2, stop_after=1), progress=False)  # no decay: one group
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="1 parameter group\\(s\\), this run builds 2"):
+        train(build_config(resume=checkpoint, overrides=["weight_decay=0.01"]), resume=checkpoint, progress=False)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
