@@ -80,9 +80,12 @@ def train(
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Training crop (the variant's image size by default)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step, over all processes. [8]"),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step. [1]"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimizer steps. [160000]"),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", help="Passes over the training set; steps = epochs x ceil(images / batch size). [64]"
+    ),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimizer steps, instead of epochs."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate of the poly schedule. [1e-3]"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA. [on]"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (the recipe trains in float32). [off]"),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [off]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: at the end). [0]"),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on the first N images. [all]"),
@@ -95,14 +98,14 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this checkpoint (its options are the defaults)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
-    """Train a model with the paper's recipe (Nesterov SGD, poly schedule); run under torchrun for several processes.
+    """Train a model with the paper's (Segmenter's) recipe; run under torchrun for several processes.
 
     Options given here override --set, which overrides --config, which overrides the resumed checkpoint's options.
     SIGINT / SIGTERM save a checkpoint and exit with 128 + the signal number.
     """
     options = dict(
         model=variant, dataset=dataset, data_root=data_root and str(data_root), crop_size=crop_size, batch_size=batch_size,
-        grad_accum=grad_accum, iterations=iterations, lr=lr, amp=amp, compile=compile_model, eval_every=eval_every,
+        grad_accum=grad_accum, epochs=epochs, iterations=iterations, lr=lr, amp=amp, compile=compile_model, eval_every=eval_every,
         eval_images=eval_images, save_every=save_every, num_workers=num_workers, seed=seed, out_dir=out and str(out),
         device=device, pretrained=pretrained,
     )

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from depict_analysis.models.errors import ConfigError
 
-# Image normalisation each backbone family was pre-trained with: (mean, std).
+# Image normalisation of each backbone family, (mean, std) in [0, 1] units, as Segmenter applies it:
+# it rounds 255 x the pre-training statistics to two decimals (segm/data/base.py), so DeiT's ImageNet
+# mean (0.485, 0.456, 0.406) becomes (123.68, 116.28, 103.53) / 255 and its std (58.4, 57.12, 57.38) / 255.
 NORMALIZATION = {
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "deit": (tuple(v / 255 for v in (123.68, 116.28, 103.53)), tuple(v / 255 for v in (58.4, 57.12, 57.38))),
 }
 
 
@@ -72,6 +74,11 @@ class ViTBackbone(nn.Module):
     @property
     def dim(self) -> int:
         return self.config.d_model
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay, as Segmenter's ViT lists them: the position
+        embeddings, the class token and (distilled backbones) the distillation token."""
+        return {"vit.pos_embed", "vit.cls_token"} | ({"vit.reg_token"} if self.config.distilled else set())
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """Position embeddings (1, prefix + h·w, d) for a grid, resized bilinearly from the training grid."""

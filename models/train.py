@@ -1,14 +1,23 @@
-"""Training (SPEC §1.5): Nesterov SGD (or AdamW), per-iteration poly schedule with optional linear
-warm-up, bf16 AMP, torchrun DDP, exact resume.
+"""Training as Segmenter's ``segm/train.py`` and ``segm/engine.py`` (SPEC §1.5): Nesterov SGD (or
+AdamW) with timm's weight-decay groups, Segmenter's per-iteration poly schedule (with a warm-up of its
+shape on request), float32 (bf16 autocast on request), torchrun DDP, exact resume.
 
-Data stream: micro-batch m of a run is a pure function of (seed, m). Epoch e visits the dataset in
-``DistributedSampler``'s order for (seed, e), split evenly across ranks (tail dropped), and item i of
-epoch e is augmented with a numpy generator seeded by (seed, e, i). A resumed run starts the stream
-at the micro-batch where its checkpoint stopped and restores the optimizer and RNG states, so N + N
-iterations with a resume in between give the weights of 2N straight.
+Budget: ``epochs`` x ceil(len(train set) / batch_size) optimizer steps, Segmenter's ``len(train_loader)
+x epochs`` (no batch is dropped: an epoch's last one is smaller), unless ``iterations`` is given.
 
-Loss: cross-entropy summed over the labelled pixels of a step (all micro-batches on all ranks) and
-divided by their count, so a step's gradient does not depend on how its batch is split.
+Data stream: step s of a run is a pure function of (seed, s). Epoch e visits the dataset in
+``DistributedSampler``'s order for (seed, e): shuffled, padded with its own first items to a multiple
+of the number of ranks, rank r taking every r-th item. Each step takes the next batch_size / ranks
+items of every rank's list (fewer in the epoch's last step), and item i of epoch e is augmented with
+a numpy generator seeded by (seed, e, i). A resumed run starts the stream at the step where its
+checkpoint stopped and restores the optimizer and RNG states, so N + N iterations with a resume in
+between give the weights of 2N straight.
+
+Loss, as the official engine: each process averages the cross-entropy over the labelled pixels
+(label != 255) of its share of the step, and DDP averages the gradients over processes, so a step's
+gradient is the mean over ranks of the per-rank mean losses (pixels weigh equally only when the ranks
+have as many labelled pixels). ``grad_accum`` splits a rank's share into micro-batches without
+changing its gradient. A share without labelled pixels contributes zero (the official loss is NaN).
 
 Files in ``out_dir``: ``config.yaml`` (the effective TrainConfig), ``log.jsonl`` (one line per log
 step and per evaluation), ``checkpoint.pt`` (latest; ``depict_analysis.models.load_model`` reads it) and, once the run
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -28,7 +38,7 @@ import types
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -69,19 +79,21 @@ class TrainConfig:
     dataset_kwargs: dict = field(default_factory=dict)  # extra dataset arguments, e.g. synthetic {size: 64}
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: int | None = None  # training crop, made the backbone's image size; None: the variant's
+    crop_size: int | None = None  # training crop, made the backbone's image size; None: the variant's (ViT-L: 640)
     base_size: int | None = None  # short side images are scaled to (x U(0.5, 2) in training); None: crop
+    max_ratio: int = 4  # long-side cap of that resize in base sizes (mmseg img_scale = (max_ratio x base, base))
     batch_size: int = 8  # images per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step
-    iterations: int = 160_000
+    epochs: int = 64  # the budget when iterations is None: epochs x ceil(len(train set) / batch_size) steps
+    iterations: int | None = None  # optimizer steps (wins over epochs when both are set); None: from epochs
     optimizer: str = "sgd"  # "sgd" (Nesterov, SPEC §1.5) or "adamw" (faster from scratch: the built-in models)
     lr: float = 1e-3
     min_lr: float = 1e-5
     poly_power: float = 0.9
-    warmup_iters: int = 0  # linear warm-up from lr / warmup_iters to lr, then poly decay over the rest
+    warmup_iters: int = 0  # Segmenter's warm-up: linear rise to the poly rate of step warmup_iters (see learning_rate)
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = False  # bf16 autocast, CUDA only (the official recipe trains in float32)
     compile: bool = False  # torch.compile the training forward
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate at the end only
@@ -99,8 +111,8 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
-        for name in ("batch_size", "grad_accum", "iterations", "log_every", "crop_size", "base_size",
-                     "eval_stride", "stop_after"):
+        for name in ("batch_size", "grad_accum", "epochs", "iterations", "log_every", "crop_size", "base_size",
+                     "max_ratio", "eval_stride", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"training option {name!r} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_images", "save_every", "num_workers", "lr", "min_lr", "momentum", "weight_decay",
@@ -109,7 +121,7 @@ class TrainConfig:
                 raise ValueError(f"training option {name!r} must not be negative, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.warmup_iters >= self.iterations:
+        if self.iterations is not None and self.warmup_iters >= self.iterations:
             raise ValueError(f"warmup_iters ({self.warmup_iters}) must be less than iterations ({self.iterations})")
 
     @classmethod
@@ -177,16 +189,40 @@ def build_config(
 ) -> TrainConfig:
     """Layer the sources of a run's settings, later ones winning: TrainConfig's defaults, the config of
     the checkpoint to ``resume`` (without its ``stop_after``), ``config_file`` (YAML or preset name),
-    ``overrides`` (``key=value``) and ``options`` (None = not given)."""
-    values: dict[str, Any] = {}
+    ``overrides`` (``key=value``) and ``options`` (None = not given). A layer that sets ``epochs``
+    without ``iterations`` also clears the ``iterations`` of the layers before it."""
+    layers: list[dict[str, Any]] = []
     if resume is not None:
-        values.update(read_checkpoint(resume).get("train_config") or {})
-        values.pop("stop_after", None)
+        trained = dict(read_checkpoint(resume).get("train_config") or {})
+        trained.pop("stop_after", None)
+        layers.append(trained)
     if config_file is not None:
-        values.update(load_yaml_config(config_file))
-    values.update(parse_overrides(overrides))
-    values.update({key: value for key, value in options.items() if value is not None})
+        layers.append(load_yaml_config(config_file))
+    layers.append(parse_overrides(overrides))
+    layers.append({key: value for key, value in options.items() if value is not None})
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if "epochs" in layer and "iterations" not in layer:
+            values.pop("iterations", None)
+        values.update(layer)
     return TrainConfig.from_dict(values)
+
+
+def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: ceil(n_items / batch_size), the last batch kept however small.
+
+    The same for any number of ranks R dividing ``batch_size``: each rank's ceil(n_items / R) items
+    in batches of batch_size / R give ceil(ceil(n_items / R) / (batch_size / R)) = this.
+    """
+    return math.ceil(n_items / batch_size)
+
+
+def resolve_iterations(config: TrainConfig, n_train: int) -> TrainConfig:
+    """``config`` with ``iterations`` counted from ``epochs`` on a training set of ``n_train`` items
+    when it was not given (Segmenter's ``len(train_loader) * epochs``)."""
+    if config.iterations is not None:
+        return config
+    return replace(config, iterations=config.epochs * steps_per_epoch(n_train, config.batch_size))
 
 
 def poly_lr(iteration: int, iterations: int, lr: float, min_lr: float = 1e-5, power: float = 0.9) -> float:
@@ -195,22 +231,60 @@ def poly_lr(iteration: int, iterations: int, lr: float, min_lr: float = 1e-5, po
 
 
 def learning_rate(iteration: int, config: TrainConfig) -> float:
-    """The rate of 0-based ``iteration``: linear warm-up over ``warmup_iters`` steps, then ``poly_lr`` over
-    the remaining ``iterations - warmup_iters``."""
-    warmup = config.warmup_iters
-    if iteration < warmup:
-        return config.lr * (iteration + 1) / warmup
-    return poly_lr(iteration - warmup, config.iterations - warmup, config.lr, config.min_lr, config.poly_power)
+    """The rate of 0-based ``iteration`` (of a resolved config), as Segmenter's ``PolynomialLR``
+    (segm/optim/scheduler.py) sets it before that step: ``poly_lr`` over all ``iterations``; during a
+    warm-up, ``(lr - min_lr) * iteration / warmup_iters * (1 - warmup_iters / iterations)^power +
+    min_lr``, a straight line up to the poly rate of step ``warmup_iters``. Step 0 runs at ``lr``,
+    warm-up or not: that scheduler's first rate is the optimizer's initial one (torch's scheduler
+    steps once on construction, and the official scheduler keeps the rate at step 0).
+    """
+    warmup, iterations = config.warmup_iters, config.iterations
+    if 0 < iteration < warmup:
+        factor = iteration / warmup * (1 - warmup / iterations) ** config.poly_power
+        return (config.lr - config.min_lr) * factor + config.min_lr
+    return poly_lr(iteration, iterations, config.lr, config.min_lr, config.poly_power)
 
 
-def build_optimizer(config: TrainConfig, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+def no_weight_decay(model: Segmentor) -> set[str]:
+    """Names (as ``model.named_parameters`` gives them) that the encoder and decoder exclude from weight
+    decay, as Segmenter's ``Segmenter.no_weight_decay`` gathers them from its two halves."""
+    return {f"encoder.{name}" for name in model.encoder.no_weight_decay()} | {
+        f"decoder.{name}" for name in model.decoder.no_weight_decay()
+    }
+
+
+def weight_decay_split(model: Segmentor) -> tuple[list[str], list[str]]:
+    """(names trained without weight decay, names with it), as timm 0.4.12's ``add_weight_decay``
+    (which Segmenter's ``create_optimizer`` uses): no decay for 1-D parameters (LayerNorms, DEPICT's
+    step sizes), biases and ``no_weight_decay`` names; frozen parameters in neither list."""
+    skip = no_weight_decay(model)
+    exempt, decayed = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_exempt = parameter.ndim == 1 or name.endswith(".bias") or name in skip
+            (exempt if is_exempt else decayed).append(name)
+    return exempt, decayed
+
+
+def build_optimizer(config: TrainConfig, model: Segmentor) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer``: with weight decay, two groups (no decay, decay) split by
+    ``weight_decay_split``; without, one group of every parameter."""
+    if config.weight_decay:
+        named = dict(model.named_parameters())
+        exempt, decayed = weight_decay_split(model)
+        parameters: Any = [
+            {"params": [named[name] for name in exempt], "weight_decay": 0.0},
+            {"params": [named[name] for name in decayed], "weight_decay": config.weight_decay},
+        ]
+    else:
+        parameters = model.parameters()
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=0.0)
 
 
-def build_model(config: TrainConfig, n_cls: int) -> Segmentor:
-    """A fresh model for ``config`` with ``n_cls`` classes; ``crop_size`` becomes the backbone's image size."""
+def model_config_for(config: TrainConfig, n_cls: int) -> ModelConfig:
+    """The ModelConfig ``config`` trains, with ``n_cls`` classes; ``crop_size`` becomes the backbone's image size."""
     if isinstance(config.model, str):
         model_config = variant_config(config.model, n_cls)
     else:
@@ -220,7 +294,12 @@ def build_model(config: TrainConfig, n_cls: int) -> Segmentor:
             raise ValueError(f"training option 'model' is neither a variant name nor a ModelConfig dict ({e})") from None
     if config.crop_size is not None:
         model_config.backbone.image_size = (config.crop_size, config.crop_size)
-    model = create_model(model_config)
+    return model_config
+
+
+def build_model(config: TrainConfig, n_cls: int) -> Segmentor:
+    """A fresh model for ``config`` with ``n_cls`` classes (``model_config_for``), with its pretrained backbone."""
+    model = create_model(model_config_for(config, n_cls))
     if config.pretrained:
         load_pretrained(model.encoder, config.pretrained)
     return model
@@ -248,11 +327,12 @@ class AugmentedItems(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by (seed, epoch), split across ranks, tail dropped) that yields
-    ``(epoch, index)`` keys and starts ``start`` positions into the epoch (for resuming)."""
+    """``DistributedSampler`` (shuffled by (seed, epoch), padded with its first items to a multiple of
+    the ranks, split across them) that yields ``(epoch, index)`` keys and starts ``start`` positions
+    into the epoch (for resuming)."""
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -262,13 +342,14 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def micro_batches(loader: DataLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless (images (b, 3, h, w), labels (b, h, w)) from micro-batch number ``start`` of the stream.
+def step_batches(loader: DataLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images (b, 3, h, w), labels (b, h, w)): this rank's share of every step from step
+    ``start`` on; b is the loader's batch size, less in an epoch's last step.
 
-    ``loader`` batches an ``EpochSampler`` with ``drop_last=True``.
+    ``loader`` batches an ``EpochSampler``, keeping the last partial batch.
     """
     sampler, size = loader.sampler, loader.batch_size
-    epoch, skip = divmod(start, sampler.num_samples // size)
+    epoch, skip = divmod(start, math.ceil(sampler.num_samples / size))
     while True:
         sampler.set_epoch(epoch)
         sampler.start = skip * size
@@ -279,23 +360,19 @@ def micro_batches(loader: DataLoader, start: int) -> Iterator[tuple[Tensor, Tens
 def train_loader(
     dataset: SegmentationDataset, model_config: ModelConfig, config: TrainConfig, env: DistEnv, pin_memory: bool
 ) -> DataLoader:
-    """This rank's micro-batches of augmented crops of the model's training size, in the order the
-    module docstring describes (``micro_batches`` streams them across epochs)."""
-    micro = config.batch_size // (env.world_size * config.grad_accum)
-    if micro * env.world_size * config.grad_accum != config.batch_size:
+    """This rank's shares of the steps (batch_size / ranks augmented crops of the model's training
+    size), in the order the module docstring describes (``step_batches`` streams them across epochs)."""
+    if config.batch_size % (env.world_size * config.grad_accum):
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of ranks x grad_accum = {env.world_size * config.grad_accum}")
     crop = model_config.backbone.image_size
     mean, std = normalization_stats(model_config.backbone.normalization)
-    transform = TrainTransform(crop, mean, std, base_size=config.base_size or crop[0])
+    transform = TrainTransform(crop, mean, std, base_size=config.base_size or crop[0], max_ratio=config.max_ratio)
     items = AugmentedItems(dataset, transform, config.seed)
-    sampler = EpochSampler(items, env.rank, env.world_size, config.seed)
-    if sampler.num_samples < micro:
-        raise ValueError(f"{dataset.name} {dataset.split} has {len(dataset)} images: less than one batch per rank")
     return DataLoader(
         items,
-        batch_size=micro,
-        sampler=sampler,
-        drop_last=True,
+        batch_size=config.batch_size // env.world_size,
+        sampler=EpochSampler(items, env.rank, env.world_size, config.seed),
+        drop_last=False,
         num_workers=config.num_workers,
         pin_memory=pin_memory,
         persistent_workers=config.num_workers > 0,
@@ -407,7 +484,7 @@ class _Run:
     """The state of one training process: data, model (DDP-wrapped under torchrun), optimizer, log."""
 
     def __init__(self, config: TrainConfig, env: DistEnv, device: torch.device, resume: str | Path | None):
-        self.config, self.env, self.device = config, env, device
+        self.env, self.device = env, device
         self.out_dir = Path(config.out_dir)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         if resume is None and self.checkpoint_path.exists():
@@ -416,6 +493,8 @@ class _Run:
         _seed(config.seed)  # the same initial weights on every rank
         train_set = build_dataset(config.dataset, config.data_root, config.train_split, **config.dataset_kwargs)
         self.val_set = build_dataset(config.dataset, config.data_root, config.val_split, **config.dataset_kwargs)
+        self.config = config = resolve_iterations(config, len(train_set))
+        self.steps_per_epoch = steps_per_epoch(len(train_set), config.batch_size)
         raw = read_checkpoint(resume) if resume is not None else None
         self.net = build_model(config, train_set.n_cls) if raw is None else _model_from_checkpoint(raw, resume)
         if self.net.n_cls != train_set.n_cls:
@@ -424,18 +503,17 @@ class _Run:
         ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.net, device_ids=ids) if env.world_size > 1 else self.net
         self.forward = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = build_optimizer(config, self.net.parameters())
+        self.optimizer = build_optimizer(config, self.net)
         self.iteration = 0
         if raw is not None:
-            self.optimizer.load_state_dict(raw["optimizer"])
+            self._restore_optimizer(raw["optimizer"], resume)
             self.iteration = raw["iteration"]
             self._restore_rng(raw["rng"])
         else:
             _seed(config.seed, 1, env.rank)  # per-rank streams for drop-path / dropout
 
         loader = train_loader(train_set, self.net.config, config, env, pin_memory=device.type == "cuda")
-        self.micro_per_epoch = len(loader)
-        self.stream = micro_batches(loader, self.iteration * config.grad_accum)
+        self.stream = step_batches(loader, self.iteration)
         self.scores: dict | None = None
         self.log_path = self.out_dir / "log.jsonl"
         if env.main:
@@ -443,6 +521,16 @@ class _Run:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             if resume is None:
                 self.log_path.write_text("")
+
+    def _restore_optimizer(self, state: dict, path: str | Path) -> None:
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError:  # e.g. one parameter group saved, two (weight-decay groups) built
+            groups = len(state["param_groups"])
+            raise CheckpointError(
+                f"{path}: its optimizer state has {groups} parameter group(s), this run builds "
+                f"{len(self.optimizer.param_groups)} (weight_decay {self.config.weight_decay}); cannot resume from it"
+            ) from None
 
     def _restore_rng(self, states: list[dict]) -> None:
         if len(states) == self.env.world_size:
@@ -459,22 +547,21 @@ class _Run:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def step(self) -> Tensor:
-        """One optimizer step -> this rank's share of the step's mean loss (the shares sum to it)."""
+        """One optimizer step -> this rank's mean loss / ranks (summed over ranks: the mean of the ranks' losses)."""
         config, world = self.config, self.env.world_size
         lr = learning_rate(self.iteration, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self._next_batch() for _ in range(config.grad_accum)]
-        labelled = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
-        if world > 1:
-            dist.all_reduce(labelled)
-        scale = world / labelled.clamp(min=1)  # DDP averages gradients over ranks
+        images, labels = self._next_batch()
+        labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        micro = config.batch_size // (world * config.grad_accum)
+        pieces = list(zip(images.split(micro), labels.split(micro)))  # fewer in an epoch's short last step
         total = torch.zeros((), device=self.device)
-        for k, (images, labels) in enumerate(batches):
-            last = k == len(batches) - 1
+        for k, (x, y) in enumerate(pieces):
+            last = k == len(pieces) - 1
             with self.model.no_sync() if world > 1 and not last else contextlib.nullcontext():
                 with autocast(self.device, config.amp):
-                    loss = F.cross_entropy(self.forward(images), labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
+                    loss = F.cross_entropy(self.forward(x), y, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
                 loss.backward()
             total += loss.detach()
         self.optimizer.step()
@@ -543,7 +630,7 @@ class _Run:
                         dist.all_reduce(loss_sum)
                     last_loss, lr = float(loss_sum) / steps, self.optimizer.param_groups[0]["lr"]
                     speed = steps * config.batch_size / (time.perf_counter() - clock)
-                    epoch = round(it * config.grad_accum / self.micro_per_epoch, 3)
+                    epoch = round(it / self.steps_per_epoch, 3)
                     self.log({"type": "train", "iter": it, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_s": speed})
                     progress.update(task, stats=f"loss {last_loss:.4f}  lr {lr:.2e}  {speed:.1f} img/s")
                     loss_sum, steps = torch.zeros((), device=self.device), 0

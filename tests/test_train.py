@@ -1,6 +1,7 @@
 """Training engine: poly schedule, typed config, exact resume, DDP equivalence, signals, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,15 +11,16 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
 from depict_analysis.models import load_model, variant_config
-from depict_analysis.models.checkpoint import read_checkpoint
+from depict_analysis.models.checkpoint import CheckpointError, read_checkpoint
 from depict_analysis.models.evaluate import evaluate
-from depict_analysis.models.data import build_dataset
-from depict_analysis.models.train import TrainConfig, build_config, learning_rate, poly_lr, train
+from depict_analysis.models.data import TrainTransform, build_dataset, normalization_stats
+from depict_analysis.models.train import TrainConfig, _seed, build_config, build_model, learning_rate, poly_lr, train
 
 # 20 synthetic 32-px scenes: one epoch is 5 steps of 4 images, so every multi-step run crosses epochs.
 TINY = dict(dataset="synthetic", dataset_kwargs={"size": 32, "length": 20}, batch_size=4, num_workers=0, eval_images=4)
@@ -52,13 +54,48 @@ def test_poly_schedule_values_by_hand():
     assert poly_lr(30, 40, 1e-2, min_lr=0.0, power=1.0) == pytest.approx(2.5e-3, rel=1e-12)
 
 
-def test_warmup_rises_linearly_then_poly_decays_over_the_rest():
+class OfficialPolynomialLR(torch.optim.lr_scheduler.LRScheduler):
+    """Segmenter's ``segm/optim/scheduler.py:PolynomialLR`` (step size 1), written from its behaviour:
+    at scheduler step t, t = 0 keeps the optimizer's rate; t < warm-up: the poly factor of the
+    warm-up's end scaled by t / warm-up; later (1 - t / iter_max)^power; all applied as
+    (base - min_lr) * factor + min_lr."""
+
+    def __init__(self, optimizer, iter_warmup: int, iter_max: int, power: float, min_lr: float):
+        self.iter_warmup, self.iter_max, self.power, self.min_lr = iter_warmup, iter_max, power, min_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        t = self.last_epoch
+        if t == 0:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        if t < self.iter_warmup:
+            factor = t / self.iter_warmup * (1 - self.iter_warmup / self.iter_max) ** self.power
+        else:
+            factor = (1 - t / self.iter_max) ** self.power
+        return [(base - self.min_lr) * factor + self.min_lr for base in self.base_lrs]
+
+
+@pytest.mark.parametrize("warmup, power, min_lr", [(0, 0.9, 1e-5), (4, 1.0, 0.0), (30, 0.9, 1e-5)])
+def test_learning_rate_is_the_official_schedulers(warmup, power, min_lr):
+    config = TrainConfig(lr=1e-3, min_lr=min_lr, poly_power=power, warmup_iters=warmup, iterations=100)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = OfficialPolynomialLR(optimizer, warmup, config.iterations, power, min_lr)
+    official = []
+    for _ in range(config.iterations):  # the engine: the rate in force for a step, then step the scheduler
+        official.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [learning_rate(i, config) for i in range(config.iterations)] == pytest.approx(official, rel=1e-12, abs=0)
+
+
+def test_warmup_rises_to_the_poly_rate_of_its_end_by_hand():
     config = TrainConfig(lr=1e-3, min_lr=0.0, poly_power=1.0, warmup_iters=4, iterations=14)
     rates = [learning_rate(i, config) for i in range(14)]
-    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
-    assert rates[4] == pytest.approx(1e-3, rel=1e-12)  # poly starts at its top after the warm-up
-    assert rates[9] == pytest.approx(5e-4, rel=1e-12)  # halfway through the 10 poly steps, power 1
-    assert rates[13] == pytest.approx(1e-4, rel=1e-12)
+    # step 0 at lr; then 1e-3 * k/4 * (1 - 4/14) for k = 1..3; then 1e-3 * (1 - k/14)
+    assert rates[0] == 1e-3
+    assert rates[1:4] == pytest.approx([1e-3 * k / 4 * 10 / 14 for k in (1, 2, 3)], rel=1e-12)
+    assert rates[4] == pytest.approx(1e-3 * 10 / 14, rel=1e-12)  # the warm-up line ends on the poly curve
+    assert rates[13] == pytest.approx(1e-3 / 14, rel=1e-12)
     no_warmup = TrainConfig(lr=1e-3, iterations=100)
     assert learning_rate(50, no_warmup) == poly_lr(50, 100, 1e-3)
 
@@ -119,13 +156,14 @@ def test_a_run_logs_evaluates_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    # drop-path draws from torch's RNG and micro-batches cross an epoch: both must be restored exactly
+    # drop-path draws from torch's RNG, and 10 scenes in steps of 4 make epochs of 4 + 4 + 2 (the short
+    # step one micro-batch): the run stops inside the second epoch, and both must be restored exactly
     model = variant_config("depict-sa-tiny").to_dict()
     model["backbone"]["drop_path_rate"] = 0.2
-    common = dict(model=model, iterations=6, grad_accum=2, log_every=1, dataset_kwargs={"size": 32, "length": 10})
+    common = dict(model=model, epochs=2, grad_accum=2, log_every=1, dataset_kwargs={"size": 32, "length": 10})
     train(tiny_config(tmp_path / "straight", **common), progress=False)
-    first = train(tiny_config(tmp_path / "split", stop_after=3, **common), progress=False)
-    assert first["iteration"] == 3 and not first["completed"]
+    first = train(tiny_config(tmp_path / "split", stop_after=4, **common), progress=False)
+    assert first["iteration"] == 4 and not first["completed"]
     config = build_config(resume=tmp_path / "split" / "checkpoint.pt")  # the run's own settings, stop_after dropped
     assert config.stop_after is None and config.grad_accum == 2
     second = train(config, resume=tmp_path / "split" / "checkpoint.pt", progress=False)
@@ -136,15 +174,56 @@ def test_resume_continues_exactly(tmp_path):
     assert straight_losses == split_losses
 
 
+def test_resume_with_other_weight_decay_groups_is_refused_in_one_line(tmp_path):
+    train(tiny_config(tmp_path / "run", iterations=2, stop_after=1), progress=False)  # no decay: one group
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="1 parameter group\\(s\\), this run builds 2"):
+        train(build_config(resume=checkpoint, overrides=["weight_decay=0.01"]), resume=checkpoint, progress=False)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    train(tiny_config(tmp_path / "one", iterations=2), progress=False)
-    train(tiny_config(tmp_path / "accum", iterations=2, grad_accum=4), progress=False)
+    # 6 scenes: steps of 4 then 2 images, split into micro-batches of 1 (4, then only 2 of them)
+    common = dict(epochs=1, dataset_kwargs={"size": 32, "length": 6})
+    train(tiny_config(tmp_path / "one", **common), progress=False)
+    train(tiny_config(tmp_path / "accum", grad_accum=4, **common), progress=False)
     assert_same_weights(weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "accum" / "checkpoint.pt"), atol=1e-6)
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    args = ["--variant", "depict-sa-tiny", "--dataset", "synthetic", "--iterations", "3", "--batch-size", "4",
-            "--num-workers", "0", "--eval-images", "5", "--no-progress", "--set", "dataset_kwargs={size: 32, length: 20}"]
+def official_ddp_reference(config: TrainConfig, world: int) -> dict:
+    """The weights after one epoch of Segmenter's engine on ``world`` processes, written out by hand:
+    DistributedSampler's order (randperm seeded seed + epoch, padded with its first items, rank r
+    taking every r-th), batch_size / world items per rank and step (the last step shorter), each rank's
+    cross-entropy averaged over its own labelled pixels, gradients averaged over ranks, Nesterov SGD."""
+    _seed(config.seed)  # the run's initial weights: seeded, datasets built, then the model
+    train_set = build_dataset(config.dataset, None, "train", **config.dataset_kwargs)
+    build_dataset(config.dataset, None, "val", **config.dataset_kwargs)
+    model = build_model(config, train_set.n_cls)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True)
+    crop = model.config.backbone.image_size
+    transform = TrainTransform(crop, *normalization_stats("vit"), base_size=crop[0])
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    order += order[: -len(order) % world]
+    per_rank = config.batch_size // world
+    for step in range(math.ceil(len(order) / world / per_rank)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        rank_losses = []
+        for rank in range(world):
+            items = order[rank::world][step * per_rank : (step + 1) * per_rank]
+            pairs = [transform(*train_set.load_raw(i), np.random.default_rng([config.seed, 0, i])) for i in items]
+            images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            rank_losses.append(F.cross_entropy(model(images), labels, ignore_index=255))
+        (sum(rank_losses) / world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.state_dict()
+
+
+def test_two_process_ddp_is_the_official_engine(tmp_path):
+    # 17 scenes, batch 4 on 2 ranks: the epoch is padded to 18, each rank takes 9 in steps of 2, 2, 2, 2, 1
+    args = ["--variant", "depict-sa-tiny", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "4",
+            "--num-workers", "0", "--eval-images", "5", "--no-progress", "--set", "dataset_kwargs={size: 32, length: 17}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -153,15 +232,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, meta = load_model(tmp_path / "ddp" / "checkpoint.pt")
+    assert meta["iteration"] == 5 and meta["train_config"]["iterations"] == 5  # ceil(17 / 4) steps, the last kept
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2  # both ranks contributed their RNG state
     assert not torch.equal(meta["rng"][0]["torch"], meta["rng"][1]["torch"])
 
-    train(tiny_config(tmp_path / "single", iterations=3, eval_images=5), progress=False)
-    assert_same_weights(weights(tmp_path / "ddp" / "checkpoint.pt"), weights(tmp_path / "single" / "checkpoint.pt"), atol=1e-5)
+    reference = official_ddp_reference(tiny_config(tmp_path, iterations=5, dataset_kwargs={"size": 32, "length": 17}), world=2)
+    assert_same_weights(weights(tmp_path / "ddp" / "checkpoint.pt"), reference, atol=1e-5)
 
     # the DDP run's evaluation (images split over ranks, confusion matrices all-reduced) = one process
     ddp_scores = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["eval"]
-    val = build_dataset("synthetic", None, "val", size=32, length=20)
+    val = build_dataset("synthetic", None, "val", size=32, length=17)
     scores = evaluate(model, val, window=32, short_side=32, num_images=5)
     assert ddp_scores["n_pixels"] == scores["n_pixels"] == 5 * 32 * 32
     for key in ("miou", "pixel_acc", "mean_acc"):

@@ -1,7 +1,12 @@
-"""Training and evaluation transforms (mmseg / Segmenter semantics), in plain torch + numpy + PIL.
+"""Training and evaluation transforms with mmseg 0.x / Segmenter semantics, in numpy + OpenCV.
 
 A transform maps ``(image: PIL RGB (H, W), label: int64 (H, W))`` to
 ``(FloatTensor (3, h, w) normalised, LongTensor label)``; label 255 = ignore.
+
+The image operations are OpenCV's because mmseg's are (through mmcv): its uint8 bilinear resize
+works in fixed point and its HSV has 180 hue levels, and neither is reproduced exactly by a float
+implementation (torch's bilinear resize differs by one grey level on about 13 % of the values, and
+a nearest-neighbour rule at pixel centres picks a neighbouring pixel on about half of them).
 
 Randomness (``TrainTransform``): every call takes an optional ``numpy.random.Generator``. Without
 one, a fresh generator is seeded from ``torch``'s global RNG (one ``torch.randint`` draw per call).
@@ -15,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from depict_analysis.models.backbone import NORMALIZATION
@@ -26,7 +31,7 @@ from .base import IGNORE_INDEX
 
 
 def normalization_stats(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` in [0, 1] units: ``"vit"`` -> 0.5 / 0.5, ``"deit"`` -> ImageNet."""
+    """``(mean, std)`` in [0, 1] units of a backbone family (``backbone.NORMALIZATION``)."""
     if kind not in NORMALIZATION:
         raise ValueError(f"unknown normalization {kind!r}; expected one of: {', '.join(NORMALIZATION)}")
     return NORMALIZATION[kind]
@@ -38,24 +43,25 @@ def _scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, int]:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (half-pixel centres, no antialias: like cv2 / mmseg).
+    """OpenCV's bilinear resize (``INTER_LINEAR``: half-pixel centres, no antialias), as mmcv's.
 
     ``image``: uint8 ``(H, W, 3)``; ``size``: ``(h, w)``; returns uint8 ``(h, w, 3)``.
     """
     if image.shape[:2] == tuple(size):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map ``(H, W)`` -> ``(h, w)``: values are only copied."""
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * label.shape[0] / size[0]).astype(np.int64),
-                      label.shape[0] - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * label.shape[1] / size[1]).astype(np.int64),
-                      label.shape[1] - 1)
-    return label[rows[:, None], cols[None, :]]
+    """OpenCV's nearest-neighbour resize (``INTER_NEAREST``) of a label map ``(H, W)`` -> ``(h, w)``.
+
+    Output row i copies input row ``min(floor(i * (1 / (h / H))), H - 1)`` (in double precision, so
+    not always ``floor(i * H / h)``), and likewise for columns: values are only copied.
+    """
+    if label.shape == tuple(size):
+        return label
+    resized = cv2.resize(np.ascontiguousarray(label, dtype=np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return resized.astype(label.dtype)
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -74,74 +80,90 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
                            contrast_range: tuple[float, float] = (0.5, 1.5),
                            saturation_range: tuple[float, float] = (0.5, 1.5),
                            hue_delta: int = 18) -> np.ndarray:
-    """mmseg's ``PhotoMetricDistortion`` on uint8 ``(H, W, 3)``.
+    """mmseg's ``PhotoMetricDistortion`` on uint8 RGB ``(H, W, 3)``, its steps and draws in its order.
 
-    Each step fires with probability 1/2: brightness (add U(-32, 32)), contrast (multiply by
-    U(0.5, 1.5)) either first or last, saturation (scale HSV saturation by U(0.5, 1.5)), hue
-    (shift by an integer in [-18, 18) in OpenCV units of 2 degrees). HSV via PIL (hue 0..255).
+    Each step fires with probability 1/2: brightness (add U(-32, 32)); contrast (multiply by
+    U(0.5, 1.5)), second or last, by a coin drawn after the brightness step; saturation (OpenCV
+    HSV, S scaled by U(0.5, 1.5)); hue (OpenCV HSV, H shifted by an integer in [-18, 18) modulo
+    180). Saturation and hue each convert to HSV and back on their own, as mmseg does.
     """
     def contrast(img: np.ndarray) -> np.ndarray:
         return _convert(img, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else img
+
+    def in_hsv(img: np.ndarray, channel: int, change) -> np.ndarray:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., channel] = change(hsv[..., channel])
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
     if rng.integers(2):
         image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
     contrast_first = bool(rng.integers(2))
     if contrast_first:
         image = contrast(image)
-    do_saturation, do_hue = bool(rng.integers(2)), bool(rng.integers(2))
-    if do_saturation or do_hue:
-        hsv = np.array(Image.fromarray(image).convert("HSV"))
-        if do_saturation:
-            hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
-        if do_hue:
-            shift_degrees = 2 * int(rng.integers(-hue_delta, hue_delta))
-            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + round(shift_degrees * 256 / 360)) % 256
-        image = np.array(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+    if rng.integers(2):
+        image = in_hsv(image, 1, lambda s: _convert(s, alpha=rng.uniform(*saturation_range)))
+    if rng.integers(2):
+        image = in_hsv(image, 0, lambda h: (h.astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180)
     if not contrast_first:
         image = contrast(image)
     return image
 
 
+def _balanced(window: np.ndarray, cat_max_ratio: float) -> bool:
+    """Whether at least two classes show in ``window`` and none covers ``>= cat_max_ratio`` of its
+    non-ignored pixels (mmseg's ``RandomCrop`` test)."""
+    counts = np.bincount(window.ravel(), minlength=IGNORE_INDEX)[:IGNORE_INDEX]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
 def _crop_box(label: np.ndarray, crop: tuple[int, int], rng: np.random.Generator,
               cat_max_ratio: float) -> tuple[int, int]:
-    """Top-left corner of a random crop; with ``cat_max_ratio < 1``, up to 10 tries (mmseg) to
-    find one where at least two classes show and none covers ``>= cat_max_ratio`` of the
-    non-ignored pixels; otherwise the last try is kept."""
+    """Top-left corner of a random crop, as mmseg's ``RandomCrop``: with ``cat_max_ratio < 1`` a
+    crop failing ``_balanced`` is redrawn, up to 10 times; the 11th draw is kept unchecked."""
     margin_h, margin_w = max(label.shape[0] - crop[0], 0), max(label.shape[1] - crop[1], 0)
-    for _ in range(10 if cat_max_ratio < 1.0 else 1):
-        top, left = int(rng.integers(margin_h + 1)), int(rng.integers(margin_w + 1))
-        window = label[top:top + crop[0], left:left + crop[1]]
-        counts = np.bincount(window.ravel(), minlength=IGNORE_INDEX)[:IGNORE_INDEX]
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
+
+    def draw() -> tuple[int, int]:
+        return int(rng.integers(margin_h + 1)), int(rng.integers(margin_w + 1))
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            if _balanced(label[top:top + crop[0], left:left + crop[1]], cat_max_ratio):
+                break
+            top, left = draw()
     return top, left
 
 
 class TrainTransform:
-    """Random resize -> random crop (cat_max_ratio) -> flip -> photometric -> normalise -> pad.
+    """mmseg's training pipeline: random resize -> random crop (cat_max_ratio) -> flip ->
+    photometric distortion -> normalise -> pad.
 
     Output: image FloatTensor ``(3, crop_h, crop_w)`` (pad value 0, after normalisation), label
-    LongTensor ``(crop_h, crop_w)`` (pad value 255). Resize ratio r ~ U(ratio_range): with
-    ``base_size`` the image is rescaled (aspect kept) to fit inside ``(4 * base_size * r,
-    base_size * r)`` (long, short side), as mmseg's ``img_scale=(2048, 512)`` for base 512;
-    without it, both sides are multiplied by r. Images bilinear, labels nearest.
+    LongTensor ``(crop_h, crop_w)`` (pad value 255). Resize ratio r ~ U(ratio_range). With
+    ``base_size`` the image is rescaled (aspect kept) as large as fits inside ``(int(max_ratio *
+    base_size * r), int(base_size * r))`` (long, short side): mmseg's ``Resize(img_scale=(max_ratio
+    * base, base), ratio_range)``, whose scale is truncated to integers before rescaling. Without
+    ``base_size`` both sides are multiplied by r. Images bilinear, labels nearest (OpenCV).
     """
 
     def __init__(self, crop_size: int | tuple[int, int], mean: Sequence[float],
                  std: Sequence[float], ratio_range: tuple[float, float] = (0.5, 2.0),
                  cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True,
-                 base_size: int | None = None) -> None:
+                 base_size: int | None = None, max_ratio: int = 4) -> None:
         self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.ratio_range, self.cat_max_ratio = ratio_range, cat_max_ratio
-        self.flip_prob, self.photometric, self.base_size = flip_prob, photometric, base_size
+        self.flip_prob, self.photometric = flip_prob, photometric
+        self.base_size, self.max_ratio = base_size, max_ratio
 
-    def _scale(self, height: int, width: int, ratio: float) -> float:
+    def _resized_size(self, height: int, width: int, ratio: float) -> tuple[int, int]:
+        """``(h, w)`` of the random resize with ratio ``ratio`` (mmcv's ``rescale_size``)."""
         if self.base_size is None:
-            return ratio
-        short = self.base_size * ratio
-        return min(4 * short / max(height, width), short / min(height, width))
+            return _scaled_size((height, width), ratio)
+        long_edge, short_edge = int(self.max_ratio * self.base_size * ratio), int(self.base_size * ratio)
+        scale = min(long_edge / max(height, width), short_edge / min(height, width))
+        return _scaled_size((height, width), scale)
 
     def __call__(self, image: Image.Image, label: np.ndarray,
                  rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +173,7 @@ class TrainTransform:
         if img.shape[:2] != label.shape:
             raise ValueError(f"image {img.shape[:2]} and label {label.shape} sizes differ")
 
-        scale = self._scale(*label.shape, rng.uniform(*self.ratio_range))
-        size = _scaled_size(label.shape, scale)
+        size = self._resized_size(*label.shape, rng.uniform(*self.ratio_range))
         img, label = resize_image(img, size), resize_label(label, size)
 
         top, left = _crop_box(label, self.crop, rng, self.cat_max_ratio)

@@ -2,6 +2,8 @@
 
 Each layer owns one matrix ``proj: (h·p, d)``. Its rows, in h groups of p, are the bases of the
 head subspaces; the same matrix projects tokens into the subspaces and maps the result back.
+Initialisation as the official code: ``proj`` normal with std d^-1/2, step sizes standard normal,
+``cls_emb`` trunc-normal (std 0.02), LayerNorms 1 / 0.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ class DepictSA(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_emb"}
+
     def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
         """z: (B, N, d) patch tokens on a grid (h, w) -> masks (B, K, h, w)."""
         x = torch.cat([z, self.cls_emb.expand(z.shape[0], -1, -1)], dim=1)
@@ -127,6 +132,9 @@ class DepictCA(nn.Module):
         self.snorm = nn.LayerNorm(dim, eps=1e-5)
         self.cnorm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_emb"}
 
     def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
         """z: (B, N, d) patch tokens on a grid (h, w) -> masks (B, K, h, w)."""

@@ -8,11 +8,18 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from depict_analysis.models.decoders.init import init_weights
 from depict_analysis.models.decoders.mask_head import class_masks
 
 
 class MaskTransformer(nn.Module):
-    """``proj_dec`` -> ``[Z ; cls_emb]`` -> ViT blocks -> LN -> patch/class projections -> mask head."""
+    """``proj_dec`` -> ``[Z ; cls_emb]`` -> ViT blocks -> LN -> patch/class projections -> mask head.
+
+    Initialised as Segmenter's: ``init_weights`` on every Linear / LayerNorm, ``cls_emb``
+    trunc-normal (std 0.02), ``proj_patch`` / ``proj_classes`` normal with std d^-1/2. ``dropout``
+    acts where Segmenter's blocks apply it: on the attention weights, after the attention
+    projection and after both MLP layers.
+    """
 
     def __init__(
         self,
@@ -29,7 +36,6 @@ class MaskTransformer(nn.Module):
         heads = heads or dim // 64
         self.proj_dec = nn.Linear(dim_encoder, dim)
         self.cls_emb = nn.Parameter(torch.empty(1, n_cls, dim))
-        nn.init.trunc_normal_(self.cls_emb, std=0.02)
         drop_path = torch.linspace(0, drop_path_rate, n_layers).tolist()
         self.blocks = nn.ModuleList(
             Block(
@@ -38,6 +44,7 @@ class MaskTransformer(nn.Module):
                 mlp_ratio=4.0,
                 qkv_bias=True,
                 proj_drop=dropout,
+                attn_drop=dropout,
                 drop_path=drop_path[i],
                 norm_layer=partial(nn.LayerNorm, eps=1e-5),
             )
@@ -47,6 +54,11 @@ class MaskTransformer(nn.Module):
         self.proj_patch = nn.Parameter(torch.randn(dim, dim) * dim**-0.5)
         self.proj_classes = nn.Parameter(torch.randn(dim, dim) * dim**-0.5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cls_emb, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_emb"}
 
     def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
         """z: (B, N, d_enc) patch tokens on a grid (h, w) -> masks (B, K, h, w)."""
