@@ -59,7 +59,7 @@ Usage::
     # on a bare machine whose python has the dependencies (torch, timm, ...), from the repository root:
     #   python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 \
     #   python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json --commit <sha>
-    python benchmarks/gpu_check.py --smoke --device cpu --out smoke.json   # tiny sizes, CPU, seconds
+    python benchmarks/gpu_check.py --smoke --device cpu --out smoke.json   # tiny sizes, CPU, < 1 minute
     python benchmarks/gpu_check.py --markdown gpu_check.json     # the README table from a JSON
 """
 
@@ -77,7 +77,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -141,7 +141,8 @@ SMOKE = Sizes("tiny", batch=2, warmup=1, steps=2, eval_images=2, multiscale_imag
               run_log_every=5, run_eval_images=2, run_workers=0, compile_row_s=0.0)
 
 # Seconds a section may start rows for (the whole run also stops at --budget); None: what is left.
-CAPS = {"correctness": 60, "training": 90, "evaluation": 60, "analyses": 90, "short_run": 120, "training_compiled": None}
+CAPS = {"correctness": 60, "training": 90, "evaluation": 60, "analyses": 90, "short_run": 120,
+        "training_compiled": None}
 
 # SDPA kernels as torch names their ops (aten::_scaled_dot_product_<key>...), forward and backward.
 SDPA_KERNELS = {"flash": "flash_attention", "memory-efficient": "efficient_attention", "cudnn": "cudnn_attention",
@@ -182,8 +183,9 @@ class Run:
         self.end = self.start + budget
         self.deadline = self.end
         self.data: dict[str, Any] = {
-            "settings": {"device": str(device), "sizes": asdict(sizes), "seed": seed, "compile_backend": compile_backend,
-                         "budget_s": budget, "image_size": variant_config(f"depict-sa-{sizes.backbone}").backbone.image_size[0]},
+            "settings": {"device": str(device), "sizes": asdict(sizes), "seed": seed,
+                         "compile_backend": compile_backend, "budget_s": budget,
+                         "image_size": variant_config(f"depict-sa-{sizes.backbone}").backbone.image_size[0]},
             "environment": environment(device) | ({"git_commit": commit} if commit else {}),
             "sections": {},
             "complete": False,
@@ -384,7 +386,8 @@ def attention_layers(model_config: ModelConfig) -> tuple[int, dict[int, str]]:
 
 
 def sdpa_kernels_run(model: Segmentor, z: Tensor, grid: tuple[int, int], precision) -> dict[int, dict]:
-    """{p: {"queries", "keys", "forward": [kernels], "backward": [kernels]}} of one decoder forward + backward.
+    """{width: {"queries", "keys", "forward": [kernels], "backward": [kernels]}} of one decoder forward +
+    backward, by the head width the kernels saw (flash on CUDA pads p to a multiple of 8 first).
 
     Read from the op names ``torch.profiler`` records; a math forward has no backward op of its own
     (autograd differentiates its matmuls and softmax), recorded as ``math``.
@@ -435,6 +438,11 @@ def sdpa_eligible(batch: int, heads: int, queries: int, keys: int, p: int, devic
     return result
 
 
+def layer_width(width: int, widths: Iterable[int]) -> int:
+    """The layer head width p that a kernel saw as ``width`` (p itself, or p padded up)."""
+    return min((p for p in widths if p <= width), key=lambda p: width - p, default=width)
+
+
 def sdpa_report(run: Run, family: str) -> dict:
     """For each attention layer kind of the family's decoder: kernels run and backends eligible, fp32 and bf16."""
     model = run.model(family).to(run.device).eval()
@@ -444,11 +452,13 @@ def sdpa_report(run: Run, family: str) -> dict:
         z, grid = model.encode(model.normalize(pixels.to(run.device)))
     layers: dict[int, dict] = {}
     for precision_name, precision in (("fp32", nullcontext), ("bf16", lambda: bf16(run.device))):
-        for p, seen in sdpa_kernels_run(model, z, grid, precision).items():
+        for width, seen in sdpa_kernels_run(model, z, grid, precision).items():
+            p = layer_width(width, names)
             layer = layers.setdefault(p, {"layer": names.get(p, "?"), "heads": heads, "head_dim": p,
                                           "queries": seen["queries"], "keys": seen["keys"]})
             eligible = sdpa_eligible(len(z), heads, seen["queries"], seen["keys"], p, run.device, precision)
-            layer[precision_name] = {"forward": seen["forward"], "backward": seen["backward"], "eligible": eligible}
+            layer[precision_name] = {"forward": seen["forward"], "backward": seen["backward"], "kernel_width": width,
+                                     "eligible": eligible}
     return {"layers": list(layers.values())}
 
 
@@ -521,7 +531,8 @@ def training_rows(run: Run, section: dict, modes: tuple[str, ...]) -> None:
     for family in TRAINED_FAMILIES:
         for mode in modes:
             pair = [run.row(section, {"family": family, "decoder": impl, "mode": mode},
-                            lambda: training_throughput(run, family, impl, mode), needs) for impl in ("ours", "literal")]
+                            lambda: training_throughput(run, family, impl, mode), needs)
+                    for impl in ("ours", "literal")]
             add_ratios(*pair)
         run.save()
 
@@ -611,7 +622,8 @@ def short_run(run: Run, folder: Path) -> dict:
     """``train()`` to ``run_stop``, then resumed from its checkpoint to ``run_iterations``."""
     sizes = run.sizes
     config = TrainConfig(
-        model=run.variant("depict-sa"), dataset="synthetic", dataset_kwargs={"size": sizes.run_scene, "length": 100_000},
+        model=run.variant("depict-sa"), dataset="synthetic",
+        dataset_kwargs={"size": sizes.run_scene, "length": 100_000},
         batch_size=sizes.batch, iterations=sizes.run_iterations, stop_after=sizes.run_stop, optimizer="adamw",
         lr=sizes.run_lr, warmup_iters=sizes.run_warmup, weight_decay=0.01, log_every=sizes.run_log_every,
         eval_images=sizes.run_eval_images, save_every=0, num_workers=sizes.run_workers, seed=run.seed,
@@ -687,11 +699,14 @@ def _kernels(data: dict, family: str, precision: str) -> str:
     rows = _rows(data, "correctness", check="sdpa", family=family)
     if not rows or rows[0]["status"] != "ok":
         return DASH if not rows else rows[0]["status"].split(":")[0]
-    return "; ".join(
-        f"{layer['layer']} (p = {layer['head_dim']}): {'/'.join(layer[precision]['forward']) or DASH} → "
-        f"{'/'.join(layer[precision]['backward']) or DASH}"
-        for layer in rows[0]["layers"]
-    )
+    cells = []
+    for layer in rows[0]["layers"]:
+        seen = layer.get(precision) or {}
+        width = seen.get("kernel_width", layer["head_dim"])
+        padded = f" (p padded to {width})" if width != layer["head_dim"] else ""
+        cells.append(f"{layer['layer']} (p = {layer['head_dim']}): {'/'.join(seen.get('forward', [])) or DASH} → "
+                     f"{'/'.join(seen.get('backward', [])) or DASH}{padded}")
+    return "; ".join(cells)
 
 
 def _joined(cells: list[str]) -> str:
@@ -727,9 +742,9 @@ def render_markdown(data: dict) -> str:
          lambda f: _joined([_value(data, "correctness", "fp32.max_abs_diff", ".1e", check="forward", family=f),
                             _value(data, "correctness", "fp32.argmax_agreement", ".4f", check="forward", family=f)])),
         ("fp32 with torch's TF32 defaults: max abs diff · argmax agreement",
-         lambda f: _joined([_value(data, "correctness", "fp32_tf32_defaults.max_abs_diff", ".1e", check="forward", family=f),
-                            _value(data, "correctness", "fp32_tf32_defaults.argmax_agreement", ".4f", check="forward",
-                                   family=f)])),
+         lambda f: _joined([
+             _value(data, "correctness", "fp32_tf32_defaults.max_abs_diff", ".1e", check="forward", family=f),
+             _value(data, "correctness", "fp32_tf32_defaults.argmax_agreement", ".4f", check="forward", family=f)])),
         ("bf16 autocast vs CPU fp32: argmax agreement",
          lambda f: _value(data, "correctness", "bf16.argmax_agreement", ".4f", check="forward", family=f)),
         ("SDPA kernel, fp32: forward → backward", lambda f: _kernels(data, f, "fp32")),
@@ -817,11 +832,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:i")
     ap.add_argument("--smoke", action="store_true", help="tiny models and sizes (the CPU check of the script)")
-    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON file (rewritten after every row)")
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"),
+                    help="the JSON file (rewritten after every row)")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds after which no section or row starts")
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="run only these (default: all, in order)")
     ap.add_argument("--compile-backend", help="torch.compile backend (default: inductor; eager with --smoke)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (0: leave as is; 1 for --smoke on the CPU, where tiny ops spin)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--commit", help="the commit to record where the copy of the code has no .git")
     ap.add_argument("--markdown", type=Path, metavar="JSON", help="print the table of an existing JSON and exit")
@@ -829,13 +846,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render_markdown(json.loads(args.markdown.read_text())), end="")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    threads = args.threads or (1 if args.smoke and device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     backend = args.compile_backend or ("eager" if args.smoke else "inductor")
     data = run_check(args.out, device, SMOKE if args.smoke else PAPER, seed=args.seed, compile_backend=backend,
                      budget=args.budget, sections=args.sections, commit=args.commit)

@@ -63,6 +63,7 @@ def test_sdpa_kernels_are_read_per_layer(smoke):
         for layer in found:
             for precision in ("fp32", "bf16"):
                 assert layer[precision]["forward"] == layer[precision]["backward"] == ["flash"]
+                assert layer[precision]["kernel_width"] == layer["head_dim"]  # the CPU kernel does not pad
                 eligible = layer[precision]["eligible"]
                 assert eligible["flash"] == eligible["math"] == "ok"
                 assert eligible["memory-efficient"].startswith("RuntimeError")
@@ -77,6 +78,13 @@ def test_sdpa_op_names_map_to_kernels():
     assert label("aten::_scaled_dot_product_attention_math") == "math"
     assert label("aten::scaled_dot_product_attention") is None  # the dispatcher, not a kernel
     assert label("aten::bmm") is None
+
+
+def test_padded_kernel_widths_map_to_their_layer():
+    """Flash on CUDA pads p to a multiple of 8: MSSA's 100 shows as 104, MSCA's 50 as 56."""
+    widths = {100: "MSSA", 50: "MSCA"}
+    assert [gpu_check.layer_width(w, widths) for w in (100, 104, 50, 56)] == [100, 100, 50, 50]
+    assert gpu_check.layer_width(64, {64: "MHSA"}) == 64 and gpu_check.layer_width(7, {64: "MHSA"}) == 7
 
 
 def test_attention_layers_of_the_paper_models():
@@ -165,7 +173,8 @@ def test_markdown_table_shows_the_cuda_only_numbers(smoke):
             assert ours["memory_literal_over_ours"] == 2.0
     text = gpu_check.render_markdown(data)
     assert text.startswith("**NVIDIA H100 80GB HBM3**, torch ")
-    assert "| training peak GiB: fp32 · bf16 · bf16 + compile | 1.50 · 1.50 · 1.50 | – | 1.50 · 1.50 · 1.50 |" in text
+    assert "| training peak GiB: fp32 · bf16 · bf16 + compile | 1.50 · 1.50 · 1.50 | – | 1.50 · 1.50 · 1.50 |" \
+        in text
     assert "| 2.00 · 2.00 · 2.00 | – | 2.00 · 2.00 · 2.00 |" in text
     assert "| CUDA fp32 (TF32 off) vs CPU fp32" in text
 
