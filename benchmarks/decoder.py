@@ -17,7 +17,7 @@ batch 8, the registry's decoder hyper-parameters (DEPICT: 3 MSSA layers, 3 heads
 3 MSCA layers × 3 heads × 50; Segmenter: 2 ViT blocks, d/64 heads, MLP 4d).
 
 Weights are random (``--seed``) with LayerNorm affines perturbed and class embeddings drawn with
-std 1 (distinct classes, as after training; see ``make_decoder``). Decoders are in eval mode
+std 1 (distinct classes, as after training; see ``trained_like``). Decoders are in eval mode
 (dropout off) so that outputs are deterministic and comparable; the forward+backward pass
 back-propagates a fixed random cotangent of the masks into the decoder input and every parameter
 (``masks.sum()`` would give LayerNorm-over-K zero gradients).
@@ -276,6 +276,12 @@ def make_decoder(name: str, backbone: str, n_cls: int, device: torch.device, see
     config = variant_config(f"{name}-{backbone}", n_cls)
     torch.manual_seed(seed)
     decoder = build_decoder(config.decoder, config.backbone.d_model, n_cls)
+    return trained_like(decoder).to(device).eval()
+
+
+def trained_like(decoder: nn.Module) -> nn.Module:
+    """``decoder`` with LayerNorm affines perturbed and class embeddings drawn with std 1, in place
+    (from the global torch RNG)."""
     with torch.no_grad():
         for module in decoder.modules():  # non-trivial LayerNorm affines, so that a mix-up would show
             if isinstance(module, nn.LayerNorm):
@@ -286,7 +292,7 @@ def make_decoder(name: str, backbone: str, n_cls: int, device: torch.device, see
         # by their tiny spread: float32 rounding is then amplified to ~1e-4 in *any* implementation
         # (both sides differ from float64 alike), which would hide what this benchmark compares.
         decoder.cls_emb.normal_(0.0, 1.0)
-    return decoder.to(device).eval()
+    return decoder
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +300,7 @@ def make_decoder(name: str, backbone: str, n_cls: int, device: torch.device, see
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -337,10 +343,10 @@ def time_interleaved(fns: dict[str, Callable], repeats: int, device: torch.devic
     """
 
     def once(fn: Callable):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = fn()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, out
 
     outputs = {name: once(fn)[1] for name, fn in fns.items()}
@@ -360,11 +366,11 @@ def peak_memory(fn: Callable, device: torch.device) -> int:
     if hasattr(fn, "reset"):
         fn.reset()
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 

@@ -291,7 +291,8 @@ def check_analysis(variant: str = "depict-sa-tiny", n_cls: int = 6, images: int 
 # --------------------------------------------------------------------------------------------
 
 
-def _with_literal_decoder(model: nn.Module) -> nn.Module:
+def with_literal_decoder(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose decoder is ``benchmarks/decoder.py``'s literal reference (same weights)."""
     twin = copy.deepcopy(model)
     twin.decoder = literal_twin(model.decoder)
     return twin
@@ -304,7 +305,7 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) 
     w = protocol["window"]
     data = InMemorySet(synthetic_scenes(args.images, w * 15 // 16, w * 5 // 4, args.seed), args.classes)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    lit_model = _with_literal_decoder(model)
+    lit_model = with_literal_decoder(model)
     loop = evaluate_loop  # evaluate()'s loop with a swappable predictor / grad mode
     eval_rows = {  # name: (function, the row it is compared with)
         "evaluate()": (lambda: evaluate(model, data, **protocol), None),
