@@ -178,22 +178,24 @@ def cbt_from_official(state, dim, n_cls, heads, width, rep_grid):
 
 
 @pytest.mark.parametrize(
-    "dim, n_cls, heads, width, grid, rep_grid",
-    [(384, 150, 3, 100, (32, 32), 10),  # the official sizes: ViT-S, ADE20K, 3 x 100, 512 px
-     (40, 7, 2, 12, (5, 7), 3),  # another K, heads, width, a non-square grid, fewer representatives
-     (40, 4, 4, 6, (3, 2), 10)],  # more representatives than patches: overlapping pooling cells
+    "dim, n_cls, heads, width, grid, rep_grid, tol",
+    [(384, 150, 3, 100, (32, 32), 10, 1e-5),  # the official sizes: ViT-S, ADE20K, 3 x 100, 512 px
+     (40, 7, 2, 12, (5, 7), 3, 1e-5),  # another K, heads, width, a non-square grid, fewer representatives
+     # more representatives than patches (overlapping pooling cells); the LayerNorm over K = 4 scores
+     # amplifies float32 rounding most
+     (40, 4, 4, 6, (3, 2), 10, 5e-5)],
 )
-def test_cbt_matches_the_official_cbsa_decoder(dim, n_cls, heads, width, grid, rep_grid):
+def test_cbt_matches_the_official_cbsa_decoder(dim, n_cls, heads, width, grid, rep_grid, tol):
     from tests.official_layout import cbt_decoder
 
     state = official_cbt_state(dim, n_cls, heads, width)
     dec = cbt_from_official(state, dim, n_cls, heads, width, rep_grid)
-    z = torch.randn(2, grid[0] * grid[1], dim)
+    z = torch.randn(2, grid[0] * grid[1], dim, generator=torch.Generator().manual_seed(1))
     expected = cbt_decoder(z.double(), {k: v.double() for k, v in state.items()}, grid, heads, n_cls, rep_grid)
     with torch.no_grad():
         ours = dec(z, grid)
     assert ours.shape == (2, n_cls, *grid)
-    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=tol)
 
 
 def test_cbsa_representatives_are_pooled_patch_projections_moved_by_the_contract_step():
