@@ -40,7 +40,7 @@ from depict_analysis.robustness import (
     resolve_perturbation,
     run_robustness,
 )
-from depict_analysis.models.pretrained import DEFAULT_MODELS
+from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
@@ -83,9 +83,9 @@ def summary_table(result: dict) -> Table:
 def robustness(
     checkpoints: Optional[list[Path]] = typer.Argument(
         None, help="Our .pt files and/or official release folders, one curve each (builtin:NAME too); "
-        "default: the built-in DEPICT-SA, DEPICT-CA and Segmenter (DEPICT only for structured transforms)."
+        "default: the built-in DEPICT-SA, DEPICT-CA and Segmenter (for structured transforms those with subspace projections)."
     ),
-    noise: Noise = typer.Option("gaussian", "--noise", help="What to apply (structured transforms: DEPICT only)."),
+    noise: Noise = typer.Option("gaussian", "--noise", help="What to apply (structured transforms: decoders with subspace projections)."),
     target: Optional[Target] = typer.Option(
         None, "--target", help="What gaussian / uniform noise perturbs.", show_default="decoder; input for salt-pepper, blur"
     ),
@@ -112,20 +112,22 @@ def robustness(
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """mIoU against noise level σ: Gaussian / uniform parameter noise, input noise, or DEPICT's structured transforms.
+    """mIoU against noise level σ: Gaussian / uniform parameter noise, input noise, or structured transforms of the subspaces.
 
     Default σ: parameter noise (absolute or --relative) 0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2,
     5e-2, 0.1, 0.2, 0.5, 1; noise on the normalised input (--target input) std 0.01 … 2;
     salt-pepper a fraction 1e-3 … 0.5 of the pixels; blur std 0.5 … 8 pixels. head-rotation,
-    global-rotation and head-orthonormalize (DEPICT only) compare clean with transformed.
+    global-rotation and head-orthonormalize (decoders with subspace projections: DEPICT, CBT, ToST)
+    compare clean with transformed.
     """
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
     grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
     source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    # structured transforms need subspaces: without checkpoints they compare the built-in DEPICT models only
-    builtins = [n for n in DEFAULT_MODELS if n.startswith("depict")] if perturbation.kind == "structured" else DEFAULT_MODELS
+    builtins = DEFAULT_MODELS
+    if perturbation.kind == "structured":  # without checkpoints: the built-in models whose decoders own subspaces
+        builtins = [name for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
     n_models = len(checkpoints) if checkpoints else len(builtins)
     n_evaluations = n_models * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
     models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins))

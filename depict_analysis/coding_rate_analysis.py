@@ -114,7 +114,7 @@ def analyze_coding_rates(
             "forward_precision": "bfloat16 autocast" if device.type == "cuda" else "float32",
             "std": "over images, ddof = 0",
             "unit": "nats",
-            "model": describe_model(model, first.family),
+            "model": describe_model(model),
         },
         "images": paths,
         "layers": list(range(first.num_layers + 1)),

@@ -105,9 +105,9 @@ def analyze_orthogonality(
     Q = torch.cat(finals)
     panels = [subspace_panel(space) for space in first.subspaces]
     panels.append(class_panel(FINAL_Q, Q, images=len(Q)))
-    if hasattr(model.decoder, "cls_emb"):
-        panels.append(class_panel(LEARNED_Q, model.decoder.cls_emb.detach()[0]))
-    return {"model": describe_model(model, first.family), "num_images": len(Q), "panels": panels}
+    if model.decoder.class_tokens is not None:
+        panels.append(class_panel(LEARNED_Q, model.decoder.class_tokens.detach()))
+    return {"model": describe_model(model), "num_images": len(Q), "panels": panels}
 
 
 def summary_rows(label: str, result: dict) -> list[dict]:

@@ -69,12 +69,12 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def describe_model(model: nn.Module, family: str) -> dict:
-    """What a result's ``settings.model`` records: variant, decoder family (``Trace.family``), d, patch, K."""
+def describe_model(model: nn.Module) -> dict:
+    """What a result's ``settings.model`` records: variant, decoder family, d, patch, K."""
     config = model.config
     return {
         "variant": (config.name if config is not None else "") or "custom",
-        "decoder": family,
+        "decoder": model.decoder.family,
         "d_model": model.encoder.dim,
         "patch_size": model.patch_size,
         "n_cls": model.n_cls,

@@ -37,7 +37,7 @@ from depict_analysis.pca import (
 )
 from depict_analysis.inputs import image_progress
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
-from depict_analysis.trace import adapter_for, trace
+from depict_analysis.trace import trace
 from depict_analysis.models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label
@@ -231,7 +231,7 @@ def analyze_pca(
     settings = {
         "method": method, "k": k or "auto (classes predicted, 2..8)", "layers": results[0].layers,
         "num_layers": results[0].num_layers, "seed": seed, "num_images": len(images),
-        "model": describe_model(model, adapter_for(model.decoder).family),
+        "model": describe_model(model),
     }
     return {"settings": settings, "images": images, "rows": rows, "summary": summarize(rows), "examples": kept}
 

@@ -8,10 +8,11 @@ A :class:`Perturbation` names what is perturbed and how (``resolve_perturbation(
 - input noise (target ``input``): ``gaussian`` / ``uniform`` noise of std σ on the normalised
   image, ``salt-pepper`` (a fraction σ of the pixels set to black or white, all channels) and
   ``blur`` (Gaussian blur of std σ pixels, reflect padding);
-- structured transforms of every DEPICT MSSA / MSCA projection ``proj (h·p, d)``, whose row blocks
-  are P_kᵀ: ``head-rotation`` (P_k → P_k R_k, rows R_kᵀ P_kᵀ, random orthogonal R_k (p, p): MSSA and
-  MSCA are exactly invariant), ``global-rotation`` (proj → Rᵀ proj, one orthogonal R (h·p, h·p)
-  mixing the heads) and ``head-orthonormalize`` (P_k → an orthonormal basis of its span, QR).
+- structured transforms of every head projection ``proj (h·p, d)`` a decoder owns (its subspaces
+  with a ``parameter``: DEPICT's MSSA / MSCA ``proj``, CBT's and ToST's input projections), whose
+  row blocks are P_kᵀ: ``head-rotation`` (P_k → P_k R_k, rows R_kᵀ P_kᵀ, random orthogonal R_k
+  (p, p): MSSA and MSCA are exactly invariant), ``global-rotation`` (proj → Rᵀ proj, one orthogonal
+  R (h·p, h·p) mixing the heads) and ``head-orthonormalize`` (P_k → an orthonormal basis of its span, QR).
   Their "σ" is 0 (clean) or 1 (transformed).
 
 ``robustness_records(model, label, batches, perturbation, sigmas, draws, seed)`` yields one record
@@ -46,7 +47,6 @@ from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
-from depict_analysis.trace import adapter_for
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 
 PARAMETER_NOISES = ("gaussian", "uniform")
@@ -60,7 +60,6 @@ STRUCTURED = tuple(STRUCTURED_DESCRIPTIONS)
 NOISES = (*PARAMETER_NOISES, *PIXEL_NOISES, *STRUCTURED)
 PARAMETER_TARGETS = ("decoder", "encoder", "all")
 TARGETS = (*PARAMETER_TARGETS, "input")
-SUBSPACE_FAMILIES = ("depict_sa", "depict_ca")
 
 PARAMETER_SIGMAS = (0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.2, 0.5, 1)  # SPEC §3.4
 DEFAULT_SIGMAS: dict[str, tuple[float, ...]] = {
@@ -138,7 +137,7 @@ def resolve_perturbation(noise: str, target: str | None = None, relative: bool =
     if noise in PIXEL_NOISES and target != "input":
         raise ConfigError(f"{noise} perturbs images: use --target input (or leave it out), not {target}")
     if noise in STRUCTURED and target != "decoder":
-        raise ConfigError(f"{noise} transforms the decoder's MSSA / MSCA projections: --target must be decoder, not {target}")
+        raise ConfigError(f"{noise} transforms the decoder's subspace projections: --target must be decoder, not {target}")
     if relative and (noise not in PARAMETER_NOISES or target == "input"):
         raise ConfigError("--relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters")
     return Perturbation(noise, target, relative)
@@ -222,22 +221,22 @@ def transformed_projection(proj: Tensor, heads: int, transform: str, generator: 
     return new.reshape(hp, d).to(proj)
 
 
-def subspace_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{parameter name of proj: layer}`` for every MSSA / MSCA layer of a DEPICT decoder."""
-    adapter = adapter_for(model.decoder)
-    if adapter.family not in SUBSPACE_FAMILIES:
+def transformable_subspaces(model: nn.Module) -> dict[str, int]:
+    """``{parameter name: heads}`` of every head projection ``proj (h·p, d)`` the decoder owns, in its order."""
+    spaces = {f"decoder.{s.parameter}": s.proj.shape[0] for s in model.decoder.parameter_subspaces}
+    if not spaces:
         raise ConfigError(
-            f"structured transforms act on DEPICT's MSSA / MSCA subspaces; this model has a {adapter.family} decoder"
+            f"structured transforms act on a decoder's head subspaces; this model's {model.decoder.family} decoder has none"
         )
-    names = {id(module): name for name, module in model.named_modules()}
-    return {f"{names[id(layer)]}.proj": layer for layer in adapter.token_layers() + adapter.class_layers()}
+    return spaces
 
 
 def structured_parameters(model: nn.Module, transform: str, generator: torch.Generator) -> dict[str, Tensor]:
-    """``{name of proj: transformed proj}`` for every MSSA / MSCA layer, in decoder order."""
+    """``{name of proj: transformed proj}`` for every subspace projection, in decoder order."""
+    parameters = dict(model.named_parameters())
     return {
-        name: transformed_projection(layer.proj, layer.heads, transform, generator)
-        for name, layer in subspace_layers(model).items()
+        name: transformed_projection(parameters[name], heads, transform, generator)
+        for name, heads in transformable_subspaces(model).items()
     }
 
 
@@ -386,7 +385,7 @@ def robustness_records(
     is set to eval while the generator runs and restored after).
     """
     if perturbation.kind == "structured":
-        subspace_layers(model)  # a clear error before any work for a decoder without subspaces
+        transformable_subspaces(model)  # a clear error before any work for a decoder without subspaces
     if draws < 1:
         raise ConfigError(f"draws must be ≥ 1, got {draws}")
     cache_z0 = perturbation.decoder_only if cache_z0 is None else cache_z0
@@ -491,7 +490,7 @@ def run_robustness(
             total, batches = batches_for(side)
             settings["num_images"] = total
             described.append({"label": label, "path": source, "size": side,
-                              "model": describe_model(model, adapter_for(model.decoder).family)})
+                              "model": describe_model(model)})
             for record in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
                 records.append(record)
                 write_robustness_numbers(robustness_result(settings, described, records, False), out)

@@ -31,11 +31,7 @@ from depict_analysis.orthogonality_analysis import FINAL_Q, analyze_orthogonalit
 from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
 from depict_analysis.robustness import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation, run_robustness
-from depict_analysis.trace import adapter_for
 from depict_analysis.models.pretrained import LABELS, load_default
-
-DEPICT_FAMILIES = ("depict_sa", "depict_ca")
-BASELINE_FAMILY = "mask_transformer"
 
 
 @dataclass
@@ -47,7 +43,12 @@ class SuiteModel:
 
     @property
     def family(self) -> str:
-        return adapter_for(self.model.decoder).family
+        return self.model.decoder.family
+
+    @property
+    def role(self) -> str:
+        """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
+        return self.model.decoder.role
 
 
 @dataclass
@@ -111,28 +112,32 @@ def _robustness_summary(result: dict) -> dict:
     return by_model
 
 
-def check_claims(summary: dict, families: dict[str, str], primary: str) -> list[dict]:
-    """The paper's claims on the summary's numbers: one record each with ``holds`` and the numbers it used."""
+def check_claims(summary: dict, roles: dict[str, str], primary: str) -> list[dict]:
+    """The paper's claims on the summary's numbers: one record each with ``holds`` and the numbers it used.
+
+    ``roles`` maps each compared model's label to its decoder's role: every white-box decoder is
+    compared with every black-box one (Segmenter's mask transformer).
+    """
     claims = []
     pca = summary["pca_seg"]
     scores = pca["mean_scores"]["prediction"]
     first, last = scores[pca["first"]]["ari"], scores[pca["last"]]["ari"]
     claims.append({"claim": f"PCA of {pca['last']} segments better than PCA of {pca['first']} ({primary}, ARI vs prediction)",
                    "holds": last > first, "values": {pca["first"]: first, pca["last"]: last}})
-    baselines = [label for label, family in families.items() if family == BASELINE_FAMILY]
-    depicts = [label for label, family in families.items() if family in DEPICT_FAMILIES]
-    for depict in depicts:
+    baselines = [label for label, role in roles.items() if role == "black-box"]
+    white_boxes = [label for label, role in roles.items() if role == "white-box"]
+    for white in white_boxes:
         for base in baselines:
             for key, how in (("final_Q_mean_abs_offdiag", "mean |off-diagonal cosine|"),
                              ("final_Q_mean_abs_offdiag_centred", "the same with the class mean removed, as the masks see Q̂")):
-                a, b = summary["orthogonality"][depict][key], summary["orthogonality"][base][key]
-                claims.append({"claim": f"{depict}'s Q̂ is closer to orthogonal than {base}'s ({how})",
-                               "holds": a < b, "values": {depict: a, base: b}})
+                a, b = summary["orthogonality"][white][key], summary["orthogonality"][base][key]
+                claims.append({"claim": f"{white}'s Q̂ is closer to orthogonal than {base}'s ({how})",
+                               "holds": a < b, "values": {white: a, base: b}})
             r = summary["robustness"]
-            a, b = r[depict]["sigma_half"], r[base]["sigma_half"]
+            a, b = r[white]["sigma_half"], r[base]["sigma_half"]
             holds = (a is None and b is not None) or (a is not None and b is not None and a > b)
-            claims.append({"claim": f"{depict} keeps its mIoU to a larger σ of decoder-parameter noise than {base} "
-                                    "(σ at half the clean mIoU)", "holds": holds, "values": {depict: a, base: b}})
+            claims.append({"claim": f"{white} keeps its mIoU to a larger σ of decoder-parameter noise than {base} "
+                                    "(σ at half the clean mIoU)", "holds": holds, "values": {white: a, base: b}})
     return claims
 
 
@@ -190,14 +195,15 @@ def run_suite(
 
     summary = {
         "settings": asdict(settings) | {"primary": primary.label},
-        "models": [{"label": e.label, "source": e.source, "decoder": e.family, "variant": e.model.config.name} for e in comparison],
+        "models": [{"label": e.label, "source": e.source, "decoder": e.family, "role": e.role, "variant": e.model.config.name}
+                   for e in comparison],
         "coding_rate": {"model": primary.label, **_coding_rate_summary(rates)},
         "pca_seg": {"model": primary.label, **_pca_summary(pca)},
         "orthogonality": dict(zip(labels, map(_orthogonality_summary, orthogonality))),
         "robustness": _robustness_summary(robustness),
         "seconds": seconds,
     }
-    summary["claims"] = check_claims(summary, {e.label: e.family for e in comparison}, primary.label)
+    summary["claims"] = check_claims(summary, {e.label: e.role for e in comparison}, primary.label)
     save_json(out / "summary.json", summary)
     return summary
 

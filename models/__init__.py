@@ -1,4 +1,4 @@
-"""The segmentation stack: ViT backbones, DEPICT / Segmenter decoders, checkpoints."""
+"""The segmentation stack: ViT backbones, decoder families (DEPICT, CBT, ToST, Segmenter, linear), checkpoints."""
 
 from depict_analysis.models.checkpoint import CheckpointError, load_model, save_checkpoint
 from depict_analysis.models.registry import DecoderConfig, ModelConfig, create_model, list_variants, variant_config

@@ -2,15 +2,15 @@
 
 Our format: ``{"format": "depict-analysis/1", "config": ModelConfig.to_dict(), "model": state_dict, ...}``.
 Official: a folder with ``checkpoint.pth`` and ``variant.yml``; the decoder family is read off the
-state-dict keys (``net.`` = DEPICT-SA, ``snet.``/``cnet.`` = DEPICT-CA, ``blocks.`` = Segmenter,
-``head.`` = linear), since variant.yml does not record the DEPICT mode.
+state-dict keys, since variant.yml calls every decoder ``mask_transformer``: each family registers
+the key that identifies its releases and how their keys map onto its module
+(``models/decoders/base.py:OfficialFormat``).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
 import tempfile
 import warnings
 import zipfile
@@ -23,7 +23,8 @@ from torch import Tensor
 
 from depict_analysis.models.backbone import BackboneConfig
 from depict_analysis.models.errors import CheckpointError, ConfigError
-from depict_analysis.models.registry import DecoderConfig, ModelConfig, create_model
+from depict_analysis.models.decoders.base import DecoderConfig, Family, families
+from depict_analysis.models.registry import ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
 
 FORMAT = "depict-analysis/1"
@@ -104,60 +105,18 @@ def read_variant(path: str | os.PathLike) -> dict:
     return variant
 
 
-def _layer_count(state: dict[str, Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
-
-
-def _heads(state: dict[str, Tensor], key: str, dim_head: int) -> int:
-    rows = state[key].shape[0]
-    if rows % dim_head:
-        raise CheckpointError(f"{key} has {rows} rows, not a multiple of the head width {dim_head}")
-    return rows // dim_head
+def official_family(state: dict[str, Tensor]) -> Family:
+    """The family whose official releases have these decoder keys (prefix ``decoder.`` stripped)."""
+    for family in families():
+        if family.official is not None and family.official.signature in state:
+            return family
+    expected = ", ".join(f"{f.official.signature} for {f.name}" for f in families() if f.official is not None)
+    raise CheckpointError(f"unrecognised decoder keys (expected {expected}; found e.g. {sorted(state)[:3]})")
 
 
 def infer_decoder(state: dict[str, Tensor], kwargs: dict) -> DecoderConfig:
-    """The decoder configuration from the official decoder keys (prefix ``decoder.`` stripped)."""
-    sa_dim, ca_dim = kwargs.get("dim_head", 100), kwargs.get("cross_dim_head", 50)
-    if "net.layers.0.fn.proj" in state:
-        return DecoderConfig(
-            "depict_sa", _layer_count(state, "net.layers."), _heads(state, "net.layers.0.fn.proj", sa_dim), sa_dim
-        )
-    if "snet.layers.0.fn.proj" in state:
-        return DecoderConfig(
-            "depict_ca",
-            _layer_count(state, "snet.layers."),
-            _heads(state, "snet.layers.0.fn.proj", sa_dim),
-            sa_dim,
-            n_cross_layers=_layer_count(state, "cnet.layers."),
-            cross_dim_head=ca_dim,
-        )
-    if "blocks.0.attn.qkv.weight" in state:
-        dim = state["proj_patch"].shape[0]
-        return DecoderConfig(
-            "mask_transformer",
-            _layer_count(state, "blocks."),
-            kwargs.get("n_heads") or dim // 64,
-            d_model=dim,
-            drop_path_rate=kwargs.get("drop_path_rate", 0.0),
-            dropout=kwargs.get("dropout", 0.0),
-        )
-    if "head.weight" in state:
-        return DecoderConfig("linear")
-    raise CheckpointError(
-        "unrecognised decoder keys (expected net.* for DEPICT-SA, snet.*/cnet.* for DEPICT-CA, "
-        f"blocks.* for Segmenter or head.* for linear; found e.g. {sorted(state)[:3]})"
-    )
-
-
-_DEPICT_KEYS = [  # official name -> ours, applied in order
-    (re.compile(r"^net\.layers\.(\d+)\.fn\."), r"layers.\1."),
-    (re.compile(r"^net\.layers\.(\d+)\.norm\."), r"layers.\1.norm."),
-    (re.compile(r"^snet\.layers\.(\d+)\.fn\."), r"self_layers.\1."),
-    (re.compile(r"^snet\.layers\.(\d+)\.norm\."), r"self_layers.\1.norm."),
-    (re.compile(r"^cnet\.layers\.(\d+)\.fn\."), r"cross_layers.\1."),
-    (re.compile(r"^cnet\.layers\.(\d+)\.norm\."), r"cross_layers.\1.norm."),
-]
+    """The decoder configuration from the official decoder keys and variant.yml's ``decoder`` section."""
+    return official_family(state).official.config(state, kwargs)
 
 
 def split_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -168,16 +127,6 @@ def split_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
     if not encoder or not decoder:
         raise CheckpointError("state dict lacks encoder.* or decoder.* keys: not a Segmenter/DEPICT checkpoint")
     return encoder, decoder
-
-
-def rename_decoder_keys(decoder: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official DEPICT names (``net.layers.0.fn.proj``) -> ours (``layers.0.proj``); others unchanged."""
-    renamed = {}
-    for key, value in decoder.items():
-        for pattern, replacement in _DEPICT_KEYS:
-            key = pattern.sub(replacement, key)
-        renamed[key] = value
-    return renamed
 
 
 def official_config(variant: dict, decoder_state: dict[str, Tensor]) -> ModelConfig:
@@ -215,7 +164,7 @@ def load_official(folder: Path, trust: bool = False) -> tuple[Segmentor, dict]:
     model = create_model(config)
     try:
         model.encoder.load_vit_weights(encoder)
-        model.decoder.load_state_dict(rename_decoder_keys(decoder), strict=True)
+        model.decoder.load_state_dict(official_family(decoder).official.convert(decoder), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt_path}: weights do not fit the model ({_first_line(e)})") from None
     inference = variant.get("inference_kwargs", {})

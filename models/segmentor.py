@@ -48,7 +48,13 @@ class Segmentor(nn.Module):
         innermost): the same values up to float rounding, but much faster on the CPU for many
         classes, and the layout ``predict_probs`` works in. The default keeps NCHW logits (training).
         """
-        masks = self.decoder(z, grid)
+        return self.upsample(self.decoder(z, grid), grid, size, memory_format)
+
+    def upsample(
+        self, masks: Tensor, grid: tuple[int, int], size: tuple[int, int], memory_format=torch.contiguous_format
+    ) -> Tensor:
+        """The decoder's masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W): bilinear to the padded
+        image, then cropped to ``size`` = (H, W)."""
         padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
         masks = masks.contiguous(memory_format=memory_format)
         masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)

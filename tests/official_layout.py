@@ -1,7 +1,9 @@
-"""Official Segmenter / DEPICT releases built by hand, and a literal float64 forward pass over them.
+"""Official Segmenter / DEPICT / CBT releases built by hand, and a literal float64 forward pass over them.
 
-Nothing here imports the package: the state-dict keys and shapes are written from SPEC §2, and the
-forward pass from SPEC §1, so a test comparing our loader against it checks both independently.
+Nothing here imports the package: the state-dict keys and shapes are written from SPEC §2 (CBT: from
+the keys QishuaiWen/CBSA's ``segm/model/dec_blocks.py`` and ``decoder.py`` produce), and the forward
+pass from SPEC §1 and from what CBSA's ``Attention`` / ``MaskTransformer`` compute, so a test
+comparing our loader against it checks both independently.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 D, DEPTH, HEADS, PATCH, GRID, K = 64, 2, 2, 8, 4, 5  # tiny ViT: 32x32 training images
-SA_WIDTH, CA_WIDTH = 100, 50  # official head widths of MSSA and MSCA
+SA_WIDTH, CA_WIDTH = 100, 50  # official head widths of MSSA and MSCA (and CBSA: 100)
+REP_GRID = 10  # CBSA's representatives: a 10 x 10 adaptive average pool
 
 
 def _ln(prefix: str, dim: int, g: torch.Generator) -> dict:
@@ -62,6 +65,20 @@ def _subspace_layers(prefix: str, n: int, width: int, g: torch.Generator) -> dic
     return state
 
 
+def cbsa_layers(prefix: str, n: int, heads: int, width: int, dim: int, g: torch.Generator) -> dict:
+    """``<prefix>.layers.<l>``: PreNorm(dim, Attention) of CBSA, as its state dict names them."""
+    state = {}
+    for l in range(n):
+        state.update(_ln(f"{prefix}.layers.{l}.norm", dim, g))
+        fn = f"{prefix}.layers.{l}.fn"
+        state[f"{fn}.proj.weight"] = torch.randn(heads * width, dim, generator=g) / math.sqrt(dim)
+        state[f"{fn}.step_x"] = torch.randn(heads, 1, 1, generator=g)
+        state[f"{fn}.step_rep"] = torch.randn(heads, 1, 1, generator=g)
+        state[f"{fn}.to_out.weight"] = torch.randn(dim, heads * width, generator=g) / math.sqrt(heads * width)
+        state[f"{fn}.to_out.bias"] = 0.1 * torch.randn(dim, generator=g)
+    return state
+
+
 def decoder_state(family: str, g: torch.Generator) -> dict:
     common = {"decoder.cls_emb": torch.randn(1, K, D, generator=g), **_ln("decoder.mask_norm", K, g)}
     if family == "depict_sa":
@@ -84,6 +101,8 @@ def decoder_state(family: str, g: torch.Generator) -> dict:
             "decoder.proj_patch": torch.randn(D, D, generator=g) / math.sqrt(D),
             "decoder.proj_classes": torch.randn(D, D, generator=g) / math.sqrt(D),
         }
+    if family == "cbt":
+        return {**common, **cbsa_layers("decoder.net", 3, HEADS, SA_WIDTH, D, g), **_ln("decoder.decoder_norm", D, g)}
     if family == "linear":
         return {"decoder.head.weight": torch.randn(K, D, generator=g), "decoder.head.bias": torch.randn(K, generator=g)}
     raise ValueError(family)
@@ -183,6 +202,54 @@ def subspace_step(queries, keys, s, p):
     return s[f"{p}.fn.step_size"] * out
 
 
+def pooled_cells(patches, r):
+    """Adaptive average pooling of (B, h, w, c) to r x r cells, as torch's AdaptiveAvgPool2d bins them:
+    cell i spans rows floor(i h / r) .. ceil((i + 1) h / r) - 1 (the same for columns); row-major."""
+    h, w = patches.shape[1:3]
+    cells = []
+    for i in range(r):
+        for j in range(r):
+            rows = slice(i * h // r, -(-(i + 1) * h // r))
+            cols = slice(j * w // r, -(-(j + 1) * w // r))
+            cells.append(patches[:, rows, cols].mean(dim=(1, 2)))
+    return torch.stack(cells, dim=1)
+
+
+def cbsa_step(x, s, p, grid, heads, r=REP_GRID):
+    """One CBSA layer with its PreNorm and residual, head by head: contract, then broadcast.
+
+    The official Attention on w = proj(LN(x)): representatives = pooled patch part of w; per head
+    A = softmax(rep wᵀ/√p); rep += step_rep · A w; x gets step_x · Aᵀ softmax(rep repᵀ/√p) rep; to_out.
+    """
+    xn = layer_norm(x, s, f"{p}.norm")
+    w = xn @ s[f"{p}.fn.proj.weight"].T
+    B, T, hp = w.shape
+    width = hp // heads
+    reps = pooled_cells(w[:, : grid[0] * grid[1]].reshape(B, *grid, hp), r)
+    out = torch.zeros_like(w)
+    for k in range(heads):
+        cols = slice(k * width, (k + 1) * width)
+        wk, rk = w[..., cols], reps[..., cols]
+        a = torch.softmax(rk @ wk.transpose(-1, -2) / math.sqrt(width), dim=-1)
+        rk = rk + s[f"{p}.fn.step_rep"][k] * (a @ wk)
+        mixed = torch.softmax(rk @ rk.transpose(-1, -2) / math.sqrt(width), dim=-1) @ rk
+        out[..., cols] = s[f"{p}.fn.step_x"][k] * (a.transpose(-1, -2) @ mixed)
+    return x + out @ s[f"{p}.fn.to_out.weight"].T + s[f"{p}.fn.to_out.bias"]
+
+
+def cbt_decoder(z, s, grid, heads, n_cls, r=REP_GRID):
+    """CBSA's MaskTransformer: [z ; cls_emb] -> CBSA layers -> decoder_norm -> x / ‖x‖ -> masks -> mask_norm."""
+    x = torch.cat([z, s["decoder.cls_emb"].expand(z.shape[0], -1, -1)], dim=1)
+    n_layers = len({k.split(".")[3] for k in s if k.startswith("decoder.net.layers.")})
+    for l in range(n_layers):
+        x = cbsa_step(x, s, f"decoder.net.layers.{l}", grid, heads, r)
+    x = layer_norm(x, s, "decoder.decoder_norm")
+    patches, classes = x[:, :-n_cls], x[:, -n_cls:]
+    m = (patches / patches.norm(dim=-1, keepdim=True)) @ (classes / classes.norm(dim=-1, keepdim=True)).transpose(1, 2)
+    m = layer_norm(m, s, "decoder.mask_norm")
+    return m.transpose(1, 2).reshape(m.shape[0], n_cls, *grid)
+
+
 def class_masks(patches, classes, s, grid):
     m = F.normalize(patches, dim=-1) @ F.normalize(classes, dim=-1).transpose(1, 2)
     m = layer_norm(m, s, "decoder.mask_norm")
@@ -213,6 +280,8 @@ def decoder_forward(z, s, family, grid):
             x = vit_block(x, s, f"decoder.blocks.{i}")
         x = layer_norm(x, s, "decoder.decoder_norm")
         return class_masks(x[:, :-K] @ s["decoder.proj_patch"], x[:, -K:] @ s["decoder.proj_classes"], s, grid)
+    if family == "cbt":
+        return cbt_decoder(z, s, grid, HEADS, K)
     logits = z @ s["decoder.head.weight"].T + s["decoder.head.bias"]
     return logits.transpose(1, 2).reshape(z.shape[0], K, *grid)
 

@@ -10,9 +10,10 @@ import yaml
 
 from depict_analysis.models import CheckpointError, create_model, load_model, save_checkpoint
 from depict_analysis.models.checkpoint import read_variant
+from depict_analysis.models.decoders.cbt import CBTConfig
 from tests import official_layout as ref
 
-FAMILIES = ["depict_sa", "depict_ca", "mask_transformer", "linear"]
+FAMILIES = ["depict_sa", "depict_ca", "mask_transformer", "linear", "cbt"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,6 +47,9 @@ def test_mode_and_head_counts_are_read_from_keys(tmp_path):
     dec = model.config.decoder
     assert (dec.n_layers, dec.n_heads, dec.dim_head) == (3, ref.HEADS, 100)
     assert (dec.n_cross_layers, dec.cross_dim_head) == (3, 50)
+    ref.write_release(tmp_path / "cbt", "cbt")
+    model, _ = load_model(tmp_path / "cbt")
+    assert model.config.decoder == CBTConfig(n_layers=3, n_heads=ref.HEADS, dim_head=100, rep_grid=10)
 
 
 def test_variant_yml_is_read_safely(tmp_path):
@@ -66,6 +70,22 @@ def test_our_format_round_trip_is_exact(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(image), model(image), atol=0, rtol=0)
     assert not list(tmp_path.glob("*.tmp")), "atomic save left a temporary file behind"
+
+
+def test_files_with_the_flat_decoder_config_of_before_families_still_load(tmp_path):
+    model = create_model("depict-ca-tiny", n_cls=4).eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["config"]["decoder"] == {"family": "depict_ca", "n_layers": 3, "n_heads": 2, "dim_head": 16,
+                                        "n_cross_layers": 3, "cross_dim_head": 8}
+    raw["config"]["decoder"] = {"name": "depict_ca", "n_layers": 3, "n_heads": 2, "dim_head": 16, "n_cross_layers": 3,
+                                "cross_dim_head": 8, "d_model": 0, "drop_path_rate": 0.0, "dropout": 0.0}
+    torch.save(raw, tmp_path / "old.pt")
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert loaded.config == model.config
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), model(image), atol=0, rtol=0)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -105,6 +105,17 @@ def test_head_rotation_leaves_depict_unchanged_and_global_rotation_does_not(name
     assert len(records) == 4 and all(r["miou"] == pytest.approx(records[0]["miou"], abs=1e-6) for r in records)
 
 
+@pytest.mark.parametrize("name, parameter", [("cbt-tiny", "proj.weight"), ("tost-tiny", "qkv.weight")])
+def test_head_rotation_transforms_cbt_and_tost_subspaces_which_are_not_invariant(name, parameter):
+    """Their projections are rotated like DEPICT's, but the output map ``to_out`` is a matrix of its own
+    (and ToST normalises over tokens), so unlike MSSA / MSCA they are not invariant."""
+    model = tiny_model(name)
+    pixels = make_batches()[0].pixels
+    rotated = structured_parameters(model, "head-rotation", torch.Generator().manual_seed(0))
+    assert list(rotated) == [f"decoder.layers.{l}.{parameter}" for l in range(3)]
+    assert (logits(model, rotated, pixels) - logits(model, {}, pixels)).abs().max() > 1e-3
+
+
 def test_structured_transforms_keep_what_they_promise():
     model = tiny_model("depict-ca-tiny")
     layer = model.decoder.cross_layers[1]

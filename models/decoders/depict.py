@@ -1,30 +1,39 @@
-"""DEPICT decoders: multi-head subspace self/cross-attention (SPEC §1.2–1.4).
+"""DEPICT decoders: multi-head subspace self/cross-attention (SPEC §1.2–1.4), families ``depict_sa`` and ``depict_ca``.
 
 Each layer owns one matrix ``proj: (h·p, d)``. Its rows, in h groups of p, are the bases of the
 head subspaces; the same matrix projects tokens into the subspaces and maps the result back.
 Initialisation as the official code: ``proj`` normal with std d^-1/2, step sizes standard normal,
 ``cls_emb`` trunc-normal (std 0.02), LayerNorms 1 / 0.
+Official releases (QishuaiWen/DEPICT) keep a layer's weights under ``net.layers.<i>.fn.`` (SA) or
+``snet.`` / ``cnet.`` (CA) and its LayerNorm under ``.norm.``; variant.yml does not say which mode.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from depict_analysis.models.decoders.base import (
+    DecoderConfig,
+    Decoder,
+    Family,
+    Intermediates,
+    JointDecoder,
+    OfficialFormat,
+    Step,
+    Subspace,
+    heads_of,
+    layer_count,
+    merge_heads,
+    prenorm_renames,
+    register_family,
+    split_heads,
+)
 from depict_analysis.models.decoders.mask_head import class_masks
-
-
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, T, h·p) -> (B, h, T, p)."""
-    B, T, _ = x.shape
-    return x.view(B, T, heads, -1).transpose(1, 2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """(B, h, T, p) -> (B, T, h·p)."""
-    B, h, T, p = x.shape
-    return x.transpose(1, 2).reshape(B, T, h * p)
 
 
 def subspace_attention(queries: Tensor, keys: Tensor, return_attention: bool = False):
@@ -60,10 +69,10 @@ class _SubspaceLayer(nn.Module):
         # One (h·p)-wide matmul in, one out, heads as strided views: SDPA's CPU flash kernel reads
         # strided heads and writes its output in (B, T, h, p) order, so merging is free; making
         # the heads contiguous first gains nothing (benchmarks/decoder.py, README "Performance").
-        q = _split_heads(queries @ self.proj.T, self.heads)
-        k = q if keys is queries else _split_heads(keys @ self.proj.T, self.heads)
+        q = split_heads(queries @ self.proj.T, self.heads)
+        k = q if keys is queries else split_heads(keys @ self.proj.T, self.heads)
         out, attention = subspace_attention(q, k, return_attention)
-        return self.step_size * (_merge_heads(out) @ self.proj), attention
+        return self.step_size * (merge_heads(out) @ self.proj), attention
 
 
 class MSSA(_SubspaceLayer):
@@ -85,8 +94,18 @@ class MSCA(_SubspaceLayer):
         return (q + update, attention) if return_attention else q + update
 
 
-class DepictSA(nn.Module):
+def _subspaces(stage: str, layers: nn.ModuleList, attribute: str, produces_tokens: bool) -> list[Subspace]:
+    """One Subspace per layer: ``<stage><l>``, the parameter ``<attribute>.<l - 1>.proj``."""
+    return [
+        Subspace(f"{stage}{l}", l if produces_tokens else None, layer.subspaces(), f"{attribute}.{l - 1}.proj")
+        for l, layer in enumerate(layers, 1)
+    ]
+
+
+class DepictSA(JointDecoder):
     """DEPICT-SA: ``[Z_0 ; cls_emb]`` -> L × MSSA -> LayerNorm -> split -> mask head."""
+
+    family, role, stage = "depict_sa", "white-box", "mssa"
 
     def __init__(self, dim: int, n_cls: int, n_layers: int = 3, heads: int = 3, dim_head: int = 100):
         super().__init__()
@@ -97,21 +116,21 @@ class DepictSA(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_emb"}
+    def token_layers(self) -> nn.ModuleList:
+        return self.layers
 
-    def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
-        """z: (B, N, d) patch tokens on a grid (h, w) -> masks (B, K, h, w)."""
-        x = torch.cat([z, self.cls_emb.expand(z.shape[0], -1, -1)], dim=1)
-        for layer in self.layers:
-            x = layer(x)
-        x = self.decoder_norm(x)
-        patches, classes = x[:, : -self.n_cls], x[:, -self.n_cls :]
-        return class_masks(patches, classes, self.mask_norm, grid)
+    def layer_step(self, layer: MSSA, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
+        # The map comes from the explicit path; the output from the fused one, as in forward.
+        return Step(layer(x), layer(x, return_attention=True)[1] if attention else None)
+
+    def subspaces(self) -> list[Subspace]:
+        return _subspaces("mssa", self.layers, "layers", True)
 
 
-class DepictCA(nn.Module):
+class DepictCA(Decoder):
     """DEPICT-CA: Z_0 -> L1 × MSSA -> LN = Z_L1; cls_emb -> L2 × MSCA(keys Z_L1) -> LN = Q; mask head."""
+
+    family, role = "depict_ca", "white-box"
 
     def __init__(
         self,
@@ -133,15 +152,83 @@ class DepictCA(nn.Module):
         self.cnorm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_emb"}
-
-    def forward(self, z: Tensor, grid: tuple[int, int]) -> Tensor:
-        """z: (B, N, d) patch tokens on a grid (h, w) -> masks (B, K, h, w)."""
-        for layer in self.self_layers:
+    def forward_intermediates(self, z: Tensor, grid: tuple[int, int], attention: bool = False) -> Intermediates:
+        tokens, maps = [z], {}
+        self_names = [f"mssa{l}" for l in range(1, len(self.self_layers) + 1)]
+        for name, layer in zip(self_names, self.self_layers):
+            if attention:
+                maps[name] = layer(z, return_attention=True)[1]
             z = layer(z)
+            tokens.append(z)
         z = self.snorm(z)
         q = self.cls_emb.expand(z.shape[0], -1, -1)
-        for layer in self.cross_layers:
+        classes, cross_names = [q], [f"msca{l}" for l in range(1, len(self.cross_layers) + 1)]
+        for name, layer in zip(cross_names, self.cross_layers):
+            if attention:
+                maps[name] = layer(q, z, return_attention=True)[1]
             q = layer(q, z)
-        return class_masks(z, self.cnorm(q), self.mask_norm, grid)
+            classes.append(q)
+        q = self.cnorm(q)
+        masks = class_masks(z, q, self.mask_norm, grid)
+        return Intermediates(tokens, self_names, classes, ["input", *cross_names], F.normalize(q, dim=-1), masks, maps)
+
+    def subspaces(self) -> list[Subspace]:
+        return _subspaces("mssa", self.self_layers, "self_layers", True) + _subspaces(
+            "msca", self.cross_layers, "cross_layers", False
+        )
+
+
+# ---------------------------------------------------------------------------------------- registration
+
+
+@dataclass
+class DepictSAConfig(DecoderConfig):
+    name: ClassVar[str] = "depict_sa"
+    n_layers: int = 3  # MSSA layers
+    n_heads: int = 3
+    dim_head: int = 100
+
+
+@dataclass
+class DepictCAConfig(DecoderConfig):
+    name: ClassVar[str] = "depict_ca"
+    n_layers: int = 3  # MSSA layers on the patch tokens
+    n_heads: int = 3
+    dim_head: int = 100
+    n_cross_layers: int = 3  # MSCA layers on the class embeddings
+    cross_dim_head: int = 50
+
+
+def _official_sa(state: dict[str, Tensor], kwargs: dict) -> DepictSAConfig:
+    width = kwargs.get("dim_head", 100)
+    return DepictSAConfig(layer_count(state, "net.layers."), heads_of(state, "net.layers.0.fn.proj", width), width)
+
+
+def _official_ca(state: dict[str, Tensor], kwargs: dict) -> DepictCAConfig:
+    width, cross_width = kwargs.get("dim_head", 100), kwargs.get("cross_dim_head", 50)
+    heads = heads_of(state, "snet.layers.0.fn.proj", width)
+    return DepictCAConfig(layer_count(state, "snet.layers."), heads, width, layer_count(state, "cnet.layers."), cross_width)
+
+
+# The paper's proportions at every size: 3 layers of 3 heads × 100 (CA: 3 MSCA layers × 3 heads × 50);
+# tests use heads of 16 on d = 48 (tiny), the built-in models 2 × 24 on d = 64 (mini).
+register_family(Family(
+    DepictSAConfig,
+    lambda c, dim, n_cls: DepictSA(dim, n_cls, c.n_layers, c.n_heads, c.dim_head),
+    variant="depict-sa",
+    sizes={"vit": DepictSAConfig(), "tiny": DepictSAConfig(n_heads=2, dim_head=16), "mini": DepictSAConfig(n_heads=2, dim_head=24)},
+    official=OfficialFormat("net.layers.0.fn.proj", _official_sa, prenorm_renames("net", "layers")),
+))
+register_family(Family(
+    DepictCAConfig,
+    lambda c, dim, n_cls: DepictCA(dim, n_cls, c.n_layers, c.n_heads, c.dim_head, c.n_cross_layers, c.cross_dim_head),
+    variant="depict-ca",
+    sizes={
+        "vit": DepictCAConfig(),
+        "tiny": DepictCAConfig(n_heads=2, dim_head=16, cross_dim_head=8),
+        "mini": DepictCAConfig(n_heads=2, dim_head=24, cross_dim_head=12),
+    },
+    official=OfficialFormat(
+        "snet.layers.0.fn.proj", _official_ca, prenorm_renames("snet", "self_layers") + prenorm_renames("cnet", "cross_layers")
+    ),
+))
