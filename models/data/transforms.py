@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from depict_analysis.models.backbone import NORMALIZATION
@@ -37,16 +36,59 @@ def _scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(int(size[0] * scale + 0.5), 1), max(int(size[1] * scale + 0.5), 1)
 
 
+def rescale_size(size: tuple[int, int], scale: tuple[int, int] | float) -> tuple[int, int]:
+    """mmcv's keep-ratio ``rescale_size``: image ``(h, w)`` -> its new ``(h, w)``.
+
+    ``scale`` is either ``(long, short)`` edge limits, giving the factor
+    ``min(long / max(h, w), short / min(h, w))``, or the factor itself; every side becomes
+    ``int(side * factor + 0.5)``.
+    """
+    if isinstance(scale, tuple):
+        h, w = size
+        scale = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return _scaled_size(size, scale)
+
+
+def _linear_taps(src: int, dst: int, *, pin_edges: bool) -> tuple[np.ndarray, ...]:
+    """OpenCV's bilinear taps along one axis (half-pixel centres), for ``dst`` output positions:
+    source indices ``i0, i1`` and their weights ``w0, w1`` in units of 1/2048 (int32).
+
+    The position is computed in float32 as OpenCV does. Columns outside the image are pinned to the
+    edge pixel (``pin_edges``); rows are not, their indices are only clamped, which changes the
+    rounding of the first and last rows as in OpenCV.
+    """
+    pos = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+    i0 = np.floor(pos).astype(np.int64)
+    frac = pos - i0.astype(np.float32)
+    if pin_edges:
+        outside = (i0 < 0) | (i0 >= src - 1)
+        frac[outside], i0[outside] = 0, np.clip(i0[outside], 0, src - 1)
+    weight = lambda f: np.round(f * np.float32(2048)).astype(np.int32)  # noqa: E731  (cvRound: half to even)
+    return (np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1),
+            weight(np.float32(1) - frac), weight(frac))
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (half-pixel centres, no antialias: like cv2 / mmseg).
+    """Bilinear resize exactly as ``cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)``,
+    the backend of mmcv / mmseg: fixed-point weights (1/2048), OpenCV's vectorised rounding.
 
     ``image``: uint8 ``(H, W, 3)``; ``size``: ``(h, w)``; returns uint8 ``(h, w, 3)``.
     """
     if image.shape[:2] == tuple(size):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    rows0, rows1, b0, b1 = _linear_taps(image.shape[0], size[0], pin_edges=False)
+    cols0, cols1, a0, a1 = _linear_taps(image.shape[1], size[1], pin_edges=True)
+    pixels = image.astype(np.int32)
+    across = pixels[:, cols0] * a0[:, None] + pixels[:, cols1] * a1[:, None]  # (H, w, 3), x 2048
+    across >>= 4
+    top, bottom = across[rows0], across[rows1]  # (h, w, 3); in place below: as fast as torch's float resize
+    top *= b0[:, None, None]
+    top >>= 16
+    bottom *= b1[:, None, None]
+    bottom >>= 16
+    top += bottom + 2
+    top >>= 2
+    return top.astype(np.uint8)  # at most (1020 + 2) >> 2 = 255
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -172,19 +214,42 @@ class TrainTransform:
         return out_img, out_label
 
 
-class EvalTransform:
-    """Optionally resize the image's short side to ``short_side`` (aspect kept, bilinear), then
-    normalise. The label is returned unchanged at the original resolution, LongTensor ``(H, W)``:
-    predictions are resized back and compared at the original size."""
+Scale = tuple[int, int] | float  # mmseg's (long, short) edge limits, or a factor of the image's size
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float],
-                 short_side: int | None = None) -> None:
-        self.mean, self.std, self.short_side = tuple(mean), tuple(std), short_side
+
+def img_scale_for(short_side: int, max_ratio: int = 4) -> tuple[int, int] | None:
+    """mmseg's test ``img_scale = (max_ratio * short_side, short_side)``; ``None`` for 0 (no resize)."""
+    return (max_ratio * short_side, short_side) if short_side else None
+
+
+def multiscale_views(img_scale: tuple[int, int] | None, ratios: Sequence[float] = (1.0,),
+               flip: bool = False) -> list[tuple[Scale, bool]]:
+    """The ``(scale, flip)`` of every view of mmseg's ``MultiScaleFlipAug``, in its order.
+
+    Each ratio multiplies both edges of ``img_scale``, truncated by ``int()``; without an
+    ``img_scale`` the ratio is a factor of the image's own size. With ``flip`` every scale comes
+    unflipped, then flipped.
+    """
+    scales = ratios if img_scale is None else [(int(img_scale[0] * r), int(img_scale[1] * r)) for r in ratios]
+    return [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
+
+
+def eval_view(image: np.ndarray, scale: Scale, flip: bool = False) -> np.ndarray:
+    """One test-time view of a uint8 image ``(H, W, 3)``: mmseg's keep-ratio ``Resize`` to
+    ``scale`` (``rescale_size``, bilinear) then ``RandomFlip`` (horizontal). Returns uint8."""
+    image = resize_image(image, rescale_size(image.shape[:2], scale))
+    return image[:, ::-1] if flip else image
+
+
+class EvalTransform:
+    """One test-time view (``eval_view``), then normalise. The label is returned unchanged at the
+    original resolution, LongTensor ``(H, W)``: predictions are resized back and compared there."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], scale: Scale = 1.0,
+                 flip: bool = False) -> None:
+        self.mean, self.std, self.scale, self.flip = tuple(mean), tuple(std), scale, flip
 
     def __call__(self, image: Image.Image,
                  label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        img = np.array(image.convert("RGB"))
-        if self.short_side is not None:
-            scale = self.short_side / min(img.shape[:2])
-            img = resize_image(img, _scaled_size(img.shape[:2], scale))
+        img = eval_view(np.array(image.convert("RGB")), self.scale, self.flip)
         return normalize(img, self.mean, self.std), torch.tensor(label, dtype=torch.long)
