@@ -4,17 +4,18 @@ Everything runs on procedurally drawn synthetic scenes (``depict_analysis.models
 and held in memory so that drawing them is not timed. Models have random weights and
 K = ``--classes`` (150, ADE20K's K) output classes; the scenes' labels (0..7) are valid class ids.
 
-Evaluation (``depict_analysis.models.evaluate.evaluate``, single scale): the paper's protocol — short side resized
-to the window (the model's training size), sliding windows with stride window − 32 (tiny models:
-window / 2), softmax per window averaged over overlaps, probabilities resized back to the label's
-resolution, argmax, dataset-level confusion matrix. Scenes are (15/16 × window) × (5/4 × window),
-e.g. 480 × 640 for a 512 window (2 windows each, like most ADE20K images). Rows, in one run:
+Evaluation (``depict_analysis.models.evaluate.evaluate``, single scale): Segmenter's protocol — a view
+whose short side is below the window (the model's training size) enlarged to it, sliding windows
+with stride window − 32 (tiny models: window / 2), logits averaged over overlaps, resized back to
+the label's resolution, softmax, argmax, dataset-level confusion matrix. Scenes are (15/16 ×
+window) × (5/4 × window), e.g. 480 × 640 for a 512 window (enlarged to 512 × 682: 2 windows each,
+like most ADE20K images). Rows, in one run:
 
-- ``evaluate()``: what ships — class maps upsampled, soft-maxed and averaged in channels-last
-  memory, accumulated in place, under ``torch.inference_mode``;
+- ``evaluate()``: what ships — class maps upsampled and averaged in channels-last memory,
+  accumulated in place, soft-maxed there, under ``torch.inference_mode``;
 - ``reference protocol``: the same loop with the straightforward NCHW implementation (upsample
-  NCHW logits, ``softmax(dim=1)``, zero-initialised accumulators, out-of-place averaging) — the
-  code this replaced; its probabilities and mIoU are compared with ours;
+  NCHW logits, zero-initialised accumulators, out-of-place averaging, ``softmax(dim=1)``); its
+  probabilities and mIoU are compared with ours;
 - ``loop, no_grad`` vs ``loop, inference_mode``: evaluate()'s loop under ``torch.no_grad`` instead
   of ``torch.inference_mode`` (both written out here, so only the grad mode differs);
 - ``channels-last backbone``: model weights (the patch-embedding conv) in channels-last;
@@ -67,9 +68,8 @@ from depict_analysis.trace import Trace, trace  # noqa: E402
 from depict_analysis.models import create_model  # noqa: E402
 from depict_analysis.models.data.base import image_to_tensor  # noqa: E402
 from depict_analysis.models.data.synthetic import render_scene  # noqa: E402
-from depict_analysis.models.device import autocast  # noqa: E402
-from depict_analysis.models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou  # noqa: E402
-from depict_analysis.models.segmentor import _window_starts, predict_probs  # noqa: E402
+from depict_analysis.models.evaluate import ConfusionMatrix, eval_protocol, evaluate, miou  # noqa: E402
+from depict_analysis.models.segmentor import _window_starts, predict_probs, window_resize  # noqa: E402
 
 FAMILIES = ("depict-sa", "depict-ca", "segmenter")
 
@@ -83,6 +83,7 @@ class InMemorySet:
     """The part of a ``SegmentationDataset`` that ``evaluate`` reads, over pre-rendered items."""
 
     name = "synthetic (in memory)"
+    base_size, max_ratio = None, 4  # no test resize: views below the window are enlarged to it
 
     def __init__(self, items: list[tuple[Image.Image, np.ndarray]], n_cls: int):
         self.items, self.n_cls = items, n_cls
@@ -120,8 +121,8 @@ def analysis_batches(n: int, size: int, batch: int, seed: int = 0) -> list[Batch
 
 
 @torch.no_grad()
-def reference_sliding_window_probs(model: nn.Module, images: Tensor, window: int, stride: int, batch_size: int = 8):
-    """The straightforward implementation: NCHW logits, softmax(dim=1), out-of-place average."""
+def reference_sliding_window_logits(model: nn.Module, images: Tensor, window: int, stride: int, batch_size: int = 8):
+    """The straightforward implementation: NCHW logits summed over windows, out-of-place average."""
     B, _, H, W = images.shape
     crops, anchors = [], []
     for b in range(B):
@@ -129,49 +130,43 @@ def reference_sliding_window_probs(model: nn.Module, images: Tensor, window: int
             for left in _window_starts(W, window, stride):
                 crops.append(images[b, :, top : top + window, left : left + window])
                 anchors.append((b, top, left))
-    probs = images.new_zeros(B, model.n_cls, H, W)
+    logits = images.new_zeros(B, model.n_cls, H, W)
     count = images.new_zeros(B, 1, H, W)
     for i in range(0, len(crops), batch_size):
-        out = model(torch.stack(crops[i : i + batch_size])).float().softmax(dim=1)
+        out = model(torch.stack(crops[i : i + batch_size])).float()
         for p, (b, top, left) in zip(out, anchors[i : i + batch_size]):
             h, w = p.shape[-2:]
-            probs[b, :, top : top + h, left : left + w] += p
+            logits[b, :, top : top + h, left : left + w] += p
             count[b, :, top : top + h, left : left + w] += 1
-    return probs / count
+    return logits / count
 
 
 @torch.no_grad()
 def reference_predict_probs(
     model: nn.Module,
     images: Tensor,
-    window: int | None = None,
+    window: int,
     stride: int | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
-    short_side: int | None = None,
     batch_size: int = 8,
 ) -> Tensor:
     """``depict_analysis.models.segmentor.predict_probs`` written the straightforward way (NCHW, zero-initialised sum)."""
     H, W = images.shape[-2:]
-    if short_side is not None:
-        factor = short_side / min(H, W)
-        base = (round(H * factor), round(W * factor))
-    else:
-        base = (H, W)
     total = images.new_zeros(images.shape[0], model.n_cls, H, W)
     views = [(s, f) for s in scales for f in ([False, True] if flip else [False])]
     for scale, flipped in views:
-        size = (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
+        size = (max(1, int(H * scale + 0.5)), max(1, int(W * scale + 0.5)))
         x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (H, W) else images
         if flipped:
             x = x.flip(-1)
-        if window is None:
-            p = model(x).float().softmax(dim=1)
-        else:
-            p = reference_sliding_window_probs(model, x, window, stride or window, batch_size)
+        x = window_resize(x, window)
+        logits = reference_sliding_window_logits(model, x, window, stride or window, batch_size)
+        if logits.shape[-2:] != (H, W):
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         if flipped:
-            p = p.flip(-1)
-        total += F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False) if size != (H, W) else p
+            logits = logits.flip(-1)
+        total += logits.softmax(dim=1)
     return total / len(views)
 
 
@@ -183,9 +178,7 @@ def evaluate_loop(model: nn.Module, dataset, predict: Callable, grad_mode: Calla
         for i in range(len(dataset)):
             image, label = dataset.load_raw(i)
             x = model.normalize(image_to_tensor(image)[None].to(device))
-            with autocast(device):
-                probs = predict(model, x, protocol["window"], protocol["stride"], (1.0,), False,
-                                protocol["short_side"] or None, 8)[0]
+            probs = predict(model, x, protocol["window"], protocol["stride"], (1.0,), False, 8)[0]
             confusion.update(probs.argmax(0), torch.from_numpy(label).to(device))
     return miou(confusion)
 
@@ -228,8 +221,7 @@ def naive_analysis(model: nn.Module, batches: list[Batch], eps: float = 0.1) -> 
     chunks: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for batch in batches:
-            with autocast(device):
-                tr = trace(model, model.normalize(batch.pixels.to(device)))
+            tr = trace(model, model.normalize(batch.pixels.to(device)))
             for key, value in naive_rates(tr, eps).items():
                 chunks.setdefault(key, []).append(value)
     return {key: np.concatenate(v) for key, v in chunks.items()}
@@ -239,8 +231,7 @@ def forward_only(model: nn.Module, batches: list[Batch]) -> None:
     device = next(model.parameters()).device
     with torch.inference_mode():
         for batch in batches:
-            with autocast(device):
-                model(model.normalize(batch.pixels.to(device)))
+            model(model.normalize(batch.pixels.to(device)))
 
 
 def rates_rel_diff(ours: dict, naive: dict[str, np.ndarray]) -> float:
@@ -261,16 +252,17 @@ def check_evaluation(variant: str = "depict-sa-tiny", n_cls: int = 6, images: in
     padded sizes) and the mIoU of ``evaluate`` vs the reference loop."""
     torch.manual_seed(seed)
     model = create_model(variant, n_cls=n_cls).eval()
-    protocol = inference_protocol(model)
+    data = InMemorySet(synthetic_scenes(images, model.config.backbone.image_size[0] * 15 // 16,
+                                        model.config.backbone.image_size[0] * 5 // 4, seed), n_cls)
+    protocol = eval_protocol(model, data)
     w = protocol["window"]
-    data = InMemorySet(synthetic_scenes(images, w * 15 // 16, w * 5 // 4, seed), n_cls)
     x = model.normalize(image_to_tensor(data.load_raw(0)[0])[None])
     diffs = []
     with torch.inference_mode():
         for kwargs in ({}, {"scales": (0.75, 1.0, 1.3), "flip": True}):
             args = (model, x, w, protocol["stride"])
-            ours = predict_probs(*args, short_side=protocol["short_side"], **kwargs)
-            ref = reference_predict_probs(*args, short_side=protocol["short_side"], **kwargs)
+            ours = predict_probs(*args, **kwargs)
+            ref = reference_predict_probs(*args, **kwargs)
             diffs.append((ours - ref).abs().max().item())
     ours_scores = evaluate(model, data, **protocol)
     ref_scores = evaluate_loop(model, data, reference_predict_probs, torch.inference_mode, **protocol)
@@ -301,9 +293,9 @@ def with_literal_decoder(model: nn.Module) -> nn.Module:
 def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) -> tuple[list, list]:
     torch.manual_seed(args.seed)
     model = create_model(variant, n_cls=args.classes).to(device).eval()
-    protocol = inference_protocol(model)
-    w = protocol["window"]
+    w = model.config.backbone.image_size[0]
     data = InMemorySet(synthetic_scenes(args.images, w * 15 // 16, w * 5 // 4, args.seed), args.classes)
+    protocol = eval_protocol(model, data)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     lit_model = with_literal_decoder(model)
     loop = evaluate_loop  # evaluate()'s loop with a swappable predictor / grad mode
@@ -319,10 +311,9 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) 
     times, outs = time_interleaved({k: fn for k, (fn, _) in eval_rows.items()}, args.repeats, device)
     # agreement of the shipped path with the reference protocol on the first image
     x = model.normalize(image_to_tensor(data.load_raw(0)[0])[None].to(device))
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode():
         call = (model, x, w, protocol["stride"])
-        probs_diff = (predict_probs(*call, short_side=protocol["short_side"])
-                      - reference_predict_probs(*call, short_side=protocol["short_side"])).abs().max().item()
+        probs_diff = (predict_probs(*call) - reference_predict_probs(*call)).abs().max().item()
     evals = []
     for name, (med, mn) in times.items():
         base = eval_rows[name][1]
@@ -394,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         e, a = bench_variant(variant, args, device)
         evals += e
         anas += a
-    print_rows("evaluation: sliding window, single scale (scenes 15/16 × 5/4 of the window, short side -> window)",
+    print_rows("evaluation: sliding window, single scale (scenes 15/16 × 5/4 of the window, enlarged to it)",
                evals, True)
     print_rows("analysis: trace + coding rates (square scenes of the training size)", anas, False)
     return 0

@@ -139,7 +139,7 @@ def image_source_options(
 
 
 ImagesOption = typer.Option(None, "--images", help="Image files or folders (repeatable).")
-DatasetOption = typer.Option(None, "--dataset", help="ade20k | pascal_context | pascal_context60 | cityscapes | folder | synthetic")
+DatasetOption = typer.Option(None, "--dataset", help="ade20k | pascal_context (60 classes) | pascal_context59 | cityscapes | folder | synthetic")
 DataRootOption = typer.Option(None, "--data-root", help="The dataset's root folder.")
 SplitOption = typer.Option("val", "--split", help="Dataset split.")
 SeedOption = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers.")

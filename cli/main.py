@@ -17,7 +17,7 @@ from depict_analysis.cli.common import (DataRootOption, DatasetOption, DeviceOpt
 from depict_analysis.cli.zoo import app as zoo_app
 from depict_analysis.models import create_model
 from depict_analysis.models.data import build_dataset
-from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol, jsonable
+from depict_analysis.models.evaluate import MULTISCALE_RATIOS, eval_protocol, evaluate, jsonable, predict_protocol
 from depict_analysis.models.predict import palette_for, predict_files
 from depict_analysis.models.summary import model_summary
 from depict_analysis.models.train import PRESETS_DIR, build_config
@@ -62,9 +62,9 @@ def info(
 
 
 WindowOption = typer.Option(None, "--window", help="Sliding-window size (default: the model's training size).")
-StrideOption = typer.Option(None, "--stride", help="Sliding-window stride (default: max(window - 32, window / 2)).")
 MultiscaleOption = typer.Option(False, "--multiscale", help="Average scales 0.5..1.75 and their flips.")
 BatchOption = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+AmpOption = typer.Option(False, "--amp", help="bf16 autocast on CUDA (default: float32).")
 
 
 @app.command()
@@ -141,15 +141,24 @@ def evaluate_command(
     split: str = SplitOption,
     multiscale: bool = MultiscaleOption,
     window: Optional[int] = WindowOption,
-    stride: Optional[int] = StrideOption,
-    short_side: Optional[int] = typer.Option(None, "--short-side", help="Resize images to this short side first (default: the window; 0: keep)."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="Sliding-window stride (default: the run's eval_stride, else window - 32, at least window / 2)."
+    ),
+    short_side: Optional[int] = typer.Option(
+        None, "--short-side",
+        help="Resize images keeping their aspect ratio to this short side, the long side at most the dataset's max ratio "
+        "times it, as mmseg's test Resize (default: the dataset's base size: ADE20K 512, Pascal Context 520, Cityscapes "
+        "1024; else the run's; 0: keep the size).",
+    ),
     num_images: Optional[int] = typer.Option(None, "--num-images", help="Evaluate the first N images only."),
     batch_size: int = BatchOption,
+    amp: bool = AmpOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores to this JSON file."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """mIoU of a checkpoint on a dataset split (dataset-level IoU, sliding windows, optional multi-scale)."""
+    """mIoU of a checkpoint on a dataset split, with the official protocol (Segmenter's segm/eval/miou.py):
+    mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU."""
     model, meta = open_model(checkpoint, device, trust)
     trained_name, trained_root, trained_kwargs = _trained_dataset(meta)
     name = dataset or trained_name
@@ -157,10 +166,11 @@ def evaluate_command(
         fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
     same = name == trained_name
     data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
-    protocol = inference_protocol(model, meta, window, stride, short_side)
+    protocol = eval_protocol(model, data, meta.get("train_config"), window=window, stride=stride, short_side=short_side)
     scales = MULTISCALE_RATIOS if multiscale else (1.0,)
     scores = evaluate(
-        model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True
+        model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True,
+        amp=amp,
     )
     table = Table(title=f"{data.name} {split}: {scores['n_images']} images")
     for column in ("class", "IoU", "accuracy"):
@@ -189,23 +199,28 @@ def predict(
     ),
     out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png and <stem>_overlay.png."),
     window: Optional[int] = WindowOption,
-    stride: Optional[int] = StrideOption,
-    short_side: int = typer.Option(0, "--short-side", help="Resize images to this short side first (0: keep their size)."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", help="Sliding-window stride (default: a release's window_stride, else as depict eval)."
+    ),
+    short_side: int = typer.Option(
+        0, "--short-side", help="Resize images first as depict eval does, to this short side, the long side at most 4 times it (0: keep their size)."
+    ),
     multiscale: bool = MultiscaleOption,
     alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
     batch_size: int = BatchOption,
+    amp: bool = AmpOption,
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """Segment images: a label map (uint8 class ids) and a colour overlay for each."""
+    """Segment images: a label map (uint8 class ids) and a colour overlay for each (Segmenter's segm/inference.py)."""
     checkpoint, images = split_checkpoint(paths)
     if not images:
         fail("give at least one image after the checkpoint")
     model, meta = open_model(checkpoint, device, trust)
-    protocol = inference_protocol(model, meta, window, stride, short_side)
+    protocol = predict_protocol(model, meta, window=window, stride=stride, short_side=short_side)
     records = predict_files(
         model, images, out, palette=palette_for(meta, model.n_cls), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
-        flip=multiscale, alpha=alpha, batch_size=batch_size, progress=True,
+        flip=multiscale, alpha=alpha, batch_size=batch_size, progress=True, amp=amp,
     )
     console.print(f"wrote {2 * len(records)} files to {out}")
 

@@ -76,12 +76,13 @@ def analyze_coding_rates(
     per_head: bool = False,
     total: int | None = None,
     progress: bool = True,
+    amp: bool = False,
 ) -> dict:
     """Coding rates of the decoder's tokens and class embeddings over a stream of images.
 
     ``batches`` yields ``Batch(pixels (B, 3, S, S) in [0, 1], ...)`` (``inputs.image_batches``); every
     batch must share one image size. Pixels are normalised with ``model.normalize`` and run on the
-    model's device (bf16 autocast for the forward pass on CUDA); the rates are computed there in
+    model's device (float32; bf16 autocast for the forward pass with ``amp`` on CUDA); the rates are computed there in
     float64 under ``torch.inference_mode``. ``total`` (number of images) sizes the progress bar.
     Returns the dict described in the module docstring.
     """
@@ -92,7 +93,7 @@ def analyze_coding_rates(
     first: Trace | None = None
     with image_progress(total, "coding rate", progress) as advance, torch.inference_mode():
         for batch in batches:
-            with autocast(device):
+            with autocast(device, amp):
                 tr = trace(model, model.normalize(batch.pixels.to(device)))
             for key, value in batch_rates(tr, eps, normalize, orthonormalize).items():
                 per_batch[key].append(value)
@@ -111,7 +112,7 @@ def analyze_coding_rates(
             "num_images": len(paths),
             "image_size": list(batch.pixels.shape[-2:]),
             "device": str(device),
-            "forward_precision": "bfloat16 autocast" if device.type == "cuda" else "float32",
+            "forward_precision": "bfloat16 autocast" if amp and device.type == "cuda" else "float32",
             "std": "over images, ddof = 0",
             "unit": "nats",
             "model": describe_model(model),

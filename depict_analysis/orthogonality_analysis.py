@@ -84,9 +84,11 @@ def class_panel(name: str, Q: Tensor, images: int = 0) -> GramPanel:
 
 
 def analyze_orthogonality(
-    model: nn.Module, batches: Iterable[Batch], *, total: int | None = None, progress: bool = True
+    model: nn.Module, batches: Iterable[Batch], *, total: int | None = None, progress: bool = True, amp: bool = False
 ) -> dict:
     """P and Q Gram panels of a model, Q̂ averaged over the images of ``batches`` (any one size per batch).
+
+    The forward passes run in float32 (bf16 autocast with ``amp`` on CUDA).
 
     Returns ``{"model": describe_model(...), "num_images", "panels": [GramPanel]}`` — P panels in
     the decoder's order, then the final Q̂, then ``cls_emb`` where it exists.
@@ -95,7 +97,7 @@ def analyze_orthogonality(
     finals, first = [], None
     with image_progress(total, "orthogonality", progress) as advance:
         for batch in batches:
-            with autocast(device):
+            with autocast(device, amp):
                 tr = trace(model, model.normalize(batch.pixels.to(device)))
             finals.append(tr.class_embeddings.to(torch.float64))
             first = first or tr

@@ -152,16 +152,17 @@ def pca_results(
     k: int | None = None,
     method: str = "argmax",
     seed: int = 0,
+    amp: bool = False,
 ) -> list[PCAResult]:
     """Trace a batch and PCA-segment every image's tokens at ``layers`` (see :func:`resolve_layers`).
 
     pixels: (B, 3, H, W) in [0, 1], any H, W (the model pads); labels: (B, H, W) ground truth or None.
     ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for
-    every layer. The forward pass runs on the model's device (bf16 autocast on CUDA); results live
-    on the CPU.
+    every layer. The forward pass runs on the model's device (float32; bf16 autocast with ``amp`` on
+    CUDA); results live on the CPU.
     """
     device = next(model.parameters()).device
-    with autocast(device):
+    with autocast(device, amp):
         tr = trace(model, model.normalize(pixels.to(device)))
     chosen = resolve_layers(layers, tr.num_layers)
     predictions = tr.masks.argmax(dim=1).cpu()
@@ -206,6 +207,7 @@ def analyze_pca(
     examples: int = 4,
     total: int | None = None,
     progress: bool = True,
+    amp: bool = False,
 ) -> dict:
     """PCA segmentation scores over a stream of image batches (any sizes; see :func:`pca_results`).
 
@@ -219,7 +221,7 @@ def analyze_pca(
     with image_progress(total, "PCA segmentation", progress) as advance:
         for batch in batches:
             results = pca_results(
-                model, batch.pixels, batch.labels, batch.paths, layers=layers, k=k, method=method, seed=seed
+                model, batch.pixels, batch.labels, batch.paths, layers=layers, k=k, method=method, seed=seed, amp=amp
             )
             for result in results:
                 images.append({"path": result.path, "k": result.k, "scores": result.scores})

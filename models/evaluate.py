@@ -1,9 +1,11 @@
-"""Dataset-level mIoU and the paper's evaluation protocol (SPEC §1.5).
+"""Dataset-level mIoU and the official evaluation protocol (SPEC §1.5, Segmenter's ``segm/eval/miou.py``).
 
-Every image is resized so its short side is ``short_side``, run through sliding windows (optionally
-at several scales and flipped), and the averaged class probabilities are compared with the label at
-the label's original resolution. Intersections and unions are summed over the whole dataset (one
-confusion matrix, all-reduced across ranks under DDP) before the per-class IoUs are averaged.
+Every image goes through mmseg's test pipeline: each view (``MultiScaleFlipAug``: scales x flips)
+is the uint8 image resized keeping its aspect ratio to the dataset's ``img_scale`` (e.g. (2048,
+512) for ADE20K) times the scale's ratio, flipped, normalised; ``segmentor.inference`` turns the
+views into class probabilities at the image's original size, where the label is scored.
+Intersections and unions are summed over the whole dataset (one confusion matrix, all-reduced
+across ranks under DDP) before the per-class IoUs are averaged.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -20,8 +23,9 @@ from torch import Tensor
 
 from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset
 from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.data.transforms import eval_view, img_scale_for, multiscale_views
 from depict_analysis.models.device import autocast
-from depict_analysis.models.segmentor import Segmentor, predict_probs
+from depict_analysis.models.segmentor import Segmentor, inference
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -79,30 +83,51 @@ def miou(confusion: ConfusionMatrix | Tensor) -> dict[str, Any]:
 
 
 def default_stride(window: int) -> int:
-    """SPEC's ``window - 32``, but at least half a window (tiny test models train on 32-px crops)."""
+    """Segmenter's ``window - 32``, but at least half a window (tiny test models train on 32-px crops)."""
     return max(window - 32, window // 2)
 
 
-def inference_protocol(
+def eval_protocol(
     model: Segmentor,
-    meta: dict | None = None,
+    dataset: SegmentationDataset,
+    train_config: dict | None = None,
+    *,
     window: int | None = None,
     stride: int | None = None,
     short_side: int | None = None,
 ) -> dict[str, int]:
-    """Resolve the sliding-window settings: explicit values, else the checkpoint's, else the paper's.
+    """The evaluation settings, resolved alike for ``depict eval`` and a run's own evaluation (so
+    they agree): explicit values, else the run's (``train_config``), else ``segm/eval/miou.py``'s.
 
-    Defaults: ``window`` = the model's training size (``meta["inference"]["window_size"]`` for an
-    official release), ``stride`` = the release's ``window_stride`` or ``default_stride(window)``,
-    ``short_side`` = the release's ``im_size`` or ``window``; ``short_side=0`` keeps the image size.
+    ``window`` = the model's training size (the crop); ``stride`` = the run's ``eval_stride``, else
+    ``default_stride(window)`` (crop - 32; official releases too); ``short_side`` = the dataset's
+    ``base_size`` (ADE20K 512, Pascal Context 520, Cityscapes 1024), else the run's training base
+    (its ``base_size``, else its crop), else 0: images keep their size.
     """
+    run = train_config or {}
+    window = window or model.config.backbone.image_size[0]
+    if short_side is None:  # a run without a dataset base size used its own in training (TrainTransform)
+        short_side = dataset.base_size or ((run.get("base_size") or window) if run else 0)
+    stride = stride or run.get("eval_stride") or default_stride(window)
+    return {"window": window, "stride": stride, "short_side": short_side}
+
+
+def predict_protocol(
+    model: Segmentor,
+    meta: dict | None = None,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    short_side: int = 0,
+) -> dict[str, int]:
+    """The settings of ``depict predict``: explicit values, else an official release's
+    ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and the run's
+    ``eval_stride`` or ``default_stride``. ``short_side=0``: images keep their size."""
     official = (meta or {}).get("inference") or {}
+    run = (meta or {}).get("train_config") or {}
     window = window or official.get("window_size") or model.config.backbone.image_size[0]
-    return {
-        "window": window,
-        "stride": stride or official.get("window_stride") or default_stride(window),
-        "short_side": official.get("im_size", window) if short_side is None else short_side,
-    }
+    stride = stride or official.get("window_stride") or run.get("eval_stride") or default_stride(window)
+    return {"window": window, "stride": stride, "short_side": short_side}
 
 
 def image_probs(
@@ -111,19 +136,26 @@ def image_probs(
     *,
     window: int,
     stride: int,
-    short_side: int = 0,
+    img_scale: tuple[int, int] | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     batch_size: int = 8,
+    amp: bool = False,
 ) -> Tensor:
     """One RGB image (H, W) -> class probabilities (K, H, W) on the model's device (float32).
 
-    ``short_side=0`` runs at the image's own size. Call under ``torch.inference_mode()``.
+    The views are mmseg's (``multiscale_views(img_scale, scales, flip)``, made from the uint8 image by
+    ``eval_view``); ``img_scale=None`` keeps the image's size at scale 1. ``amp``: bf16 autocast
+    for the forward passes (CUDA only). Call under ``torch.inference_mode()``.
     """
     device = next(model.parameters()).device
-    x = model.normalize(image_to_tensor(image)[None].to(device))
-    with autocast(device):
-        probs = predict_probs(model, x, window, stride, scales, flip, short_side or None, batch_size)
+    pixels = np.asarray(image)
+    views = (
+        (model.normalize(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped)
+        for scale, flipped in multiscale_views(img_scale, scales, flip)
+    )
+    with autocast(device, amp):
+        probs = inference(model, views, pixels.shape[:2], window, stride, batch_size)
     return probs[0]
 
 
@@ -139,17 +171,22 @@ def evaluate(
     batch_size: int = 8,
     num_images: int | None = None,
     progress: bool = False,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """mIoU of ``model`` on the first ``num_images`` items of ``dataset`` (all by default).
 
-    Unset ``window`` / ``stride`` / ``short_side`` follow ``inference_protocol``. Images are read
-    untransformed (``dataset.load_raw``) and scored at the label's resolution. Under DDP every rank
-    takes every ``world_size``-th image and the confusion matrices are summed. Returns ``miou(...)``
-    plus the protocol used and ``n_images``. The model is left in the mode it came in.
+    Unset ``window`` / ``stride`` / ``short_side`` follow ``eval_protocol``; images are resized as
+    mmseg's test ``Resize(img_scale=(dataset.max_ratio * short_side, short_side), keep_ratio=True)``
+    (``short_side=0``: no resize), times each of ``scales``, each also flipped when ``flip``. Images
+    are read untransformed (``dataset.load_raw``) and scored at the label's resolution, float32
+    unless ``amp``. Under DDP every rank takes every ``world_size``-th image and the confusion
+    matrices are summed. Returns ``miou(...)`` plus the protocol used and ``n_images``. The model
+    is left in the mode it came in.
     """
     if dataset.n_cls != model.n_cls:
         raise ValueError(f"the model predicts {model.n_cls} classes but {dataset.name} has {dataset.n_cls}")
-    protocol = inference_protocol(model, None, window, stride, short_side)
+    protocol = eval_protocol(model, dataset, window=window, stride=stride, short_side=short_side)
+    img_scale = img_scale_for(protocol["short_side"], dataset.max_ratio)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -161,11 +198,15 @@ def evaluate(
             indices = range(rank, n, world)
             for i in track(indices, description="evaluating", disable=not progress or rank != 0):
                 image, label = dataset.load_raw(i)
-                probs = image_probs(model, image, **protocol, scales=scales, flip=flip, batch_size=batch_size)
+                probs = image_probs(
+                    model, image, window=protocol["window"], stride=protocol["stride"], img_scale=img_scale,
+                    scales=scales, flip=flip, batch_size=batch_size, amp=amp,
+                )
                 confusion.update(probs.argmax(0), torch.from_numpy(label).to(device))
     finally:
         model.train(was_training)
-    return {**miou(confusion.all_reduce()), **protocol, "scales": list(scales), "flip": flip, "n_images": n}
+    settings = {**protocol, "img_scale": img_scale and list(img_scale), "scales": list(scales), "flip": flip, "amp": amp}
+    return {**miou(confusion.all_reduce()), **settings, "n_images": n}
 
 
 def jsonable(value: Any) -> Any:

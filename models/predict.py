@@ -11,6 +11,7 @@ from PIL import Image
 from rich.progress import track
 
 from depict_analysis.models.data import DatasetError, class_info, load_image, make_palette
+from depict_analysis.models.data.transforms import img_scale_for
 from depict_analysis.models.evaluate import image_probs
 from depict_analysis.models.segmentor import Segmentor
 
@@ -48,12 +49,15 @@ def predict_files(
     alpha: float = 0.5,
     batch_size: int = 8,
     progress: bool = False,
+    amp: bool = False,
 ) -> list[dict]:
     """Write ``<stem>_label.png`` (uint8 class ids, the image's size) and ``<stem>_overlay.png`` for each image.
 
-    Images of any mode are read with ``load_image`` (RGB, alpha dropped, 16-bit scaled). Windows of
-    ``window`` px slide with ``stride`` over images larger than that; ``short_side=0`` keeps every
-    image at its own size. Returns one record per image: paths written, size and classes present.
+    Images of any mode are read with ``load_image`` (RGB, alpha dropped, 16-bit scaled) and
+    segmented by ``image_probs`` with windows of ``window`` px every ``stride`` (images whose short
+    side is below the window are first enlarged to it); ``short_side`` > 0 first resizes as
+    ``evaluate`` does, to ``img_scale_for(short_side)``. Float32 unless ``amp``. Returns one record
+    per image: paths written, size and classes present.
     """
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths]
@@ -69,7 +73,8 @@ def predict_files(
         for path in track(paths, description="predicting", disable=not progress):
             image = load_image(path)
             probs = image_probs(
-                model, image, window=window, stride=stride, short_side=short_side, scales=scales, flip=flip, batch_size=batch_size
+                model, image, window=window, stride=stride, img_scale=img_scale_for(short_side), scales=scales, flip=flip,
+                batch_size=batch_size, amp=amp,
             )
             label = probs.argmax(0).to(torch.uint8).cpu().numpy()
             label_path, overlay_path = out_dir / f"{path.stem}_label.png", out_dir / f"{path.stem}_overlay.png"

@@ -1,8 +1,8 @@
-"""Backbone + decoder -> per-pixel class logits, and the paper's inference protocols (SPEC §1.4–1.5)."""
+"""Backbone + decoder -> per-pixel class logits, and Segmenter's inference protocol (SPEC §1.4–1.5)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,105 +66,133 @@ class Segmentor(nn.Module):
         return self.decode(z, grid, images.shape[-2:], memory_format)
 
 
-def class_probs(model: nn.Module, images: Tensor) -> Tensor:
-    """softmax over classes of ``model(images)``: (B, K, H, W) float.
-
-    For a ``Segmentor`` the full-resolution class maps are built in channels-last memory, where
-    the bilinear upsampling, the softmax over K (a contiguous last-dimension softmax on the
-    permuted view) and a later ``argmax`` over K run several times faster on the CPU than on
-    NCHW maps; the result is a (B, K, H, W) tensor with channels-last strides.
-    """
-    if isinstance(model, Segmentor):
-        logits = model(images, memory_format=torch.channels_last).float()
-    else:
-        logits = model(images).float()
-    if _classes_innermost(logits):  # softmax over the contiguous last dim of a permuted view
-        return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
-    return logits.softmax(dim=1)
-
-
 def _classes_innermost(maps: Tensor) -> bool:
     """Whether class maps (B, K, H, W) are laid out with K innermost (channels-last strides)."""
     return maps.shape[1] > 1 and maps.stride(1) == 1
 
 
+def _class_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """``model(images)`` as float (B, K, H, W); a ``Segmentor`` builds them in channels-last memory
+    (K innermost), where the bilinear resizing, the softmax over K and a later ``argmax`` over K run
+    several times faster on the CPU than on NCHW maps."""
+    if isinstance(model, Segmentor):
+        return model(images, memory_format=torch.channels_last).float()
+    return model(images).float()
+
+
+def _softmax_classes(logits: Tensor) -> Tensor:
+    """softmax over the class axis of (B, K, H, W) maps, in the layout they come in."""
+    if _classes_innermost(logits):  # a contiguous last-dimension softmax on the permuted view
+        return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
+    return logits.softmax(dim=1)
+
+
+def window_resize(images: Tensor, window: int) -> Tensor:
+    """Segmenter's ``resize``: images (B, C, h, w) whose short side is below ``window`` are resized
+    (bilinear) to a short side of ``window`` and a long side of ``int(ratio * window)``, ratio =
+    long / short; larger images are returned as they are."""
+    h, w = images.shape[-2:]
+    if min(h, w) >= window:
+        return images
+    size = (window, int(w / h * window)) if h < w else (int(h / w * window), window)
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
 def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Window offsets covering [0, length): every ``stride``, the last one flush with the end."""
+    """Window offsets covering [0, length): every ``stride`` below ``length - window``, then one
+    flush with the end (Segmenter's anchors)."""
     if length <= window:
         return [0]
-    return [s for s in range(0, length - window, stride)] + [length - window]
+    return list(range(0, length - window, stride)) + [length - window]
 
 
 @torch.no_grad()
-def sliding_window_probs(
+def sliding_window_logits(
     model: nn.Module, images: Tensor, window: int, stride: int, batch_size: int = 8
 ) -> Tensor:
-    """Class probabilities (B, K, H, W): softmax per window, averaged where windows overlap.
+    """Logits (B, K, H, W) of images (B, 3, H, W): every window's logits summed and divided by the
+    number of windows over each pixel (Segmenter's ``sliding_window`` + ``merge_windows``), float.
 
-    For a ``Segmentor`` the result has channels-last strides (see ``class_probs``).
+    Windows of all images go through the model ``batch_size`` at a time. For a ``Segmentor`` the
+    result has channels-last strides (see ``_class_logits``).
     """
     B, _, H, W = images.shape
-    crops, anchors = [], []
-    for b in range(B):
-        for top in _window_starts(H, window, stride):
-            for left in _window_starts(W, window, stride):
-                crops.append(images[b, :, top : top + window, left : left + window])
-                anchors.append((b, top, left))
-    probs, count = None, images.new_zeros(B, 1, H, W)
-    for i in range(0, len(crops), batch_size):
-        out = class_probs(model, torch.stack(crops[i : i + batch_size]))
-        if probs is None:  # accumulate in the layout the class maps come in (channels-last for a Segmentor)
+    anchors = [
+        (b, top, left)
+        for b in range(B)
+        for top in _window_starts(H, window, stride)
+        for left in _window_starts(W, window, stride)
+    ]
+    logits, count = None, images.new_zeros(B, 1, H, W, dtype=torch.float32)
+    for i in range(0, len(anchors), batch_size):
+        chunk = anchors[i : i + batch_size]
+        crops = [images[b, :, top : top + window, left : left + window] for b, top, left in chunk]
+        out = _class_logits(model, torch.stack(crops))
+        if logits is None:  # accumulate in the layout the class maps come in
             layout = torch.channels_last if _classes_innermost(out) else torch.contiguous_format
-            probs = torch.empty(
-                B, model.n_cls, H, W, dtype=images.dtype, device=images.device, memory_format=layout
-            ).zero_()
-        for p, (b, top, left) in zip(out, anchors[i : i + batch_size]):
-            h, w = p.shape[-2:]
-            probs[b, :, top : top + h, left : left + w] += p
+            logits = torch.empty(B, out.shape[1], H, W, device=images.device, memory_format=layout).zero_()
+        for o, (b, top, left) in zip(out, chunk):
+            h, w = o.shape[-2:]
+            logits[b, :, top : top + h, left : left + w] += o
             count[b, :, top : top + h, left : left + w] += 1
-    if probs is None:  # no crops (an empty batch)
-        return images.new_zeros(B, model.n_cls, H, W)
-    return probs.div_(count)
+    if logits is None:  # no windows (an empty batch)
+        return images.new_zeros(B, model.n_cls, H, W, dtype=torch.float32)
+    return logits.div_(count)
+
+
+@torch.no_grad()
+def inference(
+    model: nn.Module,
+    views: Iterable[tuple[Tensor, bool]],
+    size: tuple[int, int],
+    window: int,
+    stride: int,
+    batch_size: int = 8,
+) -> Tensor:
+    """Segmenter's ``inference``: class probabilities (B, K, H, W) at ``size`` = (H, W), float.
+
+    ``views``: ``(images, flipped)`` pairs, normalised images (B, 3, h, w) of any size, already
+    flipped horizontally when ``flipped``. Each view is ``window_resize``d, its sliding-window
+    logits are resized (bilinear) to ``size``, un-flipped and soft-maxed over classes; the views'
+    probabilities are averaged. For a ``Segmentor`` the result has channels-last strides.
+    """
+    total, n_views = None, 0
+    for images, flipped in views:
+        logits = sliding_window_logits(model, window_resize(images, window), window, stride, batch_size)
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        probs = _softmax_classes(logits.flip(-1) if flipped else logits)
+        total = probs if total is None else total.add_(probs)
+        n_views += 1
+    if total is None:
+        raise ValueError("inference needs at least one view")
+    return total.div_(n_views)
 
 
 @torch.no_grad()
 def predict_probs(
     model: nn.Module,
     images: Tensor,
-    window: int | None = None,
+    window: int,
     stride: int | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
-    short_side: int | None = None,
     batch_size: int = 8,
 ) -> Tensor:
-    """The evaluation protocol: normalised images (B, 3, H, W) -> class probabilities (B, K, H, W).
+    """Normalised images (B, 3, H, W) -> class probabilities (B, K, H, W) by ``inference``.
 
-    The image is first resized so its short side is ``short_side`` (when given), then for every scale
-    (and its horizontal flip when ``flip``) run through sliding windows (whole image when ``window``
-    is None); the probability maps are resized back to (H, W) and averaged. For a ``Segmentor`` the
-    maps are built and returned with channels-last strides (K innermost; see ``class_probs``).
+    One view per scale, the normalised images resized (bilinear) to ``int(side * scale + 0.5)``,
+    and its horizontal flip when ``flip``; ``stride`` defaults to ``window``. At one scale without
+    flip this is Segmenter's ``segm/inference.py``. Dataset evaluation makes its views from the
+    uint8 image instead, as mmseg does (``depict_analysis.models.evaluate.image_probs``).
     """
     H, W = images.shape[-2:]
-    if short_side is not None:
-        factor = short_side / min(H, W)
-        base = (round(H * factor), round(W * factor))
-    else:
-        base = (H, W)
-    total = None
-    views = [(s, f) for s in scales for f in ([False, True] if flip else [False])]
-    for scale, flipped in views:
-        size = (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
-        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (H, W) else images
-        if flipped:
-            x = x.flip(-1)
-        if window is None:
-            p = class_probs(model, x)
-        else:
-            p = sliding_window_probs(model, x, window, stride or window, batch_size)
-        if flipped:
-            p = p.flip(-1)
-        if size != (H, W):
-            p = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)
-        total = p.to(images.dtype) if total is None else total.add_(p)  # each p is fresh: add in place
-    return total.div_(len(views)) if len(views) > 1 else total
+
+    def views() -> Iterator[tuple[Tensor, bool]]:
+        for scale in scales:
+            size = (max(int(H * scale + 0.5), 1), max(int(W * scale + 0.5), 1))
+            x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True) if flip else (False,):
+                yield (x.flip(-1) if flipped else x), flipped
+
+    return inference(model, views(), (H, W), window, stride or window, batch_size)

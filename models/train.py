@@ -58,7 +58,7 @@ from depict_analysis.models.checkpoint import FORMAT, CheckpointError, read_chec
 from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
 from depict_analysis.models.device import autocast, resolve_device
-from depict_analysis.models.evaluate import evaluate, jsonable
+from depict_analysis.models.evaluate import eval_protocol, evaluate, jsonable
 from depict_analysis.models.registry import ModelConfig, create_model, variant_config
 from depict_analysis.models.segmentor import Segmentor
 
@@ -569,11 +569,8 @@ class _Run:
         return total / world
 
     def evaluate(self) -> dict:
-        crop = self.net.config.backbone.image_size[0]
-        short_side = self.config.base_size or crop
-        self.scores = evaluate(
-            self.net, self.val_set, window=crop, stride=self.config.eval_stride, short_side=short_side, num_images=self.config.eval_images
-        )
+        protocol = eval_protocol(self.net, self.val_set, self.config.to_dict())  # as `depict eval` on the checkpoint
+        self.scores = evaluate(self.net, self.val_set, **protocol, num_images=self.config.eval_images)
         return self.scores
 
     def save(self) -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from depict_analysis.models.data import (DATASETS, DatasetError, EvalTransform, TrainTransform, build_dataset,
                          class_info, load_image, load_label, make_palette, normalization_stats)
-from depict_analysis.models.data.transforms import photometric_distortion, resize_label
+from depict_analysis.models.data.transforms import (img_scale_for, multiscale_views, normalize, photometric_distortion,
+                                                    rescale_size, resize_image, resize_label)
 
 MEAN, STD = normalization_stats("deit")
 
@@ -95,9 +97,9 @@ def test_ade20k_shifts_labels_and_ignores_zero(ade_root: Path) -> None:
     assert train.class_names[0] == "wall" and train.ignore_index == 255
 
 
-def test_pascal_context_59_ignores_background_60_keeps_it(pascal_root: Path) -> None:
-    ds59 = build_dataset("pascal_context", pascal_root, "train")
-    ds60 = build_dataset("pascal_context60", pascal_root / "VOCdevkit", "train")
+def test_pascal_context_60_keeps_background_59_ignores_it(pascal_root: Path) -> None:
+    ds60 = build_dataset("pascal_context", pascal_root / "VOCdevkit", "train")  # the paper's and Segmenter's
+    ds59 = build_dataset("pascal_context59", pascal_root, "train")
     assert len(ds59) == len(ds60) == 2
     assert len(build_dataset("pascal_context", pascal_root, "val")) == 1
     assert np.array_equal(ds59.load_raw(0)[1], _mask([255, 0, 29, 58]).astype(np.int64))
@@ -187,8 +189,8 @@ def test_missing_annotation_and_split_list(ade_root: Path, pascal_root: Path) ->
 
 
 @pytest.mark.parametrize("name, bad_value, good", [
-    ("ade20k", 151, [0, 150]), ("cityscapes", 19, [0, 255]), ("pascal_context60", 60, [0, 59]),
-    ("pascal_context", 255, [0, 59]),
+    ("ade20k", 151, [0, 150]), ("cityscapes", 19, [0, 255]), ("pascal_context", 60, [0, 59]),
+    ("pascal_context59", 255, [0, 59]),
 ])
 def test_label_out_of_range_names_file_and_value(request: pytest.FixtureRequest, name: str,
                                                  bad_value: int, good: list[int]) -> None:
@@ -446,10 +448,10 @@ def test_photometric_distortion_changes_colours_but_keeps_grey_grey() -> None:
     assert changed >= 15
 
 
-def test_eval_transform_normalises_and_keeps_label_resolution() -> None:
+def test_eval_transform_is_one_mmseg_test_view() -> None:
     image = Image.fromarray(np.full((30, 40, 3), (255, 0, 128), np.uint8))
     label = _mask([0, 5, 255], 30, 40).astype(np.int64)
-    img, lbl = EvalTransform(MEAN, STD, short_side=60)(image, label)
+    img, lbl = EvalTransform(MEAN, STD, scale=(240, 60))(image, label)  # factor min(240 / 40, 60 / 30) = 2
     assert img.shape == (3, 60, 80) and torch.equal(lbl, torch.from_numpy(label))
     expected = [(255 - 123.68) / 58.4, (0 - 116.28) / 57.12, (128 - 103.53) / 57.38]  # Segmenter's DeiT statistics
     assert torch.allclose(img.mean((1, 2)), torch.tensor(expected), atol=1e-5)
@@ -457,6 +459,62 @@ def test_eval_transform_normalises_and_keeps_label_resolution() -> None:
     img, _ = EvalTransform(*normalization_stats("vit"))(image, label)
     assert img.shape == (3, 30, 40)
     assert torch.allclose(img[:, 0, 0], torch.tensor([1.0, -1.0, 1 / 255]), atol=1e-6)
+    ramp = np.arange(30 * 40 * 3, dtype=np.int64).reshape(30, 40, 3) % 251
+    img, _ = EvalTransform(MEAN, STD, scale=(50, 40), flip=True)(Image.fromarray(ramp.astype(np.uint8)), label)
+    resized = resize_image(ramp.astype(np.uint8), (38, 50))  # the long side binds: factor 50 / 40
+    assert torch.equal(img, normalize(resized[:, ::-1], MEAN, STD))
+
+
+def test_test_time_sizes_follow_mmcv_and_multiscaleflipaug() -> None:
+    assert rescale_size((375, 500), (2048, 512)) == (512, 683)  # an ADE20K image: 500 * 512 / 375 = 682.7
+    assert rescale_size((30, 50), (160, 40)) == (40, 67)
+    assert rescale_size((20, 90), (160, 40)) == (36, 160)  # capped by the long side: 90 * 16 / 9 = 160
+    assert rescale_size((10, 15), 0.75) == (8, 11)  # a factor: int(7.5 + 0.5), int(11.25 + 0.5)
+    assert img_scale_for(512) == (2048, 512) and img_scale_for(520, 8) == (4160, 520) and img_scale_for(0) is None
+    assert multiscale_views((2048, 512), (0.5, 0.75), flip=True) == [
+        ((1024, 256), False), ((1024, 256), True), ((1536, 384), False), ((1536, 384), True)]
+    assert multiscale_views((4160, 520), (0.75, 1.75)) == [((3120, 390), False), ((7280, 910), False)]
+    assert multiscale_views(None, (1.0, 1.5), flip=True) == [(1.0, False), (1.0, True), (1.5, False), (1.5, True)]
+
+
+# cv2.resize(IMAGE, (w, h), interpolation=cv2.INTER_LINEAR), OpenCV 5.0.0 (mmcv's bilinear backend)
+IMAGE = [[139, 74, 229, 241, 169], [65, 6, 160, 149, 106], [38, 175, 188, 205, 175], [229, 98, 249, 10, 148]]
+OPENCV_7x9 = [
+    [139, 117, 81, 143, 229, 236, 233, 193, 169], [112, 91, 56, 118, 204, 206, 201, 167, 146],
+    [70, 50, 17, 79, 165, 160, 150, 126, 110], [52, 64, 86, 127, 174, 175, 173, 153, 141],
+    [52, 91, 156, 180, 192, 192, 189, 179, 173], [161, 149, 129, 171, 227, 145, 88, 132, 157],
+    [229, 185, 112, 165, 249, 116, 25, 102, 148],
+]
+OPENCV_3x3 = [[105, 217, 181], [64, 174, 153], [168, 239, 116]]
+
+
+def test_resize_image_is_opencvs_fixed_point_bilinear() -> None:
+    image = np.array(IMAGE, dtype=np.uint8)[..., None]
+    assert np.array_equal(resize_image(image, (7, 9))[..., 0], OPENCV_7x9)
+    assert np.array_equal(resize_image(image, (3, 3))[..., 0], OPENCV_3x3)
+    # halving: each output pixel is its 2 x 2 block's mean, rounded half up as OpenCV does
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    blocks = (big.astype(np.int64).reshape(3, 2, 4, 2, 3).sum((1, 3)) + 2) >> 2
+    assert np.array_equal(resize_image(big, (3, 4)), blocks)
+    # within one grey level of exact bilinear interpolation
+    x = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for size in ((50, 71), (20, 31), (37, 90)):
+        exact = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None].double(), size=size, mode="bilinear",
+                              align_corners=False)[0].permute(1, 2, 0).numpy()
+        assert np.abs(resize_image(x, size) - exact).max() <= 1.0
+
+
+def test_resize_image_equals_opencv_on_random_sizes() -> None:
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        h, w = rng.integers(1, 120, 2)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        factor = np.exp(rng.uniform(np.log(0.1), np.log(6)))
+        size = (max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1))
+        expected = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)
+        assert np.array_equal(resize_image(image, size), expected), (h, w, size)
 
 
 def test_normalization_stats_and_class_info() -> None:

@@ -10,11 +10,9 @@ from sklearn.metrics import confusion_matrix
 from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
-from depict_analysis.models import create_model, load_model, predict_probs, save_checkpoint
+from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.models.data import build_dataset
-from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.evaluate import ConfusionMatrix, evaluate, inference_protocol, miou
-from tests import official_layout as ref
+from depict_analysis.models.evaluate import ConfusionMatrix, evaluate, image_probs, miou
 
 
 def sklearn_scores(labels: np.ndarray, preds: np.ndarray, K: int) -> dict:
@@ -73,31 +71,21 @@ def test_evaluate_scores_predictions_at_the_label_resolution(tmp_path):
     model = create_model("depict-sa-tiny", n_cls=3).eval()
     scores = evaluate(model, data, window=32, stride=16, short_side=40, scales=(0.75, 1.0), flip=True)
     labels, preds = [], []
-    for i in range(len(data)):  # the same protocol written out: SPEC §1.5 on the [0, 1] image
+    for i in range(len(data)):  # each image's prediction (test_official_protocol checks it), scored by sklearn
         image, label = data.load_raw(i)
-        x = model.normalize(image_to_tensor(image)[None])
-        probs = predict_probs(model, x, window=32, stride=16, scales=(0.75, 1.0), flip=True, short_side=40)
+        with torch.inference_mode():
+            probs = image_probs(model, image, window=32, stride=16, img_scale=(160, 40), scales=(0.75, 1.0), flip=True)
         assert probs.shape[-2:] == label.shape
         labels.append(label.ravel())
-        preds.append(probs.argmax(1).ravel().numpy())
+        preds.append(probs.argmax(0).ravel().numpy())
     expected = sklearn_scores(np.concatenate(labels), np.concatenate(preds), 3)
     assert scores["miou"] == pytest.approx(expected["miou"], rel=1e-12)
     assert scores["pixel_acc"] == pytest.approx(expected["pixel_acc"], rel=1e-12)
     assert (scores["window"], scores["stride"], scores["short_side"], scores["n_images"]) == (32, 16, 40, 3)
+    assert scores["img_scale"] == [160, 40] and scores["amp"] is False
     assert model.training is False
     with pytest.raises(ValueError, match="predicts 3 classes but synthetic has 8"):
         evaluate(model, build_dataset("synthetic", None, "val", length=1))
-
-
-def test_protocol_defaults_for_ours_and_official_releases(tmp_path):
-    ours = create_model("depict-sa-tiny", n_cls=3)  # trained on 32-px crops
-    assert inference_protocol(ours) == {"window": 32, "stride": 16, "short_side": 32}
-    assert inference_protocol(ours, window=96) == {"window": 96, "stride": 64, "short_side": 96}  # SPEC: window - 32
-    assert inference_protocol(ours, short_side=0)["short_side"] == 0
-    ref.write_release(tmp_path / "release", "depict_sa")
-    model, meta = load_model(tmp_path / "release")
-    assert inference_protocol(model, meta) == {"window": 32, "stride": 24, "short_side": 32}  # from variant.yml
-    assert inference_protocol(model, meta, stride=8)["stride"] == 8
 
 
 def test_eval_cli_prints_a_table_and_writes_json(tmp_path):
@@ -111,7 +99,8 @@ def test_eval_cli_prints_a_table_and_writes_json(tmp_path):
     assert "ellipse" in result.stdout and "pixel accuracy" in result.stdout
     scores = json.loads(out.read_text())  # strict JSON: absent classes are null, not NaN
     assert scores["n_images"] == 3 and len(scores["iou"]) == 8 and scores["classes"][0] == "background"
-    assert scores["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and scores["flip"] is True
+    assert scores["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and scores["flip"] is True and scores["amp"] is False
+    assert scores["short_side"] == 0 and scores["img_scale"] is None  # synthetic scenes keep their size
     assert 0 <= scores["miou"] <= 1
 
 

@@ -15,14 +15,14 @@ from .base import (IGNORE_INDEX, DatasetError, FileSegmentationDataset, Segmenta
 from .cityscapes import Cityscapes
 from .classes import class_info, make_palette
 from .folder import FolderDataset
-from .pascal_context import PascalContext, PascalContext60
+from .pascal_context import PascalContext, PascalContext59
 from .synthetic import SyntheticShapes
 from .transforms import EvalTransform, TrainTransform, normalization_stats
 
 _FILE_DATASETS: dict[str, type[FileSegmentationDataset]] = {
     "ade20k": ADE20K,
     "pascal_context": PascalContext,
-    "pascal_context60": PascalContext60,
+    "pascal_context59": PascalContext59,
     "cityscapes": Cityscapes,
     "folder": FolderDataset,
 }
@@ -48,7 +48,7 @@ def build_dataset(name: str, root: str | Path | None, split: str, *,
 
 __all__ = [
     "ADE20K", "DATASETS", "IGNORE_INDEX", "Cityscapes", "DatasetError", "EvalTransform",
-    "FolderDataset", "PascalContext", "PascalContext60", "SegmentationDataset", "SyntheticShapes",
+    "FolderDataset", "PascalContext", "PascalContext59", "SegmentationDataset", "SyntheticShapes",
     "TrainTransform", "Transform", "build_dataset", "class_info", "load_image", "load_label",
     "make_palette", "normalization_stats",
 ]

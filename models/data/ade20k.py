@@ -23,6 +23,7 @@ class ADE20K(FileSegmentationDataset):
     """ADE20K scene parsing, 150 classes; items as described in ``depict_analysis.models.data.base``."""
 
     name = "ade20k"
+    base_size, max_ratio = 512, 4  # the test Resize(img_scale=(2048, 512))
 
     def __init__(self, root: str | Path, split: str = "train",
                  transform: Transform | None = None) -> None:

@@ -101,6 +101,10 @@ class SegmentationDataset(Dataset):
 
     name: str = "dataset"
     ignore_index: int = IGNORE_INDEX
+    #: Evaluation resizes every image as mmseg's test ``Resize(img_scale=(max_ratio * base_size,
+    #: base_size), keep_ratio=True)`` does (``transforms.eval_view``); ``None``: no base size.
+    base_size: int | None = None
+    max_ratio: int = 4
 
     def __init__(self, split: str, class_names: Sequence[str], palette: np.ndarray,
                  transform: Transform | None = None) -> None:

@@ -21,6 +21,7 @@ class Cityscapes(FileSegmentationDataset):
     """Cityscapes semantic segmentation, 19 classes."""
 
     name = "cityscapes"
+    base_size, max_ratio = 1024, 2  # the test Resize(img_scale=(2048, 1024))
 
     def __init__(self, root: str | Path, split: str = "train",
                  transform: Transform | None = None) -> None:

@@ -114,8 +114,8 @@ def make_palette(n: int) -> np.ndarray:
 
 CLASS_INFO: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
     "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
-    "pascal_context": (PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE),
-    "pascal_context60": (PASCAL_CONTEXT60_CLASSES, PASCAL_CONTEXT60_PALETTE),
+    "pascal_context": (PASCAL_CONTEXT60_CLASSES, PASCAL_CONTEXT60_PALETTE),
+    "pascal_context59": (PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE),
     "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
     "synthetic": (SYNTHETIC_CLASSES, SYNTHETIC_PALETTE),
 }

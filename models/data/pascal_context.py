@@ -1,4 +1,5 @@
-"""Pascal Context (mmseg layout): 59 classes (background ignored) or 60 (background = class 0).
+"""Pascal Context (mmseg layout): 60 classes with background = class 0 (``pascal_context``, as the
+paper and Segmenter score it), or 59 with background ignored (``pascal_context59``).
 
 Layout under ``VOCdevkit/VOC2010``: ``JPEGImages/<id>.jpg``, ``SegmentationClassContext/<id>.png``
 (0 = background, 1..59 = classes), ``ImageSets/SegmentationContext/{train,val}.txt`` (one id per
@@ -28,10 +29,11 @@ def _voc2010(root: Path) -> Path:
 
 
 class PascalContext(FileSegmentationDataset):
-    """Pascal Context with 59 classes: raw 0 (background) -> 255, v -> v - 1."""
+    """Pascal Context with 60 classes: raw values kept, 0 = background is a class."""
 
     name = "pascal_context"
-    _classes, _palette = PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE
+    base_size, max_ratio = 520, 8  # Segmenter's test Resize(img_scale=(8 * 520, 520))
+    _classes, _palette = PASCAL_CONTEXT60_CLASSES, PASCAL_CONTEXT60_PALETTE
 
     def __init__(self, root: str | Path, split: str = "train",
                  transform: Transform | None = None) -> None:
@@ -53,15 +55,12 @@ class PascalContext(FileSegmentationDataset):
         super().__init__(split, samples, self._classes, self._palette, transform,
                          expected=f"image ids listed in {split_file}")
 
+
+class PascalContext59(PascalContext):
+    """Pascal Context with 59 classes: raw 0 (background) -> 255, v -> v - 1."""
+
+    name = "pascal_context59"
+    _classes, _palette = PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE
+
     def map_label(self, raw: np.ndarray) -> np.ndarray:
         return reduce_zero_label(raw)
-
-
-class PascalContext60(PascalContext):
-    """Pascal Context with 60 classes: raw values kept, 0 = background is a class."""
-
-    name = "pascal_context60"
-    _classes, _palette = PASCAL_CONTEXT60_CLASSES, PASCAL_CONTEXT60_PALETTE
-
-    def map_label(self, raw: np.ndarray) -> np.ndarray:
-        return raw

@@ -42,6 +42,19 @@ def _scaled_size(size: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(int(size[0] * scale + 0.5), 1), max(int(size[1] * scale + 0.5), 1)
 
 
+def rescale_size(size: tuple[int, int], scale: tuple[int, int] | float) -> tuple[int, int]:
+    """mmcv's keep-ratio ``rescale_size``: image ``(h, w)`` -> its new ``(h, w)``.
+
+    ``scale`` is either ``(long, short)`` edge limits, giving the factor
+    ``min(long / max(h, w), short / min(h, w))``, or the factor itself; every side becomes
+    ``int(side * factor + 0.5)``.
+    """
+    if isinstance(scale, tuple):
+        h, w = size
+        scale = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return _scaled_size(size, scale)
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """OpenCV's bilinear resize (``INTER_LINEAR``: half-pixel centres, no antialias), as mmcv's.
 
@@ -49,7 +62,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     if image.shape[:2] == tuple(size):
         return image
-    return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    resized = cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return resized.reshape(*size, *image.shape[2:])  # OpenCV drops a channel axis of length 1
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -193,19 +207,42 @@ class TrainTransform:
         return out_img, out_label
 
 
-class EvalTransform:
-    """Optionally resize the image's short side to ``short_side`` (aspect kept, bilinear), then
-    normalise. The label is returned unchanged at the original resolution, LongTensor ``(H, W)``:
-    predictions are resized back and compared at the original size."""
+Scale = tuple[int, int] | float  # mmseg's (long, short) edge limits, or a factor of the image's size
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float],
-                 short_side: int | None = None) -> None:
-        self.mean, self.std, self.short_side = tuple(mean), tuple(std), short_side
+
+def img_scale_for(short_side: int, max_ratio: int = 4) -> tuple[int, int] | None:
+    """mmseg's test ``img_scale = (max_ratio * short_side, short_side)``; ``None`` for 0 (no resize)."""
+    return (max_ratio * short_side, short_side) if short_side else None
+
+
+def multiscale_views(img_scale: tuple[int, int] | None, ratios: Sequence[float] = (1.0,),
+               flip: bool = False) -> list[tuple[Scale, bool]]:
+    """The ``(scale, flip)`` of every view of mmseg's ``MultiScaleFlipAug``, in its order.
+
+    Each ratio multiplies both edges of ``img_scale``, truncated by ``int()``; without an
+    ``img_scale`` the ratio is a factor of the image's own size. With ``flip`` every scale comes
+    unflipped, then flipped.
+    """
+    scales = ratios if img_scale is None else [(int(img_scale[0] * r), int(img_scale[1] * r)) for r in ratios]
+    return [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
+
+
+def eval_view(image: np.ndarray, scale: Scale, flip: bool = False) -> np.ndarray:
+    """One test-time view of a uint8 image ``(H, W, 3)``: mmseg's keep-ratio ``Resize`` to
+    ``scale`` (``rescale_size``, bilinear) then ``RandomFlip`` (horizontal). Returns uint8."""
+    image = resize_image(image, rescale_size(image.shape[:2], scale))
+    return image[:, ::-1] if flip else image
+
+
+class EvalTransform:
+    """One test-time view (``eval_view``), then normalise. The label is returned unchanged at the
+    original resolution, LongTensor ``(H, W)``: predictions are resized back and compared there."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], scale: Scale = 1.0,
+                 flip: bool = False) -> None:
+        self.mean, self.std, self.scale, self.flip = tuple(mean), tuple(std), scale, flip
 
     def __call__(self, image: Image.Image,
                  label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        img = np.array(image.convert("RGB"))
-        if self.short_side is not None:
-            scale = self.short_side / min(img.shape[:2])
-            img = resize_image(img, _scaled_size(img.shape[:2], scale))
+        img = eval_view(np.array(image.convert("RGB")), self.scale, self.flip)
         return normalize(img, self.mean, self.std), torch.tensor(label, dtype=torch.long)
