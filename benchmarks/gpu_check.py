@@ -96,10 +96,10 @@ from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E
 from depict_analysis.outputs import save_json  # noqa: E402
 from depict_analysis.pca_analysis import analyze_pca  # noqa: E402
 from depict_analysis.robustness import resolve_perturbation, robustness_records  # noqa: E402
-from depict_analysis.models import ModelConfig, create_model, variant_config  # noqa: E402
+from depict_analysis.models import create_model, variant_config  # noqa: E402
 from depict_analysis.models.data import IGNORE_INDEX  # noqa: E402
 from depict_analysis.models.device import resolve_device  # noqa: E402
-from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate, inference_protocol  # noqa: E402
+from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate  # noqa: E402
 from depict_analysis.models.segmentor import Segmentor  # noqa: E402
 from depict_analysis.models.train import TrainConfig, build_optimizer, train  # noqa: E402
 
@@ -373,16 +373,12 @@ def sdpa_kernel_label(op: str) -> str | None:
     return next((label for label, key in SDPA_KERNELS.items() if key in op), None)
 
 
-def attention_layers(model_config: ModelConfig) -> tuple[int, dict[int, str]]:
-    """The decoder's number of heads, and head width p -> the layer kind that attends with it."""
-    config = model_config.decoder
-    width = config.d_model or model_config.backbone.d_model
-    heads = config.n_heads or width // 64  # Segmenter's 0 means d / 64
-    if config.name == "depict_sa":
-        return heads, {config.dim_head: "MSSA"}
-    if config.name == "depict_ca":
-        return heads, {config.dim_head: "MSSA", config.cross_dim_head: "MSCA"}
-    return heads, {width // heads: "MHSA"}
+def attention_layers(model: Segmentor) -> tuple[int, dict[int, str]]:
+    """The decoder's number of heads, and head width p -> the kind of layer that attends with it
+    (``MSSA``, ``MSCA``, ``BLOCK``...: its subspaces' names without the layer number)."""
+    spaces = model.decoder.subspaces()
+    kinds = {space.proj.shape[1]: space.name.split(".")[0].rstrip("0123456789").upper() for space in spaces}
+    return spaces[0].proj.shape[0], kinds
 
 
 def sdpa_kernels_run(model: Segmentor, z: Tensor, grid: tuple[int, int], precision) -> dict[int, dict]:
@@ -446,7 +442,7 @@ def layer_width(width: int, widths: Iterable[int]) -> int:
 def sdpa_report(run: Run, family: str) -> dict:
     """For each attention layer kind of the family's decoder: kernels run and backends eligible, fp32 and bf16."""
     model = run.model(family).to(run.device).eval()
-    heads, names = attention_layers(model.config)
+    heads, names = attention_layers(model)
     pixels, _ = scene_batch(run.sizes.batch, model.config.backbone.image_size[0], run.seed)
     with torch.no_grad():
         z, grid = model.encode(model.normalize(pixels.to(run.device)))
@@ -494,7 +490,7 @@ def training_throughput(run: Run, family: str, impl: str, mode: str) -> dict:
         model = with_literal_decoder(model)
     model.to(device).train()
     forward = torch.compile(model, backend=run.compile_backend) if mode == COMPILED else model
-    optimizer = build_optimizer(TrainConfig(), model.parameters())  # the recipe's Nesterov SGD
+    optimizer = build_optimizer(TrainConfig(), model)  # the recipe's Nesterov SGD
     pixels, labels = scene_batch(sizes.batch, model.config.backbone.image_size[0], run.seed)
     images, labels = model.normalize(pixels.to(device)), labels.to(device)
     precision = nullcontext if mode == "fp32" else (lambda: bf16(device))
@@ -557,12 +553,11 @@ def evaluation_throughput(run: Run, family: str, data: InMemorySet) -> dict:
     """images/s of ``evaluate()`` single-scale and multi-scale (+ flips), after one warm-up image."""
     sizes = run.sizes
     model = run.model(family).to(run.device).eval()
-    protocol = inference_protocol(model)
-    evaluate(model, data, **protocol, num_images=1)
-    single_s, single = timed(lambda: evaluate(model, data, **protocol, num_images=sizes.eval_images), run.device)
-    multi_s, multi = timed(lambda: evaluate(model, data, **protocol, scales=MULTISCALE_RATIOS, flip=True,
+    evaluate(model, data, num_images=1)  # the protocol of `depict eval`, resolved by evaluate() itself
+    single_s, single = timed(lambda: evaluate(model, data, num_images=sizes.eval_images), run.device)
+    multi_s, multi = timed(lambda: evaluate(model, data, scales=MULTISCALE_RATIOS, flip=True,
                                             num_images=sizes.multiscale_images), run.device)
-    return {"protocol": protocol, "single_scale_images_per_s": sizes.eval_images / single_s,
+    return {"protocol": {key: single[key] for key in ("window", "stride", "short_side")}, "single_scale_images_per_s": sizes.eval_images / single_s,
             "multiscale_images_per_s": sizes.multiscale_images / multi_s,
             "single_scale_miou": single["miou"], "multiscale_miou": multi["miou"]}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from depict_analysis.models import variant_config
+from depict_analysis.models import create_model
 from depict_analysis.robustness import PARAMETER_SIGMAS
 
 CPU = torch.device("cpu")
@@ -57,7 +57,7 @@ def test_sdpa_kernels_are_read_per_layer(smoke):
     assert shapes == {
         "depict-sa": [("MSSA", 2, 16, 16 + 150, 16 + 150)],
         "depict-ca": [("MSSA", 2, 16, 16, 16), ("MSCA", 2, 8, 150, 16)],
-        "segmenter": [("MHSA", 2, 24, 16 + 150, 16 + 150)],
+        "segmenter": [("BLOCK", 2, 24, 16 + 150, 16 + 150)],
     }
     for found in layers.values():
         for layer in found:
@@ -88,10 +88,10 @@ def test_padded_kernel_widths_map_to_their_layer():
 
 
 def test_attention_layers_of_the_paper_models():
-    """What the device run reads: MSSA p = 100, MSCA p = 50 (3 heads), Segmenter 6 heads of 64."""
-    layers = {family: gpu_check.attention_layers(variant_config(f"{family}-vit-s16")) for family in gpu_check.FAMILIES}
+    """What the device run reads: MSSA p = 100, MSCA p = 50 (3 heads), Segmenter's blocks 6 heads of 64."""
+    layers = {family: gpu_check.attention_layers(create_model(f"{family}-vit-s16")) for family in gpu_check.FAMILIES}
     assert layers == {"depict-sa": (3, {100: "MSSA"}), "depict-ca": (3, {100: "MSSA", 50: "MSCA"}),
-                      "segmenter": (6, {64: "MHSA"})}
+                      "segmenter": (6, {64: "BLOCK"})}
 
 
 def test_training_rows_pair_ours_with_the_literal_decoder(smoke):
@@ -120,7 +120,7 @@ def test_evaluation_rows(smoke):
     assert section["image_size"] == [32, round(32 * 683 / 512)] and section["flip"] is True
     for family in gpu_check.FAMILIES:
         (row,) = rows(smoke, "evaluation", family=family)
-        assert row["protocol"] == {"window": 32, "stride": 16, "short_side": 32}
+        assert row["protocol"] == {"window": 32, "stride": 16, "short_side": 0}  # no dataset base size: images keep their size
         assert row["single_scale_images_per_s"] > 0 and row["multiscale_images_per_s"] > 0
         assert 0.0 <= row["single_scale_miou"] <= 1.0 and 0.0 <= row["multiscale_miou"] <= 1.0
 
