@@ -64,7 +64,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.decoder import literal_twin, time_interleaved  # noqa: E402
 from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E402
 from depict_analysis.inputs import Batch  # noqa: E402
-from depict_analysis.trace import Trace, trace  # noqa: E402
+from depict_analysis.tracing import Trace, trace  # noqa: E402
 from depict_analysis.models import create_model  # noqa: E402
 from depict_analysis.models.data.base import image_to_tensor  # noqa: E402
 from depict_analysis.models.data.synthetic import render_scene  # noqa: E402

@@ -22,16 +22,21 @@ _EXPORTS = {
     "DatasetError": "depict_analysis.models.errors",
     "ConfigError": "depict_analysis.models.errors",
     "InputError": "depict_analysis.models.errors",
-    "trace": "depict_analysis.trace",
-    "Trace": "depict_analysis.trace",
+    "load_model": "depict_analysis.models.sources",
+    "CheckpointInfo": "depict_analysis.models.sources",
+    "load_images": "depict_analysis.inputs",
+    "trace": "depict_analysis.tracing",
+    "trace_batches": "depict_analysis.tracing",
+    "Trace": "depict_analysis.tracing",
 }
+_ALIASES = {"load_model": "open_checkpoint"}  # public name -> the defining module's name
 
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), _ALIASES.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'depict_analysis' has no attribute {name!r}")

@@ -32,9 +32,9 @@ from torch import nn
 from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.coding_rate import NORMALIZE_MODES, class_rate, rate_table
 from depict_analysis.inputs import Batch, image_progress
-from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
+from depict_analysis.outputs import save_csv, save_figure, save_json
 from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
-from depict_analysis.trace import Trace, trace
+from depict_analysis.tracing import Trace, describe_model, trace
 from depict_analysis.models.device import autocast
 
 FINAL_STAGE = "final"

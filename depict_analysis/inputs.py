@@ -22,6 +22,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 @dataclass
 class Batch:
+    """Images of one size, ready for ``trace``: what ``load_images`` returns (a.k.a. ``Images``)."""
+
     pixels: Tensor  # (B, 3, S, S) in [0, 1], for figures
     labels: Tensor | None  # (B, S, S) with 255 = ignore, None without ground truth
     paths: list[str]
@@ -124,6 +126,28 @@ def image_batches(
             yield _collate(chunk)
 
     return total, batches()
+
+
+def load_images(
+    paths: str | Path | Sequence[str | Path],
+    model: torch.nn.Module | None = None,
+    *,
+    size: int | None = None,
+    labels: Sequence[str | Path] | None = None,
+) -> Batch:
+    """Image files (or folders of them) as one batch ready for ``trace(model, images)``.
+
+    Every image is resized and centre-cropped to ``size`` x ``size`` (default: the model's training
+    size) so that the batch shares one token grid; pixels stay in [0, 1]. ``labels``: label maps (or
+    folders of them) matched to the images by file stem.
+    """
+    if size is None:
+        if model is None:
+            raise ConfigError("load_images needs a model or a size to crop the images to")
+        size = max(model.config.backbone.image_size)
+    sources = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    total, batches = image_batches(size, images=sources, labels=labels, batch_size=max(1, len(image_files(sources))))
+    return next(batches)
 
 
 def _collate(chunk: list) -> Batch:

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from depict_analysis.models.errors import InputError
 from depict_analysis import plots
 from depict_analysis.inputs import image_progress
-from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
+from depict_analysis.outputs import save_csv, save_figure, save_json
 from depict_analysis.inputs import Batch
 from depict_analysis.orthogonality import class_summary, subspace_summary
-from depict_analysis.trace import Subspace, trace
+from depict_analysis.tracing import Subspace, describe_model, trace
 from depict_analysis.models.device import autocast
 
 FINAL_Q = "final_Q"

@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 import matplotlib.pyplot as plt
 
 
@@ -67,15 +65,3 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     return paths
-
-
-def describe_model(model: nn.Module) -> dict:
-    """What a result's ``settings.model`` records: variant, decoder family, d, patch, K."""
-    config = model.config
-    return {
-        "variant": (config.name if config is not None else "") or "custom",
-        "decoder": model.decoder.family,
-        "d_model": model.encoder.dim,
-        "patch_size": model.patch_size,
-        "n_cls": model.n_cls,
-    }

@@ -36,8 +36,8 @@ from depict_analysis.pca import (
     upsample_labels,
 )
 from depict_analysis.inputs import image_progress
-from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
-from depict_analysis.trace import trace
+from depict_analysis.outputs import save_csv, save_figure, save_json
+from depict_analysis.tracing import describe_model, trace
 from depict_analysis.models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label

@@ -46,7 +46,8 @@ from torch.func import functional_call
 from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
-from depict_analysis.outputs import describe_model, save_csv, save_figure, save_json
+from depict_analysis.tracing import describe_model
+from depict_analysis.outputs import save_csv, save_figure, save_json
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 
 PARAMETER_NOISES = ("gaussian", "uniform")

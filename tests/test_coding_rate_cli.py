@@ -17,7 +17,7 @@ from depict_analysis.coding_rate_analysis import analyze_coding_rates, rate_rows
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.outputs import save_json
 from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
-from depict_analysis.trace import trace
+from depict_analysis.tracing import trace
 from depict_analysis.models import create_model, load_model, save_checkpoint
 from tests.official_layout import write_release
 

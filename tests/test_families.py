@@ -24,7 +24,7 @@ from depict_analysis.models.registry import BACKBONES
 from depict_analysis.orthogonality_analysis import analyze_orthogonality
 from depict_analysis.pca_analysis import analyze_pca
 from depict_analysis.robustness import STRUCTURED, resolve_perturbation, robustness_records
-from depict_analysis.trace import trace
+from depict_analysis.tracing import trace
 
 FAMILIES = families()
 IDS = [family.name for family in FAMILIES]
@@ -90,8 +90,9 @@ def test_family_traces_its_forward_pass(family):
     assert len(t.tokens) == len(t.layer_names) + 1 and all(z.shape[:2] == (2, 20) for z in t.tokens)
     assert len(t.classes) == len(t.class_stages) and all(q.shape[:2] == (2, K) for q in t.classes)
     torch.testing.assert_close(t.class_embeddings.norm(dim=-1), torch.ones(2, K))
-    assert not any(x.requires_grad for x in [*t.tokens, *t.classes, t.class_embeddings, *t.attention])
-    assert len(t.attention) == len(t.attention_names) == len(set(t.attention_names))
+    assert not any(x.requires_grad for x in [*t.tokens, *t.classes, t.class_embeddings, *t.attention.values()])
+    assert set(t.attention) <= set(t.layer_names) | set(t.class_stages)
+    assert bool(t.attention) == bool(t.layer_names)  # every family with layers maps its attention
     assert len(t.representatives) in (0, t.num_layers)
     parameters = dict(model.decoder.named_parameters())
     for space in t.subspaces:
@@ -101,7 +102,7 @@ def test_family_traces_its_forward_pass(family):
     plain = trace(model, images)  # asking for attention changes nothing else
     for a, b in zip(plain.tokens + plain.classes, t.tokens + t.classes):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert plain.attention == [] and model.decoder.has_subspaces == bool(t.subspaces)
+    assert plain.attention == {} and model.decoder.has_subspaces == bool(t.subspaces)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)

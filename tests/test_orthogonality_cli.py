@@ -13,7 +13,7 @@ from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
 from depict_analysis.orthogonality import class_summary, query_projection, subspace_summary
 from depict_analysis.orthogonality_analysis import analyze_orthogonality, orthogonality_figure, summary_rows
-from depict_analysis.trace import trace
+from depict_analysis.tracing import trace
 from depict_analysis.models import create_model, load_model, save_checkpoint
 from tests.official_layout import write_release
 

@@ -37,3 +37,38 @@ def test_figures_get_the_project_style_only_while_they_are_drawn():
     seen = styled(lambda: (matplotlib.rcParams["axes.grid"], matplotlib.rcParams["axes.facecolor"]))()
     assert seen == (True, "white")  # seaborn's whitegrid while the figure is made
     assert matplotlib.rcParams["axes.grid"] == grid_outside  # and nothing left behind
+
+
+def test_load_model_names_any_source_and_says_what_it_knows(tmp_path):
+    from depict_analysis import CheckpointInfo, load_model
+    from depict_analysis.models import create_model, save_checkpoint
+    from depict_analysis.models.data.classes import SYNTHETIC_CLASSES
+
+    model, info = load_model("builtin:segmenter")
+    assert isinstance(info, CheckpointInfo) and model.decoder.family == "mask_transformer"
+    assert (info.label, info.source, info.origin, info.dataset) == ("Segmenter", "builtin:segmenter", "builtin", "synthetic")
+    assert info.class_names == list(SYNTHETIC_CLASSES) and info.palette.shape == (len(SYNTHETIC_CLASSES), 3)
+    assert info.iteration == info.meta["iteration"] > 0
+    default, default_info = load_model()
+    assert default_info.source == "builtin:depict-sa" and default.decoder.family == "depict_sa"
+
+    save_checkpoint(tmp_path / "run-7" / "checkpoint.pt", create_model("linear-tiny", n_cls=3))
+    _, run = load_model(tmp_path / "run-7" / "checkpoint.pt")
+    assert (run.label, run.origin, run.dataset) == ("run-7", "depict-analysis", None)  # a run is named after its folder
+    assert run.class_names == ["class 0", "class 1", "class 2"]
+
+
+def test_load_images_crops_every_image_to_the_models_grid(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from depict_analysis import load_images, load_model, trace
+
+    Image.fromarray(np.full((40, 80, 3), 200, np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "grey.png")
+    model, _ = load_model("builtin:depict-sa")
+    images = load_images(tmp_path, model)
+    assert images.pixels.shape == (2, 3, 64, 64) and images.paths == [str(tmp_path / n) for n in ("grey.png", "wide.png")]
+    assert float(images.pixels[0].max()) == 0.0 and abs(float(images.pixels[1].mean()) - 200 / 255) < 1e-6
+    t = trace(model, images)
+    assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 64, 64) and t.grid == (16, 16)

@@ -24,7 +24,7 @@ from depict_analysis.pca_analysis import (
     summarize,
 )
 from depict_analysis.inputs import Batch, image_batches
-from depict_analysis.trace import Trace, trace
+from depict_analysis.tracing import Trace, trace
 from depict_analysis.models import create_model, load_model, save_checkpoint
 from depict_analysis.models.data import make_palette
 from tests.official_layout import write_release

@@ -74,7 +74,9 @@ class Intermediates:
     ``tokens[j]``: patch tokens after layer j, ``tokens[0]`` = the decoder input Z_0, (B, N, d_j);
     ``layer_names[j - 1]`` names layer j. ``classes[i]``: class embeddings at ``class_stages[i]``
     ("input", then after every layer that updates them), (B, K, d). ``class_embeddings``: the final
-    L2-normalised Q̂ of the mask head (linear: the classifier rows), (B, K, d). ``masks``: (B, K, h, w)
+    L2-normalised Q̂ of the mask head (linear: the classifier rows), (B, K, d). ``embeddings``: the
+    patch embeddings the mask head compares with Q̂, before their L2 normalisation, (B, N, d) — after
+    the decoder's final LayerNorm (and Segmenter's ``proj_patch``): SPEC's Z_L1. ``masks``: (B, K, h, w)
     on the patch grid. ``attention``: ``{layer name: map}`` when asked for; ``representatives``: one
     (B, h, R, p) per layer, for decoders that have them.
     """
@@ -84,6 +86,7 @@ class Intermediates:
     classes: list[Tensor]
     class_stages: list[str]
     class_embeddings: Tensor
+    embeddings: Tensor
     masks: Tensor
     attention: dict[str, Tensor] = field(default_factory=dict)
     representatives: list[Tensor] = field(default_factory=list)
@@ -173,7 +176,7 @@ class JointDecoder(Decoder):
         patches, final = self.project(x[:, :n], x[:, n:])
         masks = class_masks(patches, final, self.mask_norm, grid)
         return Intermediates(
-            tokens, names, classes, ["input", *names], F.normalize(final, dim=-1), masks, maps, representatives
+            tokens, names, classes, ["input", *names], F.normalize(final, dim=-1), patches, masks, maps, representatives
         )
 
 

@@ -170,7 +170,7 @@ class DepictCA(Decoder):
             classes.append(q)
         q = self.cnorm(q)
         masks = class_masks(z, q, self.mask_norm, grid)
-        return Intermediates(tokens, self_names, classes, ["input", *cross_names], F.normalize(q, dim=-1), masks, maps)
+        return Intermediates(tokens, self_names, classes, ["input", *cross_names], F.normalize(q, dim=-1), z, masks, maps)
 
     def subspaces(self) -> list[Subspace]:
         return _subspaces("mssa", self.self_layers, "self_layers", True) + _subspaces(

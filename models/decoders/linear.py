@@ -26,7 +26,7 @@ class LinearDecoder(Decoder):
         B = z.shape[0]
         masks = self.head(z).transpose(1, 2).reshape(B, self.n_cls, *grid)
         rows = F.normalize(self.head.weight, dim=-1).expand(B, -1, -1)
-        return Intermediates([z], [], [], [], rows, masks)
+        return Intermediates([z], [], [], [], rows, z, masks)
 
 
 @dataclass

@@ -1,0 +1,248 @@
+"""Run a model and keep what every analysis reads: a named cache of the decoder's internals.
+
+``trace(model, images)`` -> ``Trace`` (one batch; TransformerLens' ``run_with_cache`` in spirit):
+
+- ``tokens[j]``: patch tokens after decoder layer j, ``tokens[0]`` = the decoder input Z_0, (B, N, d);
+  layer j is named ``layer_names[j - 1]`` ("mssa1", "cbsa2", "block1", ...)
+- ``classes[i]``: class embeddings at stage ``class_stages[i]`` ("input", then after each layer that
+  updates them), (B, K, d)
+- ``embeddings``: the patch embeddings the mask head compares with Q̂ (after the decoder's final
+  LayerNorm; SPEC's Z_L1), (B, N, d); ``class_embeddings``: the final L2-normalised Q̂, (B, K, d)
+- ``masks``: the model's output logits, (B, K, H, W), equal to ``model(images)``
+- ``subspaces``: every projection P_l the decoder owns, ``Subspace(name, layer, proj (h, p, d))``
+- ``attention[name]`` per layer on request; ``representatives[l]`` per layer for decoders that
+  contract onto a few tokens (CBT), (B, h, R, p)
+- ``pixels`` (B, 3, H, W) in [0, 1], ``labels`` (B, H, W) and ``paths`` when traced from ``Images``
+
+``trace["tokens/mssa2"]``, ``trace["classes/input"]``, ``trace["attention/mssa1"]`` read entries by
+name (``trace.keys()`` lists them). ``trace_batches`` runs the one loop every analysis shares over a
+stream of image batches. Each decoder family computes these itself (``models/decoders/<family>.py``);
+nothing here knows about families.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from depict_analysis.inputs import Batch, image_progress
+from depict_analysis.models.decoders.base import Subspace
+from depict_analysis.models.device import autocast
+from depict_analysis.models.errors import InputError
+
+__all__ = ["Subspace", "Trace", "trace", "trace_batches"]
+
+TRACE_FORMAT = "depict-analysis-trace/1"
+
+
+@dataclass
+class Trace:
+    """The decoder internals of one batch of images (see the module docstring for every field)."""
+
+    model: dict[str, Any]  # what the model is (outputs.describe_model): variant, decoder, role, d, patch, K
+    grid: tuple[int, int]
+    layer_names: list[str]
+    tokens: list[Tensor]
+    class_stages: list[str]
+    classes: list[Tensor]
+    embeddings: Tensor
+    class_embeddings: Tensor
+    masks: Tensor
+    subspaces: list[Subspace]
+    attention: dict[str, Tensor] = field(default_factory=dict)
+    representatives: list[Tensor] = field(default_factory=list)
+    pixels: Tensor | None = None
+    labels: Tensor | None = None
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.model["decoder"]
+
+    @property
+    def num_layers(self) -> int:
+        """L: the number of token-updating decoder layers (``tokens`` has L + 1 entries)."""
+        return len(self.tokens) - 1
+
+    @property
+    def num_images(self) -> int:
+        return len(self.masks)
+
+    @property
+    def token_names(self) -> list[str]:
+        """The name of every ``tokens[j]``: "input", then the layer names."""
+        return ["input", *self.layer_names]
+
+    @property
+    def prediction(self) -> Tensor:
+        """The model's class map (B, H, W): the argmax of ``masks``."""
+        return self.masks.argmax(1)
+
+    # ------------------------------------------------------------------------------ named access
+
+    def _entries(self) -> dict[str, Tensor]:
+        entries = {f"tokens/{name}": z for name, z in zip(self.token_names, self.tokens)}
+        entries |= {f"classes/{stage}": q for stage, q in zip(self.class_stages, self.classes)}
+        entries |= {"embeddings": self.embeddings, "class_embeddings": self.class_embeddings, "masks": self.masks}
+        entries |= {f"subspace/{space.name}": space.proj for space in self.subspaces}
+        entries |= {f"attention/{name}": a for name, a in self.attention.items()}
+        return entries
+
+    def keys(self) -> list[str]:
+        """Every name ``trace[name]`` accepts, e.g. ``tokens/input``, ``tokens/mssa1``, ``classes/msca2``."""
+        return list(self._entries())
+
+    def __getitem__(self, name: str) -> Tensor:
+        entries = self._entries()
+        if name not in entries:
+            raise KeyError(f"no entry {name!r} in this trace; entries: {', '.join(entries)}")
+        return entries[name]
+
+    # ------------------------------------------------------------------------------ several batches
+
+    def to(self, device: torch.device | str) -> "Trace":
+        """A copy with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            tokens=[move(t) for t in self.tokens],
+            classes=[move(q) for q in self.classes],
+            embeddings=move(self.embeddings),
+            class_embeddings=move(self.class_embeddings),
+            masks=move(self.masks),
+            subspaces=[replace(s, proj=move(s.proj)) for s in self.subspaces],
+            attention={name: move(a) for name, a in self.attention.items()},
+            representatives=[move(r) for r in self.representatives],
+            pixels=move(self.pixels),
+            labels=move(self.labels),
+        )
+
+    @staticmethod
+    def cat(traces: Iterable["Trace"]) -> "Trace":
+        """One trace of several batches of the same model and image size (batch dimension concatenated)."""
+        traces = list(traces)
+        if not traces:
+            raise InputError("no traces to concatenate")
+        first = traces[0]
+        if any(t.grid != first.grid or t.layer_names != first.layer_names for t in traces):
+            raise InputError("traces of different models or image sizes cannot be concatenated")
+        cat = lambda get: torch.cat([get(t) for t in traces])  # noqa: E731
+        optional = lambda get: None if get(first) is None else cat(get)  # noqa: E731
+        return replace(
+            first,
+            tokens=[cat(lambda t, j=j: t.tokens[j]) for j in range(len(first.tokens))],
+            classes=[cat(lambda t, i=i: t.classes[i]) for i in range(len(first.classes))],
+            embeddings=cat(lambda t: t.embeddings),
+            class_embeddings=cat(lambda t: t.class_embeddings),
+            masks=cat(lambda t: t.masks),
+            attention={name: cat(lambda t, n=name: t.attention[n]) for name in first.attention},
+            representatives=[cat(lambda t, l=l: t.representatives[l]) for l in range(len(first.representatives))],
+            pixels=optional(lambda t: t.pixels),
+            labels=optional(lambda t: t.labels),
+            paths=[p for t in traces for p in t.paths],
+        )
+
+    # ------------------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the trace to one file (tensors, names and numbers only: ``Trace.load`` reads it back
+        with ``torch.load(weights_only=True)``), atomically."""
+        from depict_analysis.models.checkpoint import atomic_save
+
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["subspaces"] = [vars(space) for space in self.subspaces]
+        state["grid"] = list(self.grid)
+        atomic_save({"format": TRACE_FORMAT, **state}, path)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Trace":
+        """A trace written by ``Trace.save`` (no code is run from the file)."""
+        from depict_analysis.models.checkpoint import read_checkpoint
+
+        state = read_checkpoint(path)
+        if state.pop("format", None) != TRACE_FORMAT:
+            raise InputError(f"{path}: not a saved trace (no format tag {TRACE_FORMAT!r})")
+        try:
+            state["subspaces"] = [Subspace(**space) for space in state["subspaces"]]
+            state["grid"] = tuple(state["grid"])
+            return Trace(**state)
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{path}: a saved trace with missing or unknown entries ({e})") from None
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """What results record about a model: variant, decoder family and role, d, patch size, K."""
+    config = model.config
+    return {
+        "variant": (config.name if config is not None else "") or "custom",
+        "decoder": model.decoder.family,
+        "role": model.decoder.role,
+        "d_model": model.encoder.dim,
+        "patch_size": model.patch_size,
+        "n_cls": model.n_cls,
+    }
+
+
+def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp: bool = False) -> Trace:
+    """Run ``model`` on ``images`` and record the decoder's internals.
+
+    ``images``: an ``Images`` batch (``load_images``; pixels in [0, 1], normalised here and kept in
+    the trace with labels and paths), or a tensor (B, 3, H, W) already normalised with
+    ``model.normalize``. The same computation as ``model(images)``: ``masks`` equal it. Runs under
+    ``torch.inference_mode``, in float32 unless ``amp`` (bf16 autocast on CUDA); the subspaces are
+    copies, independent of later changes to the model.
+    """
+    device = next(model.parameters()).device
+    batch = images if isinstance(images, Batch) else None
+    x = model.normalize(batch.pixels.to(device)) if batch is not None else images
+    with torch.inference_mode(), autocast(device, amp):
+        z0, grid = model.encode(x)
+        out = model.decoder.forward_intermediates(z0, grid, attention=attention)
+        masks = model.upsample(out.masks, grid, x.shape[-2:]).float()
+        subspaces = [Subspace(s.name, s.layer, s.proj.detach().clone(), s.parameter) for s in model.decoder.subspaces()]
+    return Trace(
+        model=describe_model(model),
+        grid=grid,
+        layer_names=list(out.layer_names),
+        tokens=_float(out.tokens),
+        class_stages=list(out.class_stages),
+        classes=_float(out.classes),
+        embeddings=out.embeddings.detach().float(),
+        class_embeddings=out.class_embeddings.detach().float(),
+        masks=masks,
+        subspaces=subspaces,
+        attention=dict(zip(out.attention, _float(out.attention.values()))),
+        representatives=_float(out.representatives),
+        pixels=batch.pixels if batch is not None else None,
+        labels=batch.labels if batch is not None else None,
+        paths=list(batch.paths) if batch is not None else [],
+    )
+
+
+def trace_batches(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    attention: bool = False,
+    amp: bool = False,
+    total: int | None = None,
+    progress: bool = True,
+    description: str = "tracing",
+) -> Iterator[Trace]:
+    """The loop every analysis shares: one ``Trace`` per batch of ``batches``, with a progress bar
+    over ``total`` images on stderr."""
+    with image_progress(total, description, progress) as advance:
+        for batch in batches:
+            yield trace(model, batch, attention=attention, amp=amp)
+            advance(len(batch.paths))
+
+
+def _float(tensors) -> list[Tensor]:
+    """Detached float32 tensors: views of parameters (e.g. the expanded ``cls_emb``) keep requiring grad
+    even under inference_mode, and bf16 activations (``amp``) are kept as float32."""
+    return [t.detach().float() for t in tensors]
