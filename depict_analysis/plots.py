@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import matplotlib
@@ -19,6 +19,12 @@ import seaborn as sns
 from cycler import cycler
 
 LINE_COLORS = sns.color_palette("colorblind")
+
+
+def model_colours(labels: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per model of a run, by its position in the run's model list: the same model has the
+    same colour in every figure of the run (colour-blind-safe palette, cycled past 10 models)."""
+    return {label: LINE_COLORS[i % len(LINE_COLORS)] for i, label in enumerate(dict.fromkeys(labels))}
 
 
 def styled(plot: Callable[..., plt.Figure]) -> Callable[..., plt.Figure]:

@@ -89,12 +89,25 @@ def source_label(source: str | os.PathLike) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+def parse_labelled(text: str) -> tuple[str | None, str]:
+    """``NAME=SOURCE`` -> (NAME, SOURCE); a plain source -> (None, source). How the CLI reads
+    ``--label`` and labelled checkpoint arguments, e.g. ``baseline=runs/seg/checkpoint.pt``."""
+    label, sep, source = text.partition("=")
+    if not sep or not label or any(c in label for c in "/\\:") or not source:
+        return None, text  # a path or builtin:/zoo: name that merely contains "="
+    return label, source
+
+
 def open_checkpoint(
-    source: str | os.PathLike | None = None, device: str | torch.device = "cpu", trust: bool = False
+    source: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    trust: bool = False,
+    label: str | None = None,
 ) -> tuple[Segmentor, CheckpointInfo]:
     """(model in eval mode on ``device``, its ``CheckpointInfo``) of any source (see the module
-    docstring); the built-in DEPICT-SA when ``source`` is None. A zoo release is downloaded only here,
-    the first time it is named."""
+    docstring); the built-in DEPICT-SA when ``source`` is None. ``label`` names the model in figures
+    and tables (default: ``source_label``). A zoo release is downloaded only here, the first time it
+    is named."""
     from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
 
     text = f"{BUILTIN}{DEFAULT_MODELS[0]}" if source is None else str(source)
@@ -111,7 +124,7 @@ def open_checkpoint(
         model, meta = load_model(text, device, trust)
         origin = meta["source"]
     info = CheckpointInfo(
-        label=source_label(text),
+        label=label or source_label(text),
         source=text,
         origin=origin,
         n_cls=model.n_cls,

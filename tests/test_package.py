@@ -72,3 +72,16 @@ def test_load_images_crops_every_image_to_the_models_grid(tmp_path):
     assert float(images.pixels[0].max()) == 0.0 and abs(float(images.pixels[1].mean()) - 200 / 255) < 1e-6
     t = trace(model, images)
     assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 64, 64) and t.grid == (16, 16)
+
+
+def test_labelled_sources_and_one_colour_per_model():
+    from depict_analysis.models.sources import parse_labelled
+    from depict_analysis.plots import LINE_COLORS, model_colours
+
+    assert parse_labelled("base=runs/a/checkpoint.pt") == ("base", "runs/a/checkpoint.pt")
+    assert parse_labelled("runs/a=b/checkpoint.pt") == (None, "runs/a=b/checkpoint.pt")  # a path with "="
+    assert parse_labelled("builtin:segmenter") == (None, "builtin:segmenter")
+    assert parse_labelled("sa=builtin:depict-sa") == ("sa", "builtin:depict-sa")
+    colours = model_colours(["DEPICT-SA", "Segmenter", "DEPICT-SA", "CBT"])
+    assert list(colours) == ["DEPICT-SA", "Segmenter", "CBT"]
+    assert colours["CBT"] == LINE_COLORS[2] and len(set(colours.values())) == 3

@@ -71,7 +71,9 @@ def _separated_trace(prediction: torch.Tensor, noise: torch.Tensor) -> Trace:
     token_class = prediction[::8, ::8].reshape(-1)  # (16,): the class of each 8x8 patch
     z_l = 10.0 * torch.eye(12)[token_class] + 1e-3 * noise
     masks = torch.nn.functional.one_hot(prediction, 12).permute(2, 0, 1).float()[None]
-    return Trace("depict_sa", (4, 4), [noise[None], z_l[None]], [], [], [], torch.zeros(1, 3, 12), masks)
+    return Trace(model={"decoder": "depict_sa"}, grid=(4, 4), layer_names=["mssa1"], tokens=[noise[None], z_l[None]],
+                 class_stages=[], classes=[], embeddings=z_l[None], class_embeddings=torch.zeros(1, 3, 12), masks=masks,
+                 subspaces=[])
 
 
 @pytest.mark.parametrize("method, n_classes", [("argmax", 2), ("kmeans", 3)])
