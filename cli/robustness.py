@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -30,17 +30,11 @@ from depict_analysis.cli.common import (
     open_models,
     user_errors,
 )
-from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.robustness import (
-    NOISES,
-    TARGETS,
-    NAME,
-    draws_per_sigma,
-    parse_sigmas,
-    resolve_perturbation,
-    run_robustness,
-)
-from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
+from depict_analysis.cli.intervals import LevelOption, ResamplesOption
+from depict_analysis.perturbations import NOISES, TARGETS, draws_per_sigma, parse_sigmas, resolve_perturbation
+
+if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
+    from depict_analysis.robustness import RobustnessResult
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
@@ -61,21 +55,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def summary_table(result: dict) -> Table:
-    """mIoU (%) mean ± std over draws: one row per σ, one column per checkpoint."""
-    labels = list(dict.fromkeys(row["checkpoint"] for row in result["summary"]))
-    sigmas = sorted({row["sigma"] for row in result["summary"]})
-    cells = {(row["checkpoint"], row["sigma"]): row for row in result["summary"]}
-    settings = result["settings"]
+def summary_table(result: RobustnessResult) -> Table:
+    """mIoU (%) with its interval: one row per σ, one column per model; σ½ and warnings below."""
+    settings, level = result.settings, result.bootstrap.level
     structured = settings["kind"] == "structured"
-    table = Table(title="mIoU (%), mean ± std over draws", caption=settings["description"])
+    curves = {label: result.curve(label) for label in result.labels}
+    sigmas = sorted({sigma for curve in curves.values() for sigma in curve.sigma})
+    table = Table(title=f"mIoU (%), mean over draws [{100 * level:g} % bootstrap interval]", caption=settings["description"])
     table.add_column(settings["noise"] if structured else settings["sigma_label"], justify="right")
-    for label in labels:
+    for label in curves:
         table.add_column(label, justify="right", no_wrap=True)
     for sigma in sigmas:
-        row = [cells.get((label, sigma)) for label in labels]
         name = ("transformed" if sigma else "clean") if structured else f"{sigma:g}"
-        table.add_row(name, *(f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if c else "—" for c in row))
+        cells = [c.interval[c.sigma.index(sigma)].text(100) if sigma in c.sigma else "—" for c in curves.values()]
+        table.add_row(name, *cells)
+    if not structured and len(sigmas) > 1:
+        table.add_row("σ½", *(c.sigma_half(level).text() for c in curves.values()))
     return table
 
 
@@ -96,6 +91,8 @@ def robustness(
     relative: bool = typer.Option(False, "--relative", help="Parameter noise σ × each tensor's std."),
     draws: int = typer.Option(3, "--draws", min=1, help="Random draws per σ > 0 (rotations for structured transforms)."),
     seed: int = SeedOption,
+    level: float = LevelOption,
+    resamples: int = ResamplesOption,
     images: Optional[list[Path]] = ImagesOption,
     labels: Optional[list[Path]] = typer.Option(
         None, "--labels", help="Label maps (class ids, 255 = ignore) or folders, matched to --images by file stem."
@@ -120,6 +117,11 @@ def robustness(
     global-rotation and head-orthonormalize (decoders with subspace projections: DEPICT, CBT, ToST)
     compare clean with transformed.
     """
+    from depict_analysis.inputs import image_batches, image_progress
+    from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
+    from depict_analysis.robustness import NAME, run_robustness
+    from depict_analysis.uncertainty import Bootstrap
+
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
@@ -135,9 +137,11 @@ def robustness(
     with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
         result = run_robustness(
             models, lambda side: image_batches(side, **source, batch_size=batch_size), perturbation, grid, out,
-            draws=draws, seed=seed, size=size, settings=settings, advance=advance,
+            draws=draws, seed=seed, size=size, settings=settings, bootstrap=Bootstrap(resamples, level, seed), advance=advance,
         )
-    if not result["complete"]:
-        fail(f"interrupted after {len(result['records'])} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
+    if not result.complete:
+        fail(f"interrupted after {len(result.evaluations)} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
     console.print(summary_table(result))
-    console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv")
+    for warning in result.warnings():
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv, {NAME}_counts.npz")

@@ -281,18 +281,15 @@ def gram_grid_figure(
 # ------------------------------------------------------------------------- robustness (SPEC §3.4)
 
 
-def _checkpoint_names(result: dict) -> dict[str, str]:
-    """``{label: legend text}`` in sweep order: the label and its decoder family."""
-    families = {c["label"]: c["model"]["decoder"] for c in result["checkpoints"]}
-    labels = dict.fromkeys(row["checkpoint"] for row in result["summary"])
-    return {label: f"{label} ({families[label]})" if label in families else label for label in labels}
+@dataclass
+class RobustnessCurve:
+    """One model's mIoU (%) at each σ (ascending, 0 = clean first) and its interval [low, high]."""
 
-
-def _robustness_caption(result: dict) -> str:
-    s = result["settings"]
-    partial = "  [interrupted: partial results]" if not result.get("complete", True) else ""
-    draws = f"mean ± std over {s['draws']} draws" if s["draws"] > 1 else "one draw"
-    return f"{s['description']}\n{s['num_images']} images; {draws}, seed {s['seed']}{partial}"
+    name: str  # legend text
+    sigma: Sequence[float]
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
 
 
 def _axis_break(ax: plt.Axes, x: float) -> None:
@@ -303,79 +300,97 @@ def _axis_break(ax: plt.Axes, x: float) -> None:
                 linewidth=1.0, clip_on=False, zorder=5)
 
 
+def log_ticks(lo: float, hi: float) -> tuple[list[float], list[float]]:
+    """(labelled, unlabelled) tick positions for a log axis over [lo, hi] (lo > 0).
+
+    The decades in range are labelled; when fewer than three are, 2 × and 5 × each decade are
+    labelled too (a grid of 0.5 … 8 gets 0.5, 1, 2, 5, not one lone tick). The other integer
+    multiples of each decade are unlabelled minor ticks.
+    """
+    inside = lambda x: lo / 1.001 <= x <= hi * 1.001  # noqa: E731
+    decades = [10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)]
+    steps = (1,) if sum(inside(d) for d in decades) >= 3 else (1, 2, 5)
+    labelled = sorted(m * d for d in decades for m in steps if inside(m * d))
+    minor = [m * d for d in decades for m in range(1, 10) if inside(m * d) and m * d not in labelled]
+    return labelled, minor
+
+
+def _tick_text(x: float) -> str:
+    exponent = np.log10(x)
+    return f"$10^{{{round(exponent)}}}$" if abs(exponent - round(exponent)) < 1e-9 and abs(exponent) >= 2 else f"{x:g}"
+
+
 def _log_sigma_axis(ax: plt.Axes, positive: list[float], x0: float) -> None:
     """Log x axis over the positive σ values, with "0" at ``x0`` and an axis break before the first σ."""
     ax.set_xscale("log")
     if not positive:
         ax.set_xticks([x0], ["0"])
         return
-    lo, hi = positive[0], positive[-1]
-    decades = [10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)]
-    majors = [d for d in decades if lo / 1.001 <= d <= hi * 1.001]
-    minors = [m * d for d in decades for m in range(2, 10) if lo / 1.001 <= m * d <= hi * 1.001]
-    ax.set_xticks([x0] + majors, ["0"] + [f"$10^{{{round(np.log10(d))}}}$" for d in majors])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.FixedLocator(minors))
+    labelled, minor = log_ticks(positive[0], positive[-1])
+    ax.set_xticks([x0] + labelled, ["0"] + [_tick_text(x) for x in labelled])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.FixedLocator(minor))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.tick_params(axis="x", which="minor", length=2)
-    ax.set_xlim(x0 / 10**0.3, hi * 10**0.3)
-    _axis_break(ax, float(np.sqrt(x0 * lo)))
+    ax.set_xlim(x0 / 10**0.3, positive[-1] * 10**0.3)
+    _axis_break(ax, float(np.sqrt(x0 * positive[0])))
 
 
 @styled
-def plot_robustness_curves(result: dict) -> plt.Figure:
-    """mIoU (%) against σ on a log axis, one curve per checkpoint with a ±std band over draws.
+def plot_robustness_curves(curves: list[RobustnessCurve], colours: dict, sigma_label: str, caption: str) -> plt.Figure:
+    """mIoU (%) against σ on a log axis, one curve per model (``colours[name]``) over its interval band.
 
     σ = 0 (the clean model) has no place on a log axis: it is drawn one decade left of the smallest
-    σ, behind an axis break (//), as a diamond joined to the curve by a dashed segment, with a
-    dotted line at its level across the plot. ``result`` is what ``robustness.json`` holds.
+    σ, behind an axis break (//), as a diamond with its interval, joined to the curve by a dashed
+    segment, with a dotted line at its level across the plot.
     """
-    rows = result["summary"]
-    positive = sorted({r["sigma"] for r in rows if r["sigma"] > 0})
+    positive = sorted({s for c in curves for s in c.sigma if s > 0})
     x0 = positive[0] / 10 if positive else 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    for i, (label, name) in enumerate(_checkpoint_names(result).items()):
-        color = LINE_COLORS[i % len(LINE_COLORS)]
-        mine = sorted((r for r in rows if r["checkpoint"] == label), key=lambda r: r["sigma"])
-        noisy = [r for r in mine if r["sigma"] > 0]
-        x = np.array([r["sigma"] for r in noisy])
-        mean, std = 100 * np.array([r["mean"] for r in noisy]), 100 * np.array([r["std"] for r in noisy])
-        if noisy:
-            _band(ax, x, mean, std, color, marker="o", label=name)
-        clean_row = next((r for r in mine if r["sigma"] == 0), None)
-        if clean_row is not None:
-            clean = 100 * clean_row["mean"]
-            ax.axhline(clean, color=color, linestyle=":", linewidth=0.9, alpha=0.7)
-            ax.plot([x0], [clean], marker="D", markersize=7, color=color, label=None if noisy else name)
-            if noisy:
-                ax.plot([x0, x[0]], [clean, mean[0]], color=color, linestyle="--", linewidth=1.0)
+    for curve in curves:
+        color = colours[curve.name]
+        sigma = np.asarray(curve.sigma, dtype=np.float64)
+        noisy, clean = sigma > 0, np.flatnonzero(sigma == 0)
+        if noisy.any():
+            ax.fill_between(sigma[noisy], curve.low[noisy], curve.high[noisy], color=color, alpha=0.18, linewidth=0)
+            ax.plot(sigma[noisy], curve.mean[noisy], color=color, marker="o", markersize=4, label=curve.name)
+        if clean.size:
+            c = clean[0]
+            ax.axhline(curve.mean[c], color=color, linestyle=":", linewidth=0.9, alpha=0.7)
+            ax.errorbar([x0], [curve.mean[c]], yerr=[[curve.mean[c] - curve.low[c]], [curve.high[c] - curve.mean[c]]],
+                        marker="D", markersize=7, color=color, capsize=3, label=None if noisy.any() else curve.name)
+            if noisy.any():
+                first = np.flatnonzero(noisy)[0]
+                ax.plot([x0, sigma[first]], [curve.mean[c], curve.mean[first]], color=color, linestyle="--", linewidth=1.0)
     _log_sigma_axis(ax, positive, x0)
     ax.set_ylim(bottom=0)
-    ax.set(xlabel=f"{result['settings']['sigma_label']}  (log scale; 0 = clean model)", ylabel="mIoU (%)")
+    ax.set(xlabel=f"{sigma_label}  (log scale; 0 = clean model)", ylabel="mIoU (%)")
     clean_key = matplotlib.lines.Line2D([], [], color="0.4", marker="D", linestyle=":", label="clean model (σ = 0)")
     ax.legend(handles=[*ax.get_legend_handles_labels()[0], clean_key], loc="lower left", frameon=True, fontsize="small")
-    ax.set_title(_robustness_caption(result), fontsize="small")
+    ax.set_title(caption, fontsize="small")
     return fig
 
 
 @styled
-def plot_robustness_bars(result: dict) -> plt.Figure:
-    """Structured transforms: grouped bars per checkpoint, clean vs transformed mIoU (%), ±std whiskers."""
-    names = _checkpoint_names(result)
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.5 * len(names) + 1.6), 3.6), layout="constrained")
+def plot_robustness_bars(curves: list[RobustnessCurve], colours: dict, caption: str) -> plt.Figure:
+    """Structured transforms: per model a pale bar (clean) and a bar in its colour (transformed),
+    mIoU (%) with interval whiskers."""
+    fig, ax = plt.subplots(figsize=(max(3.6, 1.5 * len(curves) + 1.6), 3.6), layout="constrained")
     width = 0.38
-    for offset, sigma, color, legend in ((-width / 2, 0.0, "0.65", "clean"), (width / 2, 1.0, LINE_COLORS[0], "transformed")):
-        picked = [(i, r) for i, label in enumerate(names) for r in result["summary"]
-                  if r["checkpoint"] == label and r["sigma"] == sigma]
-        if not picked:
-            continue
-        x = np.array([i for i, _ in picked]) + offset
-        heights = [100 * r["mean"] for _, r in picked]
-        bars = ax.bar(x, heights, width, yerr=[100 * r["std"] for _, r in picked], color=color, capsize=3, label=legend)
-        ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize="x-small")
-    ax.set_xticks(range(len(names)), list(names.values()))
+    for i, curve in enumerate(curves):
+        for offset, sigma, alpha in ((-width / 2, 0.0, 0.35), (width / 2, 1.0, 1.0)):
+            if sigma not in curve.sigma:
+                continue
+            s = list(curve.sigma).index(sigma)
+            mean = curve.mean[s]
+            bar = ax.bar([i + offset], [mean], width, color=colours[curve.name], alpha=alpha,
+                         yerr=[[mean - curve.low[s]], [curve.high[s] - mean]], capsize=3, edgecolor="0.3")
+            ax.bar_label(bar, labels=[f"{mean:.1f}"], padding=2, fontsize="x-small")
+    ax.set_xticks(range(len(curves)), [c.name for c in curves])
     ax.xaxis.grid(False)
     ax.set(ylabel="mIoU (%)")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-    ax.legend(loc="lower right", frameon=True, fontsize="small")
-    ax.set_title(_robustness_caption(result), fontsize="small")
+    keys = [matplotlib.patches.Patch(facecolor="0.5", alpha=a, edgecolor="0.3", label=t)
+            for a, t in ((0.35, "clean"), (1.0, "transformed"))]
+    ax.legend(handles=keys, loc="lower right", frameon=True, fontsize="small")
+    ax.set_title(caption, fontsize="small")
     return fig

@@ -1,6 +1,6 @@
 """Perturbation robustness (SPEC §3.4): mIoU of a model under parameter, input and structured perturbations.
 
-A :class:`Perturbation` names what is perturbed and how (``resolve_perturbation(noise, target, relative)``):
+What a sweep perturbs (``depict_analysis.perturbations``: ``Perturbation``, ``resolve_perturbation``):
 
 - parameter noise (``gaussian`` | ``uniform``, target ``decoder`` | ``encoder`` | ``all``): every
   parameter W of the target becomes ``W + σ·ε`` (``relative``: ``W + σ·std(W)·ε``, population std),
@@ -15,9 +15,15 @@ A :class:`Perturbation` names what is perturbed and how (``resolve_perturbation(
   R (h·p, h·p) mixing the heads) and ``head-orthonormalize`` (P_k → an orthonormal basis of its span, QR).
   Their "σ" is 0 (clean) or 1 (transformed).
 
-``robustness_records(model, label, batches, perturbation, sigmas, draws, seed)`` yields one record
-per (σ, draw): ``{"checkpoint", "sigma", "draw", "miou", "pixel_acc", "mean_acc"}``. σ = 0 is the
-clean model, evaluated once; deterministic perturbations (blur, head-orthonormalize) get one draw.
+``robustness_records(model, label, batches, perturbation, sigmas, draws, seed)`` yields one
+``Evaluation`` per (σ, draw): the dataset-level mIoU, pixel and mean accuracy, and the per-image
+counts behind them (true positives, label and predicted pixels per class). σ = 0 is the clean
+model, evaluated once; deterministic perturbations (blur, head-orthonormalize) get one draw.
+``run_robustness`` sweeps several models into a ``RobustnessResult``: per model and σ the mean
+mIoU over draws with a bootstrap interval over images and draws (``depict_analysis.uncertainty``),
+σ½ (where the mIoU falls to half its clean value) with its interval, and sanity warnings (a model
+at its class prior; too few images or draws for the intervals).
+
 Every draw has its own ``torch.Generator`` seeded from (seed, checkpoint label, σ, draw), so the
 numbers do not depend on the order of evaluation, the σ grid or the device (noise is drawn on the
 CPU in float32). Parameters are swapped in with ``torch.func.functional_call``: the model itself is
@@ -32,9 +38,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,126 +50,42 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
-from depict_analysis.tracing import describe_model
-from depict_analysis.outputs import save_csv, save_figure, save_json
+from depict_analysis.models.data import IGNORE_INDEX
+from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
-
-PARAMETER_NOISES = ("gaussian", "uniform")
-PIXEL_NOISES = ("salt-pepper", "blur")  # input-only
-STRUCTURED_DESCRIPTIONS = {
-    "head-rotation": "head rotation: each P_k → P_k R_k, random orthogonal R_k (p × p)",
-    "global-rotation": "global rotation: proj → Rᵀ proj, one random orthogonal R (h·p × h·p) per layer",
-    "head-orthonormalize": "head orthonormalisation: each P_k → an orthonormal basis of its span (QR)",
-}
-STRUCTURED = tuple(STRUCTURED_DESCRIPTIONS)
-NOISES = (*PARAMETER_NOISES, *PIXEL_NOISES, *STRUCTURED)
-PARAMETER_TARGETS = ("decoder", "encoder", "all")
-TARGETS = (*PARAMETER_TARGETS, "input")
-
-PARAMETER_SIGMAS = (0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.2, 0.5, 1)  # SPEC §3.4
-DEFAULT_SIGMAS: dict[str, tuple[float, ...]] = {
-    "parameter": PARAMETER_SIGMAS,
-    "input": (0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),  # std on the normalised image (range ~[-1, 1] or ±2.5)
-    "salt-pepper": (0, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5),  # fraction of pixels
-    "blur": (0, 0.5, 1, 1.5, 2, 3, 4, 6, 8),  # kernel std in pixels
-    "structured": (0, 1),  # clean, transformed
-}
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """What a sweep perturbs: ``noise`` (one of ``NOISES``) applied to ``target`` (one of ``TARGETS``)."""
-
-    noise: str
-    target: str
-    relative: bool = False
-
-    @property
-    def kind(self) -> str:
-        """``parameter`` | ``input`` | ``structured``."""
-        if self.noise in STRUCTURED:
-            return "structured"
-        return "input" if self.target == "input" else "parameter"
-
-    @property
-    def deterministic(self) -> bool:
-        """Whether every draw would give the same result (one draw is enough)."""
-        return self.noise in ("blur", "head-orthonormalize")
-
-    @property
-    def decoder_only(self) -> bool:
-        """Whether only decoder parameters change, so the backbone's Z_0 can be cached."""
-        return self.kind == "structured" or self.target == "decoder"
-
-    def default_sigmas(self) -> tuple[float, ...]:
-        return DEFAULT_SIGMAS[self.noise if self.noise in PIXEL_NOISES else self.kind]
-
-    def description(self) -> str:
-        """One line saying what σ means, for figure titles and JSON."""
-        if self.kind == "structured":
-            return STRUCTURED_DESCRIPTIONS[self.noise]
-        if self.noise == "salt-pepper":
-            return "salt-and-pepper: a fraction σ of the pixels set to black or white"
-        if self.noise == "blur":
-            return "Gaussian blur of the image, std σ pixels"
-        law = "N(0, σ²)" if self.noise == "gaussian" else "uniform noise of std σ"
-        if self.kind == "input":
-            return f"{law} added to the normalised image"
-        scale = ", σ × each tensor's std" if self.relative else ""
-        what = "every parameter" if self.target == "all" else f"every {self.target} parameter"
-        return f"{law} added to {what}{scale}"
-
-    def sigma_label(self) -> str:
-        """Axis label for σ."""
-        if self.noise == "salt-pepper":
-            return "σ (fraction of pixels)"
-        if self.noise == "blur":
-            return "σ (pixels)"
-        return "σ (× tensor std)" if self.relative else "σ"
-
-
-def resolve_perturbation(noise: str, target: str | None = None, relative: bool = False) -> Perturbation:
-    """Check a (noise, target, relative) combination; ``target=None`` picks the natural one.
-
-    Default target: ``input`` for salt-pepper / blur, ``decoder`` otherwise. Raises ``ValueError``
-    for combinations that mean nothing (blur of parameters, a rotation of the encoder, ...).
-    """
-    if noise not in NOISES:
-        raise ConfigError(f"unknown noise {noise!r}; expected one of: {', '.join(NOISES)}")
-    if target is not None and target not in TARGETS:
-        raise ConfigError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
-    target = target or ("input" if noise in PIXEL_NOISES else "decoder")
-    if noise in PIXEL_NOISES and target != "input":
-        raise ConfigError(f"{noise} perturbs images: use --target input (or leave it out), not {target}")
-    if noise in STRUCTURED and target != "decoder":
-        raise ConfigError(f"{noise} transforms the decoder's subspace projections: --target must be decoder, not {target}")
-    if relative and (noise not in PARAMETER_NOISES or target == "input"):
-        raise ConfigError("--relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters")
-    return Perturbation(noise, target, relative)
-
-
-def parse_sigmas(text: str, perturbation: Perturbation) -> tuple[float, ...]:
-    """``"0,1e-3,0.01"`` -> sorted unique σ values, always including 0 (the clean reference)."""
-    if perturbation.kind == "structured":
-        raise ConfigError(f"{perturbation.noise} has no σ: it is either applied or not (use --draws for more rotations)")
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
-    if bad or not values:
-        raise ConfigError(f"σ values must be finite numbers ≥ 0, got {text!r}")
-    if perturbation.noise == "salt-pepper" and max(values) > 1:
-        raise ConfigError(f"salt-and-pepper σ is a fraction of pixels (0..1), got {max(values):g}")
-    return tuple(sorted({0.0, *values}))
-
-
-def draws_per_sigma(perturbation: Perturbation, sigma: float, draws: int) -> int:
-    """1 for the clean model and deterministic perturbations, else ``draws``."""
-    return 1 if sigma == 0 or perturbation.deterministic else draws
+from depict_analysis.outputs import save_csv, save_json
+from depict_analysis.perturbations import (  # noqa: F401  (the vocabulary of sweeps, re-exported)
+    DEFAULT_SIGMAS,
+    NOISES,
+    PARAMETER_NOISES,
+    PARAMETER_SIGMAS,
+    PARAMETER_TARGETS,
+    PIXEL_NOISES,
+    STRUCTURED,
+    TARGETS,
+    Perturbation,
+    draws_per_sigma,
+    parse_sigmas,
+    resolve_perturbation,
+)
+from depict_analysis.results import Result, save_npz
+from depict_analysis.tracing import describe_model
+from depict_analysis.uncertainty import (
+    Bootstrap,
+    Interval,
+    class_prior_miou,
+    draw_resamples,
+    image_resamples,
+    miou_from_counts,
+    miou_replicates,
+    percentile_interval,
+    warn_sample_size,
+)
+# "At the class prior": the clean mIoU's upper bound is within 25 % of the mIoU of predicting the
+# most frequent label everywhere (a model stuck on its background class scores about that).
+PRIOR_MARGIN = 1.25
 
 
 def draw_generator(seed: int, checkpoint: str, sigma: float, draw: int) -> torch.Generator:
@@ -309,10 +232,48 @@ class _Item:
     labels: Tensor
 
 
+def per_image_counts(pred: Tensor, target: Tensor, n_cls: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per image and class: true positives, label pixels, predicted pixels; (B, H, W) -> (B, 3, K) int64.
+
+    Pixels labelled ``ignore_index`` are left out, as in ``ConfusionMatrix``: summed over images these
+    are its diagonal, row sums and column sums, all that the mIoU needs (``uncertainty.miou_from_counts``).
+    """
+    B, K = pred.shape[0], n_cls
+    valid = target != ignore_index
+    image = torch.arange(B, device=target.device).view(B, *([1] * (target.ndim - 1))).expand_as(target)[valid] * K
+    t, p = target[valid].long(), pred.to(target.device)[valid].long()
+
+    def count(index: Tensor) -> Tensor:
+        return torch.bincount(index, minlength=B * K).view(B, K)
+
+    return torch.stack([count((image + t)[t == p]), count(image + t), count(image + p)], dim=1)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One (σ, draw) of one model: dataset-level scores and the per-image counts behind them.
+
+    ``counts`` (n, 3, K) int64: per image and class the true positives, label pixels and predicted
+    pixels; the bootstrap resamples them (``uncertainty.miou_replicates``).
+    """
+
+    checkpoint: str
+    sigma: float
+    draw: int
+    miou: float
+    pixel_acc: float
+    mean_acc: float
+    counts: np.ndarray = field(compare=False, repr=False)
+
+    def record(self) -> dict:
+        """The row of ``robustness.csv``: checkpoint, sigma, draw, miou, pixel_acc, mean_acc."""
+        return {key: getattr(self, key) for key in ("checkpoint", "sigma", "draw", "miou", "pixel_acc", "mean_acc")}
+
+
 class SweepEvaluator:
     """mIoU of one model under any parameter replacement / input perturbation, over fixed image batches.
 
-    With ``cache_z0`` the backbone runs once per batch here; ``miou`` then only decodes (valid only
+    With ``cache_z0`` the backbone runs once per batch here; ``evaluate`` then only decodes (valid only
     when the replacements touch decoder parameters alone). Batches live on the model's device.
     Logits are upsampled in channels-last memory (``Segmentor.decode``): the same argmax, and the
     upsampling + argmax over K (most of a decode for many classes) run several times faster.
@@ -341,18 +302,20 @@ class SweepEvaluator:
         return sum(len(item.labels) for item in self.items)
 
     @torch.inference_mode()
-    def miou(
+    def evaluate(
         self,
         parameters: dict[str, Tensor],
         inputs: Callable[[Tensor], Tensor] | None = None,
-    ) -> dict:
-        """``depict_analysis.models.evaluate.miou`` of the model with ``parameters`` swapped in (names as in the model).
+    ) -> tuple[dict, np.ndarray]:
+        """``models.evaluate.miou`` of the model with ``parameters`` swapped in (names as in the model),
+        and the per-image counts (n, 3, K) behind it (``per_image_counts``).
 
         ``inputs`` maps a pixel batch (B, 3, S, S) in [0, 1] to the normalised model input
         (default ``model.normalize``); it needs uncached batches.
         """
         swapped = {f"model.{name}": value.to(self.device) for name, value in parameters.items()}
         confusion = ConfusionMatrix(self.model.n_cls, self.device)
+        counts = []
         for item in self.items:
             size = item.labels.shape[-2:]
             if self.cache_z0:
@@ -362,8 +325,10 @@ class SweepEvaluator:
             else:
                 x = (inputs or self.model.normalize)(item.pixels)
                 logits = functional_call(self._forward, swapped, (x, torch.channels_last))
-            confusion.update(logits.argmax(1), item.labels)
-        return miou(confusion)
+            prediction = logits.argmax(1)
+            confusion.update(prediction, item.labels)
+            counts.append(per_image_counts(prediction, item.labels, self.model.n_cls))
+        return miou(confusion), torch.cat(counts).cpu().numpy()
 
 
 def robustness_records(
@@ -377,12 +342,12 @@ def robustness_records(
     *,
     cache_z0: bool | None = None,
     advance: Callable[[int], None] | None = None,
-) -> Iterator[dict]:
-    """One record per (σ, draw) of ``model`` (called ``label``) under ``perturbation``, σ in the given order.
+) -> Iterator[Evaluation]:
+    """One ``Evaluation`` per (σ, draw) of ``model`` (called ``label``) under ``perturbation``, σ in the given order.
 
     ``batches`` yield ``Batch(pixels (B, 3, S, S) in [0, 1], labels (B, S, S))``; they are read once
     (and encoded once when ``cache_z0``, by default whenever the perturbation is decoder-only).
-    ``advance(1)`` is called after each record. The model is left untouched (its train/eval mode
+    ``advance(1)`` is called after each evaluation. The model is left untouched (its train/eval mode
     is set to eval while the generator runs and restored after).
     """
     if perturbation.kind == "structured":
@@ -404,29 +369,228 @@ def robustness_records(
                 inputs = None
                 if perturbation.kind == "input" and sigma > 0:
                     inputs = partial(perturbed_images, model, perturbation=perturbation, sigma=sigma, generator=g)
-                scores = evaluator.miou(parameters, inputs)
-                yield {"checkpoint": label, "sigma": float(sigma), "draw": draw,
-                       **{key: scores[key] for key in ("miou", "pixel_acc", "mean_acc")}}
+                scores, counts = evaluator.evaluate(parameters, inputs)
+                yield Evaluation(label, float(sigma), draw, scores["miou"], scores["pixel_acc"], scores["mean_acc"], counts)
                 if advance is not None:
                     advance(1)
     finally:
         model.train(was_training)
 
 
-def summarize(records: Sequence[dict]) -> list[dict]:
-    """Per (checkpoint, σ): mIoU mean, std (ddof = 0), min, max over draws, and ``relative`` = mean / clean mean."""
-    groups: dict[tuple[str, float], list[float]] = {}
-    for r in records:
-        groups.setdefault((r["checkpoint"], r["sigma"]), []).append(r["miou"])
-    clean = {ckpt: values[0] for (ckpt, sigma), values in groups.items() if sigma == 0}
-    rows = []
-    for (ckpt, sigma), values in groups.items():
-        v = np.asarray(values, dtype=np.float64)
-        mean = float(v.mean())
-        rows.append({"checkpoint": ckpt, "sigma": sigma, "draws": len(v), "mean": mean, "std": float(v.std()),
-                     "min": float(v.min()), "max": float(v.max()),
-                     "relative": mean / clean[ckpt] if clean.get(ckpt) else float("nan")})
-    return rows
+# --------------------------------------------------------------------------------- the typed result
+
+
+def sigma_half(sigmas: Sequence[float], relative: np.ndarray) -> np.ndarray:
+    """The noise level at which the mIoU first falls to half its clean value.
+
+    ``sigmas`` (S,) ascending with σ_0 = 0; ``relative`` (..., S) = mIoU / clean mIoU. Between grid
+    points σ½ is interpolated linearly in log σ; a curve that falls to 0.5 at the first σ > 0 gets
+    that σ (no log 0); one that never does gets ``inf``, one without a clean mIoU (relative NaN) NaN.
+    Returns (...) float64.
+    """
+    s = np.asarray(sigmas, dtype=np.float64)
+    rel = np.asarray(relative, dtype=np.float64)
+    below = rel <= 0.5
+    i = below.argmax(-1)
+    before = np.maximum(i - 1, 0)
+    v0, v1 = np.take_along_axis(rel, before[..., None], -1)[..., 0], np.take_along_axis(rel, i[..., None], -1)[..., 0]
+    s0, s1 = s[before], s[i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (v0 - 0.5) / (v0 - v1)
+        between = np.exp(np.log(s0) + t * (np.log(s1) - np.log(s0)))
+    value = np.where((i > 0) & (s0 > 0), between, s1)
+    return np.where(below.any(-1), value, np.where(np.isnan(rel[..., 0]), np.nan, np.inf))
+
+
+@dataclass
+class Curve:
+    """One model's sweep: per σ the mean mIoU over draws, its std over draws and its interval."""
+
+    label: str
+    sigma: list[float]  # ascending, 0 first
+    draws: list[int]
+    mean: np.ndarray  # (S,) mean over draws of the dataset mIoU
+    std: np.ndarray  # (S,) over draws, ddof = 0
+    interval: list[Interval]  # (S,) bootstrap over images and draws
+    replicates: np.ndarray  # (resamples, S): the bootstrap replicates of ``mean``
+
+    @property
+    def clean(self) -> Interval:
+        return self.interval[0]
+
+    @property
+    def relative(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.mean / self.mean[0]
+
+    def sigma_half(self, level: float) -> Interval:
+        """σ½ with its bootstrap interval (``inf``: beyond the σ grid)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            replicates = sigma_half(self.sigma, self.replicates / self.replicates[:, :1])
+        return percentile_interval(replicates, float(sigma_half(self.sigma, self.relative)), level)
+
+    def sigma_half_replicates(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return sigma_half(self.sigma, self.replicates / self.replicates[:, :1])
+
+
+@dataclass
+class RobustnessResult(Result):
+    """A robustness sweep of one or more models (``run_robustness``), with bootstrap intervals.
+
+    ``evaluations``: one per (model, σ, draw), in sweep order; ``complete`` is False for a sweep
+    interrupted part-way. Intervals resample the images (the same resamples for every model, so
+    comparisons are paired) and, for σ > 0 with several draws, the draws of each σ.
+    """
+
+    name: ClassVar[str] = "robustness"
+    settings: dict
+    checkpoints: list[dict]  # {"label", "path", "size", "model"}
+    evaluations: list[Evaluation]
+    complete: bool = True
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+
+    def __post_init__(self) -> None:
+        self._curves: dict[str, Curve] = {}  # computed on first use
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(e.checkpoint for e in self.evaluations))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.evaluations[0].counts) if self.evaluations else 0
+
+    def counts(self, label: str) -> dict[float, np.ndarray]:
+        """``{σ: (draws, n, 3, K) int64}`` of one model, σ ascending."""
+        by_sigma: dict[float, list[np.ndarray]] = {}
+        for e in sorted((e for e in self.evaluations if e.checkpoint == label), key=lambda e: (e.sigma, e.draw)):
+            by_sigma.setdefault(e.sigma, []).append(e.counts)
+        return {sigma: np.stack(values) for sigma, values in by_sigma.items()}
+
+    def curve(self, label: str) -> Curve:
+        """Mean mIoU over draws at each σ with intervals, resampling images and draws (``uncertainty``)."""
+        if label not in self._curves:
+            counts = self.counts(label)
+            images = image_resamples(self.num_images, self.bootstrap)
+            mean, std, replicates = [], [], []
+            for sigma, per_draw in counts.items():  # (D, n, 3, K)
+                mious = miou_from_counts(per_draw.sum(axis=1))  # (D,)
+                draws = draw_resamples(len(per_draw), self.bootstrap, label, sigma)  # (R, D)
+                per_draw_replicates = np.stack([miou_replicates(c, images) for c in per_draw], axis=1)  # (R, D)
+                replicates.append(np.take_along_axis(per_draw_replicates, draws, axis=1).mean(axis=1))
+                mean.append(mious.mean())
+                std.append(mious.std())
+            replicates_ = np.stack(replicates, axis=1)
+            intervals = [percentile_interval(r, m, self.bootstrap.level) for r, m in zip(replicates_.T, mean)]
+            self._curves[label] = Curve(label, list(counts), [len(c) for c in counts.values()], np.array(mean),
+                                        np.array(std), intervals, replicates_)
+        return self._curves[label]
+
+    def class_prior(self, label: str) -> dict:
+        """How the clean model compares with predicting its most frequent label everywhere.
+
+        ``baseline``: that predictor's mIoU (``uncertainty.class_prior_miou``); ``dominant`` and
+        ``dominant_share``: the class the model predicts most and its share of the predicted pixels.
+        """
+        clean = self.counts(label)[0.0][0].sum(axis=0)  # (3, K)
+        baseline, top = class_prior_miou(clean[1])
+        predicted = clean[2]
+        return {"baseline": baseline, "majority_class": top, "dominant": int(predicted.argmax()),
+                "dominant_share": float(predicted.max() / max(predicted.sum(), 1))}
+
+    def at_class_prior(self, label: str) -> bool:
+        """Whether the clean mIoU cannot be told from the class prior: its upper bound is within
+        ``PRIOR_MARGIN`` of the majority-class predictor's mIoU."""
+        return self.curve(label).clean.high <= PRIOR_MARGIN * self.class_prior(label)["baseline"]
+
+    def warnings(self) -> list[str]:
+        """Sanity warnings: a model at its class prior, too few images or draws for the intervals."""
+        found = []
+        if not self.complete:
+            found.append("interrupted sweep: partial results")
+        draws = None if self.deterministic else self.settings["draws"]
+        found += warn_sample_size(self.num_images, self.bootstrap.level, draws, "robustness")
+        for label in self.labels:
+            if self.at_class_prior(label):
+                prior, clean = self.class_prior(label), self.curve(label).clean
+                found.append(
+                    f"{label} is at its class prior: clean mIoU {clean.text(100)} % against {100 * prior['baseline']:.3g} % "
+                    f"for predicting its most frequent label everywhere; {100 * prior['dominant_share']:.0f} % of its "
+                    f"pixels are predicted as class {prior['dominant']}"
+                )
+        return found
+
+    @property
+    def deterministic(self) -> bool:
+        return resolve_perturbation(self.settings["noise"], self.settings["target"], self.settings["relative"]).deterministic
+
+    def summary(self) -> dict[str, Any]:
+        """Per model: the clean mIoU and σ½ (``None``: beyond the grid) with intervals, the curve; and the warnings."""
+        models = {}
+        for label in self.labels:
+            curve = self.curve(label)
+            models[label] = {
+                "clean": curve.clean.to_json(),
+                "sigma_half": curve.sigma_half(self.bootstrap.level).to_json() if len(curve.sigma) > 1 else None,
+                "sigma": curve.sigma,
+                "miou": [i.to_json() for i in curve.interval],
+                "relative": curve.relative,
+                "at_class_prior": self.at_class_prior(label),
+                "class_prior": self.class_prior(label),
+            }
+        return {"statistic": "mIoU over the images (dataset level), mean over draws", "num_images": self.num_images,
+                "bootstrap": self.bootstrap.describe(), "models": models, "warnings": self.warnings()}
+
+    def table(self) -> list[dict]:
+        """One row per (model, σ): draws, mean / std / min / max over draws, relative, interval."""
+        rows = []
+        for label in self.labels:
+            curve, counts = self.curve(label), self.counts(label)
+            for s, sigma in enumerate(curve.sigma):
+                mious = miou_from_counts(counts[sigma].sum(axis=1))
+                rows.append({"checkpoint": label, "sigma": sigma, "draws": curve.draws[s], "mean": curve.mean[s],
+                             "std": curve.std[s], "min": float(mious.min()), "max": float(mious.max()),
+                             "relative": curve.relative[s], "low": curve.interval[s].low, "high": curve.interval[s].high})
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "complete": self.complete, "checkpoints": self.checkpoints,
+                **self.summary(), "table": self.table(), "records": self.rows()}
+
+    def rows(self) -> list[dict]:
+        return [e.record() for e in self.evaluations]
+
+    def figures(self) -> dict[str, Figure]:
+        """``robustness``: mIoU against σ (curves), or clean / transformed bars for structured transforms."""
+        families = {c["label"]: c["model"]["decoder"] for c in self.checkpoints}
+        curves = []
+        for label in self.labels:
+            curve = self.curve(label)
+            name = f"{label} ({families[label]})" if label in families else label
+            curves.append(plots.RobustnessCurve(name, curve.sigma, 100 * curve.mean,
+                                                100 * np.array([i.low for i in curve.interval]),
+                                                100 * np.array([i.high for i in curve.interval])))
+        colours = plots.model_colours([c.name for c in curves])
+        s = self.settings
+        draws = f"{s['draws']} draws" if s["draws"] > 1 and not self.deterministic else "one draw"
+        caption = (f"{s['description']}\n{self.num_images} images, {draws}; band: {100 * self.bootstrap.level:g} % "
+                   f"bootstrap interval over images{' and draws' if draws != 'one draw' else ''}; seed {s['seed']}"
+                   f"{'  [interrupted: partial results]' if not self.complete else ''}")
+        if s["kind"] == "structured":
+            return {self.name: plots.plot_robustness_bars(curves, colours, caption)}
+        return {self.name: plots.plot_robustness_curves(curves, colours, s["sigma_label"], caption)}
+
+    def save(self, out: str | Path) -> list[Path]:
+        """The figure, JSON and CSV (``Result.save``) and ``robustness_counts.npz``: per model the
+        per-image counts (evaluations, n, 3, K) in the order of its records."""
+        paths = super().save(out)
+        arrays = {label: np.stack([e.counts for e in self.evaluations if e.checkpoint == label]) for label in self.labels}
+        paths.append(save_npz(Path(out) / f"{self.name}_counts.npz", arrays))
+        return paths
+
+
+NAME = RobustnessResult.name
 
 
 def sweep_settings(perturbation: Perturbation, sigmas: Sequence[float], draws: int, seed: int) -> dict:
@@ -440,26 +604,12 @@ def sweep_settings(perturbation: Perturbation, sigmas: Sequence[float], draws: i
     }
 
 
-def robustness_result(settings: dict, checkpoints: list[dict], records: list[dict], complete: bool) -> dict:
-    """What ``robustness.json`` holds: settings, checkpoints, per-(checkpoint, σ) summary, every record."""
-    return {"settings": settings, "complete": complete, "checkpoints": checkpoints,
-            "summary": summarize(records), "records": records}
-
-
-def robustness_figure(result: dict) -> Figure:
-    """Curves of mIoU against σ, or grouped bars (clean / transformed) for structured transforms."""
-    if result["settings"]["kind"] == "structured":
-        return plots.plot_robustness_bars(result)
-    return plots.plot_robustness_curves(result)
-
-
-NAME = "robustness"
-
-
-def write_robustness_numbers(result: dict, out: str | Path) -> list[Path]:
-    """``robustness.json`` (the result) and ``robustness.csv`` (one row per (checkpoint, σ, draw))."""
+def write_progress(out: str | Path, settings: dict, checkpoints: list[dict], evaluations: list[Evaluation]) -> None:
+    """``robustness.json`` / ``.csv`` of a sweep in progress: what is done, no intervals (they come at the end)."""
     out = Path(out)
-    return [save_json(out / f"{NAME}.json", result), save_csv(out / f"{NAME}.csv", result["records"])]
+    records = [e.record() for e in evaluations]
+    save_json(out / f"{NAME}.json", {"settings": settings, "complete": False, "checkpoints": checkpoints, "records": records})
+    save_csv(out / f"{NAME}.csv", records)
 
 
 def run_robustness(
@@ -467,40 +617,42 @@ def run_robustness(
     batches_for: Callable[[int], tuple[int, Iterable[Batch]]],
     perturbation: Perturbation,
     sigmas: Sequence[float],
-    out: str | Path,
+    out: str | Path | None,
     *,
     draws: int = 3,
     seed: int = 0,
     size: int | None = None,
     settings: dict | None = None,
+    bootstrap: Bootstrap | None = None,
     advance: Callable[[int], None] | None = None,
-) -> dict:
-    """Sweep every ``(label, source, model)`` of ``models`` and write ``robustness.png/.pdf/.json/.csv`` to ``out``.
+) -> RobustnessResult:
+    """Sweep every ``(label, source, model)`` of ``models``; with ``out``, write the result there.
 
     ``batches_for(side)`` gives (number of images, batches of ``side``-pixel crops); ``side`` is
-    ``size`` or each model's training size. The JSON / CSV are rewritten after every evaluation; a
-    KeyboardInterrupt ends the sweep with what is done written out and ``"complete": false`` in the
-    returned result (see ``robustness_result``), which is returned in every case.
+    ``size`` or each model's training size. With ``out`` the records are rewritten after every
+    evaluation (``write_progress``) and the whole result (``RobustnessResult.save``) at the end. A
+    KeyboardInterrupt ends the sweep with what is done: the result has ``complete = False``.
+    ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
     """
     settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {"size": size}
-    described, records = [], []
+    described: list[dict] = []
+    evaluations: list[Evaluation] = []
     complete = False
     try:
         for label, source, model in models:
             side = size or max(model.config.backbone.image_size)
             total, batches = batches_for(side)
             settings["num_images"] = total
-            described.append({"label": label, "path": source, "size": side,
-                              "model": describe_model(model)})
-            for record in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
-                records.append(record)
-                write_robustness_numbers(robustness_result(settings, described, records, False), out)
+            described.append({"label": label, "path": source, "size": side, "model": describe_model(model)})
+            for evaluation in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
+                evaluations.append(evaluation)
+                if out is not None:
+                    write_progress(out, settings, described, evaluations)
             del model  # before the next one loads
         complete = True
     except KeyboardInterrupt:
         pass
-    result = robustness_result(settings, described, records, complete)
-    if records:
-        save_figure(robustness_figure(result), out, NAME)
-        write_robustness_numbers(result, out)
+    result = RobustnessResult(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
+    if evaluations and out is not None:
+        result.save(out)
     return result

@@ -16,17 +16,20 @@ from typer.testing import CliRunner
 import depict_analysis.robustness as rob
 from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
+from depict_analysis.plots import log_ticks
 from depict_analysis.robustness import (
+    Evaluation,
+    RobustnessResult,
     draw_generator,
     noisy_parameters,
     perturbed_images,
     resolve_perturbation,
-    robustness_figure,
     robustness_records,
-    robustness_result,
+    sigma_half,
     structured_parameters,
     sweep_settings,
 )
+from depict_analysis.uncertainty import Bootstrap, image_resamples, miou_from_counts, miou_replicates
 from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 from tests.official_layout import write_release
@@ -55,7 +58,7 @@ def direct_miou(model, batches) -> float:
     return miou(confusion)["miou"]
 
 
-def sweep(model, noise="gaussian", target=None, sigmas=(0, 1e-2, 0.5), draws=2, seed=0, label="m", **kw) -> list[dict]:
+def sweep(model, noise="gaussian", target=None, sigmas=(0, 1e-2, 0.5), draws=2, seed=0, label="m", **kw) -> list[Evaluation]:
     perturbation = resolve_perturbation(noise, target, kw.pop("relative", False))
     return list(robustness_records(model, label, make_batches(), perturbation, sigmas, draws, seed, **kw))
 
@@ -83,10 +86,10 @@ def logits(model, parameters: dict, pixels: torch.Tensor) -> torch.Tensor:
 def test_sigma_zero_is_the_clean_model_evaluated_once(target):
     model = tiny_model()
     records = sweep(model, target=target)
-    clean = [r for r in records if r["sigma"] == 0]
-    assert len(clean) == 1 and clean[0]["draw"] == 0
-    assert clean[0]["miou"] == direct_miou(model, make_batches())
-    assert [(r["sigma"], r["draw"]) for r in records] == [(0, 0), (1e-2, 0), (1e-2, 1), (0.5, 0), (0.5, 1)]
+    clean = [r for r in records if r.sigma == 0]
+    assert len(clean) == 1 and clean[0].draw == 0
+    assert clean[0].miou == direct_miou(model, make_batches())
+    assert [(r.sigma, r.draw) for r in records] == [(0, 0), (1e-2, 0), (1e-2, 1), (0.5, 0), (0.5, 1)]
 
 
 @pytest.mark.parametrize("name", ["depict-sa-tiny", "depict-ca-tiny"])
@@ -102,7 +105,7 @@ def test_head_rotation_leaves_depict_unchanged_and_global_rotation_does_not(name
     mixed = structured_parameters(model, "global-rotation", torch.Generator().manual_seed(0))
     assert (logits(model, mixed, pixels) - clean).abs().max() > 1e-2
     records = sweep(model, "head-rotation", sigmas=(0, 1), draws=3)
-    assert len(records) == 4 and all(r["miou"] == pytest.approx(records[0]["miou"], abs=1e-6) for r in records)
+    assert len(records) == 4 and all(r.miou == pytest.approx(records[0].miou, abs=1e-6) for r in records)
 
 
 @pytest.mark.parametrize("name, parameter", [("cbt-tiny", "proj.weight"), ("tost-tiny", "qkv.weight")])
@@ -168,9 +171,9 @@ def test_same_seed_same_numbers_other_seed_other_numbers_any_order():
     first = sweep(model, seed=5)
     assert sweep(model, seed=5) == first
     backwards = sweep(model, seed=5, sigmas=(0.5, 1e-2, 0))
-    assert sorted(backwards, key=lambda r: (r["sigma"], r["draw"])) == first
+    assert sorted(backwards, key=lambda r: (r.sigma, r.draw)) == first
     other = sweep(model, seed=6)
-    assert [r["miou"] for r in other[1:]] != [r["miou"] for r in first[1:]]
+    assert [r.miou for r in other[1:]] != [r.miou for r in first[1:]]
     assert other[0] == first[0]  # the clean model has no noise
     g1, g2 = draw_generator(5, "m", 0.01, 1), draw_generator(5, "m", 0.01, 1)
     assert torch.equal(torch.randn(8, generator=g1), torch.randn(8, generator=g2))
@@ -206,7 +209,7 @@ def test_cached_z0_equals_recomputing_the_backbone():
     model = tiny_model("depict-ca-tiny")
     cached = sweep(model, cache_z0=True, sigmas=(0, 3e-2, 0.3))
     uncached = sweep(model, cache_z0=False, sigmas=(0, 3e-2, 0.3))
-    assert [r["miou"] for r in cached] == pytest.approx([r["miou"] for r in uncached], abs=1e-9)
+    assert [r.miou for r in cached] == pytest.approx([r.miou for r in uncached], abs=1e-9)
     with pytest.raises(ValueError, match="cannot cache"):
         sweep(model, target="encoder", cache_z0=True)
 
@@ -224,7 +227,7 @@ def test_input_perturbations():
     gauss = perturbed_images(model, pixels, resolve_perturbation("gaussian", "input"), 0.5, g()) - model.normalize(pixels)
     assert gauss.std().item() == pytest.approx(0.5, rel=0.05)
     records = sweep(model, "blur", sigmas=(0, 1, 2), draws=3)
-    assert [(r["sigma"], r["draw"]) for r in records] == [(0, 0), (1, 0), (2, 0)]  # deterministic: one draw
+    assert [(r.sigma, r.draw) for r in records] == [(0, 0), (1, 0), (2, 0)]  # deterministic: one draw
 
 
 @pytest.mark.parametrize(
@@ -237,19 +240,112 @@ def test_meaningless_combinations_are_refused(noise, target, relative, message):
         resolve_perturbation(noise, target, relative)
 
 
+def result_of(evaluations, noise="gaussian", sigmas=(0, 1e-2, 0.5), draws=2, complete=True, **bootstrap):
+    settings = sweep_settings(resolve_perturbation(noise), sigmas, draws, 0) | {"num_images": len(evaluations[0].counts)}
+    checkpoints = [{"label": label, "model": {"decoder": "depict_sa"}} for label in dict.fromkeys(e.checkpoint for e in evaluations)]
+    return RobustnessResult(settings, checkpoints, evaluations, complete, Bootstrap(**bootstrap))
+
+
+def test_per_image_counts_are_the_confusion_matrix_by_image():
+    model = tiny_model()
+    batches = make_batches()
+    clean = sweep(model, sigmas=(0,))[0]
+    confusions = []
+    with torch.inference_mode():
+        for b in batches:
+            pred = model(model.normalize(b.pixels)).argmax(1)
+            for p, t in zip(pred, b.labels):
+                confusion = ConfusionMatrix(K)
+                confusion.update(p, t)
+                confusions.append(confusion.counts)
+    for counts, confusion in zip(clean.counts, confusions):  # per image: diagonal, row sums, column sums
+        assert counts.tolist() == [confusion.diag().tolist(), confusion.sum(1).tolist(), confusion.sum(0).tolist()]
+    assert miou_from_counts(clean.counts.sum(0)) == pytest.approx(clean.miou, abs=1e-12)
+    # a bootstrap replicate is the mIoU of the resampled images' summed confusion matrices
+    picks = image_resamples(len(confusions), Bootstrap(resamples=5, seed=3))
+    for pick, value in zip(picks, miou_replicates(clean.counts, picks)):
+        assert value == pytest.approx(miou(sum(confusions[i] for i in pick))["miou"], abs=1e-12)
+
+
+def test_result_means_intervals_and_sigma_half():
+    model = tiny_model()
+    evaluations = sweep(model, label="a", sigmas=(0, 1e-2, 0.5, 2.0), draws=3) + sweep(model, label="b", sigmas=(0, 1e-2, 0.5, 2.0), draws=3, seed=1)
+    result = result_of(evaluations, sigmas=(0, 1e-2, 0.5, 2.0), draws=3, resamples=200)
+    for label in ("a", "b"):
+        curve = result.curve(label)
+        by_sigma = {}
+        for e in evaluations:
+            if e.checkpoint == label:
+                by_sigma.setdefault(e.sigma, []).append(e.miou)
+        assert curve.sigma == [0, 1e-2, 0.5, 2.0] and curve.draws == [1, 3, 3, 3]
+        assert curve.mean == pytest.approx([np.mean(v) for v in by_sigma.values()], abs=1e-12)
+        assert curve.std == pytest.approx([np.std(v) for v in by_sigma.values()], abs=1e-12)
+        for interval, mean in zip(curve.interval, curve.mean):
+            assert interval.low <= interval.high and interval.estimate == mean
+        half = curve.sigma_half(0.95)
+        assert half.estimate == sigma_half(curve.sigma, curve.relative)
+    # intervals are seeded: the same numbers again, and the images are resampled alike for every model
+    again = result_of(evaluations, sigmas=(0, 1e-2, 0.5, 2.0), draws=3, resamples=200)
+    assert again.curve("a").interval == result.curve("a").interval
+    rows = result.table()
+    assert len(rows) == 8 and rows[0]["draws"] == 1 and rows[0]["relative"] == 1.0
+
+
+def test_sigma_half_interpolates_in_log_sigma():
+    # falls from 0.7 at σ = 0.1 to 0.1 at σ = 1: a third of the way, in log σ: 0.1 · 10^(1/3)
+    assert sigma_half([0, 0.01, 0.1, 1], [1, 0.9, 0.7, 0.1]) == pytest.approx(0.1 * 10 ** (1 / 3), rel=1e-12)
+    assert sigma_half([0, 0.01, 0.1], [1, 0.5, 0.2]) == pytest.approx(0.01)  # reaches exactly 0.5 on the grid
+    assert sigma_half([0, 0.01, 0.1], [1, 0.3, 0.2]) == pytest.approx(0.01)  # below 0.5 at once: no log 0
+    assert sigma_half([0, 0.01, 0.1], [1, 0.9, 0.6]) == math.inf  # never: beyond the grid
+    assert math.isnan(sigma_half([0, 0.01], [math.nan, math.nan]))  # no clean mIoU
+    many = np.array([[1, 0.9, 0.7, 0.1], [1, 0.3, 0.2, 0.1], [1, 0.9, 0.9, 0.9]])
+    assert sigma_half([0, 0.01, 0.1, 1], many).tolist() == [sigma_half([0, 0.01, 0.1, 1], row) for row in many]
+
+
+def counts_of(label_pixels, predicted_pixels, correct):
+    """(n, 3, K) counts of n identical images."""
+    return np.array([[correct, label_pixels, predicted_pixels]] * 30)
+
+
+def test_a_model_at_its_class_prior_is_flagged():
+    labels = [700, 100, 100, 100]  # background is 70 % of the pixels
+    constant = counts_of(labels, [1000, 0, 0, 0], [700, 0, 0, 0])  # predicts background everywhere
+    good = counts_of(labels, [700, 100, 100, 100], [650, 80, 80, 80])
+    evaluations = [Evaluation("stuck", 0.0, 0, miou_from_counts(constant.sum(0)), 0.7, 0.25, constant),
+                   Evaluation("good", 0.0, 0, miou_from_counts(good.sum(0)), 0.9, 0.8, good)]
+    result = result_of(evaluations, sigmas=(0,), draws=1)
+    assert result.class_prior("stuck") == {"baseline": pytest.approx(0.7 / 4), "majority_class": 0, "dominant": 0,
+                                           "dominant_share": 1.0}
+    assert result.at_class_prior("stuck") and not result.at_class_prior("good")
+    warnings = result.warnings()
+    assert any(w.startswith("stuck is at its class prior") for w in warnings)
+    assert not any(w.startswith("good") for w in warnings)
+    assert result.summary()["models"]["stuck"]["at_class_prior"]
+
+
 def test_figures_for_curves_bars_and_partial_results():
     model = tiny_model()
-    records = sweep(model, label="a") + sweep(model, label="b", sigmas=(0,))
-    described = [{"label": "a", "model": {"decoder": "depict_sa"}}]
-    settings = sweep_settings(resolve_perturbation("gaussian"), (0, 1e-2, 0.5), 2, 0) | {"num_images": 6}
-    fig = robustness_figure(robustness_result(settings, described, records, complete=False))
+    evaluations = sweep(model, label="a") + sweep(model, label="b", sigmas=(0,))
+    fig = result_of(evaluations, complete=False, resamples=50).figures()["robustness"]
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()][0] == "0"
     assert "partial" in ax.get_title() and "a (depict_sa)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert len(set(map(str, colours.values()))) == len(colours)  # one colour per model
     bars = sweep(model, "head-rotation", sigmas=(0, 1), label="a")
-    settings = sweep_settings(resolve_perturbation("head-rotation"), (0, 1), 2, 0) | {"num_images": 6}
-    fig = robustness_figure(robustness_result(settings, described, bars, complete=True))
+    fig = result_of(bars, "head-rotation", sigmas=(0, 1), resamples=50).figures()["robustness"]
     assert len(fig.axes[0].patches) == 2
+
+
+def test_every_log_axis_gets_several_labelled_ticks():
+    assert log_ticks(0.5, 8)[0] == [0.5, 1, 2, 5]  # the blur grid: not one lone tick at 1
+    labelled, minor = log_ticks(1e-3, 1)
+    assert labelled == pytest.approx([1e-3, 1e-2, 0.1, 1]) and 2e-3 in [pytest.approx(m) for m in minor]
+    model = tiny_model()
+    blur = sweep(model, "blur", sigmas=(0, 0.5, 1, 2, 4, 8), draws=1)
+    fig = result_of(blur, "blur", sigmas=(0, 0.5, 1, 2, 4, 8), draws=1, resamples=20).figures()["robustness"]
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["0", "0.5", "1", "2", "5"]
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -283,7 +379,12 @@ def test_cli_on_ours_and_an_official_release(tmp_path):
     written = json.loads((out / "robustness.json").read_text())
     assert written["complete"] and written["settings"]["relative"] and written["settings"]["num_images"] == 3
     assert [c["model"]["decoder"] for c in written["checkpoints"]] == ["depict_sa", "mask_transformer"]
-    assert len(written["records"]) == 2 * (1 + 2 * 2) and len(written["summary"]) == 2 * 3
+    assert len(written["records"]) == 2 * (1 + 2 * 2) and len(written["table"]) == 2 * 3
+    ours = written["models"]["ours"]
+    assert ours["clean"]["low"] <= ours["clean"]["estimate"] <= ours["clean"]["high"]
+    assert any("too few" in w for w in written["warnings"])  # 3 images
+    counts = np.load(out / "robustness_counts.npz")
+    assert counts["ours"].shape == (5, 3, 3, K)
     rows = list(csv.DictReader((out / "robustness.csv").open()))
     assert len(rows) == 10 and list(rows[0])[:3] == ["checkpoint", "sigma", "draw"]
 
