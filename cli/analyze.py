@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from depict_analysis.cli.class_rates import class_rates
 from depict_analysis.cli.coding_rate import coding_rate
 from depict_analysis.cli.common import new_app
 from depict_analysis.cli.demo import demo, report
@@ -15,6 +16,7 @@ app.command("coding-rate")(coding_rate)
 app.command("pca-seg")(pca_seg)
 app.command("orthogonality")(orthogonality)
 app.command("robustness")(robustness)
+app.command("class-rates")(class_rates)
 app.command("demo")(demo)
 app.command("report")(report)
 

@@ -30,7 +30,7 @@ from depict_analysis.cli.common import (
     open_models,
     user_errors,
 )
-from depict_analysis.cli.intervals import LevelOption, ResamplesOption
+from depict_analysis.cli.options import LevelOption, ResamplesOption
 from depict_analysis.perturbations import NOISES, TARGETS, draws_per_sigma, parse_sigmas, resolve_perturbation
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast

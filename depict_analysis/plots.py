@@ -137,6 +137,42 @@ def plot_token_class_rates(result: dict) -> plt.Figure:
     return fig
 
 
+# ----------------------------------------------------------------- per-class rates and ΔR
+
+
+@styled
+def plot_class_rates(
+    layers: Sequence[str], bands: dict[str, list], per_class: np.ndarray, class_names: Sequence[str], caption: str
+) -> plt.Figure:
+    """Left: each of ``bands`` (legend text -> one ``Interval`` per layer) against the token stage,
+    mean with its interval band. Right: ``per_class`` (K', J) mean rate of each class (rows, named
+    ``class_names``) at each stage, as a heatmap with the values written in."""
+    x = np.arange(len(layers))
+    height = max(3.2, 0.32 * len(class_names) + 1.4)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, height), layout="constrained", width_ratios=(1, 1.15))
+    for color, (name, values) in zip(LINE_COLORS, bands.items()):
+        low, high = [v.low for v in values], [v.high for v in values]
+        left.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
+        left.plot(x, [v.estimate for v in values], color=color, marker="o", markersize=4, label=name)
+    left.set_xticks(x, layers, rotation=30 if len(x) > 5 else 0)
+    left.set(xlabel="token stage (after layer)", ylabel="nats", title="Rate, class-weighted rate, rate reduction")
+    left.legend(loc="best", frameon=True, fontsize="small")
+    image = right.imshow(per_class, aspect="auto", cmap="viridis")
+    right.set_xticks(x, layers, rotation=30 if len(x) > 5 else 0)
+    right.set_yticks(np.arange(len(class_names)), class_names)
+    right.grid(False)
+    if per_class.size <= 200:
+        middle = np.nanmean(per_class) if np.isfinite(per_class).any() else 0.0
+        for (r, c), value in np.ndenumerate(per_class):
+            if np.isfinite(value):
+                right.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
+                           color="black" if value > middle else "white")
+    right.set(xlabel="token stage (after layer)", title="$R(Z_{j,c})$ per class (images with the class)")
+    fig.colorbar(image, ax=right, label="nats", shrink=0.85)
+    fig.suptitle(caption, fontsize="small")
+    return fig
+
+
 # ----------------------------------------------------------------- PCA segmentation (SPEC §3.2)
 
 SCORE_TITLES = {"ari": "adjusted Rand index", "nmi": "normalised mutual information", "miou": "mIoU (Hungarian-matched)"}

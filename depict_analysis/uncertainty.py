@@ -114,14 +114,14 @@ def mean_replicates(per_image: np.ndarray, bootstrap: Bootstrap) -> np.ndarray:
     """Bootstrap replicates (resamples, ...) of the NaN-mean over images of ``per_image`` (n, ...)."""
     values = np.asarray(per_image, dtype=np.float64)
     resampled = values[image_resamples(len(values), bootstrap)]  # (R, n, ...)
-    with np.errstate(invalid="ignore"), _quiet_nan_mean():
+    with np.errstate(invalid="ignore"), quiet_nan_mean():
         return np.nanmean(resampled, axis=1)
 
 
 def mean_interval(per_image: np.ndarray, bootstrap: Bootstrap) -> Interval:
     """The NaN-mean over images of ``per_image`` (n,) with its bootstrap interval."""
     values = np.asarray(per_image, dtype=np.float64)
-    with _quiet_nan_mean():
+    with quiet_nan_mean():
         estimate = float(np.nanmean(values))
     return percentile_interval(mean_replicates(values, bootstrap), estimate, bootstrap.level)
 
@@ -129,7 +129,7 @@ def mean_interval(per_image: np.ndarray, bootstrap: Bootstrap) -> Interval:
 def intervals(per_image: np.ndarray, bootstrap: Bootstrap) -> list:
     """``mean_interval`` of every column of ``per_image`` (n, *shape), as nested lists of ``Interval`` of that shape."""
     values = np.asarray(per_image, dtype=np.float64)
-    with _quiet_nan_mean():
+    with quiet_nan_mean():
         estimates = np.nanmean(values, axis=0)
     replicates = mean_replicates(values, bootstrap)  # (R, *shape)
 
@@ -153,7 +153,7 @@ def miou_from_counts(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     tp, label, predicted = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
     union = label + predicted - tp
-    with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan_mean():
+    with np.errstate(invalid="ignore", divide="ignore"), quiet_nan_mean():
         return np.nanmean(np.where(union > 0, tp / union, np.nan), axis=-1)
 
 
@@ -228,7 +228,7 @@ def warn_sample_size(images: int, level: float, draws: int | None = None, what: 
 
 
 @contextmanager
-def _quiet_nan_mean() -> Iterator[None]:
+def quiet_nan_mean() -> Iterator[None]:
     """Silence numpy's "Mean of empty slice": a class absent from every resampled image is NaN, as meant."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
