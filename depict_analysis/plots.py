@@ -173,6 +173,79 @@ def plot_class_rates(
     return fig
 
 
+# ------------------------------------------------------------------------------- attention maps
+
+
+def upsample_map(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map on the patch grid (gh, gw) -> (H, W), bilinear (the grid cells' centres at the patch centres)."""
+    import torch  # plots stay importable without it; attention figures come from traced models anyway
+
+    values = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(values, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+@styled
+def attention_figure(
+    image: np.ndarray, columns: list[tuple[str, np.ndarray]], heads: Sequence[int], marker: Sequence[int] | None, title: str
+) -> plt.Figure:
+    """One row per head: the image, then each query's map over it (bilinear, ``inferno``, each panel
+    scaled to its own maximum, shown as "max …").
+
+    image: (H, W, 3) in [0, 1]; columns: (title, maps (h, gh, gw)) per query, e.g. a class name and
+    its query's maps; marker: the queried pixel (y, x), drawn as a cross, or None.
+    """
+    H, W = image.shape[:2]
+    rows, cols = len(heads), 1 + len(columns)
+    side = 1.9
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows * H / W + 0.8), layout="constrained", squeeze=False)
+    grey = image.mean(-1, keepdims=True).repeat(3, -1)
+    for r, head in enumerate(heads):
+        _show(axes[r, 0], image, "image" if r == 0 else "")
+        axes[r, 0].set_ylabel(f"head {head}")
+        for c, (name, maps) in enumerate(columns, start=1):
+            values = upsample_map(maps[r], (H, W))
+            top = float(values.max()) or 1.0
+            ax = axes[r, c]
+            ax.imshow(0.55 * grey)
+            ax.imshow(values / top, cmap="inferno", alpha=0.75, vmin=0, vmax=1, interpolation="bilinear")
+            ax.set(xticks=[], yticks=[], title=name if r == 0 else "")
+            ax.set_xlabel(f"max {top:.2g}", fontsize="x-small")
+            ax.grid(False)
+            if marker is not None:
+                ax.plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=9, markeredgewidth=1.5)
+        if marker is not None:
+            axes[r, 0].plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=9, markeredgewidth=1.5)
+    fig.suptitle(title, fontsize="small")
+    return fig
+
+
+@styled
+def plot_attention_shares(
+    per_head: dict[str, list], heads: dict[str, Sequence[int]], means: list, chance, caption: str
+) -> plt.Figure:
+    """Share of each class query's attention on its own class's patches, per layer: a dot per head and
+    the mean over heads with their intervals (``Interval``s), and what uniform attention would give."""
+    layers = list(per_head)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(layers) + 2.0), 3.4), layout="constrained")
+    x = np.arange(len(layers))
+    most = max(len(heads[layer]) for layer in layers)
+    for k in range(most):
+        xs = [i + 0.08 * (k - (most - 1) / 2) for i, layer in enumerate(layers) if k < len(heads[layer])]
+        values = [per_head[layer][k] for layer in layers if k < len(heads[layer])]
+        ax.errorbar(xs, [100 * v.estimate for v in values],
+                    yerr=[[100 * (v.estimate - v.low) for v in values], [100 * (v.high - v.estimate) for v in values]],
+                    fmt="o", markersize=3, color=LINE_COLORS[k % len(LINE_COLORS)], alpha=0.7, capsize=2, label=f"head {k}")
+    ax.errorbar(x, [100 * m.estimate for m in means], yerr=[[100 * (m.estimate - m.low) for m in means],
+                [100 * (m.high - m.estimate) for m in means]], fmt="D-", color="0.15", capsize=3, label="mean over heads")
+    ax.axhspan(100 * chance.low, 100 * chance.high, color="0.6", alpha=0.25, linewidth=0)
+    ax.axhline(100 * chance.estimate, color="0.4", linestyle="--", linewidth=1.0, label="uniform attention (chance)")
+    ax.set_xticks(x, layers)
+    ax.set(xlabel="layer", ylabel="attention on own class's patches (%)", ylim=(0, 100))
+    ax.legend(loc="best", fontsize="x-small", frameon=True)
+    ax.set_title(caption, fontsize="small")
+    return fig
+
+
 # ----------------------------------------------------------------- PCA segmentation (SPEC §3.2)
 
 SCORE_TITLES = {"ari": "adjusted Rand index", "nmi": "normalised mutual information", "miou": "mIoU (Hungarian-matched)"}
