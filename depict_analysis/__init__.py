@@ -28,6 +28,17 @@ _EXPORTS = {
     "trace": "depict_analysis.tracing",
     "trace_batches": "depict_analysis.tracing",
     "Trace": "depict_analysis.tracing",
+    "analyze_attention": "depict_analysis.attention",
+    "attention_from_traces": "depict_analysis.attention",
+    "AttentionResult": "depict_analysis.attention",
+    "analyze_class_rates": "depict_analysis.class_rates",
+    "class_rates_from_traces": "depict_analysis.class_rates",
+    "ClassRatesResult": "depict_analysis.class_rates",
+    "run_robustness": "depict_analysis.robustness",
+    "resolve_perturbation": "depict_analysis.perturbations",
+    "RobustnessResult": "depict_analysis.robustness",
+    "Bootstrap": "depict_analysis.uncertainty",
+    "Interval": "depict_analysis.uncertainty",
 }
 _ALIASES = {"load_model": "open_checkpoint"}  # public name -> the defining module's name
 

@@ -175,7 +175,7 @@ class ClassRatesResult(Result):
         with quiet_nan_mean():
             heat = np.nanmean(self.per_class[:, present], axis=0)  # (K', J)
         images = (~np.isnan(self.per_class[:, present, 0])).sum(0)
-        names = [f"{self.class_names[c]} ({n})" for c, n in zip(present, images)]
+        names = [f"{self.class_names[c]} (n = {n})" for c, n in zip(present, images)]
         s = self.settings
         caption = (f"{s['model']['variant']} ({s['model']['decoder']}): {len(self.images)} images, classes by "
                    f"{s['by'].replace('_', ' ')}, ε = {s['eps']:g}, tokens {s['normalize']}-normalised; "

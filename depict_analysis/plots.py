@@ -167,7 +167,7 @@ def plot_class_rates(
             if np.isfinite(value):
                 right.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
                            color="black" if value > middle else "white")
-    right.set(xlabel="token stage (after layer)", title="$R(Z_{j,c})$ per class (images with the class)")
+    right.set(xlabel="token stage (after layer)", title="$R(Z_{j,c})$ per class (n: images with the class)")
     fig.colorbar(image, ax=right, label="nats", shrink=0.85)
     fig.suptitle(caption, fontsize="small")
     return fig
