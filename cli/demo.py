@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -23,24 +23,38 @@ from depict_analysis.cli.common import (
     open_models,
     user_errors,
 )
-from depict_analysis.report import write_report
-from depict_analysis.suite import SuiteModel, SuiteSettings, run_demo, run_suite
-from depict_analysis.models.device import resolve_device
-from depict_analysis.models.pretrained import DEFAULT_MODELS
+from depict_analysis.cli.options import LevelOption, ResamplesOption
+
+if TYPE_CHECKING:  # the model stack is imported inside the commands: `--help` stays fast
+    from depict_analysis.suite import SuiteResult
 
 NumImagesOption = typer.Option(64, "--num-images", min=1, help="Images per analysis.")
 DrawsOption = typer.Option(3, "--draws", min=1, help="Noise draws per σ in the robustness sweep.")
+VERDICT_STYLE = {"holds": "green", "does not hold": "red", "not decided": "yellow"}
 
 
-def claims_table(summary: dict) -> Table:
-    table = Table(title="The paper's claims on these numbers")
-    table.add_column("claim")
-    table.add_column("holds", justify="center")
-    table.add_column("values", justify="right")
-    for claim in summary["claims"]:
-        values = ", ".join(f"{k} {'—' if v is None else f'{v:.3g}'}" for k, v in claim["values"].items())
-        table.add_row(claim["claim"], "[green]yes" if claim["holds"] else "[red]no", values)
+def findings_table(result: SuiteResult, kind: str) -> Table:
+    """The claims (or observations) with their verdicts, values and intervals."""
+    title = "The paper's claims on these numbers" if kind == "claim" else "Observations (not the paper's claims)"
+    table = Table(title=f"{title} [{100 * result.settings.level:g} % intervals]", show_lines=True)
+    table.add_column("statement")
+    table.add_column("verdict", justify="center")
+    table.add_column("values [interval]", justify="right")
+    table.add_column("difference", justify="right")
+    for finding in (f for f in result.findings if f.kind == kind):
+        statement = finding.statement + "".join(f"\n[dim]{note}[/]" for note in finding.notes)
+        values = "\n".join(f"{label} {value.text()}" for label, value in finding.values.items())
+        style = VERDICT_STYLE[finding.verdict]
+        table.add_row(statement, f"[{style}]{finding.verdict}", values, finding.difference.text() if finding.difference else "exact")
     return table
+
+
+def print_findings(result: SuiteResult) -> None:
+    console.print(findings_table(result, "claim"))
+    if any(f.kind == "observation" for f in result.findings):
+        console.print(findings_table(result, "observation"))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
 
 
 @user_errors
@@ -49,18 +63,23 @@ def demo(
     num_images: int = NumImagesOption,
     draws: int = DrawsOption,
     seed: int = SeedOption,
+    level: float = LevelOption,
+    resamples: int = ResamplesOption,
     device: str = DeviceOption,
 ):
-    """All four analyses on the built-in models and the synthetic validation split (~15 s on 2 CPU cores).
+    """All four analyses on the built-in models and the synthetic validation split, and the paper's claims judged on them.
 
     coding-rate and pca-seg on DEPICT-SA; orthogonality and robustness (Gaussian decoder noise)
     compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json.
     """
-    settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed)
-    summary = run_demo(out, resolve_device(device), settings)
-    console.print(claims_table(summary))
+    from depict_analysis.models.device import resolve_device
+    from depict_analysis.suite import SuiteSettings, run_demo
+
+    settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
+    result = run_demo(out, resolve_device(device), settings)
+    print_findings(result)
     console.print(f"wrote {out}/{{coding-rate,pca-seg,orthogonality,robustness}}/ and {out}/summary.json "
-                  f"in {summary['seconds']['total']:.0f} s")
+                  f"in {result.seconds['total']:.0f} s")
 
 
 @user_errors
@@ -80,19 +99,24 @@ def report(
     num_images: int = NumImagesOption,
     draws: int = DrawsOption,
     seed: int = SeedOption,
+    level: float = LevelOption,
+    resamples: int = ResamplesOption,
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """One self-contained HTML page (figures embedded) with every analysis of a checkpoint and its numbers."""
+    """One self-contained HTML page (figures embedded) with every analysis of a checkpoint, its numbers with
+    intervals, and the paper's claims judged on them."""
+    from depict_analysis.models.pretrained import DEFAULT_MODELS
+    from depict_analysis.report import write_report
+    from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
+
     paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
     models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
     source = image_source_options(images, dataset, data_root, split, num_images)
     images_from = {k: v for k, v in source.items() if k != "num_images" and v is not None}
-    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed)
+    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
     folder = data or out.with_name(f"{out.stem}_data")
-    summary = run_suite(models[0], models, folder, settings)
-    title = f"depict-analysis report: {models[0].label}"
-    written = write_report(summary, folder, out, title)
-    if summary["claims"]:
-        console.print(claims_table(summary))
+    result = run_suite(models, folder, settings)
+    written = write_report(result, folder, out, f"depict-analysis report: {models[0].label}")
+    print_findings(result)
     console.print(f"wrote {written} (figures and numbers in {folder}/)")

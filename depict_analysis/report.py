@@ -1,137 +1,160 @@
-"""One self-contained HTML page from a ``run_suite`` folder: figures embedded as PNG data, numbers as tables.
+"""One self-contained HTML page from a ``run_suite`` result: figures embedded as PNG data, numbers as tables.
 
-``write_report(summary, folder, path)`` reads the figures ``run_suite`` wrote under ``folder`` and
-writes ``path``; the page needs no other file and no network.
+``write_report(result, folder, path)`` renders ``templates/report.html.j2`` (Jinja2, every value
+escaped) with: the package version, command, date and seed of the run; a table of contents; the
+models with their clean mIoU; the warnings; the paper's claims and the other observations, each with
+its statistic, data, verdict and intervals; and per analysis its figures and tables, every number
+with its interval. Only the figures this run wrote (``result.files``) are shown, whatever else the
+folder holds. The page needs no other file and no network.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+import jinja2
+import numpy as np
+
+from depict_analysis.claims import Finding
 from depict_analysis.outputs import atomic_write_text
+from depict_analysis.suite import SuiteResult, pca_scores, token_rates
+from depict_analysis.uncertainty import Interval, intervals
 
 # How to read each figure: the same words as the README's gallery.
 READING = {
     "coding-rate": (
         "First figure: R(P_lᵀZ_j), the coding rate of the patch tokens inside layer l's subspace (one line per "
         "layer l) after decoder layer j (j = 0 is the backbone output), and on the right the same divided by "
-        "R(Z_j): the share of the tokens' rate that lies in subspace l. Second figure: R(Z_j) and R(Q) of the "
-        "class embeddings per stage. DEPICT's MSSA layers are derived as compression steps, so the rates should "
-        "fall through the layers while the tokens gather into the learned subspaces."
+        "R(Z_j). Second figure: R(Z_j) and R(Q) of the class embeddings per stage. DEPICT's MSSA layers are "
+        "derived as compression steps, so the rates should fall through the layers while the tokens gather into "
+        "the learned subspaces."
     ),
     "pca-seg": (
         "Each token is labelled by its largest principal component, at the decoder input Z_0 and after the last "
-        "MSSA layer Z_L1, and the segments are compared with the model's prediction and the ground truth "
-        "(ARI, NMI, Hungarian-matched mIoU). If the decoder compresses tokens into class subspaces, "
-        "PCA of Z_L1 should recover the segmentation better than PCA of Z_0."
+        "layer, and the segments are compared with the ground truth and the model's prediction (ARI, NMI, "
+        "Hungarian-matched mIoU). If the decoder compresses tokens into class subspaces, PCA of the last layer "
+        "should recover the segmentation better than PCA of Z_0; the claim is judged against the ground truth."
     ),
     "orthogonality": (
         "Gram matrices of every layer's projection P (raw PᵀP, head blocks outlined) and of the final "
-        "normalised class embeddings Q̂ (cosines), one column per model. The paper argues that DEPICT's "
-        "classes become near-orthogonal: small off-diagonal entries of Q̂ᵀQ̂. The mask head's LayerNorm over "
-        "classes ignores any direction all classes share, so the centred value (class mean removed; "
-        "floor 1/(K−1)) measures the orthogonality the masks actually use."
+        "normalised class embeddings Q̂ (cosines), one column per model. The paper argues that DEPICT's classes "
+        "and subspaces become near-orthogonal. The table gives scale-free statistics: mean |cosine| between "
+        "distinct rows of Q̂ per image (and with the class mean removed, as the mask head's LayerNorm over "
+        "classes sees them), and between distinct basis vectors of P, beside fresh initialisations of the same "
+        "decoder."
     ),
     "robustness": (
-        "mIoU when Gaussian noise of std σ is added to every decoder parameter (mean over draws, band: ±1 std). "
-        "A curve that stays flat to larger σ belongs to the more robust decoder; σ½ is where the mIoU "
-        "falls to half its clean value."
+        "mIoU when Gaussian noise of std σ is added to every decoder parameter (mean over draws; band: "
+        "bootstrap interval over images and draws). A curve that stays flat to larger σ belongs to the more "
+        "robust decoder; σ½ is where the mIoU falls to half its clean value."
     ),
 }
 TITLES = {"coding-rate": "Coding rates", "pca-seg": "PCA segmentation", "orthogonality": "Orthogonality",
           "robustness": "Robustness to decoder-parameter noise"}
-FIGURES = {"coding-rate": ["coding_rate", "coding_rate_tokens"], "orthogonality": ["orthogonality"],
-           "robustness": ["robustness"]}
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
-.holds { color: #17702a; } .fails { color: #a11; }
-"""
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
+def _text(value: Interval | None, scale: float = 1.0) -> str:
+    return "—" if value is None else value.text(scale)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _table(header: list[str], rows: list[list[Any]], caption: str = "") -> dict[str, Any]:
+    return {"header": header, "rows": [[cell if isinstance(cell, str) else _text(cell) for cell in row] for row in rows],
+            "caption": caption}
 
 
-def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+def _finding(finding: Finding) -> dict[str, Any]:
+    return {"statement": finding.statement, "verdict": finding.verdict, "statistic": finding.statistic,
+            "data": finding.data, "notes": finding.notes, "difference": _text(finding.difference),
+            "numbers": {label: value.text() for label, value in finding.values.items()}}
 
 
-def _numbers(name: str, summary: dict) -> str:
-    """The tables of one analysis."""
-    if name == "coding-rate":
-        rates = summary["coding_rate"]
-        rows = [["R(Z_j)", *rates["token_rate"]]]
-        rows += [[f"R(P_{space}ᵀZ_j) / R(Z_j)", *ratio] for space, ratio in rates["subspace_ratio"].items()]
-        classes = _table(["class stage", "R(Q) (nats)"], rates["class_rate"].items())
-        return _table(["", *(f"j = {j}" for j in rates["layers"])], rows) + classes
-    if name == "pca-seg":
-        pca = summary["pca_seg"]["mean_scores"]
-        rows = [[ref.replace("_", " "), source, s["ari"], s["nmi"], s["miou"]]
-                for ref, by_source in pca.items() for source, s in by_source.items()]
-        return _table(["against", "segmentation", "ARI", "NMI", "mIoU"], rows)
-    if name == "orthogonality":
-        rows = [[label, o["final_Q_mean_abs_offdiag"], o["final_Q_mean_abs_offdiag_centred"], o["final_Q_coherence"],
-                 o["P_cross_head_mean_abs"]] for label, o in summary["orthogonality"].items()]
-        header = ["model", "Q̂ mean |off-diag|", "centred (class mean removed)", "Q̂ coherence", "P mean |P_kᵀP_j|, k≠j"]
-        return _table(header, rows)
-    curves = summary["robustness"]
-    labels = list(curves)
-    sigmas = curves[labels[0]]["sigma"]
-    rows = [[f"{sigma:g}", *(100 * curves[label]["miou"][i] for label in labels)] for i, sigma in enumerate(sigmas)]
-    rows.append(["σ½", *(curves[label]["sigma_half"] for label in labels)])
-    return _table(["σ", *(f"{label} mIoU (%)" for label in labels)], rows)
+def _coding_rate_tables(result: SuiteResult) -> list[dict]:
+    rates, bootstrap = result.rates, result.settings.bootstrap
+    header = ["", *(f"j = {j}" for j in rates["layers"])]
+    rows = [["R(Z_j) (nats)", *intervals(token_rates(rates), bootstrap)]]
+    for space, per_image in zip(rates["subspaces"], np.moveaxis(np.asarray(rates["ratio"]["per_image"]), 1, 0)):
+        rows.append([f"R(P_{space['name']}ᵀZ_j) / R(Z_j)", *intervals(per_image, bootstrap)])
+    stages = rates["class_rate"]["stages"]
+    classes = _table(["class stage", *stages], [["R(Q) (nats)", *intervals(np.asarray(rates["class_rate"]["per_image"]), bootstrap)]])
+    return [_table(header, rows, f"{result.primary.label}: mean over images [interval]"), classes]
 
 
-def render_report(summary: dict, folder: str | Path, title: str) -> str:
-    """The HTML text of the report of the ``run_suite`` output in ``folder``."""
+def _pca_table(result: SuiteResult) -> dict:
+    bootstrap = result.settings.bootstrap
+    rows = []
+    for reference in ("ground_truth", "prediction"):
+        for source in result.pca["summary"].get(reference, {}):
+            rows.append([reference.replace("_", " "), source,
+                         *(intervals(pca_scores(result.pca, reference, source, score)[:, None], bootstrap)[0]
+                           for score in ("ari", "nmi", "miou"))])
+    return _table(["against", "segmentation", "ARI", "NMI", "mIoU"], rows, "mean over images [interval]")
+
+
+def _orthogonality_table(result: SuiteResult) -> dict:
+    bootstrap = result.settings.bootstrap
+    rows = []
+    for model in result.models:
+        numbers = result.orthogonality[model.label]
+        q, centred = (intervals(values[:, None], bootstrap)[0] for values in (numbers.q_offdiag, numbers.q_offdiag_centred))
+        p = "—" if numbers.p_cosine is None else f"{numbers.p_cosine:.3g}"
+        init = numbers.p_cosine_init
+        start = "—" if init is None else (f"{init.mean():.3g} [{np.quantile(init, (1 - bootstrap.level) / 2, method='lower'):.3g}, "
+                                          f"{np.quantile(init, (1 + bootstrap.level) / 2, method='higher'):.3g}]")
+        rows.append([model.label, q, centred, p, start])
+    header = ["model", "Q̂ mean |cos|, per image", "class mean removed", "P mean |cos| (exact)", "P at initialisation"]
+    return _table(header, rows, "Q̂: mean over images [interval]; initialisation: mean [central range] of fresh decoders")
+
+
+def _robustness_table(result: SuiteResult) -> dict:
+    robustness = result.robustness
+    curves = [robustness.curve(label) for label in robustness.labels]
+    rows = [[f"{sigma:g}", *(c.interval[i].text(100) for c in curves)] for i, sigma in enumerate(curves[0].sigma)]
+    rows.append(["σ½", *(c.sigma_half(result.settings.level).text() for c in curves)])
+    return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows, "mean over draws [interval]")
+
+
+def _figures(result: SuiteResult, folder: Path, name: str) -> list[dict[str, str]]:
+    """This run's PNG figures of one analysis, as base64 data."""
+    pngs = [folder / path for path in result.files.get(name, []) if path.endswith(".png")]
+    return [{"name": path.stem, "data": base64.b64encode(path.read_bytes()).decode("ascii")} for path in pngs]
+
+
+def report_page(result: SuiteResult, folder: str | Path, title: str) -> dict[str, Any]:
+    """Everything the template shows, as strings (the template escapes them)."""
     folder = Path(folder)
-    settings = summary["settings"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    source = ", ".join(f"{k} = {v}" for k, v in settings["source"].items() if v)
-    parts.append(f"<p>Images: {html.escape(source)}; {settings['num_images']} per analysis.</p>")
-    parts.append(_table(["model", "checkpoint", "decoder", "variant", "clean mIoU (%)"],
-                        [[m["label"], m["source"], m["decoder"], m["variant"], 100 * summary["robustness"][m["label"]]["clean"]]
-                         for m in summary["models"]]))
-    if summary["claims"]:
-        parts.append("<h2>The paper's claims on these numbers</h2><ul>")
-        for claim in summary["claims"]:
-            verdict = "holds" if claim["holds"] else "does not hold"
-            values = ", ".join(f"{k}: {_fmt(v)}" for k, v in claim["values"].items())
-            parts.append(f"<li class='{'holds' if claim['holds'] else 'fails'}'>{html.escape(claim['claim'])}: "
-                         f"<b>{verdict}</b> ({values})</li>")
-        parts.append("</ul>")
-    for name, heading in TITLES.items():
-        model = summary.get(name.replace("-", "_"), {}).get("model")
-        parts.append(f"<h2>{heading}{f' — {html.escape(model)}' if isinstance(model, str) else ''}</h2>")
-        parts.append(f"<p>{html.escape(READING[name])}</p>")
-        figures = FIGURES.get(name) or sorted(p.stem for p in (folder / name).glob("pca-seg*.png"))
-        parts += [_image(folder / name / f"{figure}.png") for figure in figures]
-        parts.append(_numbers(name, summary))
-    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
-    parts.append(f"<p><small>Time: {seconds}. Every number is in {html.escape(str(folder))}/*/*.json.</small></p></body></html>")
-    return "\n".join(parts)
+    settings, robustness = result.settings, result.robustness
+    models = _table(["model", "checkpoint", "decoder", "role", "variant", "clean mIoU (%)", "σ½"], [
+        [m.label, m.source, m.family, m.role, m.model.config.name, robustness.curve(m.label).clean.text(100),
+         robustness.curve(m.label).sigma_half(settings.level).text()] for m in result.models])
+    tables = {"coding-rate": _coding_rate_tables(result), "pca-seg": [_pca_table(result)],
+              "orthogonality": [_orthogonality_table(result)], "robustness": [_robustness_table(result)]}
+    sections = [{"id": name, "title": TITLES[name] + (f" — {result.primary.label}" if name in ("coding-rate", "pca-seg") else ""),
+                 "reading": READING[name], "figures": _figures(result, folder, name), "tables": tables[name]}
+                for name in TITLES]
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    run = result.run | {
+        "images": settings.images(result.num_images),
+        "intervals": f"{100 * settings.level:g} % percentile bootstrap over images ({settings.resamples} resamples, "
+                     f"seed {settings.seed}); robustness also over noise draws",
+        "seconds": seconds, "folder": str(folder),
+    }
+    return {"title": title, "run": run, "models": models, "warnings": result.warnings,
+            "claims": [_finding(f) for f in result.findings if f.kind == "claim"],
+            "observations": [_finding(f) for f in result.findings if f.kind == "observation"], "sections": sections}
 
 
-def write_report(summary: dict, folder: str | Path, path: str | Path, title: str = "depict-analysis report") -> Path:
+def render_report(result: SuiteResult, folder: str | Path, title: str) -> str:
+    """The HTML text of the report of ``result``, whose files are under ``folder``."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("depict_analysis", "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    return environment.get_template("report.html.j2").render(report_page(result, folder, title))
+
+
+def write_report(result: SuiteResult, folder: str | Path, path: str | Path, title: str = "depict-analysis report") -> Path:
     path = Path(path)
-    atomic_write_text(path, render_report(summary, folder, title))
+    atomic_write_text(path, render_report(result, folder, title))
     return path

@@ -83,8 +83,8 @@ from depict_analysis.uncertainty import (
     percentile_interval,
     warn_sample_size,
 )
-# "At the class prior": the clean mIoU's upper bound is within 25 % of the mIoU of predicting the
-# most frequent label everywhere (a model stuck on its background class scores about that).
+# "At the class prior": the clean mIoU is at most 25 % above the mIoU of predicting the most frequent
+# label everywhere, at the upper end of its interval (a model stuck on its background class scores 1×).
 PRIOR_MARGIN = 1.25
 
 
@@ -488,21 +488,28 @@ class RobustnessResult(Result):
         return self._curves[label]
 
     def class_prior(self, label: str) -> dict:
-        """How the clean model compares with predicting its most frequent label everywhere.
+        """How the clean model compares with predicting the most frequent label everywhere.
 
-        ``baseline``: that predictor's mIoU (``uncertainty.class_prior_miou``); ``dominant`` and
-        ``dominant_share``: the class the model predicts most and its share of the predicted pixels.
+        ``baseline``: that predictor's mIoU on these images (``uncertainty.class_prior_miou``);
+        ``ratio``: clean mIoU / baseline with its interval (the same image resamples for both);
+        ``dominant`` and ``dominant_share``: the class the model predicts most and its share of the
+        predicted pixels.
         """
-        clean = self.counts(label)[0.0][0].sum(axis=0)  # (3, K)
-        baseline, top = class_prior_miou(clean[1])
-        predicted = clean[2]
-        return {"baseline": baseline, "majority_class": top, "dominant": int(predicted.argmax()),
-                "dominant_share": float(predicted.max() / max(predicted.sum(), 1))}
+        per_image = self.counts(label)[0.0][0]  # (n, 3, K) of the clean model
+        labels = per_image[:, 1]
+        baseline = float(class_prior_miou(labels.sum(0)))
+        replicates = class_prior_miou(labels[image_resamples(len(labels), self.bootstrap)].sum(1))  # (R,)
+        clean = self.curve(label)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = percentile_interval(clean.replicates[:, 0] / replicates, clean.mean[0] / baseline, self.bootstrap.level)
+        predicted = per_image[:, 2].sum(0)
+        return {"baseline": baseline, "majority_class": int(labels.sum(0).argmax()), "ratio": ratio.to_json(),
+                "dominant": int(predicted.argmax()), "dominant_share": float(predicted.max() / max(predicted.sum(), 1))}
 
     def at_class_prior(self, label: str) -> bool:
-        """Whether the clean mIoU cannot be told from the class prior: its upper bound is within
-        ``PRIOR_MARGIN`` of the majority-class predictor's mIoU."""
-        return self.curve(label).clean.high <= PRIOR_MARGIN * self.class_prior(label)["baseline"]
+        """Whether the clean model cannot be told from its class prior: the upper bound of its mIoU over
+        the majority predictor's is at most ``PRIOR_MARGIN``."""
+        return self.class_prior(label)["ratio"]["high"] <= PRIOR_MARGIN
 
     def warnings(self) -> list[str]:
         """Sanity warnings: a model at its class prior, too few images or draws for the intervals."""
@@ -512,12 +519,13 @@ class RobustnessResult(Result):
         draws = None if self.deterministic else self.settings["draws"]
         found += warn_sample_size(self.num_images, self.bootstrap.level, draws, "robustness")
         for label in self.labels:
-            if self.at_class_prior(label):
-                prior, clean = self.class_prior(label), self.curve(label).clean
+            prior = self.class_prior(label)
+            if prior["ratio"]["high"] <= PRIOR_MARGIN:
+                ratio = Interval(**prior["ratio"])
                 found.append(
-                    f"{label} is at its class prior: clean mIoU {clean.text(100)} % against {100 * prior['baseline']:.3g} % "
-                    f"for predicting its most frequent label everywhere; {100 * prior['dominant_share']:.0f} % of its "
-                    f"pixels are predicted as class {prior['dominant']}"
+                    f"{label} is at its class prior: clean mIoU {self.curve(label).clean.text(100)} % against "
+                    f"{100 * prior['baseline']:.3g} % for predicting the most frequent label everywhere (ratio "
+                    f"{ratio.text()}); {100 * prior['dominant_share']:.0f} % of its pixels are predicted as class {prior['dominant']}"
                 )
         return found
 
@@ -583,11 +591,16 @@ class RobustnessResult(Result):
 
     def save(self, out: str | Path) -> list[Path]:
         """The figure, JSON and CSV (``Result.save``) and ``robustness_counts.npz``: per model the
-        per-image counts (evaluations, n, 3, K) in the order of its records."""
+        per-image counts (evaluations, n, 3, K) in the order of its records. Returns ``files(out)``."""
         paths = super().save(out)
         arrays = {label: np.stack([e.counts for e in self.evaluations if e.checkpoint == label]) for label in self.labels}
         paths.append(save_npz(Path(out) / f"{self.name}_counts.npz", arrays))
         return paths
+
+    def files(self, out: str | Path) -> list[Path]:
+        """The files ``save(out)`` writes."""
+        out = Path(out)
+        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", "_counts.npz")]
 
 
 NAME = RobustnessResult.name

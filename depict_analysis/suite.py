@@ -1,37 +1,62 @@
-"""All four analyses in one go, for ``depict-analyze demo`` and ``depict-analyze report``.
+"""All four analyses in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
 
-``run_suite(primary, comparison, out)`` writes, under ``out``::
+``run_suite(models, out, settings)`` analyses the first model (the primary) alone and compares all of
+them, on the same images, writing under ``out``::
 
     coding-rate/     R(Z_j), R(P_lᵀZ_j), R(Q) of the primary model        (coding_rate_analysis)
     pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
-    orthogonality/   PᵀP and QᵀQ of every comparison model, side by side    (orthogonality_analysis)
-    robustness/      mIoU under Gaussian decoder-parameter noise, one curve per comparison model
-    summary.json     the headline numbers below, and the seconds each analysis took
+    orthogonality/   PᵀP and Q̂ᵀQ̂ of every model, side by side            (orthogonality_analysis)
+    robustness/      mIoU under Gaussian decoder-parameter noise, every model (robustness)
+    summary.json     the run, the headline numbers with intervals, the findings, the warnings, the files
 
-and returns the summary: per model its clean mIoU on the images used; the primary model's rates per
-layer and PCA scores per layer; per model Q̂'s mean |off-diagonal| cosine and coherence; per model
-the mIoU at each σ and ``sigma_half`` (where the mIoU falls to half its clean value); and ``claims``,
-the paper's three claims checked on these numbers.
+and returns a ``SuiteResult``. Its ``findings`` are the paper's claims and other observations, each
+naming its statistic and data, with a verdict read off bootstrap intervals (``depict_analysis.claims``):
+
+- PCA of Z_L1 segments better than PCA of Z_0 (ARI against the ground truth, where there is one);
+- every white-box decoder's Q̂ is closer to orthogonal than every black-box decoder's (per image, paired);
+- its P is closer to orthogonal than at its initialisation (fresh initialisations of the same
+  variant) and than the black-box decoder's W_Q (a property of the weights: exact);
+- it keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap over images and draws);
+- observation: R(Z_j) falls from the decoder input to its last layer (primary model).
+
+Models are compared by their decoders' ``role`` (white-box against black-box), never by family.
+A model at its class prior makes every finding about it ``not decided``; too few images or draws
+for the intervals asked for are warned about. ``files`` lists what this run wrote, which is all the
+report shows (a folder written into before may hold other runs' figures).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+from depict_analysis import __version__
+from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
 from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.orthogonality_analysis import FINAL_Q, analyze_orthogonality, write_orthogonality
+from depict_analysis.models.decoders.base import build_decoder
+from depict_analysis.models.pretrained import LABELS, load_default
+from depict_analysis.orthogonality import gram
+from depict_analysis.orthogonality_analysis import analyze_orthogonality, write_orthogonality
 from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
-from depict_analysis.robustness import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation, run_robustness
-from depict_analysis.models.pretrained import LABELS, load_default
+from depict_analysis.perturbations import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation
+from depict_analysis.robustness import RobustnessResult, run_robustness
+from depict_analysis.tracing import trace_batches
+from depict_analysis.uncertainty import Bootstrap, warn_sample_size
+
+ANALYSES = ("coding-rate", "pca-seg", "orthogonality", "robustness")
 
 
 @dataclass
@@ -50,6 +75,10 @@ class SuiteModel:
         """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
         return self.model.decoder.role
 
+    def describe(self) -> dict[str, str]:
+        return {"label": self.label, "source": self.source, "decoder": self.family, "role": self.role,
+                "variant": self.model.config.name}
+
 
 @dataclass
 class SuiteSettings:
@@ -60,152 +89,317 @@ class SuiteSettings:
     draws: int = 3
     seed: int = 0
     batch_size: int = 16
+    level: float = 0.95  # of every interval
+    resamples: int = 1000  # bootstrap resamples behind every interval
+    init_draws: int = 20  # fresh initialisations behind "P is closer to orthogonal than at initialisation"
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        return Bootstrap(self.resamples, self.level, self.seed)
+
+    def images(self, n: int) -> str:
+        """What the images are, in words: "64 images of synthetic/val"."""
+        source = self.source
+        where = f"{source['dataset']}/{source.get('split', 'val')}" if source.get("dataset") else "the given image files"
+        return f"{n} images of {where}"
 
 
-def sigma_half(sigmas: Sequence[float], relative: Sequence[float]) -> float | None:
-    """The noise level at which the mIoU (``relative`` = mIoU / clean mIoU, ascending ``sigmas``) first
-    falls to 0.5, interpolated linearly in log σ between grid points; None if it never does."""
-    for i, (sigma, value) in enumerate(zip(sigmas, relative)):
-        if value <= 0.5:
-            if i == 0 or sigmas[i - 1] <= 0:
-                return float(sigma)
-            s0, v0 = math.log(sigmas[i - 1]), relative[i - 1]
-            t = (v0 - 0.5) / (v0 - value)
-            return float(math.exp(s0 + t * (math.log(sigma) - s0)))
-    return None
+# ----------------------------------------------------------------------- numbers the claims read
+
+# Thin adapters onto the analyses' results: per-image arrays in the order of the images.
 
 
-def _coding_rate_summary(result: dict) -> dict:
-    return {
-        "layers": result["layers"],
-        "token_rate": result["token_rate"]["mean"],
-        "subspace_ratio": {s["name"]: r for s, r in zip(result["subspaces"], result["ratio"]["mean"])},
-        "class_rate": dict(zip(result["class_rate"]["stages"], result["class_rate"]["mean"])),
-    }
+def token_rates(rates: dict) -> np.ndarray:
+    """R(Z_j) per image and token stage, (n, J)."""
+    return np.asarray(rates["token_rate"]["per_image"], dtype=np.float64)
 
 
-def _pca_summary(result: dict) -> dict:
-    first, last = (layer_name(j) for j in (result["settings"]["layers"][0], result["settings"]["layers"][-1]))
-    scores = {ref: {source: {s: v["mean"] for s, v in stats.items()} for source, stats in by_source.items()}
-              for ref, by_source in result["summary"].items()}
-    return {"first": first, "last": last, "mean_scores": scores}
+def pca_scores(pca: dict, reference: str, source: str, score: str = "ari") -> np.ndarray:
+    """One score of one PCA segmentation (or the prediction) per image, (n,); NaN where the image has
+    no such reference (e.g. a ground truth that is all ignored)."""
+    return np.array([image["scores"].get(reference, {}).get(source, {}).get(score, math.nan) for image in pca["images"]])
 
 
-def _orthogonality_summary(result: dict) -> dict:
-    panels = {p.name: p for p in result["panels"]}
-    final = panels[FINAL_Q].stats
-    cross = [p.stats["cross_head_mean_abs"] for p in result["panels"] if p.kind == "P" and p.heads > 1]
-    return {"final_Q_mean_abs_offdiag": final["mean_abs_offdiag"],
-            "final_Q_mean_abs_offdiag_centred": final["mean_abs_offdiag_centred"], "final_Q_coherence": final["coherence"],
-            "P_cross_head_mean_abs": float(np.mean(cross)) if cross else None}
+@dataclass
+class OrthogonalityNumbers:
+    """The scale-free statistics the orthogonality claims compare, for one model.
 
-
-def _robustness_summary(result: dict) -> dict:
-    by_model: dict[str, dict] = {}
-    for row in sorted(result["summary"], key=lambda r: r["sigma"]):
-        entry = by_model.setdefault(row["checkpoint"], {"sigma": [], "miou": [], "relative": []})
-        for key, value in (("sigma", row["sigma"]), ("miou", row["mean"]), ("relative", row["relative"])):
-            entry[key].append(value)
-    for entry in by_model.values():
-        entry["clean"] = entry["miou"][0]
-        entry["sigma_half"] = sigma_half(entry["sigma"], entry["relative"])
-    return by_model
-
-
-def check_claims(summary: dict, roles: dict[str, str], primary: str) -> list[dict]:
-    """The paper's claims on the summary's numbers: one record each with ``holds`` and the numbers it used.
-
-    ``roles`` maps each compared model's label to its decoder's role: every white-box decoder is
-    compared with every black-box one (Segmenter's mask transformer).
+    ``q_offdiag`` / ``q_offdiag_centred`` (n,): per image the mean |cosine| between distinct rows of
+    the final Q̂ (centred: the class mean removed first, as the mask head's LayerNorm over classes
+    does); ``p_cosine``: the mean |cosine| between distinct basis vectors of each of the decoder's
+    projections P, averaged over them; ``p_cosine_init`` (draws,): the same for fresh
+    initialisations of the same decoder.
     """
-    claims = []
-    pca = summary["pca_seg"]
-    scores = pca["mean_scores"]["prediction"]
-    first, last = scores[pca["first"]]["ari"], scores[pca["last"]]["ari"]
-    claims.append({"claim": f"PCA of {pca['last']} segments better than PCA of {pca['first']} ({primary}, ARI vs prediction)",
-                   "holds": last > first, "values": {pca["first"]: first, pca["last"]: last}})
-    baselines = [label for label, role in roles.items() if role == "black-box"]
-    white_boxes = [label for label, role in roles.items() if role == "white-box"]
-    for white in white_boxes:
-        for base in baselines:
-            for key, how in (("final_Q_mean_abs_offdiag", "mean |off-diagonal cosine|"),
-                             ("final_Q_mean_abs_offdiag_centred", "the same with the class mean removed, as the masks see Q̂")):
-                a, b = summary["orthogonality"][white][key], summary["orthogonality"][base][key]
-                claims.append({"claim": f"{white}'s Q̂ is closer to orthogonal than {base}'s ({how})",
-                               "holds": a < b, "values": {white: a, base: b}})
-            r = summary["robustness"]
-            a, b = r[white]["sigma_half"], r[base]["sigma_half"]
-            holds = (a is None and b is not None) or (a is not None and b is not None and a > b)
-            claims.append({"claim": f"{white} keeps its mIoU to a larger σ of decoder-parameter noise than {base} "
-                                    "(σ at half the clean mIoU)", "holds": holds, "values": {white: a, base: b}})
-    return claims
+
+    q_offdiag: np.ndarray
+    q_offdiag_centred: np.ndarray
+    p_cosine: float | None
+    p_cosine_init: np.ndarray | None
+
+
+def mean_abs_offdiag(vectors: torch.Tensor) -> torch.Tensor:
+    """Mean |cosine| between distinct rows of ``vectors`` (..., n, d) -> (...) float64."""
+    G = gram(F.normalize(vectors.double(), dim=-1))
+    n = G.shape[-1]
+    return G.abs().masked_select(~torch.eye(n, dtype=torch.bool, device=G.device)).view(*G.shape[:-2], -1).mean(-1)
+
+
+def p_cosine(decoder: nn.Module) -> float | None:
+    """``mean_abs_offdiag`` of each subspace's h·p basis vectors, averaged over the subspaces; None without any."""
+    spaces = decoder.subspaces()
+    if not spaces:
+        return None
+    return float(np.mean([mean_abs_offdiag(s.proj.detach().reshape(-1, s.proj.shape[-1])).item() for s in spaces]))
+
+
+def initial_p_cosines(model: nn.Module, draws: int, seed: int) -> np.ndarray | None:
+    """``p_cosine`` of ``draws`` fresh decoders of the model's own configuration (seeds seed … seed + draws − 1),
+    built without touching the global random state."""
+    if not model.decoder.subspaces():
+        return None
+    values = []
+    with torch.random.fork_rng(devices=[]):
+        for i in range(draws):
+            torch.manual_seed(seed + i)
+            values.append(p_cosine(build_decoder(model.config.decoder, model.encoder.dim, model.n_cls)))
+    return np.array(values)
+
+
+def orthogonality_numbers(entry: SuiteModel, batches, total: int, settings: SuiteSettings, progress: bool) -> OrthogonalityNumbers:
+    """The ``OrthogonalityNumbers`` of one model over the images of ``batches``."""
+    traces = trace_batches(entry.model, batches, total=total, progress=progress, description="class embeddings")
+    Q = F.normalize(torch.cat([tr.class_embeddings for tr in traces]).double(), dim=-1)  # (n, K, d)
+    return OrthogonalityNumbers(
+        mean_abs_offdiag(Q).cpu().numpy(),
+        mean_abs_offdiag(Q - Q.mean(-2, keepdim=True)).cpu().numpy(),
+        p_cosine(entry.model.decoder),
+        initial_p_cosines(entry.model, settings.init_draws, settings.seed),
+    )
+
+
+# ------------------------------------------------------------------------------------- findings
+
+
+@dataclass
+class SuiteResult:
+    """What ``run_suite`` measured and concluded (see the module docstring)."""
+
+    settings: SuiteSettings
+    models: list[SuiteModel]
+    rates: dict  # coding_rate_analysis result of the primary model
+    pca: dict  # pca_analysis result of the primary model
+    orthogonality: dict[str, OrthogonalityNumbers]  # by model label
+    robustness: RobustnessResult
+    findings: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: dict[str, list[str]] = field(default_factory=dict)  # analysis -> files this run wrote, relative to the folder
+    run: dict[str, Any] = field(default_factory=dict)  # version, command, date, seed
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> SuiteModel:
+        return self.models[0]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.rates["images"])
+
+    def by_role(self, role: str) -> list[SuiteModel]:
+        return [m for m in self.models if m.role == role]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` holds: the run, settings, models (clean mIoU with its interval), the
+        claims and observations, the warnings, the files and the time taken."""
+        robustness = self.robustness.summary()["models"]
+        models = [m.describe() | {"clean_miou": robustness[m.label]["clean"], "sigma_half": robustness[m.label]["sigma_half"],
+                                  "at_class_prior": robustness[m.label]["at_class_prior"]} for m in self.models]
+        return {
+            "run": self.run, "settings": asdict(self.settings) | {"primary": self.primary.label}, "models": models,
+            "claims": [f.to_json() for f in self.findings if f.kind == "claim"],
+            "observations": [f.to_json() for f in self.findings if f.kind == "observation"],
+            "warnings": self.warnings, "files": self.files, "seconds": self.seconds,
+        }
+
+
+def class_prior_blockers(result: SuiteResult, labels: Sequence[str]) -> list[str]:
+    """Why a finding about ``labels`` cannot be decided: the models among them at their class prior."""
+    return [f"{label} is at its class prior (see the warnings): its numbers say nothing about its decoder"
+            for label in labels if result.robustness.at_class_prior(label)]
+
+
+def pca_finding(result: SuiteResult) -> Finding:
+    """PCA of the last layer's tokens segments better than PCA of the decoder input (ARI, paired by image)."""
+    settings, bootstrap = result.settings, result.settings.bootstrap
+    layers = result.pca["settings"]["layers"]
+    first, last = layer_name(layers[0]), layer_name(layers[-1])
+    truth = pca_scores(result.pca, "ground_truth", first)
+    reference = "ground_truth" if not np.isnan(truth).all() else "prediction"
+    a, b = pca_scores(result.pca, reference, last), pca_scores(result.pca, reference, first)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    against = "the ground truth (255 ignored)" if reference == "ground_truth" else (
+        "the model's prediction: there is no ground truth, and the prediction is computed from the last layer's tokens, "
+        "which favours them")
+    primary = result.primary
+    return compare_per_image(
+        "claim" if primary.role == "white-box" else "observation",
+        f"PCA of {primary.label}'s {last} segments its images better than PCA of {first}",
+        f"adjusted Rand index of the PCA segmentation against {against}, mean over images; paired difference {last} − {first}",
+        settings.images(int(keep.sum())), "larger", bootstrap, (last, a[keep]), (first, b[keep]),
+        class_prior_blockers(result, [primary.label]),
+    )
+
+
+def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteModel) -> list[Finding]:
+    """Q̂ (raw and centred, per image) and P (against its initialisation and the black box's W_Q) of one pair."""
+    settings, bootstrap = result.settings, result.settings.bootstrap
+    a, b = result.orthogonality[white.label], result.orthogonality[black.label]
+    blockers = class_prior_blockers(result, [white.label, black.label])
+    images = settings.images(len(a.q_offdiag))
+    findings = [
+        compare_per_image("claim", f"{white.label}'s class embeddings Q̂ are closer to orthogonal than {black.label}'s",
+                          f"mean |cosine| between distinct rows of the final Q̂, {how}, per image then averaged; "
+                          f"paired difference {white.label} − {black.label}",
+                          images, "smaller", bootstrap, (white.label, getattr(a, key)), (black.label, getattr(b, key)), blockers)
+        for key, how in (("q_offdiag", "as they are"),
+                         ("q_offdiag_centred", "class mean removed (what the mask head's LayerNorm over classes sees; "
+                                               "floor 1/(K − 1))"))
+    ]
+    statistic = "mean |cosine| between distinct basis vectors of each projection P, averaged over the decoder's projections"
+    if a.p_cosine is not None and a.p_cosine_init is not None:
+        findings.append(compare_to_sample(
+            "claim", f"{white.label}'s subspaces P are closer to orthogonal than at their initialisation", statistic,
+            f"the trained weights; {len(a.p_cosine_init)} fresh initialisations of the same decoder (seeds "
+            f"{settings.seed}…{settings.seed + len(a.p_cosine_init) - 1})",
+            "smaller", settings.level, (white.label, a.p_cosine), ("initialisation", a.p_cosine_init), blockers))
+    if a.p_cosine is not None and b.p_cosine is not None:
+        findings.append(compare_exact(
+            "claim", f"{white.label}'s subspaces P are closer to orthogonal than {black.label}'s query projections W_Q",
+            statistic + " (W_Q: each block's, split by head)", "the trained weights", "smaller",
+            (white.label, a.p_cosine), (black.label, b.p_cosine), blockers))
+    return findings
+
+
+def robustness_finding(result: SuiteResult, white: SuiteModel, black: SuiteModel) -> Finding:
+    """The white box keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap)."""
+    robustness, settings = result.robustness, result.settings
+    a, b = robustness.curve(white.label), robustness.curve(black.label)
+    draws = robustness.settings["draws"]
+    return compare_replicates(
+        "claim", f"{white.label} keeps its mIoU to a larger σ of decoder-parameter noise than {black.label}",
+        "σ½: the σ at which the mIoU (over the images, mean over draws) falls to half its clean value, interpolated "
+        "in log σ (∞: not within the grid); bootstrap over images and draws, paired by image",
+        f"{settings.images(robustness.num_images)}; Gaussian noise N(0, σ²) on every decoder parameter, "
+        f"{len(a.sigma) - 1} σ from {a.sigma[1]:g} to {a.sigma[-1]:g}, {draws} draw{'s' if draws > 1 else ''} each",
+        "larger", settings.level,
+        (white.label, a.sigma_half(settings.level).estimate, a.sigma_half_replicates()),
+        (black.label, b.sigma_half(settings.level).estimate, b.sigma_half_replicates()),
+        class_prior_blockers(result, [white.label, black.label]),
+    )
+
+
+def rate_finding(result: SuiteResult) -> Finding:
+    """Observation: R(Z_j) falls from the decoder input to the last layer (primary model, paired by image)."""
+    rates = token_rates(result.rates)
+    names = ["input", *(f"layer {j}" for j in result.rates["layers"][1:])]
+    primary = result.primary
+    return trend(
+        "observation", f"The coding rate R(Z_j) of {primary.label}'s patch tokens falls from the decoder input to its last layer",
+        f"R(Z_j) = ½ logdet(I + d/(N ε²) Z_jᵀZ_j), ε = {result.rates['settings']['eps']:g}, tokens "
+        f"{result.rates['settings']['normalize']}-normalised, per image then averaged; paired difference last − input",
+        result.settings.images(len(rates)), "smaller", result.settings.bootstrap,
+        (names[0], rates[:, 0]), (names[-1], rates[:, -1]), class_prior_blockers(result, [primary.label]),
+    )
+
+
+def judge(result: SuiteResult) -> list[Finding]:
+    """Every finding the suite's numbers allow: each white-box decoder against each black-box one."""
+    findings = [pca_finding(result)]
+    for white in result.by_role("white-box"):
+        for black in result.by_role("black-box"):
+            findings += orthogonality_findings(result, white, black)
+            findings.append(robustness_finding(result, white, black))
+    if len(result.rates["layers"]) > 1:
+        findings.append(rate_finding(result))
+    return findings
+
+
+def sanity_warnings(result: SuiteResult) -> list[str]:
+    """Warnings about the whole run: too few images for the intervals, and the robustness sweep's own."""
+    found = warn_sample_size(result.num_images, result.settings.level, what="every analysis")
+    return found + [w for w in result.robustness.warnings() if "too few" not in w]
+
+
+# ------------------------------------------------------------------------------------------- run
 
 
 def run_suite(
-    primary: SuiteModel, comparison: Sequence[SuiteModel], out: str | Path, settings: SuiteSettings | None = None,
-    progress: bool = True,
-) -> dict:
-    """Run the four analyses (see the module docstring), write their outputs and ``summary.json`` under ``out``."""
+    models: Sequence[SuiteModel], out: str | Path, settings: SuiteSettings | None = None, progress: bool = True,
+    command: str | None = None,
+) -> SuiteResult:
+    """Run the four analyses on ``models`` (the first is the primary), judge the findings, and write
+    every analysis's files and ``summary.json`` under ``out`` (see the module docstring).
+
+    ``command`` is recorded as how the run was made (default: this process's command line).
+    """
     settings = settings or SuiteSettings()
     out = Path(out)
-    source = settings.source
+    primary, source = models[0], settings.source
     seconds: dict[str, float] = {}
-
-    def batches_for(side: int):
-        return image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size)
+    files: dict[str, list[Path]] = {}
+    started = datetime.now(timezone.utc)
 
     def batches(model: nn.Module):
         return batches_for(max(model.config.backbone.image_size))
+
+    def batches_for(side: int):
+        return image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size)
 
     clock = time.perf_counter()
     total, stream = batches(primary.model)
     rates = analyze_coding_rates(primary.model, stream, total=total, progress=progress)
     rates["settings"] |= {"checkpoint": primary.source, "input": source}
-    write_coding_rates(rates, out / "coding-rate")
+    files["coding-rate"] = write_coding_rates(rates, out / "coding-rate")
     seconds["coding_rate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     total, stream = batches(primary.model)
     pca = analyze_pca(primary.model, stream, seed=settings.seed, examples=settings.examples, total=total, progress=progress)
     names, palette = class_legend(primary.model.n_cls, [source.get("dataset"), checkpoint_dataset(primary.meta)])
-    write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
+    files["pca-seg"] = write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
     seconds["pca_seg"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    orthogonality = []
-    for entry in comparison:
+    panels, numbers = [], {}
+    for entry in models:
         total, stream = batches(entry.model)
-        orthogonality.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
-    labels = [entry.label for entry in comparison]
-    write_orthogonality(labels, [entry.source for entry in comparison], orthogonality, out / "orthogonality", {"input": source})
+        panels.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
+        numbers[entry.label] = orthogonality_numbers(entry, batches(entry.model)[1], total, settings, progress)
+    files["orthogonality"] = write_orthogonality([e.label for e in models], [e.source for e in models], panels,
+                                                 out / "orthogonality", {"input": source})
     seconds["orthogonality"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     noise = resolve_perturbation("gaussian", "decoder")
-    n_evaluations = len(comparison) * sum(draws_per_sigma(noise, sigma, settings.draws) for sigma in settings.sigmas)
+    n_evaluations = len(models) * sum(draws_per_sigma(noise, sigma, settings.draws) for sigma in settings.sigmas)
     with image_progress(n_evaluations, "robustness", progress, unit="evaluations") as advance:
         robustness = run_robustness(
-            ((entry.label, entry.source, entry.model) for entry in comparison),
-            batches_for, noise, settings.sigmas, out / "robustness", draws=settings.draws, seed=settings.seed,
+            ((entry.label, entry.source, entry.model) for entry in models), batches_for, noise, settings.sigmas,
+            out / "robustness", draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
             settings={"input": source, "batch_size": settings.batch_size}, advance=advance,
         )
-    if not robustness["complete"]:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
+    if not robustness.complete:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
         raise KeyboardInterrupt
+    files["robustness"] = robustness.files(out / "robustness")
     seconds["robustness"] = time.perf_counter() - clock
 
-    summary = {
-        "settings": asdict(settings) | {"primary": primary.label},
-        "models": [{"label": e.label, "source": e.source, "decoder": e.family, "role": e.role, "variant": e.model.config.name}
-                   for e in comparison],
-        "coding_rate": {"model": primary.label, **_coding_rate_summary(rates)},
-        "pca_seg": {"model": primary.label, **_pca_summary(pca)},
-        "orthogonality": dict(zip(labels, map(_orthogonality_summary, orthogonality))),
-        "robustness": _robustness_summary(robustness),
-        "seconds": seconds,
-    }
-    summary["claims"] = check_claims(summary, {e.label: e.role for e in comparison}, primary.label)
-    save_json(out / "summary.json", summary)
-    return summary
+    run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
+    result = SuiteResult(settings, list(models), rates, pca, numbers, robustness, run=run, seconds=seconds,
+                         files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
+    result.findings = judge(result)
+    result.warnings = sanity_warnings(result)
+    save_json(out / "summary.json", result.summary())
+    return result
 
 
 def default_suite_models(device: str = "cpu") -> list[SuiteModel]:
@@ -213,12 +407,14 @@ def default_suite_models(device: str = "cpu") -> list[SuiteModel]:
     return [SuiteModel(label, f"builtin:{name}", *load_default(name, device)) for name, label in LABELS.items()]
 
 
-def run_demo(out: str | Path = "figures", device: str = "cpu", settings: SuiteSettings | None = None, progress: bool = True) -> dict:
-    """``run_suite`` on the built-in models: DEPICT-SA for the single-model analyses, all three compared;
+def run_demo(
+    out: str | Path = "figures", device: str = "cpu", settings: SuiteSettings | None = None, progress: bool = True,
+    command: str | None = None,
+) -> SuiteResult:
+    """``run_suite`` on the built-in models: DEPICT-SA for the single-model analyses, all compared;
     ``summary.json`` also records the wall time (``seconds.total``)."""
     clock = time.perf_counter()
-    models = default_suite_models(device)
-    summary = run_suite(models[0], models, out, settings, progress)
-    summary["seconds"]["total"] = time.perf_counter() - clock
-    save_json(Path(out) / "summary.json", summary)
-    return summary
+    result = run_suite(default_suite_models(device), out, settings, progress, command)
+    result.seconds["total"] = time.perf_counter() - clock
+    save_json(Path(out) / "summary.json", result.summary())
+    return result

@@ -162,17 +162,16 @@ def miou_replicates(per_image_counts: np.ndarray, images: np.ndarray) -> np.ndar
     return miou_from_counts(per_image_counts[images].sum(axis=1))
 
 
-def class_prior_miou(label_counts: np.ndarray) -> tuple[float, int]:
-    """(mIoU of predicting the most frequent class everywhere, that class) from label pixels per class (K,).
+def class_prior_miou(label_counts: np.ndarray) -> np.ndarray:
+    """The mIoU of predicting the most frequent label everywhere, from label pixels per class (..., K) -> (...).
 
-    That class's IoU is its share of the pixels; every other labelled class scores 0.
+    That class's IoU is its share of the labelled pixels; every other labelled class scores 0, and
+    classes never labelled are left out (NaN without any labelled pixel).
     """
-    label_counts = np.asarray(label_counts, dtype=np.float64)
-    total, present = label_counts.sum(), int((label_counts > 0).sum())
-    if total == 0:
-        return math.nan, -1
-    top = int(label_counts.argmax())
-    return float(label_counts[top] / total / present), top
+    counts = np.asarray(label_counts, dtype=np.float64)
+    total, present = counts.sum(-1), (counts > 0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, counts.max(-1) / total / present, np.nan)
 
 
 # -------------------------------------------------------------------------------------- verdicts

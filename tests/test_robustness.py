@@ -314,8 +314,10 @@ def test_a_model_at_its_class_prior_is_flagged():
     evaluations = [Evaluation("stuck", 0.0, 0, miou_from_counts(constant.sum(0)), 0.7, 0.25, constant),
                    Evaluation("good", 0.0, 0, miou_from_counts(good.sum(0)), 0.9, 0.8, good)]
     result = result_of(evaluations, sigmas=(0,), draws=1)
-    assert result.class_prior("stuck") == {"baseline": pytest.approx(0.7 / 4), "majority_class": 0, "dominant": 0,
-                                           "dominant_share": 1.0}
+    prior = result.class_prior("stuck")
+    assert prior["baseline"] == pytest.approx(0.7 / 4) and prior["majority_class"] == 0
+    assert prior["dominant"] == 0 and prior["dominant_share"] == 1.0
+    assert prior["ratio"]["low"] == prior["ratio"]["high"] == pytest.approx(1.0)  # its mIoU is the prior's on every resample
     assert result.at_class_prior("stuck") and not result.at_class_prior("good")
     warnings = result.warnings()
     assert any(w.startswith("stuck is at its class prior") for w in warnings)

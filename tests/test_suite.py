@@ -1,4 +1,4 @@
-"""All analyses at once (``depict_analysis.suite``), the HTML report, and ``depict-analyze demo | report``."""
+"""All analyses at once (``depict_analysis.suite``), the findings, the HTML report, and ``depict-analyze demo | report``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from depict_analysis import __version__
 from depict_analysis.cli.analyze import app
-from depict_analysis.report import write_report
-from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite, sigma_half
 from depict_analysis.models import create_model, save_checkpoint
+from depict_analysis.models.pretrained import load_default
+from depict_analysis.report import write_report
+from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
+from depict_analysis.uncertainty import VERDICTS
 
 K = 8  # the synthetic dataset's classes
-FAST = SuiteSettings(num_images=4, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=4)
+FAST = SuiteSettings(num_images=6, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=6, resamples=200, init_draws=5)
 
 
 def tiny(name: str, seed: int = 0):
@@ -25,75 +28,92 @@ def tiny(name: str, seed: int = 0):
     return create_model(name, n_cls=K).eval()
 
 
-def test_sigma_half_interpolates_in_log_sigma():
-    # falls from 0.7 at σ = 0.1 to 0.1 at σ = 1: a third of the way, in log σ: 0.1 · 10^(1/3)
-    assert sigma_half([0, 0.01, 0.1, 1], [1, 0.9, 0.7, 0.1]) == pytest.approx(0.1 * 10 ** (1 / 3), rel=1e-12)
-    assert sigma_half([0, 0.01, 0.1], [1, 0.5, 0.2]) == pytest.approx(0.01)  # reaches exactly 0.5 on the grid
-    assert sigma_half([0, 0.01, 0.1], [1, 0.3, 0.2]) == pytest.approx(0.01)  # below 0.5 at once: no log 0
-    assert sigma_half([0, 0.01, 0.1], [1, 0.9, 0.6]) is None
+def stuck_on_background():
+    """The built-in Segmenter with constant masks: it predicts class 0 (the background) everywhere."""
+    model, _ = load_default("segmenter")
+    with torch.no_grad():
+        model.decoder.mask_norm.weight.zero_()
+        model.decoder.mask_norm.bias.copy_(torch.arange(K, 0, -1, dtype=torch.float32))
+    return model
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
-    sa = SuiteModel("SA", "sa.pt", tiny("depict-sa-tiny"))
-    seg = SuiteModel("Seg", "seg.pt", tiny("segmenter-tiny", seed=1))
-    return out, run_suite(sa, [sa, seg], out, FAST, progress=False)
+    (out / "pca-seg").mkdir()
+    (out / "pca-seg" / "pca-seg_from_another_run.png").write_bytes(b"\x89PNG\r\n\x1a\nstale")  # an earlier run's figure
+    # trained models (the built-in ones: an untrained model is itself at its class prior) and a stuck one
+    models = [SuiteModel("SA", "builtin:depict-sa", load_default("depict-sa")[0]),
+              SuiteModel("Seg", "builtin:segmenter", load_default("segmenter")[0]),
+              SuiteModel("Stuck", "stuck", stuck_on_background())]
+    return out, run_suite(models, out, FAST, progress=False, command="pytest suite")
 
 
 def test_suite_writes_every_analysis_and_a_summary(suite):
-    out, summary = suite
-    for path in ("coding-rate/coding_rate.png", "coding-rate/coding_rate_tokens.pdf", "pca-seg/pca-seg.png",
-                 "orthogonality/orthogonality.png", "orthogonality/orthogonality_grams.npz", "robustness/robustness.png",
-                 "robustness/robustness.csv", "summary.json"):
-        assert (out / path).stat().st_size > 0, path
-    assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
-    assert [m["decoder"] for m in summary["models"]] == ["depict_sa", "mask_transformer"]
+    out, result = suite
+    for name, files in result.files.items():
+        assert files and all((out / f).stat().st_size > 0 for f in files), name
+    assert "pca-seg/pca-seg_from_another_run.png" not in result.files["pca-seg"]
+    assert "robustness/robustness_counts.npz" in result.files["robustness"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["decoder"] for m in summary["models"]] == ["depict_sa", "mask_transformer", "mask_transformer"]
+    assert summary["run"] | {"date": None} == {"version": __version__, "command": "pytest suite", "date": None, "seed": 0}
+    robustness = json.loads((out / "robustness" / "robustness.json").read_text())
+    for model in summary["models"]:
+        assert model["clean_miou"] == robustness["models"][model["label"]]["clean"]
 
 
-def test_summary_numbers_are_those_of_the_analyses(suite):
-    out, summary = suite
-    rates = json.loads((out / "coding-rate" / "coding_rate.json").read_text())
-    assert summary["coding_rate"]["token_rate"] == pytest.approx(rates["token_rate"]["mean"])
-    pca = json.loads((out / "pca-seg" / "pca-seg.json").read_text())["summary"]["prediction"]
-    assert summary["pca_seg"]["mean_scores"]["prediction"]["Z_3"]["ari"] == pytest.approx(pca["Z_3"]["ari"]["mean"])
-    checkpoints = json.loads((out / "orthogonality" / "orthogonality.json").read_text())["checkpoints"]
-    for entry in checkpoints:
-        final = next(p for p in entry["panels"] if p["name"] == "final_Q")
-        assert summary["orthogonality"][entry["label"]]["final_Q_mean_abs_offdiag"] == pytest.approx(final["mean_abs_offdiag"])
-    records = json.loads((out / "robustness" / "robustness.json").read_text())["records"]
-    for label, curve in summary["robustness"].items():
-        clean = next(r["miou"] for r in records if r["checkpoint"] == label and r["sigma"] == 0)
-        assert curve["clean"] == clean and curve["sigma"] == [0, 0.05, 1.0]
-        assert curve["relative"][0] == 1.0
+def test_every_finding_names_its_statistic_and_data_and_follows_from_its_numbers(suite):
+    _, result = suite
+    claims = [f for f in result.findings if f.kind == "claim"]
+    # PCA; per black box: Q̂ raw and centred, P against initialisation and W_Q, σ½
+    assert len(claims) == 1 + 2 * 5
+    observations = [f for f in result.findings if f.kind == "observation"]
+    assert [f.statement for f in observations] == [
+        "The coding rate R(Z_j) of SA's patch tokens falls from the decoder input to its last layer"]
+    for finding in result.findings:
+        assert finding.verdict in VERDICTS and finding.statistic and finding.data, finding.statement
+        if finding.verdict != "not decided" and finding.difference is not None:
+            smaller = "orthogonal" in finding.statement or "falls" in finding.statement
+            on_better_side = finding.difference.estimate < 0 if smaller else finding.difference.estimate > 0
+            assert on_better_side == (finding.verdict == "holds"), finding.statement
+    pca = claims[0]
+    assert "ground truth" in pca.statistic and pca.data == "6 images of synthetic/val"
+    sa = result.orthogonality["SA"]
+    q = next(f for f in claims if f.statement == "SA's class embeddings Q̂ are closer to orthogonal than Seg's"
+             and "as they are" in f.statistic)
+    assert q.values["SA"].estimate == pytest.approx(sa.q_offdiag.mean())
+    init = next(f for f in claims if "initialisation" in f.statement and "Seg" not in f.statement)
+    assert init.values["SA"].estimate == sa.p_cosine and len(sa.p_cosine_init) == 5
 
 
-def test_claims_follow_from_the_numbers(suite):
-    _, summary = suite
-    claims = {c["claim"].split(" ")[0]: c for c in summary["claims"]}
-    assert len(summary["claims"]) == 4  # PCA, and Q̂ (raw, centred) / robustness for the one DEPICT-Segmenter pair
-    pca = claims["PCA"]["values"]
-    assert claims["PCA"]["holds"] == (pca["Z_3"] > pca["Z_0"])
-    q = next(c for c in summary["claims"] if "orthogonal" in c["claim"])
-    assert q["holds"] == (q["values"]["SA"] < q["values"]["Seg"])
-    assert q["values"]["SA"] == summary["orthogonality"]["SA"]["final_Q_mean_abs_offdiag"]
-    centred = next(c for c in summary["claims"] if "class mean removed" in c["claim"])
-    assert centred["holds"] == (centred["values"]["SA"] < centred["values"]["Seg"])
-    assert centred["values"]["Seg"] == summary["orthogonality"]["Seg"]["final_Q_mean_abs_offdiag_centred"]
+def test_a_model_at_its_class_prior_is_warned_about_and_holds_nothing(suite):
+    _, result = suite
+    assert result.robustness.at_class_prior("Stuck") and not result.robustness.at_class_prior("SA")
+    assert any(w.startswith("Stuck is at its class prior") for w in result.warnings)
+    about_stuck = [f for f in result.findings if "Stuck" in f.statement]
+    assert len(about_stuck) == 4  # Q̂ raw and centred, P against W_Q, σ½
+    for finding in about_stuck:
+        assert finding.verdict == "not decided" and any("Stuck is at its class prior" in n for n in finding.notes)
 
 
-def test_report_is_one_self_contained_page(suite, tmp_path):
-    out, summary = suite
-    page = write_report(summary, out, tmp_path / "report.html", title="tiny <models>").read_text()
+def test_report_is_one_self_contained_page_of_this_run(suite, tmp_path):
+    out, result = suite
+    page = write_report(result, out, tmp_path / "report.html", title="tiny <models>").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2 + 2 + 1 + 1  # coding rate ×2, PCA scores + 1 example, orthogonality, robustness
-    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)
-    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the file
-    assert "tiny &lt;models&gt;" in page  # text is escaped
-    for claim in summary["claims"]:
-        assert claim["claim"].replace("'", "&#x27;") in page
-    clean = 100 * summary["robustness"]["Seg"]["clean"]
-    assert f"{clean:.4g}" in page
+    assert len(images) == sum(f.endswith(".png") for files in result.files.values() for f in files)
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)  # the stale one is not among them
+    assert not re.search(r'(src|href)="(?!data:|#)', page)  # nothing outside the file
+    assert "tiny &lt;models&gt;" in page and "<models>" not in page  # text is escaped
+    for heading in ("Contents", "The paper's claims", "Observations", "Warnings"):
+        assert heading in page, heading
+    for anchor in re.findall(r'href="#([^"]+)"', page):
+        assert f'id="{anchor}"' in page
+    assert __version__ in page and "pytest suite" in page and result.run["date"] in page
+    for finding in result.findings:
+        assert finding.statement.replace("'", "&#39;") in page
+    clean = result.robustness.curve("Seg").clean
+    assert clean.text(100) in page  # numbers with their intervals
 
 
 def run_cli(*args):
@@ -104,13 +124,14 @@ def test_report_cli_on_a_checkpoint_with_a_comparison(tmp_path):
     save_checkpoint(tmp_path / "ca.pt", tiny("depict-ca-tiny"))
     save_checkpoint(tmp_path / "seg.pt", tiny("segmenter-tiny"))
     result = run_cli("report", tmp_path / "ca.pt", "--compare", tmp_path / "seg.pt", "--num-images", 2, "--draws", 1,
-                     "--out", tmp_path / "r.html")
+                     "--resamples", 50, "--out", tmp_path / "r.html")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r.html").stat().st_size > 0
     summary = json.loads((tmp_path / "r_data" / "summary.json").read_text())
-    assert [m["label"] for m in summary["models"]] == ["ca", "seg"] and summary["coding_rate"]["model"] == "ca"
+    assert [m["label"] for m in summary["models"]] == ["ca", "seg"] and summary["settings"]["primary"] == "ca"
     assert summary["settings"]["source"] == {"dataset": "synthetic", "split": "val"}
-    assert not math.isnan(summary["robustness"]["seg"]["clean"])
+    assert not math.isnan(summary["models"][1]["clean_miou"]["estimate"])
+    assert "2 images are too few" in result.stdout and "not decided" in result.stdout
 
 
 def test_report_cli_bad_checkpoint_is_one_line(tmp_path):

@@ -75,7 +75,8 @@ def test_miou_from_counts_and_the_class_prior():
     assert miou_from_counts(counts) == pytest.approx((8 / 11 + 1 / 4) / 2)
     absent = np.array([[8, 0], [10, 0], [10, 0]])  # class 1 neither labelled nor predicted: left out
     assert miou_from_counts(absent) == pytest.approx(8 / 12)
-    assert class_prior_miou(np.array([70, 20, 10, 0])) == (pytest.approx(0.7 / 3), 0)
+    assert class_prior_miou(np.array([70, 20, 10, 0])) == pytest.approx(0.7 / 3)
+    assert class_prior_miou(np.array([[70, 20, 10, 0], [0, 5, 5, 0]])) == pytest.approx([0.7 / 3, 0.5 / 2])
 
 
 def test_sample_size_warnings_depend_on_the_level():
