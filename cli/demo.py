@@ -60,6 +60,7 @@ def print_findings(result: SuiteResult) -> None:
 @user_errors
 def demo(
     out: Path = typer.Option(Path("figures"), "--out", help="Output folder: one sub-folder per analysis, summary.json."),
+    page: Optional[Path] = typer.Option(None, "--report", help="Also write the HTML report of the run to this file."),
     num_images: int = NumImagesOption,
     draws: int = DrawsOption,
     seed: int = SeedOption,
@@ -70,14 +71,18 @@ def demo(
     """All four analyses on the built-in models and the synthetic validation split, and the paper's claims judged on them.
 
     coding-rate and pca-seg on DEPICT-SA; orthogonality and robustness (Gaussian decoder noise)
-    compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json.
+    compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json (and with
+    --report the HTML page of `depict-analyze report`).
     """
     from depict_analysis.models.device import resolve_device
+    from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_demo
 
     settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
     result = run_demo(out, resolve_device(device), settings)
     print_findings(result)
+    if page is not None:
+        console.print(f"wrote {write_report(result, out, page, 'depict-analysis demo: the built-in models')}")
     console.print(f"wrote {out}/{{coding-rate,pca-seg,orthogonality,robustness}}/ and {out}/summary.json "
                   f"in {result.seconds['total']:.0f} s")
 

@@ -113,7 +113,7 @@ def compare_to_sample(
     verdict, notes = blocked(verdict, blockers or [])
     values_ = {label_a: Interval(value_a, value_a, value_a, 1.0), label_s: range_}
     return Finding(kind, statement, statistic, data, verdict, values_, None,
-                   (f"{label_s}: mean and central {100 * level:g} % of {len(values)} draws",) + notes)
+                   (f"{label_s}: mean [central {100 * level:g} %] of {len(values)} draws",) + notes)
 
 
 def trend(

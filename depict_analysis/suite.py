@@ -256,13 +256,14 @@ def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteM
     blockers = class_prior_blockers(result, [white.label, black.label])
     images = settings.images(len(a.q_offdiag))
     findings = [
-        compare_per_image("claim", f"{white.label}'s class embeddings Q̂ are closer to orthogonal than {black.label}'s",
-                          f"mean |cosine| between distinct rows of the final Q̂, {how}, per image then averaged; "
+        compare_per_image("claim", f"{white.label}'s class embeddings Q̂ are closer to orthogonal than {black.label}'s ({what})",
+                          f"mean |cosine| between distinct rows of the final Q̂{how}, per image then averaged; "
                           f"paired difference {white.label} − {black.label}",
                           images, "smaller", bootstrap, (white.label, getattr(a, key)), (black.label, getattr(b, key)), blockers)
-        for key, how in (("q_offdiag", "as they are"),
-                         ("q_offdiag_centred", "class mean removed (what the mask head's LayerNorm over classes sees; "
-                                               "floor 1/(K − 1))"))
+        for key, what, how in (("q_offdiag", "as they are", ""),
+                               ("q_offdiag_centred", "class mean removed",
+                                " after removing the class mean (what the mask head's LayerNorm over classes sees; "
+                                "floor 1/(K − 1))"))
     ]
     statistic = "mean |cosine| between distinct basis vectors of each projection P, averaged over the decoder's projections"
     if a.p_cosine is not None and a.p_cosine_init is not None:

@@ -74,7 +74,8 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
 
     def text(self, scale: float = 1.0, digits: int = 3) -> str:
-        """``"0.3 [0.27, 0.33]"``, every number times ``scale``, ``digits`` significant digits."""
+        """``"0.3 [0.27, 0.33]"``, every number times ``scale``, ``digits`` significant digits; an exact
+        value (low = high = estimate) without brackets."""
         def show(x: float) -> str:
             if x is None or (isinstance(x, float) and math.isnan(x)):
                 return "—"
@@ -82,6 +83,8 @@ class Interval:
                 return "∞" if x > 0 else "−∞"
             return f"{x * scale:.{digits}g}"
 
+        if self.low == self.high == self.estimate:
+            return show(self.estimate)
         return f"{show(self.estimate)} [{show(self.low)}, {show(self.high)}]"
 
 

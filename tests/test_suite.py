@@ -80,8 +80,7 @@ def test_every_finding_names_its_statistic_and_data_and_follows_from_its_numbers
     pca = claims[0]
     assert "ground truth" in pca.statistic and pca.data == "6 images of synthetic/val"
     sa = result.orthogonality["SA"]
-    q = next(f for f in claims if f.statement == "SA's class embeddings Q̂ are closer to orthogonal than Seg's"
-             and "as they are" in f.statistic)
+    q = next(f for f in claims if f.statement == "SA's class embeddings Q̂ are closer to orthogonal than Seg's (as they are)")
     assert q.values["SA"].estimate == pytest.approx(sa.q_offdiag.mean())
     init = next(f for f in claims if "initialisation" in f.statement and "Seg" not in f.statement)
     assert init.values["SA"].estimate == sa.p_cosine and len(sa.p_cosine_init) == 5
