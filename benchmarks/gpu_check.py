@@ -602,7 +602,7 @@ def section_analyses(run: Run, section: dict) -> None:
         seconds, records = timed(lambda: list(robustness_records(model, "gpu-check", batches, noise, sigmas,
                                                                  sizes.draws, run.seed)), run.device)
         return {"seconds": seconds, "images": sizes.analysis_images, "sigmas": len(sigmas), "draws": sizes.draws,
-                "evaluations": len(records), "clean_miou": records[0]["miou"]}
+                "evaluations": len(records), "clean_miou": records[0].miou}
 
     for name, measure in (("coding-rate", coding_rate), ("pca-seg", pca_seg), ("robustness", robustness)):
         run.row(section, {"analysis": name}, measure)

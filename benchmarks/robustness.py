@@ -83,7 +83,7 @@ def main() -> None:
         med, low = times[name]
         print(f"{label:<34}  {med:>9.3f}  {low:>8.3f}  {med / n_evals:>16.3f}s")
     (rec_med, rec_min), (cache_med, cache_min) = times["recompute"], times["cached"]
-    diff = max(abs(a["miou"] - b["miou"]) for a, b in zip(outputs["recompute"], outputs["cached"]))
+    diff = max(abs(a.miou - b.miou) for a, b in zip(outputs["recompute"], outputs["cached"]))
     print(f"speed-up of caching Z_0: {rec_med / cache_med:.2f}x (median), {rec_min / cache_min:.2f}x (min); "
           f"max |ΔmIoU| cached vs recomputed: {diff:.1e}")
 
