@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from depict_analysis.models.errors import InputError
 from depict_analysis.uncertainty import Bootstrap, Interval, decide, mean_replicates, percentile_interval
 
 KINDS = ("claim", "observation")
@@ -74,7 +75,7 @@ def compare_per_image(
     (label, per-image values (n,)), the same images in the same order."""
     (label_a, per_a), (label_b, per_b) = a, b
     if len(per_a) != len(per_b):
-        raise ValueError(f"paired comparison of {len(per_a)} and {len(per_b)} images")
+        raise InputError(f"a paired comparison needs the same images on both sides, got {len(per_a)} and {len(per_b)}")
     reps_a, reps_b = mean_replicates(per_a, bootstrap), mean_replicates(per_b, bootstrap)
     return compare_replicates(kind, statement, statistic, data, better, bootstrap.level,
                               (label_a, float(np.nanmean(per_a)), reps_a), (label_b, float(np.nanmean(per_b)), reps_b),
