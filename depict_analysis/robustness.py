@@ -425,11 +425,10 @@ class Curve:
 
     def sigma_half(self, level: float) -> Interval:
         """σ½ with its bootstrap interval (``inf``: beyond the σ grid)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            replicates = sigma_half(self.sigma, self.replicates / self.replicates[:, :1])
-        return percentile_interval(replicates, float(sigma_half(self.sigma, self.relative)), level)
+        return percentile_interval(self.sigma_half_replicates(), float(sigma_half(self.sigma, self.relative)), level)
 
     def sigma_half_replicates(self) -> np.ndarray:
+        """σ½ of each bootstrap replicate of the curve, (resamples,)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return sigma_half(self.sigma, self.replicates / self.replicates[:, :1])
 
@@ -647,6 +646,8 @@ def run_robustness(
     KeyboardInterrupt ends the sweep with what is done: the result has ``complete = False``.
     ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
     """
+    if 0 not in sigmas:
+        raise ConfigError("a sweep needs σ = 0, the clean model every other σ is compared with")
     settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {"size": size}
     described: list[dict] = []
     evaluations: list[Evaluation] = []
