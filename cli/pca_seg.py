@@ -106,9 +106,9 @@ def pca_seg(
     labels, sources, results, saved = [], [], [], []
     for run in models:
         traces, save = saving(run, save_trace, count > 1)
-        palette = run.info.palette if run.info is not None else None
         results.append(analyze_pca(traces, layers=layer_spec, k=k, method=method, seed=seed,
-                                   examples=len(image) if image else examples, class_names=run.class_names, palette=palette))
+                                   examples=len(image) if image else examples, class_names=run.class_names,
+                                   palette=run.palette))
         labels.append(run.label)
         sources.append(run.source)
         saved.append(save())

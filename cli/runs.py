@@ -50,7 +50,13 @@ class Run:
 
     @property
     def class_names(self) -> list[str] | None:
+        """The training dataset's class names (``CheckpointInfo``); None for a saved trace."""
         return self.info.class_names if self.info is not None else None
+
+    @property
+    def palette(self):
+        """The training dataset's class colours (K, 3) uint8; None for a saved trace."""
+        return self.info.palette if self.info is not None else None
 
 
 def is_checkpoint(argument: str) -> bool:

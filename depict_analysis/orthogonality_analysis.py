@@ -37,7 +37,7 @@ from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.models.registry import ModelConfig
 from depict_analysis.orthogonality import class_summary, random_cosine_level, subspace_summary
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Trace, as_traces
+from depict_analysis.tracing import Subspace, Trace, as_traces
 
 FINAL_Q = "final_Q"
 LEARNED_Q = "cls_emb"
@@ -131,14 +131,13 @@ class Orthogonality(Result):
     def headline(self, key: str) -> tuple[float | None, Stat | None]:
         """One ``HEADLINE`` statistic and its baseline (per seed): P statistics averaged over the P panels."""
         where, statistic = HEADLINE[key]
-        panels = [p for p in self.panels if p.kind == "P"] if where == "P" else [p for p in [self.panel(where)] if p]
-        values = [p.values[statistic] for p in panels if not math.isnan(p.values[statistic])]
-        if not values:
+        panels = [p for p in self.panels if (p.kind if where == "P" else p.name) == where]
+        chosen = [p for p in panels if not math.isnan(p.values[statistic])]  # nan: e.g. no second head
+        if not chosen:
             return None, None
-        chosen = [p for p in panels if not math.isnan(p.values[statistic])]
-        seeds = [p.baseline[statistic].per_image for p in chosen if statistic in p.baseline]
-        baseline = Stat(np.mean(seeds, axis=0)) if seeds and len(seeds) == len(chosen) else None
-        return float(np.mean(values)), baseline
+        per_seed = [p.baseline[statistic].per_image for p in chosen if statistic in p.baseline]
+        baseline = Stat(np.mean(per_seed, axis=0)) if per_seed and len(per_seed) == len(chosen) else None
+        return float(np.mean([p.values[statistic] for p in chosen])), baseline
 
     def summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {"model": self.label, "num_images": len(self.images), "random_level": self.random_level,
@@ -216,14 +215,31 @@ class _ClassStatistics:
         return {key: torch.cat(values).numpy() for key, values in self.values.items()}
 
 
-def _q_panel(name: str, gram: Tensor, abs_gram: Tensor, per_image: dict[str, np.ndarray],
-             baseline: list[dict[str, float]], keep_per_image: bool) -> GramPanel:
-    values = {key: float(per_image[key].mean()) for key in Q_STATISTICS}
-    return GramPanel(
-        name, "Q", gram.numpy(), abs_gram.numpy(), values,
-        per_image={key: Stat(per_image[key]) for key in Q_STATISTICS} if keep_per_image else {},
-        baseline=_per_seed(baseline),
-    )
+def _subspace_panel(space: Subspace, fresh: Sequence[Decoder]) -> GramPanel:
+    """The P panel of one traced subspace, with the same subspace of each fresh decoder as its baseline."""
+    summary, values = p_statistics(space.proj)
+    at_init = [p_statistics(_named(decoder, space.name).proj.detach())[1] for decoder in fresh]
+    h, p, _ = space.proj.shape
+    return GramPanel(space.name, "P", summary["gram"].cpu().numpy(), summary["cosines"].cpu().numpy(), values,
+                     baseline=_per_seed(at_init), heads=h, dim_head=p, layer=space.layer,
+                     head_orthonormality=summary["head_orthonormality"])
+
+
+def _final_panel(final: _ClassStatistics, fresh: Sequence[_ClassStatistics]) -> GramPanel:
+    """The panel of the final Q̂: per-image statistics, their means, and each fresh decoder's means."""
+    per_image = final.per_image()
+    at_init = [{key: float(values.mean()) for key, values in statistics.per_image().items()} for statistics in fresh]
+    return GramPanel(FINAL_Q, "Q", (final.gram / final.count).numpy(), (final.abs_gram / final.count).numpy(),
+                     {key: float(per_image[key].mean()) for key in Q_STATISTICS},
+                     per_image={key: Stat(values) for key, values in per_image.items()}, baseline=_per_seed(at_init))
+
+
+def _learned_panel(class_tokens: Tensor, fresh: Sequence[Decoder]) -> GramPanel:
+    """The panel of the learned class queries (K, d), with each fresh decoder's as its baseline."""
+    learned = class_summary(class_tokens)
+    at_init = [{key: float(class_summary(decoder.class_tokens.detach())[key]) for key in Q_STATISTICS} for decoder in fresh]
+    return GramPanel(LEARNED_Q, "Q", learned["gram"].cpu().numpy(), learned["abs_gram"].cpu().numpy(),
+                     {key: float(learned[key]) for key in Q_STATISTICS}, baseline=_per_seed(at_init))
 
 
 def _per_seed(values: list[dict[str, float]]) -> dict[str, Stat]:
@@ -263,22 +279,11 @@ def analyze_orthogonality(
     if first is None:
         raise InputError("no images to analyse")
 
-    panels = []
-    for space in first.subspaces:
-        summary, values = p_statistics(space.proj)
-        at_init = [p_statistics(_named(decoder, space.name).proj.detach())[1] for decoder, _ in fresh]
-        h, p, _ = space.proj.shape
-        panels.append(GramPanel(space.name, "P", summary["gram"].cpu().numpy(), summary["cosines"].cpu().numpy(), values,
-                                baseline=_per_seed(at_init), heads=h, dim_head=p, layer=space.layer,
-                                head_orthonormality=summary["head_orthonormality"]))
-    at_init = [{key: float(v.mean()) for key, v in statistics.per_image().items()} for _, statistics in fresh]
-    panels.append(_q_panel(FINAL_Q, final.gram / final.count, final.abs_gram / final.count, final.per_image(), at_init, True))
+    decoders = [decoder for decoder, _ in fresh]
+    panels = [_subspace_panel(space, decoders) for space in first.subspaces]
+    panels.append(_final_panel(final, [statistics for _, statistics in fresh]))
     if first.class_stages[:1] == ["input"]:  # the learned class queries, the same for every image
-        learned = class_summary(first.classes[0][0])
-        at_init = [{key: float(class_summary(decoder.class_tokens.detach())[key]) for key in Q_STATISTICS}
-                   for decoder, _ in fresh]
-        per_image = {key: learned[key].cpu().numpy() for key in Q_STATISTICS}
-        panels.append(_q_panel(LEARNED_Q, learned["gram"].cpu(), learned["abs_gram"].cpu(), per_image, at_init, False))
+        panels.append(_learned_panel(first.classes[0][0], decoders))
     d = first.class_embeddings.shape[-1]
     settings = {"num_images": len(paths), "baseline_seeds": list(baseline_seeds), "d": d,
                 "at_init": "fresh decoders of the same config, one per seed, on the same Z_0"}

@@ -35,7 +35,15 @@ from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, 
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label
 from depict_analysis.models.errors import ConfigError, InputError
-from depict_analysis.pca import METHODS, choose_k, match_segments, pca_rgb, pca_segment, segmentation_scores, upsample_labels
+from depict_analysis.pca import (
+    METHODS,
+    choose_k,
+    match_segments,
+    pca_rgb,
+    pca_segment,
+    segmentation_scores,
+    upsample_labels,
+)
 from depict_analysis.results import Result, Stat
 from depict_analysis.tracing import Trace, as_traces
 
@@ -150,8 +158,11 @@ def score_segments(
     return scores
 
 
-def trace_examples(tr: Trace, sources: Sequence[str], k: int | None, method: str, seed: int) -> Iterator[PCAExample]:
-    """The PCA segmentations of every image of one trace (``k`` None: ``choose_k`` of its prediction)."""
+def trace_examples(
+    tr: Trace, sources: Sequence[str], k: int | None, method: str, seed: int, first_index: int = 0
+) -> Iterator[PCAExample]:
+    """The PCA segmentations of every image of one trace (``k`` None: ``choose_k`` of its prediction); an
+    image without a path is called ``image<i>``, i counted from ``first_index``."""
     predictions = tr.prediction.cpu()
     size = tuple(tr.masks.shape[-2:])
     patch = tr.model["patch_size"]
@@ -163,7 +174,7 @@ def trace_examples(tr: Trace, sources: Sequence[str], k: int | None, method: str
         segments, rgb = torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps])
         truth = tr.labels[b].cpu() if tr.labels is not None else None
         yield PCAExample(
-            path=tr.paths[b] if tr.paths else f"image{b}",
+            path=tr.paths[b] if tr.paths else f"image{first_index + b}",
             image=tr.pixels[b].cpu() if tr.pixels is not None else None,
             k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b],
             ground_truth=truth, scores=score_segments(segments, sources, predictions[b], truth),
@@ -214,22 +225,21 @@ class PCASegmentation(Result):
         return {"model": self.label, "num_images": self.num_images, "first": self.sources[0],
                 "last": self.sources[-1], "mean_scores": means}
 
-    def _image_scores(self, i: int) -> dict[str, dict[str, dict[str, float]]]:
-        """The scores of image i, laid out as ``PCAExample.scores``."""
-        found = {}
+    def image_scores(self) -> list[dict[str, dict[str, dict[str, float]]]]:
+        """Every image's scores, laid out as ``PCAExample.scores``."""
+        found: list[dict] = [{} for _ in self.images]
         for ref, indices in self.scored.items():
-            if i in indices:
-                at = indices.index(i)
-                found[ref] = {source: {score: float(stat.per_image[at]) for score, stat in by_score.items()}
-                              for source, by_score in self.scores[ref].items()}
+            for at, i in enumerate(indices):
+                found[i][ref] = {source: {score: float(stat.per_image[at]) for score, stat in by_score.items()}
+                                 for source, by_score in self.scores[ref].items()}
         return found
 
     def to_json(self) -> dict[str, Any]:
         summary = {ref: {source: {score: {"mean": float(stat.mean), "std": float(stat.std), "n": len(stat.per_image)}
                                   for score, stat in by_score.items()} for source, by_score in by_source.items()}
                    for ref, by_source in self.scores.items()}
-        images = [{"path": path, "k": int(k), "scores": self._image_scores(i)}
-                  for i, (path, k) in enumerate(zip(self.images, self.k))]
+        images = [{"path": path, "k": int(k), "scores": scores}
+                  for path, k, scores in zip(self.images, self.k, self.image_scores())]
         return {"model": self.model, "settings": self.settings, "summary": summary, "images": images}
 
     def rows(self) -> list[dict[str, Any]]:
@@ -280,7 +290,7 @@ def analyze_pca(
     for tr in as_traces(traces):
         if first is None:
             first, sources = tr, resolve_layers(layers, tr.token_names)
-        for example in trace_examples(tr, sources, k, method, seed):
+        for example in trace_examples(tr, sources, k, method, seed, len(paths)):
             paths.append(example.path)
             ks.append(example.k)
             per_image.append(example.scores)
@@ -371,14 +381,15 @@ def _row(label: str, result: PCASegmentation, example: PCAExample) -> tuple[plot
     """One model's row of a per-image figure, and the (class name, colour) pairs it shows."""
     names, palette = result.class_names, result.palette
     n_cls = len(names)
-    extra = np.linspace(235, 160, example.k).round().astype(np.uint8)[:, None].repeat(3, axis=1)
+    greys = np.linspace(235, 160, example.k).round().astype(np.uint8)[:, None].repeat(3, axis=1)  # unmatched segments
+    segment_palette = np.concatenate([palette, greys])
     ids = colour_ids(example.segments, example.prediction, n_cls)
-    panels = [plots.PCAPanel(source_title(source, result.token_names), plots.palette_image(ids[i].numpy(), np.concatenate([palette, extra])),
+    panels = [plots.PCAPanel(source_title(source, result.token_names), plots.palette_image(ids[i].numpy(), segment_palette),
                              example.rgb[i].permute(1, 2, 0).numpy(), _caption(example.scores, source))
               for i, source in enumerate(example.sources)]
     truth = example.ground_truth
-    shape = example.prediction.shape
-    image = example.image.permute(1, 2, 0).numpy() if example.image is not None else np.full((*shape, 3), 0.5)
+    grey = np.full((*example.prediction.shape, 3), 0.5)  # a trace of normalised tensors keeps no pixels
+    image = example.image.permute(1, 2, 0).numpy() if example.image is not None else grey
     row = plots.PCARow(
         label=f"{label}\n{example.k} segments", image=image, panels=panels,
         prediction=plots.palette_image(example.prediction.numpy(), palette),
@@ -414,7 +425,8 @@ def scores_figure(labels: Sequence[str], results: Sequence[PCASegmentation]) -> 
         sources |= {source: source_title(source, result.token_names).replace(" (", "\n(") for source in result.sources}
     sources["prediction"] = "model\nprediction"
     title = f"PCA segmentation ({results[0].settings['method']}) over {results[0].num_images} images"
-    return plots.pca_scores_figure(rows, labels, sources, {"prediction": "vs model prediction", "ground_truth": "vs ground truth"}, title)
+    references = {"prediction": "vs model prediction", "ground_truth": "vs ground truth"}
+    return plots.pca_scores_figure(rows, labels, sources, references, title)
 
 
 def unique_names(paths: Sequence[str]) -> list[str]:

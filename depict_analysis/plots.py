@@ -67,12 +67,12 @@ def _band(ax: plt.Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, color,
     return ax.plot(x, mean, color=color, markersize=4, **line)[0]
 
 
-def _rate_caption(result) -> str:
+def _rate_caption(label: str, result) -> str:
     s = result.settings
     basis = "; orthonormalised head bases" if s["orthonormalize"] else ""
     view = "residual stream $Z_j$" if s["view"] == "residual" else r"what layer $\ell$ projects, LN$_\ell(Z_j)$"
-    return (f"{result.model['variant']} ({result.model['decoder']}), mean ± std over {result.num_images} images; "
-            f"ε = {s['eps']:g}, normalisation {s['normalize']}{basis}; tokens $X_j$: {view}")
+    return (f"{label}: {result.model['variant']} ({result.model['decoder']}), mean ± std over {result.num_images} "
+            f"images; ε = {s['eps']:g}, normalisation {s['normalize']}{basis}; tokens $X_j$: {view}")
 
 
 SUBSPACE_PANELS = (  # quantity, title, y label
@@ -97,6 +97,10 @@ def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
     fig = plt.figure(figsize=(12.0, 2.9 * len(results) + 0.3), layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(results), 1))
     for row, label, result in zip(rows, labels, results):
+        row.suptitle(_rate_caption(label, result), fontsize="small")
+        if not result.subspaces:
+            row.text(0.5, 0.5, f"{label}: no subspace projections", ha="center", va="center")
+            continue
         axes = row.subplots(1, len(SUBSPACE_PANELS), sharex=True)
         x = np.arange(len(result.token_names))
         handles = []
@@ -118,7 +122,6 @@ def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
             ax.set_xlabel(LAYER_AXIS_LABEL, fontsize="x-small")
         key = matplotlib.lines.Line2D([], [], color="0.35", linestyle="--", label=r"layer that owns $P_\ell$")
         row.legend(handles=[*handles, key], loc="outside right center", frameon=False, fontsize="small", title=label)
-        row.suptitle(_rate_caption(result), fontsize="small")
     return fig
 
 
@@ -297,8 +300,9 @@ def _heatmap(ax: plt.Axes, matrix: np.ndarray, title: str) -> matplotlib.image.A
 @styled
 def orthogonality_overview(labels: Sequence[str], results: Sequence) -> plt.Figure:
     """Top: each headline statistic per model (filled: trained; hollow with a bar: at initialisation, mean
-    ± std over seeds; grey dash: two random directions in R^d). Below, per model (columns): |cos| of the
-    final Q̂ (mean over images of |Q̂ᵀQ̂|) and of the learned cls_emb, class names on both axes.
+    ± std over seeds; grey dash: two random directions in R^d). Below, one column per model: |cos| of the
+    final Q̂ (mean over images of |Q̂ᵀQ̂|, first row) and of the learned cls_emb (second row), class
+    names on both axes.
     ``results``: ``Orthogonality`` results named by ``labels``."""
     colours = model_colours(labels)
     n = len(results)
@@ -331,13 +335,15 @@ def orthogonality_overview(labels: Sequence[str], results: Sequence) -> plt.Figu
     grid = bottom.subplots(2, n, squeeze=False)
     image = None
     for column, label, result in zip(grid.T, labels, results):
-        for ax, name, what in zip(column, ("final_Q", "cls_emb"), (r"final $\hat{Q}$, mean over images", "learned cls_emb")):
+        for ax, name in zip(column, ("final_Q", "cls_emb")):
             panel = result.panel(name)
             if panel is None:
                 ax.set_axis_off()
                 continue
-            image = _heatmap(ax, panel.cosines, f"{label}: {what}")
+            image = _heatmap(ax, panel.cosines, label)
             _class_ticks(ax, result.class_names)
+    for ax, what in zip(grid[:, 0], (r"final $\hat{Q}$ (mean over images)", "learned cls_emb")):
+        ax.set_ylabel(what, fontsize="small")
     if image is not None:
         bottom.colorbar(image, ax=grid.ravel().tolist(), shrink=0.6, label="|cos| between classes")
     return fig

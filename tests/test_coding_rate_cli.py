@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from depict_analysis import CodingRates, Comparison, analyze_coding_rates
 from depict_analysis.cli.analyze import app
+from depict_analysis.cli.runs import is_checkpoint, labelled_sources
 from depict_analysis.coding_rate import class_rate, rate_table, token_rate
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.tracing import Trace, trace, trace_batches
@@ -153,6 +154,18 @@ def test_bad_settings_are_one_clear_error():
 
 
 # ------------------------------------------------------------------------------------------- CLI
+
+
+def test_checkpoints_are_named_positionally_or_with_label(tmp_path):
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "variant.yml").write_text("{}")
+    sources = ["a=runs/x/checkpoint.pt", "runs/y/checkpoint.pt", "builtin:segmenter", str(tmp_path / "release")]
+    assert all(is_checkpoint(s) for s in sources) and not is_checkpoint(str(tmp_path / "photo.png"))
+    assert not is_checkpoint(str(tmp_path))  # a folder of images
+    assert labelled_sources(sources, ["seg=builtin:segmenter", "extra=zoo:seg-t-mask-ade20k"]) == [
+        ("a", "runs/x/checkpoint.pt"), ("y", "runs/y/checkpoint.pt"), ("seg", "builtin:segmenter"),
+        ("release", str(tmp_path / "release")), ("extra", "zoo:seg-t-mask-ade20k")]
+    assert labelled_sources(["one/checkpoint.pt", "two/one.pt"]) == [("one#1", "one/checkpoint.pt"), ("one#2", "two/one.pt")]
 
 
 def run_cli(*args: str):
