@@ -108,7 +108,7 @@ def pca_seg(
         traces, save = saving(run, save_trace, count > 1)
         results.append(analyze_pca(traces, layers=layer_spec, k=k, method=method, seed=seed,
                                    examples=len(image) if image else examples, class_names=run.class_names,
-                                   palette=run.palette))
+                                   palette=run.palette, score_figure=not image))
         labels.append(run.label)
         sources.append(run.source)
         saved.append(save())

@@ -210,6 +210,7 @@ class PCASegmentation(Result):
     examples: list[PCAExample] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     palette: np.ndarray | None = None  # (K, 3) uint8
+    score_figure: bool = True  # draw the score distributions (not when every image has a figure of its own)
 
     @property
     def label(self) -> str:
@@ -253,10 +254,10 @@ class PCASegmentation(Result):
 
     @classmethod
     def compare_figures(cls, labels: Sequence[str], results: Sequence["PCASegmentation"]) -> dict[str, Figure]:
-        """``pca-seg``: the score distributions of every model (when some images have no figure of their
-        own); ``pca-seg_<image>``: each example image, one row per model."""
+        """``pca-seg``: the score distributions of every model (``score_figure``); ``pca-seg_<image>``:
+        each example image, one row per model."""
         figures = {}
-        if any(r.num_images > len(r.examples) for r in results):
+        if results[0].score_figure:
             figures[cls.name] = scores_figure(labels, results)
         for i, stem in enumerate(unique_names([e.path for e in results[0].examples])):
             rows = [(label, r, r.examples[i]) for label, r in zip(labels, results) if i < len(r.examples)]
@@ -274,13 +275,14 @@ def analyze_pca(
     examples: int = 4,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
+    score_figure: bool = True,
 ) -> PCASegmentation:
     """PCA-segment every traced image's tokens at ``layers`` (see the module docstring) and score them.
 
     ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for every
     source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
     segmentations for figures, drawn with ``class_names`` and ``palette`` (K, 3) uint8 (default:
-    ``class i`` and ``make_palette``).
+    ``class i`` and ``make_palette``); ``score_figure`` adds the box plot of every image's scores.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -310,7 +312,7 @@ def analyze_pca(
         model=first.model, settings=settings, sources=sources, token_names=first.token_names, images=paths,
         k=np.array(ks), scored=scored, scores=scores, examples=kept,
         class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
-        palette=np.asarray(palette) if palette is not None else make_palette(n_cls),
+        palette=np.asarray(palette) if palette is not None else make_palette(n_cls), score_figure=score_figure,
     )
 
 

@@ -119,7 +119,7 @@ class Trace:
             embeddings=move(self.embeddings),
             class_embeddings=move(self.class_embeddings),
             masks=move(self.masks),
-            subspaces=[replace(s, proj=move(s.proj), norm=s.norm and (move(s.norm[0]), move(s.norm[1]), s.norm[2]))
+            subspaces=[replace(s, proj=move(s.proj), norm=None if s.norm is None else (*map(move, s.norm[:2]), s.norm[2]))
                        for s in self.subspaces],
             attention={name: move(a) for name, a in self.attention.items()},
             representatives=[move(r) for r in self.representatives],
