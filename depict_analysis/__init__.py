@@ -28,6 +28,15 @@ _EXPORTS = {
     "trace": "depict_analysis.tracing",
     "trace_batches": "depict_analysis.tracing",
     "Trace": "depict_analysis.tracing",
+    "Result": "depict_analysis.results",
+    "Stat": "depict_analysis.results",
+    "Comparison": "depict_analysis.results",
+    "analyze_coding_rates": "depict_analysis.coding_rate_analysis",
+    "CodingRates": "depict_analysis.coding_rate_analysis",
+    "analyze_pca": "depict_analysis.pca_analysis",
+    "PCASegmentation": "depict_analysis.pca_analysis",
+    "analyze_orthogonality": "depict_analysis.orthogonality_analysis",
+    "Orthogonality": "depict_analysis.orthogonality_analysis",
 }
 _ALIASES = {"load_model": "open_checkpoint"}  # public name -> the defining module's name
 

@@ -17,23 +17,27 @@ from depict_analysis.outputs import atomic_write_text
 READING = {
     "coding-rate": (
         "First figure: R(P_lᵀZ_j), the coding rate of the patch tokens inside layer l's subspace (one line per "
-        "layer l) after decoder layer j (j = 0 is the backbone output), and on the right the same divided by "
-        "R(Z_j): the share of the tokens' rate that lies in subspace l. Second figure: R(Z_j) and R(Q) of the "
-        "class embeddings per stage. DEPICT's MSSA layers are derived as compression steps, so the rates should "
-        "fall through the layers while the tokens gather into the learned subspaces."
+        "layer l) after decoder layer j (j = 0 is the backbone output); CRATE's per-head sum R^c; the raw ratio "
+        "R(P_lᵀZ_j)/R(Z_j), which also measures P's row norms and can exceed 1 (not a share); and the share "
+        "R(U_lᵀZ_j)/R(Z_j) with U_l an orthonormal basis of span(P_l), the part of the tokens' rate that lies in "
+        "subspace l (at most 1). Second figure: R(Z_j) and R(Q) of the class embeddings per stage. DEPICT's MSSA "
+        "layers are derived as compression steps, so the rates should fall through the layers while the tokens "
+        "gather into the learned subspaces."
     ),
     "pca-seg": (
-        "Each token is labelled by its largest principal component, at the decoder input Z_0 and after the last "
-        "MSSA layer Z_L1, and the segments are compared with the model's prediction and the ground truth "
+        "Each token is labelled by its largest principal component, at the decoder input Z_0 and at Z_L1, the "
+        "patch embeddings the mask head compares with the classes (after the final LayerNorm), and the segments are compared with the model's prediction and the ground truth "
         "(ARI, NMI, Hungarian-matched mIoU). If the decoder compresses tokens into class subspaces, "
         "PCA of Z_L1 should recover the segmentation better than PCA of Z_0."
     ),
     "orthogonality": (
-        "Gram matrices of every layer's projection P (raw PᵀP, head blocks outlined) and of the final "
-        "normalised class embeddings Q̂ (cosines), one column per model. The paper argues that DEPICT's "
-        "classes become near-orthogonal: small off-diagonal entries of Q̂ᵀQ̂. The mask head's LayerNorm over "
-        "classes ignores any direction all classes share, so the centred value (class mean removed; "
-        "floor 1/(K−1)) measures the orthogonality the masks actually use."
+        "Mean |cosine| between the basis vectors of different heads of every projection P, and between the "
+        "final normalised class embeddings Q̂ (per image, then averaged) and the learned cls_emb, per model "
+        "(filled), beside the same for freshly initialised decoders (hollow, mean ± std over seeds) and for "
+        "random directions (dashed); then |Q̂ᵀQ̂| and the bases' |cosines|. Cosines, not raw PᵀP entries, which "
+        "scale with ‖P‖². The paper argues that DEPICT's classes become near-orthogonal: small off-diagonal "
+        "entries of Q̂ᵀQ̂. The mask head's LayerNorm over classes ignores any direction all classes share, so "
+        "the centred value (class mean removed; floor 1/(K−1)) measures the orthogonality the masks use."
     ),
     "robustness": (
         "mIoU when Gaussian noise of std σ is added to every decoder parameter (mean over draws, band: ±1 std). "
@@ -43,7 +47,7 @@ READING = {
 }
 TITLES = {"coding-rate": "Coding rates", "pca-seg": "PCA segmentation", "orthogonality": "Orthogonality",
           "robustness": "Robustness to decoder-parameter noise"}
-FIGURES = {"coding-rate": ["coding_rate", "coding_rate_tokens"], "orthogonality": ["orthogonality"],
+FIGURES = {"coding-rate": ["coding_rate", "coding_rate_tokens"], "orthogonality": ["orthogonality", "orthogonality_P"],
            "robustness": ["robustness"]}
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -78,19 +82,23 @@ def _numbers(name: str, summary: dict) -> str:
     """The tables of one analysis."""
     if name == "coding-rate":
         rates = summary["coding_rate"]
-        rows = [["R(Z_j)", *rates["token_rate"]]]
-        rows += [[f"R(P_{space}ᵀZ_j) / R(Z_j)", *ratio] for space, ratio in rates["subspace_ratio"].items()]
+        rows = [["R(Z_j) (nats)", *rates["token_rate"].values()]]
+        for space in rates["share"]:
+            rows.append([f"share in {space}: R(U_{space}ᵀZ_j) / R(Z_j)", *rates["share"][space].values()])
+            rows.append([f"raw ratio R(P_{space}ᵀZ_j) / R(Z_j) (not a share)", *rates["raw_ratio"][space].values()])
         classes = _table(["class stage", "R(Q) (nats)"], rates["class_rate"].items())
-        return _table(["", *(f"j = {j}" for j in rates["layers"])], rows) + classes
+        return _table(["", *rates["token_rate"]], rows) + classes
     if name == "pca-seg":
         pca = summary["pca_seg"]["mean_scores"]
         rows = [[ref.replace("_", " "), source, s["ari"], s["nmi"], s["miou"]]
                 for ref, by_source in pca.items() for source, s in by_source.items()]
         return _table(["against", "segmentation", "ARI", "NMI", "mIoU"], rows)
     if name == "orthogonality":
-        rows = [[label, o["final_Q_mean_abs_offdiag"], o["final_Q_mean_abs_offdiag_centred"], o["final_Q_coherence"],
-                 o["P_cross_head_mean_abs"]] for label, o in summary["orthogonality"].items()]
-        header = ["model", "Q̂ mean |off-diag|", "centred (class mean removed)", "Q̂ coherence", "P mean |P_kᵀP_j|, k≠j"]
+        keys = ["final_Q_mean_abs_offdiag", "final_Q_mean_abs_offdiag_centred", "final_Q_coherence", "P_cross_head_mean_abs_cos"]
+        rows = [[label, *(f"{_fmt(o[key])} ({_fmt(o[f'{key}_at_init'])})" for key in keys)]
+                for label, o in summary["orthogonality"].items()]
+        header = ["model (at init)", "Q̂ mean |cos|, i≠j", "centred (class mean removed)", "Q̂ coherence",
+                  "P mean |cos| across heads"]
         return _table(header, rows)
     curves = summary["robustness"]
     labels = list(curves)

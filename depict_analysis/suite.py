@@ -2,14 +2,14 @@
 
 ``run_suite(primary, comparison, out)`` writes, under ``out``::
 
-    coding-rate/     R(Z_j), R(P_lᵀZ_j), R(Q) of the primary model        (coding_rate_analysis)
-    pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
-    orthogonality/   PᵀP and QᵀQ of every comparison model, side by side    (orthogonality_analysis)
+    coding-rate/     R(Z_j), R(P_lᵀZ_j), shares, R^c, R(Q) of the primary model  (coding_rate_analysis)
+    pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model          (pca_analysis)
+    orthogonality/   PᵀP and Q̂ᵀQ̂ of every comparison model, and at init          (orthogonality_analysis)
     robustness/      mIoU under Gaussian decoder-parameter noise, one curve per comparison model
     summary.json     the headline numbers below, and the seconds each analysis took
 
-and returns the summary: per model its clean mIoU on the images used; the primary model's rates per
-layer and PCA scores per layer; per model Q̂'s mean |off-diagonal| cosine and coherence; per model
+and returns the summary: per model its clean mIoU on the images used; the primary model's
+``CodingRates.summary()`` and ``PCASegmentation.summary()``; per model its ``Orthogonality.summary()``; per model
 the mIoU at each σ and ``sigma_half`` (where the mIoU falls to half its clean value); and ``claims``,
 the paper's three claims checked on these numbers.
 """
@@ -22,16 +22,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
-from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
+from depict_analysis.coding_rate_analysis import analyze_coding_rates
 from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.orthogonality_analysis import FINAL_Q, analyze_orthogonality, write_orthogonality
+from depict_analysis.orthogonality_analysis import analyze_orthogonality
 from depict_analysis.outputs import save_json
-from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
+from depict_analysis.pca_analysis import analyze_pca
+from depict_analysis.results import Comparison
 from depict_analysis.robustness import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation, run_robustness
 from depict_analysis.models.pretrained import LABELS, load_default
+from depict_analysis.models.sources import CheckpointInfo, trained_dataset
+from depict_analysis.tracing import trace_batches
 
 
 @dataclass
@@ -49,6 +51,11 @@ class SuiteModel:
     def role(self) -> str:
         """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
         return self.model.decoder.role
+
+    @property
+    def info(self) -> CheckpointInfo:
+        """What its metadata says: the class names and colours of the dataset it was trained on."""
+        return CheckpointInfo(self.label, self.source, "", self.model.n_cls, trained_dataset(self.meta), meta=self.meta)
 
 
 @dataclass
@@ -73,31 +80,6 @@ def sigma_half(sigmas: Sequence[float], relative: Sequence[float]) -> float | No
             t = (v0 - 0.5) / (v0 - value)
             return float(math.exp(s0 + t * (math.log(sigma) - s0)))
     return None
-
-
-def _coding_rate_summary(result: dict) -> dict:
-    return {
-        "layers": result["layers"],
-        "token_rate": result["token_rate"]["mean"],
-        "subspace_ratio": {s["name"]: r for s, r in zip(result["subspaces"], result["ratio"]["mean"])},
-        "class_rate": dict(zip(result["class_rate"]["stages"], result["class_rate"]["mean"])),
-    }
-
-
-def _pca_summary(result: dict) -> dict:
-    first, last = (layer_name(j) for j in (result["settings"]["layers"][0], result["settings"]["layers"][-1]))
-    scores = {ref: {source: {s: v["mean"] for s, v in stats.items()} for source, stats in by_source.items()}
-              for ref, by_source in result["summary"].items()}
-    return {"first": first, "last": last, "mean_scores": scores}
-
-
-def _orthogonality_summary(result: dict) -> dict:
-    panels = {p.name: p for p in result["panels"]}
-    final = panels[FINAL_Q].stats
-    cross = [p.stats["cross_head_mean_abs"] for p in result["panels"] if p.kind == "P" and p.heads > 1]
-    return {"final_Q_mean_abs_offdiag": final["mean_abs_offdiag"],
-            "final_Q_mean_abs_offdiag_centred": final["mean_abs_offdiag_centred"], "final_Q_coherence": final["coherence"],
-            "P_cross_head_mean_abs": float(np.mean(cross)) if cross else None}
 
 
 def _robustness_summary(result: dict) -> dict:
@@ -157,27 +139,27 @@ def run_suite(
     def batches(model: nn.Module):
         return batches_for(max(model.config.backbone.image_size))
 
+    def traces(entry: SuiteModel, description: str):
+        total, stream = batches(entry.model)
+        return trace_batches(entry.model, stream, total=total, progress=progress, description=description)
+
     clock = time.perf_counter()
-    total, stream = batches(primary.model)
-    rates = analyze_coding_rates(primary.model, stream, total=total, progress=progress)
-    rates["settings"] |= {"checkpoint": primary.source, "input": source}
-    write_coding_rates(rates, out / "coding-rate")
+    rates = analyze_coding_rates(traces(primary, "coding rate"))
+    Comparison([primary.label], [primary.source], [rates], {"input": source}).save(out / "coding-rate")
     seconds["coding_rate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    total, stream = batches(primary.model)
-    pca = analyze_pca(primary.model, stream, seed=settings.seed, examples=settings.examples, total=total, progress=progress)
-    names, palette = class_legend(primary.model.n_cls, [source.get("dataset"), checkpoint_dataset(primary.meta)])
-    write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
+    info = primary.info
+    pca = analyze_pca(traces(primary, "PCA segmentation"), seed=settings.seed, examples=settings.examples,
+                      class_names=info.class_names, palette=info.palette)
+    Comparison([primary.label], [primary.source], [pca], {"input": source}).save(out / "pca-seg")
     seconds["pca_seg"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    orthogonality = []
-    for entry in comparison:
-        total, stream = batches(entry.model)
-        orthogonality.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
+    orthogonality = [analyze_orthogonality(traces(entry, "orthogonality"), class_names=entry.info.class_names)
+                     for entry in comparison]
     labels = [entry.label for entry in comparison]
-    write_orthogonality(labels, [entry.source for entry in comparison], orthogonality, out / "orthogonality", {"input": source})
+    Comparison(labels, [entry.source for entry in comparison], orthogonality, {"input": source}).save(out / "orthogonality")
     seconds["orthogonality"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -197,9 +179,9 @@ def run_suite(
         "settings": asdict(settings) | {"primary": primary.label},
         "models": [{"label": e.label, "source": e.source, "decoder": e.family, "role": e.role, "variant": e.model.config.name}
                    for e in comparison],
-        "coding_rate": {"model": primary.label, **_coding_rate_summary(rates)},
-        "pca_seg": {"model": primary.label, **_pca_summary(pca)},
-        "orthogonality": dict(zip(labels, map(_orthogonality_summary, orthogonality))),
+        "coding_rate": {**rates.summary(), "model": primary.label},
+        "pca_seg": {**pca.summary(), "model": primary.label},
+        "orthogonality": {label: result.summary() for label, result in zip(labels, orthogonality)},
         "robustness": _robustness_summary(robustness),
         "seconds": seconds,
     }

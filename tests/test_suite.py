@@ -44,7 +44,7 @@ def suite(tmp_path_factory):
 def test_suite_writes_every_analysis_and_a_summary(suite):
     out, summary = suite
     for path in ("coding-rate/coding_rate.png", "coding-rate/coding_rate_tokens.pdf", "pca-seg/pca-seg.png",
-                 "orthogonality/orthogonality.png", "orthogonality/orthogonality_grams.npz", "robustness/robustness.png",
+                 "orthogonality/orthogonality.png", "orthogonality/orthogonality.npz", "robustness/robustness.png",
                  "robustness/robustness.csv", "summary.json"):
         assert (out / path).stat().st_size > 0, path
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
@@ -53,14 +53,19 @@ def test_suite_writes_every_analysis_and_a_summary(suite):
 
 def test_summary_numbers_are_those_of_the_analyses(suite):
     out, summary = suite
-    rates = json.loads((out / "coding-rate" / "coding_rate.json").read_text())
-    assert summary["coding_rate"]["token_rate"] == pytest.approx(rates["token_rate"]["mean"])
-    pca = json.loads((out / "pca-seg" / "pca-seg.json").read_text())["summary"]["prediction"]
-    assert summary["pca_seg"]["mean_scores"]["prediction"]["Z_3"]["ari"] == pytest.approx(pca["Z_3"]["ari"]["mean"])
+    (rates,) = json.loads((out / "coding-rate" / "coding_rate.json").read_text())["checkpoints"]
+    assert list(summary["coding_rate"]["token_rate"].values()) == pytest.approx(rates["token_rate"]["mean"])
+    assert list(summary["coding_rate"]["share"]["mssa2"].values()) == pytest.approx(rates["share"]["mssa2"]["mean"])
+    (pca,) = json.loads((out / "pca-seg" / "pca-seg.json").read_text())["checkpoints"]
+    assert (summary["pca_seg"]["first"], summary["pca_seg"]["last"]) == ("input", "Z_L1")
+    got = summary["pca_seg"]["mean_scores"]["prediction"]["Z_L1"]["ari"]
+    assert got == pytest.approx(pca["summary"]["prediction"]["Z_L1"]["ari"]["mean"])
     checkpoints = json.loads((out / "orthogonality" / "orthogonality.json").read_text())["checkpoints"]
     for entry in checkpoints:
         final = next(p for p in entry["panels"] if p["name"] == "final_Q")
-        assert summary["orthogonality"][entry["label"]]["final_Q_mean_abs_offdiag"] == pytest.approx(final["mean_abs_offdiag"])
+        ours = summary["orthogonality"][entry["label"]]
+        assert ours["final_Q_mean_abs_offdiag"] == pytest.approx(final["values"]["mean_abs_offdiag"])
+        assert ours["final_Q_mean_abs_offdiag_at_init"] == pytest.approx(final["at_init"]["mean_abs_offdiag"]["mean"])
     records = json.loads((out / "robustness" / "robustness.json").read_text())["records"]
     for label, curve in summary["robustness"].items():
         clean = next(r["miou"] for r in records if r["checkpoint"] == label and r["sigma"] == 0)
@@ -73,7 +78,7 @@ def test_claims_follow_from_the_numbers(suite):
     claims = {c["claim"].split(" ")[0]: c for c in summary["claims"]}
     assert len(summary["claims"]) == 4  # PCA, and Q̂ (raw, centred) / robustness for the one DEPICT-Segmenter pair
     pca = claims["PCA"]["values"]
-    assert claims["PCA"]["holds"] == (pca["Z_3"] > pca["Z_0"])
+    assert claims["PCA"]["holds"] == (pca["Z_L1"] > pca["input"])
     q = next(c for c in summary["claims"] if "orthogonal" in c["claim"])
     assert q["holds"] == (q["values"]["SA"] < q["values"]["Seg"])
     assert q["values"]["SA"] == summary["orthogonality"]["SA"]["final_Q_mean_abs_offdiag"]
@@ -86,7 +91,7 @@ def test_report_is_one_self_contained_page(suite, tmp_path):
     out, summary = suite
     page = write_report(summary, out, tmp_path / "report.html", title="tiny <models>").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2 + 2 + 1 + 1  # coding rate ×2, PCA scores + 1 example, orthogonality, robustness
+    assert len(images) == 2 + 2 + 2 + 1  # coding rate ×2, PCA scores + 1 example, orthogonality ×2, robustness
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the file
     assert "tiny &lt;models&gt;" in page  # text is escaped
