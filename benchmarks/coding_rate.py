@@ -10,7 +10,8 @@ Both sides compute, for B images × J token layers × S subspaces at ViT-S sizes
   subspaces, one float64 ``torch.linalg.slogdet`` of the N×N matrix each, no Gram trick.
 - ``ours: per-call``: ``token_rate`` / ``subspace_rates`` called per layer (batched over images).
 - ``ours: rate_table``: one ``rate_table`` call (it also returns every per-head rate, which the
-  naive loop does not compute unless ``--with-heads``).
+  naive loop does not compute unless ``--with-heads``, and the span rates and CRATE's R^c, which it
+  never computes).
 
 Times are medians over ``--repeats`` interleaved rounds after one warm-up; the baseline is measured in the
 same run on the same tokens. Usage::
@@ -84,9 +85,10 @@ def per_call(tokens: list[torch.Tensor], subspaces: list[torch.Tensor], eps: flo
 
 
 def batched(tokens: list[torch.Tensor], subspaces: list[torch.Tensor], eps: float) -> dict:
-    t = rate_table(tokens, subspaces, eps)
-    return {"token_rate": t["token_rate"].cpu(), "subspace_rate": t["subspace_rate"].cpu(),
-            "head_rate": [x.cpu() for x in t["head_rate"]]}
+    t = rate_table({str(j): Z for j, Z in enumerate(tokens)}, {str(l): P for l, P in enumerate(subspaces)}, eps)
+    rates = list(t.subspaces.values())
+    return {"token_rate": t.token_rate.cpu(), "subspace_rate": torch.stack([r.subspace_rate for r in rates], 1).cpu(),
+            "head_rate": [r.head_rate.cpu() for r in rates]}
 
 
 def time_interleaved(fns: dict[str, Callable[[], dict]], repeats: int, device: torch.device):

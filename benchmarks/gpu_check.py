@@ -96,6 +96,7 @@ from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E
 from depict_analysis.outputs import save_json  # noqa: E402
 from depict_analysis.pca_analysis import analyze_pca  # noqa: E402
 from depict_analysis.robustness import resolve_perturbation, robustness_records  # noqa: E402
+from depict_analysis.tracing import trace_batches  # noqa: E402
 from depict_analysis.models import create_model, variant_config  # noqa: E402
 from depict_analysis.models.data import IGNORE_INDEX  # noqa: E402
 from depict_analysis.models.device import resolve_device  # noqa: E402
@@ -588,13 +589,12 @@ def section_analyses(run: Run, section: dict) -> None:
                 "batch": sizes.analysis_batch}
 
     def coding_rate() -> dict:
-        seconds, result = timed(lambda: analyze_coding_rates(model, batches, progress=False), run.device)
-        return {"seconds": seconds, "images": result["settings"]["num_images"],
-                "final_token_rate": float(result["token_rate"]["mean"][-1])}
+        seconds, result = timed(lambda: analyze_coding_rates(trace_batches(model, batches, progress=False)), run.device)
+        return {"seconds": seconds, "images": result.num_images, "final_token_rate": float(result.token_rate.mean[-1])}
 
     def pca_seg() -> dict:
-        seconds, result = timed(lambda: analyze_pca(model, batches, examples=0, progress=False), run.device)
-        return {"seconds": seconds, "images": len(result["images"])}
+        seconds, result = timed(lambda: analyze_pca(trace_batches(model, batches, progress=False), examples=0), run.device)
+        return {"seconds": seconds, "images": result.num_images}
 
     def robustness() -> dict:
         noise = resolve_perturbation("gaussian", "decoder")

@@ -23,7 +23,7 @@ like most ADE20K images). Rows, in one run:
   (explicit attention matrices), same weights — the end-to-end effect of the fused decoder.
 
 Analysis (``depict_analysis.coding_rate_analysis.analyze_coding_rates``: ``trace`` + every rate
-R(Z_j), R(P_lᵀ Z_j) (+ per head), R(Q), float64, batched Cholesky on the smaller Gram) on square
+R(Z_j), R(P_lᵀ Z_j) (+ per head, in span(P_l), CRATE's R^c), R(Q), float64, batched Cholesky on the smaller Gram) on square
 scenes of the model's training size, ``--batch`` images per batch. Rows:
 
 - ``analyze_coding_rates``: what ships;
@@ -62,9 +62,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decoder import literal_twin, time_interleaved  # noqa: E402
-from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E402
+from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates  # noqa: E402
 from depict_analysis.inputs import Batch  # noqa: E402
-from depict_analysis.tracing import Trace, trace  # noqa: E402
+from depict_analysis.tracing import Trace, trace, trace_batches  # noqa: E402
 from depict_analysis.models import create_model  # noqa: E402
 from depict_analysis.models.data.base import image_to_tensor  # noqa: E402
 from depict_analysis.models.data.synthetic import render_scene  # noqa: E402
@@ -234,12 +234,11 @@ def forward_only(model: nn.Module, batches: list[Batch]) -> None:
             model(model.normalize(batch.pixels.to(device)))
 
 
-def rates_rel_diff(ours: dict, naive: dict[str, np.ndarray]) -> float:
+def rates_rel_diff(ours: CodingRates, naive: dict[str, np.ndarray]) -> float:
     """max relative difference between ``analyze_coding_rates``' per-image rates and the naive ones."""
-    return max(
-        float(np.max(np.abs(ours[key]["per_image"] - naive[key]) / np.abs(naive[key])))
-        for key in ("token_rate", "subspace_rate", "class_rate")
-    )
+    subspace = np.stack([ours.subspace_rate[space.name].per_image for space in ours.subspaces], axis=1)
+    values = {"token_rate": ours.token_rate.per_image, "subspace_rate": subspace, "class_rate": ours.class_rate.per_image}
+    return max(float(np.max(np.abs(values[key] - naive[key]) / np.abs(naive[key]))) for key in values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ def check_analysis(variant: str = "depict-sa-tiny", n_cls: int = 6, images: int 
     torch.manual_seed(seed)
     model = create_model(variant, n_cls=n_cls).eval()
     batches = analysis_batches(images, model.config.backbone.image_size[0], images, seed)
-    ours = analyze_coding_rates(model, batches, progress=False)
+    ours = analyze_coding_rates(trace_batches(model, batches, progress=False))
     return rates_rel_diff(ours, naive_analysis(model, batches))
 
 
@@ -327,7 +326,7 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device) 
     size = model.config.backbone.image_size[0]
     batches = analysis_batches(args.images, size, args.batch, args.seed)
     ana_rows = {
-        "analyze_coding_rates": lambda: analyze_coding_rates(model, batches, progress=False),
+        "analyze_coding_rates": lambda: analyze_coding_rates(trace_batches(model, batches, progress=False)),
         "naive float64 N×N": lambda: naive_analysis(model, batches),
         "forward only": lambda: forward_only(model, batches),
     }

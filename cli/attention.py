@@ -1,4 +1,5 @@
-"""``depict-analyze attention``: where each class query and head look, drawn over the image."""
+"""``depict-analyze attention``: where each class query and head look, drawn over the image, for one or more
+models (checkpoints or saved traces: ``cli/runs.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
-    CheckpointHelp,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -22,10 +22,11 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, SaveTraceOption, class_names
+from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption
 
-if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
-    from depict_analysis.attention import AttentionResult
+if TYPE_CHECKING:  # the model stack is imported inside the command
+    from depict_analysis.attention import AttentionMaps
 
 
 def parse_list(text: str | None) -> list[str] | None:
@@ -53,12 +54,12 @@ def class_ids(text: str | None, names: list[str]) -> list[int] | None:
     return ids or None
 
 
-def shares_table(result: AttentionResult) -> Table:
-    summary = result.summary()
+def shares_table(label: str, result: AttentionMaps) -> Table:
     level = 100 * result.bootstrap.level
-    table = Table(title=f"class queries' attention on their own class's patches (%), mean over heads and "
+    table = Table(title=f"{label}: class queries' attention on their own class's patches (%), mean over heads and "
                         f"{len(result.images)} images [{level:g} % interval]",
-                  caption=f"uniform attention: {result.share_chance().text(100)} %; classes by {summary['classes_by'].replace('_', ' ')}")
+                  caption=f"uniform attention: {result.share_chance().text(100)} %; "
+                          f"classes by {result.settings['classes_by'].replace('_', ' ')}")
     for header in ("layer", "reading", "own class", "minus chance"):
         table.add_column(header, justify="left" if header in ("layer", "reading") else "right", no_wrap=True)
     for layer in result.class_layers:
@@ -68,7 +69,13 @@ def shares_table(result: AttentionResult) -> Table:
 
 @user_errors
 def attention(
-    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
+    checkpoints: Optional[list[str]] = typer.Argument(
+        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
+        "default: the built-in DEPICT-SA.",
+    ),
+    label: Optional[list[str]] = LabelOption,
+    trace_files: Optional[list[str]] = TraceOption,
+    save_trace: Optional[Path] = SaveTraceOption,
     images: Optional[list[Path]] = ImagesOption,
     labels: Optional[list[Path]] = LabelsOption,
     dataset: Optional[str] = DatasetOption,
@@ -85,12 +92,11 @@ def attention(
     num_images: int = typer.Option(16, "--num-images", min=1, help="Images behind the own-class shares."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
     size: Optional[int] = typer.Option(
-        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="the model's training size"
+        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="each model's training size"
     ),
     seed: int = SeedOption,
     level: float = LevelOption,
     resamples: int = ResamplesOption,
-    save_trace: Optional[Path] = SaveTraceOption,
     out: Path = typer.Option(Path("figures/attention"), "--out", help="Output folder."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
@@ -98,35 +104,50 @@ def attention(
     """Attention maps over the image: each class query (MSCA, and the class tokens of MSSA / Segmenter's
     joint attention), a pixel's patch (MSSA), CBT's representatives and ToST's memberships, per head.
 
-    Writes attention_<layer>_<i>.png / .pdf per layer and example image (one row per head),
-    attention.png / .pdf (the share of each class query's attention on its own class's patches, per
-    layer and head, against uniform attention), attention.json / .csv and attention_maps.npz (the
-    example images' maps on the patch grid).
+    Writes attention[_<label>]_<layer>_<i>.png / .pdf per model, layer and example image (one row per
+    head), attention.png / .pdf (per model and layer the share of each class query's attention on its
+    own class's patches, per head, against uniform attention), attention.json / .csv and
+    attention.npz (the example images' maps on the patch grid).
     """
     from depict_analysis.attention import analyze_attention
+    from depict_analysis.cli.runs import runs, saving
     from depict_analysis.inputs import image_batches
-    from depict_analysis.models.device import resolve_device
-    from depict_analysis.models.sources import open_checkpoint
+    from depict_analysis.models.pretrained import DEFAULT_MODELS
+    from depict_analysis.models.sources import BUILTIN
+    from depict_analysis.results import Comparison
     from depict_analysis.uncertainty import Bootstrap
 
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
+    if trace_files and (images or dataset):
+        fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     point = parse_ints(pixel, "--pixel")
     if point is not None and len(point) != 2:
         fail(f"--pixel takes Y,X, got {pixel!r}")
-    model, info = open_checkpoint(str(checkpoint) if checkpoint else None, resolve_device(device), trust)
     source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    names = class_names(info, source["dataset"])
-    total, batches = image_batches(size or max(model.config.backbone.image_size), **source, batch_size=batch_size)
-    result = analyze_attention(
-        model, batches, total=total, layers=parse_list(layers), heads=parse_ints(heads, "--heads"),
-        classes=class_ids(classes, names), pixel=tuple(point) if point else None, examples=examples, class_names=names,
-        bootstrap=Bootstrap(resamples, level, seed), save_trace=save_trace,
-    )
-    result.settings |= {"checkpoint": info.source, "input": {k: v for k, v in source.items() if v}}
-    written = result.save(out)
-    if result.class_layers:
-        console.print(shares_table(result))
-    for warning in result.warnings():
-        console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"wrote {len(written)} files in {out}/" + (f" and {save_trace}" if save_trace else ""))
+
+    def batches_for(model):
+        return image_batches(size or max(model.config.backbone.image_size), **source, batch_size=batch_size)
+
+    count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
+                         device=device, trust=trust, description="attention", attention=True)
+    names, sources, results, saved = [], [], [], []
+    for run in models:
+        traces, save = saving(run, save_trace, count > 1)
+        known = class_names(run.info, source["dataset"]) if run.info is not None else None
+        results.append(analyze_attention(
+            traces, layers=parse_list(layers), heads=parse_ints(heads, "--heads"), pixel=tuple(point) if point else None,
+            classes=class_ids(classes, known) if known is not None else parse_ints(classes, "--classes"),
+            examples=examples, class_names=known, bootstrap=Bootstrap(resamples, level, seed),
+        ))
+        names.append(run.label)
+        sources.append(run.source)
+        saved.append(save())
+    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    written = Comparison(names, sources, results, inputs).save(out)
+    for name, result in zip(names, results):
+        if result.class_layers:
+            console.print(shares_table(name, result))
+        for warning in result.warnings():
+            console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"wrote {len(written)} files in {out}/" + "".join(f" and {path}" for path in saved if path))

@@ -1,4 +1,5 @@
-"""``depict-analyze class-rates``: coding rate of each class's tokens and the rate reduction ΔR per layer."""
+"""``depict-analyze class-rates``: coding rate of each class's tokens and the rate reduction ΔR per layer,
+for one or more models (checkpoints or saved traces: ``cli/runs.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
-    CheckpointHelp,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -23,31 +23,38 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, SaveTraceOption, class_names
+from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption
 
-if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
-    from depict_analysis.class_rates import ClassRatesResult
+if TYPE_CHECKING:  # the model stack is imported inside the command
+    from depict_analysis.class_rates import ClassRates
 
 By = Enum("By", {"ground_truth": "ground_truth", "prediction": "prediction"}, type=str)
 Normalize = Enum("Normalize", {"l2": "l2", "none": "none"}, type=str)
 
 
-def rates_table(result: ClassRatesResult) -> Table:
+def rates_table(label: str, result: ClassRates) -> Table:
     """One row per token stage: R(Z_j), the class-weighted rate and ΔR_j, each mean [interval]."""
-    summary = result.summary()
     level = 100 * result.bootstrap.level
-    table = Table(title=f"coding rates (nats), mean over {len(result.images)} images [{level:g} % interval]",
-                  caption=f"classes by {summary['by'].replace('_', ' ')}")
+    table = Table(title=f"{label}: coding rates (nats), mean over {len(result.images)} images [{level:g} % interval]",
+                  caption=f"classes by {result.settings['by'].replace('_', ' ')}")
     for header in ("stage", "R(Z_j)", "Σ_c N_c/N R(Z_j,c)", "ΔR_j"):
-        table.add_column(header, justify="right" if header != "stage" else "left", no_wrap=True)
+        table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
+    columns = [result.interval(values) for values in (result.total, result.within, result.delta)]
     for j, layer in enumerate(result.layers):
-        table.add_row(layer, *(result.interval(values)[j].text(digits=4) for values in (result.total, result.within, result.delta)))
+        table.add_row(layer, *(column[j].text(digits=4) for column in columns))
     return table
 
 
 @user_errors
 def class_rates(
-    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
+    checkpoints: Optional[list[str]] = typer.Argument(
+        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
+        "default: the built-in DEPICT-SA.",
+    ),
+    label: Optional[list[str]] = LabelOption,
+    trace_files: Optional[list[str]] = TraceOption,
+    save_trace: Optional[Path] = SaveTraceOption,
     images: Optional[list[Path]] = ImagesOption,
     labels: Optional[list[Path]] = LabelsOption,
     dataset: Optional[str] = DatasetOption,
@@ -59,39 +66,54 @@ def class_rates(
     eps: float = typer.Option(0.1, "--eps", min=1e-12, help="Distortion ε of R(Z) = ½ logdet(I + m/(N ε²) ZᵀZ)."),
     normalize: Normalize = typer.Option("l2", "--normalize", help="Unit tokens in R^d (l2) or raw tokens (none)."),
     size: Optional[int] = typer.Option(
-        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="the model's training size"
+        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="each model's training size"
     ),
     seed: int = SeedOption,
     level: float = LevelOption,
     resamples: int = ResamplesOption,
-    save_trace: Optional[Path] = SaveTraceOption,
     out: Path = typer.Option(Path("figures/class-rates"), "--out", help="Output folder."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
     """Per class: the coding rate of its tokens at every layer, and ΔR = R(Z) − Σ_c (N_c/N)·R(Z_c) (MCR²).
 
-    Writes class_rates.png / .pdf (the rates per layer and a class × layer heatmap), class_rates.json
-    (per image and summarised, with bootstrap intervals) and class_rates.csv.
+    Writes class_rates.png / .pdf (the rates per layer, one colour per model, and a class × layer
+    heatmap per model), class_rates.json (per image and summarised, with bootstrap intervals) and
+    class_rates.csv.
     """
     from depict_analysis.class_rates import analyze_class_rates
+    from depict_analysis.cli.runs import runs, saving
     from depict_analysis.inputs import image_batches
-    from depict_analysis.models.device import resolve_device
-    from depict_analysis.models.sources import open_checkpoint
+    from depict_analysis.models.pretrained import DEFAULT_MODELS
+    from depict_analysis.models.sources import BUILTIN
+    from depict_analysis.results import Comparison
     from depict_analysis.uncertainty import Bootstrap
 
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
-    model, info = open_checkpoint(str(checkpoint) if checkpoint else None, resolve_device(device), trust)
+    if trace_files and (images or dataset):
+        fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    total, batches = image_batches(size or max(model.config.backbone.image_size), **source, batch_size=batch_size)
-    result = analyze_class_rates(
-        model, batches, by=by.value, eps=eps, normalize=normalize.value, class_names=class_names(info, source["dataset"]),
-        bootstrap=Bootstrap(resamples, level, seed), save_trace=save_trace, total=total,
-    )
-    result.settings |= {"checkpoint": info.source, "input": {k: v for k, v in source.items() if v}}
-    written = result.save(out)
-    console.print(rates_table(result))
-    for warning in result.warnings():
-        console.print(f"[yellow]warning:[/] {warning}")
-    console.print("wrote " + ", ".join(map(str, written + ([save_trace] if save_trace else []))))
+
+    def batches_for(model):
+        return image_batches(size or max(model.config.backbone.image_size), **source, batch_size=batch_size)
+
+    count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
+                         device=device, trust=trust, description="class rates")
+    names, sources, results, saved = [], [], [], []
+    for run in models:
+        traces, save = saving(run, save_trace, count > 1)
+        results.append(analyze_class_rates(
+            traces, by=by.value, eps=eps, normalize=normalize.value, bootstrap=Bootstrap(resamples, level, seed),
+            class_names=class_names(run.info, source["dataset"]) if run.info is not None else None,
+        ))
+        names.append(run.label)
+        sources.append(run.source)
+        saved.append(save())
+    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    written = Comparison(names, sources, results, inputs).save(out)
+    for name, result in zip(names, results):
+        console.print(rates_table(name, result))
+        for warning in result.warnings():
+            console.print(f"[yellow]warning:[/] {warning}")
+    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))

@@ -1,4 +1,5 @@
-"""``depict-analyze coding-rate``: R(Z_j), R(P_lᵀ Z_j) and R(Q) through the decoder (SPEC §3.1)."""
+"""``depict-analyze coding-rate``: R(Z_j), R(P_lᵀ Z_j), the share of the rate in each subspace, CRATE's R^c
+and R(Q) through the decoder, for one or more models (SPEC §3.1)."""
 
 from __future__ import annotations
 
@@ -10,46 +11,55 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
-    CheckpointHelp,
     DataRootOption,
     DatasetOption,
     DeviceOption,
     ImagesOption,
     SplitOption,
     TrustOption,
-    checkpoint_name,
     console,
+    fail,
     image_source_options,
-    open_model,
     user_errors,
 )
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, runs, saving
 from depict_analysis.coding_rate import NORMALIZE_MODES
-from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
+from depict_analysis.coding_rate_analysis import VIEWS, CodingRates, analyze_coding_rates
 from depict_analysis.inputs import image_batches
+from depict_analysis.models.pretrained import DEFAULT_MODELS
+from depict_analysis.models.sources import BUILTIN
+from depict_analysis.results import Comparison
 
 Normalize = Enum("Normalize", {mode: mode for mode in NORMALIZE_MODES}, type=str)
+View = Enum("View", {view: view for view in VIEWS}, type=str)
 
 
-def rate_table_view(result: dict) -> Table:
-    """One column per layer j; rows R(Z_j) and each subspace's R(P_lᵀ Z_j), mean ± std over images."""
-    n = result["settings"]["num_images"]
-    table = Table(title=f"coding rate (nats), mean ± std over {n} images")
-    table.add_column("rate", no_wrap=True)
-    for j in result["layers"]:
-        table.add_column(f"j = {j}", justify="right", no_wrap=True)
+def rate_table_view(label: str, result: CodingRates) -> Table:
+    """One column per token stage; rows R(Z_j), then each subspace's share and raw ratio, mean ± std."""
+    table = Table(title=f"{label}: coding rates, mean ± std over {result.num_images} images")
+    table.add_column("quantity", no_wrap=True)
+    for name in result.token_names:
+        table.add_column(name, justify="right", no_wrap=True)
 
-    def cells(stat: dict, *index: int) -> list[str]:
-        return [f"{m:.2f} ± {s:.2f}" for m, s in zip(stat["mean"][index], stat["std"][index])]
+    def cells(stat) -> list[str]:
+        return [f"{m:.2f} ± {s:.2f}" for m, s in zip(stat.mean, stat.std)]
 
-    table.add_row("R(Z_j)", *cells(result["token_rate"]))
-    for s, space in enumerate(result["subspaces"]):
-        table.add_row(f"R(P_{space['name']}ᵀ Z_j)", *cells(result["subspace_rate"], s))
+    table.add_row("R(Z_j) (nats)", *cells(result.token_rate))
+    for space in result.subspaces:
+        table.add_row(f"share in {space.name}", *cells(result.share[space.name]))
+        table.add_row(f"raw ratio {space.name}", *cells(result.raw_ratio[space.name]))
     return table
 
 
 @user_errors
 def coding_rate(
-    checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
+    checkpoints: Optional[list[str]] = typer.Argument(
+        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
+        "default: the built-in DEPICT-SA.",
+    ),
+    label: Optional[list[str]] = LabelOption,
+    trace_files: Optional[list[str]] = TraceOption,
+    save_trace: Optional[Path] = SaveTraceOption,
     images: Optional[list[Path]] = ImagesOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
@@ -60,23 +70,40 @@ def coding_rate(
     normalize: Normalize = typer.Option(
         "l2", "--normalize", help="Unit tokens in R^d (l2), raw tokens (none), or unit tokens in each head (crate)."
     ),
+    view: View = typer.Option(
+        "residual", "--view", help="Tokens each subspace is applied to: the residual stream Z_j, or what the layer "
+        "projects (layer: its LayerNorm applied to Z_j).",
+    ),
     orthonormalize: bool = typer.Option(False, "--orthonormalize", help="Orthonormal basis of each head's span."),
     per_head: bool = typer.Option(False, "--per-head", help="Also record R(P_kᵀ Z_j) for every head k (JSON, CSV)."),
     size: Optional[int] = typer.Option(
-        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="the model's training size"
+        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="each model's training size"
     ),
     out: Path = typer.Option(Path("figures/coding-rate"), "--out", help="Output folder."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
     """Coding rate of the patch tokens in each layer's subspace, of the tokens, and of the class embeddings."""
-    model, meta = open_model(checkpoint, device, trust)
-    size = size or max(model.config.backbone.image_size)
+    if trace_files and (images or dataset):
+        fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     source = image_source_options(images, dataset, data_root, split, num_images)
-    total, batches = image_batches(size, **source, batch_size=batch_size)
-    settings = {"eps": eps, "normalize": normalize.value, "orthonormalize": orthonormalize, "per_head": per_head}
-    result = analyze_coding_rates(model, batches, **settings, total=total)
-    result["settings"] |= {"checkpoint": checkpoint_name(checkpoint, meta), "input": {k: v for k, v in source.items() if v is not None}}
-    written = write_coding_rates(result, out)
-    console.print(rate_table_view(result))
-    console.print("wrote " + ", ".join(map(str, written)))
+    settings = {"eps": eps, "normalize": normalize.value, "orthonormalize": orthonormalize, "view": view.value,
+                "per_head": per_head}
+
+    def batches_for(model):
+        return image_batches(size or max(model.config.backbone.image_size), **source, batch_size=batch_size)
+
+    count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
+                         device=device, trust=trust, description="coding rate")
+    labels, sources, results, saved = [], [], [], []
+    for run in models:
+        traces, save = saving(run, save_trace, count > 1)
+        results.append(analyze_coding_rates(traces, **settings))
+        labels.append(run.label)
+        sources.append(run.source)
+        saved.append(save())
+    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    written = Comparison(labels, sources, results, inputs).save(out)
+    for name, result in zip(labels, results):
+        console.print(rate_table_view(name, result))
+    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))

@@ -1,5 +1,5 @@
-"""Options and helpers of the analyses that report intervals, save traces or name classes
-(robustness, class-rates, attention, demo, report)."""
+"""Options and helpers of the analyses that report intervals or read labels (robustness, class-rates,
+attention, demo, report)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ LevelOption = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Coverage o
 ResamplesOption = typer.Option(1000, "--resamples", min=10, help="Bootstrap resamples behind every interval.")
 LabelsOption = typer.Option(
     None, "--labels", help="Label maps (class ids, 255 = ignore) or folders, matched to --images by file stem."
-)
-SaveTraceOption = typer.Option(
-    None, "--save-trace", help="Also write the traced images (tokens, classes, masks, ...) to this file (Trace.load reads it)."
 )
 
 

@@ -1,4 +1,5 @@
-"""``depict-analyze orthogonality``: PᵀP per layer and QᵀQ of one or more checkpoints (SPEC §3.3)."""
+"""``depict-analyze orthogonality``: PᵀP per layer and Q̂ᵀQ̂ of one or more models, beside the same
+statistics at initialisation (SPEC §3.3)."""
 
 from __future__ import annotations
 
@@ -17,75 +18,89 @@ from depict_analysis.cli.common import (
     SplitOption,
     TrustOption,
     console,
+    fail,
     image_source_options,
-    open_models,
     user_errors,
 )
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, runs, saving
 from depict_analysis.inputs import image_batches
-from depict_analysis.orthogonality_analysis import analyze_orthogonality, summary_rows, write_orthogonality
+from depict_analysis.models.pretrained import DEFAULT_MODELS
+from depict_analysis.models.sources import BUILTIN
+from depict_analysis.orthogonality_analysis import Orthogonality, analyze_orthogonality
+from depict_analysis.results import Comparison
 
-COLUMNS = {  # header -> the row keys it shows (the first present)
-    "matrix": ("name",),
-    "n": ("size",),
-    "‖PₖᵀPₖ−I‖/√p": ("head_orthonormality_mean",),
-    "mean |off|": ("cross_head_mean_abs", "mean_abs_offdiag"),
-    "centred |off|": ("mean_abs_offdiag_centred",),
-    "coherence": ("coherence",),
-    "coh./image": ("coherence_per_image_mean",),
+COLUMNS = {  # header -> Orthogonality.headline key
+    "P |cos| across heads": "P_cross_head_mean_abs_cos",
+    "P coherence": "P_coherence",
+    "Q̂ |cos|": "final_Q_mean_abs_offdiag",
+    "Q̂ centred": "final_Q_mean_abs_offdiag_centred",
+    "cls_emb |cos|": "cls_emb_mean_abs_offdiag",
 }
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.3f}"
-    return "" if value is None else str(value)
+def _cell(value: float | None, baseline) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:.3f}" + (f" ({baseline.mean:.3f})" if baseline is not None else "")
 
 
-def summary_table(rows: list[dict]) -> Table:
-    """One section per checkpoint, one row per matrix."""
+def summary_table(labels: list[str], results: list[Orthogonality]) -> Table:
+    """One row per model: the scale-free statistics, at initialisation in brackets."""
+    level = ", ".join(sorted({f"{r.random_level:.3f} (d = {r.settings['d']})" for r in results}))
     table = Table(
-        title="Orthogonality: P raw, Q̂ and cls_emb with rows normalised",
-        caption="mean |off|: mean |PₖᵀPⱼ| over head pairs k≠j (P) or mean |off-diagonal| (Q); "
-        "centred: of Q̂ minus its class mean (what the mask LayerNorm sees; floor 1/(K−1)); "
-        "coherence: max |cos| between distinct vectors",
+        title="Orthogonality: mean |cos| (lower = closer to orthogonal); at initialisation in brackets",
+        caption=f"P: between basis vectors of different heads, coherence = max |cos|; Q̂: per image, then the mean; "
+        f"centred: class mean removed (what the mask LayerNorm sees; floor 1/(K−1)); random directions: {level}",
     )
-    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("model", no_wrap=True)
     for header in COLUMNS:
-        table.add_column(header, justify="right", no_wrap=header == "matrix")
-    for i, row in enumerate(rows):
-        first = i == 0 or rows[i - 1]["checkpoint"] != row["checkpoint"]
-        if first and i:
-            table.add_section()
-        values = [next((row[k] for k in keys if row.get(k) is not None), None) for keys in COLUMNS.values()]
-        table.add_row(row["checkpoint"] if first else "", *map(_cell, values))
+        table.add_column(header, justify="right")
+    for label, result in zip(labels, results):
+        table.add_row(label, *(_cell(*result.headline(key)) for key in COLUMNS.values()))
     return table
 
 
 @user_errors
 def orthogonality(
-    checkpoints: Optional[list[Path]] = typer.Argument(
-        None, help="Our .pt files and/or official release folders, side by side (builtin:NAME too); "
-        "default: the built-in DEPICT-SA, DEPICT-CA and Segmenter.",
+    checkpoints: Optional[list[str]] = typer.Argument(
+        None, help="Checkpoints side by side, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, "
+        "zoo:NAME; default: the built-in DEPICT-SA, DEPICT-CA and Segmenter.",
     ),
+    label: Optional[list[str]] = LabelOption,
+    trace_files: Optional[list[str]] = TraceOption,
+    save_trace: Optional[Path] = SaveTraceOption,
     images: Optional[list[Path]] = ImagesOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
-    num_images: int = typer.Option(16, "--num-images", min=1, help="Images to average the final Q̂ over."),
+    num_images: int = typer.Option(16, "--num-images", min=1, help="Images to measure the final Q̂ on."),
+    baseline_seeds: int = typer.Option(
+        3, "--baseline-seeds", min=0, help="Fresh decoders (seeds 0..N-1) for the at-initialisation baseline; 0: none."
+    ),
     out: Path = typer.Option(Path("figures/orthogonality"), "--out", help="Output folder."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """Gram matrices PᵀP of every layer's subspaces and QᵀQ of the class embeddings, with scalar summaries."""
+    """Cosines between the basis vectors of every layer's subspaces and between the class embeddings, trained
+    and at initialisation; the Gram matrices PᵀP and Q̂ᵀQ̂."""
+    if trace_files and (images or dataset):
+        fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     source = image_source_options(images, dataset, data_root, split, num_images)
-    labels, names, results = [], [], []
-    for label, name, model, _ in open_models(checkpoints, device, trust):
-        total, batches = image_batches(max(model.config.backbone.image_size), **source)
-        results.append(analyze_orthogonality(model, batches, total=total))
-        labels.append(label)
-        names.append(name)
-    settings = {"input": {key: value for key, value in source.items() if value}}
-    written = write_orthogonality(labels, names, results, out, settings)
-    rows = [row for label, result in zip(labels, results) for row in summary_rows(label, result)]
-    console.print(summary_table(rows))
-    console.print("wrote " + ", ".join(map(str, written)))
+
+    def batches_for(model):
+        return image_batches(max(model.config.backbone.image_size), **source)
+
+    default = [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
+    count, models = runs(checkpoints, label, trace_files, batches_for, default=default, device=device, trust=trust,
+                         description="orthogonality")
+    labels, sources, results, saved = [], [], [], []
+    for run in models:
+        traces, save = saving(run, save_trace, count > 1)
+        results.append(analyze_orthogonality(traces, baseline_seeds=range(baseline_seeds), class_names=run.class_names))
+        labels.append(run.label)
+        sources.append(run.source)
+        saved.append(save())
+    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    written = Comparison(labels, sources, results, inputs).save(out)
+    console.print(summary_table(labels, results))
+    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))

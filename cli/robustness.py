@@ -34,7 +34,7 @@ from depict_analysis.cli.options import LevelOption, ResamplesOption
 from depict_analysis.perturbations import NOISES, TARGETS, draws_per_sigma, parse_sigmas, resolve_perturbation
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
-    from depict_analysis.robustness import RobustnessResult
+    from depict_analysis.robustness import Robustness
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
@@ -55,7 +55,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def summary_table(result: RobustnessResult) -> Table:
+def summary_table(result: Robustness) -> Table:
     """mIoU (%) with its interval: one row per σ, one column per model; σ½ and warnings below."""
     settings, level = result.settings, result.bootstrap.level
     structured = settings["kind"] == "structured"
@@ -144,4 +144,4 @@ def robustness(
     console.print(summary_table(result))
     for warning in result.warnings():
         console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv, {NAME}_counts.npz")
+    console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv, .npz")

@@ -26,8 +26,9 @@ image (``chance``: what uniform attention would give); per image the mean over t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,15 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
 from depict_analysis import plots
 from depict_analysis.class_rates import patch_classes
-from depict_analysis.inputs import Batch
 from depict_analysis.models.errors import ConfigError, InputError
-from depict_analysis.outputs import save_csv, save_figure, save_json
-from depict_analysis.results import Result, save_npz
-from depict_analysis.tracing import Trace, trace_batches
+from depict_analysis.results import Result
+from depict_analysis.tracing import Trace, as_traces
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, warn_sample_size
 
 READINGS = ("joint", "patch", "cross", "contract", "membership")
@@ -150,11 +149,34 @@ class Example:
     point: dict[str, np.ndarray]  # layer -> (h, gh, gw)
 
 
+class LazyFigures(Mapping):
+    """``{figure name: Figure}`` whose figures are drawn when looked up: ``Result.save`` saves and closes each
+    before the next is drawn (an attention run has a figure per model, layer and example image)."""
+
+    def __init__(self, builders: dict[str, Callable[[], Figure]]):
+        self.builders = builders
+
+    def __getitem__(self, name: str) -> Figure:
+        return self.builders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.builders)
+
+    def __len__(self) -> int:
+        return len(self.builders)
+
+
 @dataclass
-class AttentionResult(Result):
-    """Attention maps of n images of one model at the chosen layers and heads (see the module docstring)."""
+class AttentionMaps(Result):
+    """Attention maps of n images of one model at the chosen layers and heads (see the module docstring).
+
+    ``summary()`` keys: ``model`` (variant), ``num_images``, ``statistic``, ``classes_by``, ``chance`` (an
+    interval), ``layers`` {class-query layer: {reading, own_share, lift (own share − chance), per_head}},
+    ``warnings``.
+    """
 
     name: ClassVar[str] = "attention"
+    model: dict[str, Any]
     settings: dict
     images: list[str]
     class_names: list[str]
@@ -165,6 +187,10 @@ class AttentionResult(Result):
     chance: np.ndarray  # (n,) mean share of the patches of the classes present
     examples: list[Example]
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
+
+    @property
+    def label(self) -> str:
+        return self.model["variant"]
 
     @property
     def class_layers(self) -> list[str]:
@@ -183,14 +209,16 @@ class AttentionResult(Result):
         return mean_interval(self.chance, self.bootstrap)
 
     def warnings(self) -> list[str]:
-        return warn_sample_size(len(self.images), self.bootstrap.level, what="attention") if self.class_layers else []
+        if not self.class_layers:
+            return []
+        return warn_sample_size(len(self.images), self.bootstrap.level, what=f"attention of {self.label}")
 
     def summary(self) -> dict[str, Any]:
-        """Per class-query layer: the own-class share (mean over heads, and per head) and its lift over
-        chance, means over images with intervals."""
         return {
+            "model": self.label,
+            "num_images": len(self.images),
             "statistic": "share of a class query's attention over the patches that lands on its own class's patches, "
-                         f"mean over the classes present, heads and {len(self.images)} images",
+                         "mean over the classes present and the heads, then over the images",
             "classes_by": self.settings["classes_by"],
             "chance": self.share_chance().to_json(),
             "layers": {layer: {"reading": self.readings[layer], "own_share": self.share(layer).to_json(),
@@ -201,38 +229,65 @@ class AttentionResult(Result):
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "images": self.images, "class_names": self.class_names,
+        return {"model": self.model, "settings": self.settings, "images": self.images, "class_names": self.class_names,
                 "readings": self.readings, "heads": self.heads, "summary": self.summary(),
                 "own_share": self.own_share, "chance": self.chance,
                 "examples": [{"path": e.path, "shown": [self.class_names[c] for c in e.shown]} for e in self.examples],
-                "maps": f"{self.name}_maps.npz (keys <layer>/classes (E, h, K, gh, gw), <layer>/point (E, h, gh, gw), pixels)"}
+                "maps": f"{self.name}.npz: <layer>/classes (E, h, K, gh, gw), <layer>/point (E, h, gh, gw), pixels (E, H, W, 3)"}
 
     def rows(self) -> list[dict]:
         """One row per (image, class-query layer, head): own_share and chance."""
         return [{"image": image, "layer": layer, "head": head, "own_share": self.own_share[layer][i, k], "chance": self.chance[i]}
                 for layer in self.class_layers for i, image in enumerate(self.images) for k, head in enumerate(self.heads[layer])]
 
-    def figures(self) -> dict[str, Figure]:
-        """``attention`` (own-class share per layer and head, when any layer has class queries) and
-        ``attention_<layer>_<i>`` for each example image: one row per head, one column per query."""
-        return dict(self._figures())
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The example images (``pixels``, uint8) and their maps on the patch grid, by layer."""
+        if not self.examples:
+            return {}
+        arrays = {"pixels": np.stack([(255 * e.pixels).round().astype(np.uint8) for e in self.examples])}
+        for layer in self.layers:
+            for key in ("classes", "point"):
+                maps = [getattr(e, key)[layer] for e in self.examples if layer in getattr(e, key)]
+                if maps:
+                    arrays[f"{layer}/{key}"] = np.stack(maps)
+        return arrays
 
-    def _figures(self) -> Iterator[tuple[str, Figure]]:
-        """``figures()`` one at a time (``save`` closes each before drawing the next)."""
-        if self.class_layers:
-            per_head = {layer: intervals(self.own_share[layer], self.bootstrap) for layer in self.class_layers}
-            means = [self.share(layer) for layer in self.class_layers]
-            yield self.name, plots.plot_attention_shares(per_head, self.heads, means, self.share_chance(), self._caption())
-        for i, example in enumerate(self.examples):
-            for layer in self.layers:
-                columns = []
-                if layer in example.classes:
-                    columns += [(self.class_names[c], example.classes[layer][:, c]) for c in example.shown]
-                if layer in example.point:
-                    columns.append((POINT_TITLES[self.readings[layer]], example.point[layer]))
-                title = f"{self.settings['model']['variant']} {layer} ({self.readings[layer]}): {Path(example.path).name}"
-                yield f"{self.name}_{layer}_{i}", plots.attention_figure(
-                    example.pixels, columns, self.heads[layer], self._marker(layer, example.pixels), title)
+    def figures(self) -> Mapping[str, Figure]:
+        return self.compare_figures([self.label], [self])
+
+    @classmethod
+    def compare_figures(cls, labels: Sequence[str], results: Sequence["AttentionMaps"]) -> Mapping[str, Figure]:
+        """``attention``: each model's own-class share per layer and head (models with class queries);
+        ``attention[_<label>]_<layer>_<i>``: each example image at each layer, one row per head, one column
+        per query. Drawn when looked up (``LazyFigures``)."""
+        builders: dict[str, Callable[[], Figure]] = {}
+        shown = [(label, r) for label, r in zip(labels, results) if r.class_layers]
+        if shown:
+            builders[cls.name] = lambda: plots.plot_attention_shares(
+                [r.share_panel(label) for label, r in shown], results[0]._caption())
+        for label, result in zip(labels, results):
+            prefix = f"{cls.name}_{label}" if len(results) > 1 else cls.name
+            for i, example in enumerate(result.examples):
+                for layer in result.layers:
+                    builders[f"{prefix}_{layer}_{i}"] = partial(result.example_figure, label, example, layer)
+        return LazyFigures(builders)
+
+    def share_panel(self, label: str) -> plots.AttentionSharePanel:
+        """What ``plots.plot_attention_shares`` draws of this model."""
+        return plots.AttentionSharePanel(
+            f"{label} ({self.model['decoder']})", self.class_layers, [self.heads[layer] for layer in self.class_layers],
+            [intervals(self.own_share[layer], self.bootstrap) for layer in self.class_layers],
+            [self.share(layer) for layer in self.class_layers], self.share_chance())
+
+    def example_figure(self, label: str, example: Example, layer: str) -> Figure:
+        """One example image at one layer: one row per head, one column per query."""
+        columns = []
+        if layer in example.classes:
+            columns += [(self.class_names[c], example.classes[layer][:, c]) for c in example.shown]
+        if layer in example.point:
+            columns.append((POINT_TITLES[self.readings[layer]], example.point[layer]))
+        title = f"{label} {layer} ({self.readings[layer]}): {Path(example.path).name}"
+        return plots.attention_figure(example.pixels, columns, self.heads[layer], self._marker(layer, example.pixels), title)
 
     def _marker(self, layer: str, pixels: np.ndarray) -> list[int] | None:
         """The pixel a layer's point map queries: the one asked for, else the centre; none for maps
@@ -243,24 +298,8 @@ class AttentionResult(Result):
         return pixel or [pixels.shape[0] // 2, pixels.shape[1] // 2]
 
     def _caption(self) -> str:
-        s = self.settings
-        return (f"{s['model']['variant']} ({s['model']['decoder']}): {len(self.images)} images, classes by "
-                f"{s['classes_by'].replace('_', ' ')}; {100 * self.bootstrap.level:g} % bootstrap intervals")
-
-    def save(self, out: str | Path) -> list[Path]:
-        """The figures (PNG + PDF, one at a time), ``attention.json`` / ``.csv`` and ``attention_maps.npz``:
-        the example images' maps and pixels."""
-        out = Path(out)
-        paths = [path for name, figure in self._figures() for path in save_figure(figure, out, name)]
-        paths += [save_json(out / f"{self.name}.json", self.to_json()), save_csv(out / f"{self.name}.csv", self.rows())]
-        arrays: dict[str, np.ndarray] = {"pixels": np.stack([(255 * e.pixels).round().astype(np.uint8) for e in self.examples])}
-        for layer in self.layers:
-            for key in ("classes", "point"):
-                maps = [getattr(e, key)[layer] for e in self.examples if layer in getattr(e, key)]
-                if maps:
-                    arrays[f"{layer}/{key}"] = np.stack(maps)
-        paths.append(save_npz(Path(out) / f"{self.name}_maps.npz", arrays))
-        return paths
+        return (f"{len(self.images)} images, classes by {self.settings['classes_by'].replace('_', ' ')}; "
+                f"{100 * self.bootstrap.level:g} % bootstrap intervals")
 
 
 POINT_TITLES = {"joint": "patch at pixel", "patch": "patch at pixel", "contract": "representative at pixel",
@@ -292,8 +331,8 @@ def example(tr: Trace, b: int, reads: dict[str, LayerAttention], heads: dict[str
     )
 
 
-def attention_from_traces(
-    traces: Iterable[Trace],
+def analyze_attention(
+    traces: Trace | Iterable[Trace],
     *,
     layers: Sequence[str] | None = None,
     heads: Sequence[int] | None = None,
@@ -302,22 +341,21 @@ def attention_from_traces(
     examples: int = 2,
     class_names: Sequence[str] | None = None,
     bootstrap: Bootstrap | None = None,
-    save_trace: str | Path | None = None,
-) -> AttentionResult:
-    """Attention maps and own-class shares of traced batches recorded with ``attention=True``.
+) -> AttentionMaps:
+    """Attention maps and own-class shares of one model's traces, recorded with ``attention=True``
+    (``trace_batches(model, batches, attention=True)``, ``Trace.load``).
 
     ``layers`` (default: every layer with a map), ``heads`` (default: all), ``classes`` (ids to draw;
     default per image its largest classes), ``pixel`` (y, x) to query (default: none for joint maps,
-    the centre for the others), ``examples``: images drawn (traces with pixels only). ``save_trace``
-    also writes the traced batches, concatenated, to that file.
+    the centre for the others), ``examples``: images drawn (traces with pixels only).
     """
     bootstrap = bootstrap or Bootstrap()
     own: dict[str, list[np.ndarray]] = {}
-    chance, paths, drawn, kept = [], [], [], []
+    chance, paths, drawn = [], [], []
     readings: dict[str, str] = {}
     used: dict[str, list[int]] = {}
     first: Trace | None = None
-    for tr in traces:
+    for tr in as_traces(traces):
         if not tr.attention:
             raise InputError("this trace has no attention maps: trace with attention=True")
         first = first or tr
@@ -340,22 +378,17 @@ def attention_from_traces(
         if tr.pixels is not None:
             for b in range(min(tr.num_images, examples - len(drawn))):
                 drawn.append(example(tr, b, reads, used, classes_to_show(patch_class[b], classes)))
-        paths += tr.paths or [f"image {len(paths) + i}" for i in range(tr.num_images)]
-        if save_trace is not None:
-            kept.append(tr.to("cpu"))
+        paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
     if first is None:
         raise InputError("no images to analyse")
-    if kept:
-        Trace.cat(kept).save(save_trace)
     K = first.model["n_cls"]
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(K)]
     if len(names) != K:
         raise ConfigError(f"{len(names)} class names for a model of {K} classes")
-    settings = {"model": first.model, "layers": list(readings), "heads": used,
-                "pixel": list(pixel) if pixel is not None else None, "examples": len(drawn),
-                "classes_by": "ground_truth" if first.labels is not None else "prediction", "num_images": len(paths),
-                "bootstrap": bootstrap.describe(), "saved_trace": str(save_trace) if save_trace else None}
-    return AttentionResult(settings, paths, names, list(readings), readings, used,
+    settings = {"layers": list(readings), "heads": used, "pixel": list(pixel) if pixel is not None else None,
+                "examples": len(drawn), "classes_by": "ground_truth" if first.labels is not None else "prediction",
+                "num_images": len(paths), "bootstrap": bootstrap.describe()}
+    return AttentionMaps(first.model, settings, paths, names, list(readings), readings, used,
                            {name: np.concatenate(values) for name, values in own.items()}, np.concatenate(chance),
                            drawn, bootstrap)
 
@@ -366,17 +399,3 @@ def _heads(layer: str, available: int, chosen: Sequence[int] | None) -> list[int
     if not all(0 <= k < available for k in chosen):
         raise ConfigError(f"layer {layer} has heads 0 to {available - 1}")
     return list(chosen)
-
-
-def analyze_attention(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    *,
-    total: int | None = None,
-    progress: bool = True,
-    **options: Any,
-) -> AttentionResult:
-    """Attention maps of ``model`` over a stream of image batches (``load_images``, ``inputs.image_batches``);
-    the options are ``attention_from_traces``'s."""
-    traces = trace_batches(model, batches, attention=True, total=total, progress=progress, description="attention")
-    return attention_from_traces(traces, **options)

@@ -19,22 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
 from depict_analysis import plots
 from depict_analysis.coding_rate import coding_rate, normalize_tokens
-from depict_analysis.inputs import Batch
 from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.results import Result
-from depict_analysis.tracing import Trace, trace_batches
+from depict_analysis.tracing import Trace, as_traces
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, quiet_nan_mean, warn_sample_size
 
 BY = ("ground_truth", "prediction")
@@ -93,10 +91,16 @@ def trace_class_rates(tr: Trace, by: str, eps: float, normalize: str) -> dict[st
 
 
 @dataclass
-class ClassRatesResult(Result):
-    """Per-class coding rates and ΔR of n images at J = L + 1 token stages (see the module docstring)."""
+class ClassRates(Result):
+    """Per-class coding rates and ΔR of one model over n images at J = L + 1 token stages (see the module docstring).
+
+    ``summary()`` keys: ``model`` (variant), ``num_images``, ``by``, ``statistic``, ``layers``; ``rate``,
+    ``within``, ``delta_r`` (one interval per token stage: mean over images), ``delta_r_change`` (ΔR at the
+    last stage minus at the input, per image, averaged), ``classes`` {name: {images, tokens, rate}}, ``warnings``.
+    """
 
     name: ClassVar[str] = "class_rates"
+    model: dict[str, Any]
     settings: dict
     images: list[str]
     layers: list[str]  # the token stages: "input", then the layer names
@@ -106,6 +110,10 @@ class ClassRatesResult(Result):
     tokens: np.ndarray  # (n, K) N_c
     delta: np.ndarray  # (n, J) ΔR_j
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
+
+    @property
+    def label(self) -> str:
+        return self.model["variant"]
 
     @property
     def within(self) -> np.ndarray:
@@ -118,19 +126,17 @@ class ClassRatesResult(Result):
         return np.flatnonzero(self.tokens.sum(0))
 
     def interval(self, per_image: np.ndarray) -> list[Interval]:
-        """Mean over images of each layer's value with its interval: (n, J) -> J intervals."""
+        """Mean over images of each stage's value with its interval: (n, J) -> J intervals."""
         return intervals(per_image, self.bootstrap)
 
     def change(self, per_image: np.ndarray) -> Interval:
-        """The change from the decoder input to the last layer, per image then averaged: (n, J) -> Interval."""
+        """The change from the decoder input to the last stage, per image then averaged: (n, J) -> Interval."""
         return mean_interval(per_image[:, -1] - per_image[:, 0], self.bootstrap)
 
     def warnings(self) -> list[str]:
-        return warn_sample_size(len(self.images), self.bootstrap.level, what="class rates")
+        return warn_sample_size(len(self.images), self.bootstrap.level, what=f"class rates of {self.label}")
 
     def summary(self) -> dict[str, Any]:
-        """Per layer R(Z_j), Σ_c (N_c/N) R(Z_{j,c}) and ΔR_j, and ΔR's change from Z_0 to the last layer,
-        all as mean over images with intervals; per class its mean rate per layer over the images it is in."""
         level = self.bootstrap.level
         classes = {}
         for c in self.present:
@@ -138,8 +144,10 @@ class ClassRatesResult(Result):
             classes[self.class_names[c]] = {"images": int(rows.sum()), "tokens": int(self.tokens[:, c].sum()),
                                             "rate": [i.to_json() for i in self.interval(self.per_class[rows, c])]}
         return {
-            "statistic": f"per image, then mean over {len(self.images)} images ({100 * level:g} % bootstrap intervals)",
+            "model": self.label,
+            "num_images": len(self.images),
             "by": self.settings["by"],
+            "statistic": f"per image, then mean over the images ({100 * level:g} % bootstrap intervals)",
             "layers": self.layers,
             "rate": [i.to_json() for i in self.interval(self.total)],
             "within": [i.to_json() for i in self.interval(self.within)],
@@ -150,12 +158,12 @@ class ClassRatesResult(Result):
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "images": self.images, "class_names": self.class_names,
+        return {"model": self.model, "settings": self.settings, "images": self.images, "class_names": self.class_names,
                 "summary": self.summary(), "total": self.total, "per_class": self.per_class, "tokens": self.tokens,
                 "delta_r": self.delta}
 
     def rows(self) -> list[dict]:
-        """One row per (image, layer, quantity[, class]): quantity rate | within | delta_r | class_rate."""
+        """One row per (image, stage, quantity[, class]): quantity rate | within | delta_r | class_rate."""
         rows = []
         for i, image in enumerate(self.images):
             for j, layer in enumerate(self.layers):
@@ -167,79 +175,61 @@ class ClassRatesResult(Result):
                                  "tokens": int(self.tokens[i, c]), "value": self.per_class[i, c, j]})
         return rows
 
-    def figures(self) -> dict[str, Figure]:
-        """``class_rates``: R(Z_j), the class-weighted rate and ΔR_j per layer; each class's rate per layer."""
-        bands = {name: self.interval(values) for name, values in
-                 (("$R(Z_j)$", self.total), (r"$\sum_c \frac{N_c}{N} R(Z_{j,c})$", self.within), (r"$\Delta R_j$", self.delta))}
+    def panel(self, name: str) -> plots.ClassRatePanel:
+        """What ``plots.plot_class_rates`` draws of this model."""
+        lines = {"rate": self.interval(self.total), "within": self.interval(self.within), "delta": self.interval(self.delta)}
         present = self.present
         with quiet_nan_mean():
             heat = np.nanmean(self.per_class[:, present], axis=0)  # (K', J)
         images = (~np.isnan(self.per_class[:, present, 0])).sum(0)
         names = [f"{self.class_names[c]} (n = {n})" for c, n in zip(present, images)]
-        s = self.settings
-        caption = (f"{s['model']['variant']} ({s['model']['decoder']}): {len(self.images)} images, classes by "
-                   f"{s['by'].replace('_', ' ')}, ε = {s['eps']:g}, tokens {s['normalize']}-normalised; "
-                   f"bands: {100 * self.bootstrap.level:g} % bootstrap intervals")
-        return {self.name: plots.plot_class_rates(self.layers, bands, heat, names, caption)}
+        return plots.ClassRatePanel(name, self.layers, lines, heat, names)
+
+    def figures(self) -> dict[str, Figure]:
+        return self.compare_figures([self.label], [self])
+
+    @classmethod
+    def compare_figures(cls, labels: Sequence[str], results: Sequence["ClassRates"]) -> dict[str, Figure]:
+        """``class_rates``: R(Z_j), the class-weighted rate and ΔR_j per stage (one colour per model) and each
+        model's class × stage heatmap."""
+        s, first = results[0].settings, results[0]
+        caption = (f"{len(first.images)} images, classes by {s['by'].replace('_', ' ')}, ε = {s['eps']:g}, tokens "
+                   f"{s['normalize']}-normalised; bands: {100 * first.bootstrap.level:g} % bootstrap intervals")
+        panels = [r.panel(f"{label} ({r.model['decoder']})") for label, r in zip(labels, results)]
+        return {cls.name: plots.plot_class_rates(panels, plots.model_colours([p.name for p in panels]), caption)}
 
 
-def class_rates_from_traces(
-    traces: Iterable[Trace],
+def analyze_class_rates(
+    traces: Trace | Iterable[Trace],
     *,
     by: str = "ground_truth",
     eps: float = 0.1,
     normalize: str = "l2",
     class_names: Sequence[str] | None = None,
     bootstrap: Bootstrap | None = None,
-    save_trace: str | Path | None = None,
-) -> ClassRatesResult:
-    """Per-class rates and ΔR of traced batches (``trace`` / ``trace_batches`` / ``Trace.load``).
+) -> ClassRates:
+    """Per-class rates and ΔR of one model's traces (``trace``, ``trace_batches``, ``Trace.load``).
 
-    ``class_names``: K names for the class axes (default ``class i``); ``save_trace``: also write
-    every traced batch, concatenated, to that file (``Trace.save``) to analyse again later.
+    ``class_names``: K names for the class axes (default ``class i``); ``bootstrap``: the intervals.
     """
     if by not in BY:
         raise ConfigError(f"by must be one of {', '.join(BY)}, got {by!r}")
     if normalize not in NORMALIZE:
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)} (no heads here), got {normalize!r}")
-    parts, paths, kept, first = [], [], [], None
-    for tr in traces:
+    bootstrap = bootstrap or Bootstrap()
+    parts, paths, first = [], [], None
+    for tr in as_traces(traces):
         parts.append(trace_class_rates(tr, by, eps, normalize))
-        paths += tr.paths or [f"image {len(paths) + i}" for i in range(tr.num_images)]
+        paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
         first = first or tr
-        if save_trace is not None:
-            kept.append(tr.to("cpu"))
     if first is None:
         raise InputError("no images to analyse")
-    if kept:
-        Trace.cat(kept).save(save_trace)
     values = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     K = first.model["n_cls"]
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(K)]
     if len(names) != K:
         raise ConfigError(f"{len(names)} class names for a model of {K} classes")
-    settings = {"by": by, "eps": eps, "normalize": normalize, "num_images": len(paths), "model": first.model,
-                "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats",
-                "bootstrap": (bootstrap or Bootstrap()).describe(), "saved_trace": str(save_trace) if save_trace else None}
-    return ClassRatesResult(settings, paths, first.token_names, names, values["total"], values["per_class"],
-                            values["tokens"], values["delta"], bootstrap or Bootstrap())
-
-
-def analyze_class_rates(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    *,
-    by: str = "ground_truth",
-    eps: float = 0.1,
-    normalize: str = "l2",
-    class_names: Sequence[str] | None = None,
-    bootstrap: Bootstrap | None = None,
-    save_trace: str | Path | None = None,
-    total: int | None = None,
-    progress: bool = True,
-) -> ClassRatesResult:
-    """Per-class coding rates and ΔR of ``model``'s tokens over a stream of image batches (``load_images``,
-    ``inputs.image_batches``); see ``class_rates_from_traces`` for the options."""
-    traces = trace_batches(model, batches, total=total, progress=progress, description="class rates")
-    return class_rates_from_traces(traces, by=by, eps=eps, normalize=normalize, class_names=class_names,
-                                   bootstrap=bootstrap, save_trace=save_trace)
+    settings = {"by": by, "eps": eps, "normalize": normalize, "num_images": len(paths),
+                "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats", "bootstrap": bootstrap.describe()}
+    return ClassRates(first.model, settings, paths, first.token_names, names, values["total"], values["per_class"],
+                      values["tokens"], values["delta"], bootstrap)

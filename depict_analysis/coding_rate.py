@@ -15,12 +15,20 @@ with its rows grouped by head, so that ``P_{l,k} = proj[k].T ∈ R^{d×p}``:
 - head ``k``: ``R(P_{l,k}ᵀ Z)`` with ``m = p``;
 - whole layer: ``R(P_lᵀ Z)`` with ``m = h·p`` (all heads concatenated).
 
+- the span of the layer: ``R(U_lᵀ Z)`` with ``U_l`` an orthonormal basis of span(P_l) (all heads
+  together, m = its rank). Divided by ``R(Z)`` this is the *share* of the rate that lies in the
+  subspace, ≤ 1 (m ≤ d and Cauchy interlacing); the *raw ratio* ``R(P_lᵀ Z)/R(Z)`` also measures P's
+  row norms and the overlap of its heads, and can exceed 1: it is not a share.
+- CRATE's per-head sum ``R^c(Z) = Σ_k R(P_{l,k}ᵀ Z)``, m = p, each projected token scaled to unit norm
+  inside its head: what CRATE's ``vis_utils/coding_rate.py:CodingRate`` computes on a layer's
+  projections, always with the raw P and this normalisation.
+
 Token normalisation (``normalize``):
 
 - ``"l2"`` (default): each token scaled to unit L2 norm in R^d, before any projection;
 - ``"none"``: raw tokens;
 - ``"crate"``: CRATE's convention, each *projected* token scaled to unit norm inside its head
-  (for rates without a projection, such as ``R(Z)`` or ``R(Q)``, this is the same as ``"l2"``).
+  (for rates without heads, such as ``R(Z)``, ``R(U_lᵀ Z)`` or ``R(Q)``, this is the same as ``"l2"``).
 
 All functions are pure: they accept any floating dtype on any device, compute in float64 on the
 input's device, return float64, and never modify their inputs (safe inside and outside
@@ -31,7 +39,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +50,15 @@ from depict_analysis.models.errors import ConfigError
 
 __all__ = [
     "NORMALIZE_MODES",
+    "RateTable",
+    "SubspaceRates",
     "class_rate",
     "coding_rate",
+    "crate_rate",
     "normalize_tokens",
     "rate_table",
+    "span_basis",
+    "span_rate",
     "subspace_rates",
     "token_rate",
 ]
@@ -264,63 +278,142 @@ def subspace_rates(
     return heads[:, 0], whole[:, 0]
 
 
+def span_basis(proj: Tensor) -> Tensor:
+    """An orthonormal basis of the span of all of a layer's head bases: ``proj (h, p, d)`` -> ``(r, d)`` float64.
+
+    The right singular vectors of the ``(h·p, d)`` matrix whose singular values exceed the usual
+    rank tolerance (``max(h·p, d) · eps_float64 · σ_max``); r = rank ≤ min(h·p, d).
+    """
+    P = _as64(proj).flatten(0, 1)
+    _, S, Vh = torch.linalg.svd(P, full_matrices=False)
+    tolerance = max(P.shape) * torch.finfo(torch.float64).eps * S.max()
+    return Vh[: int((S > tolerance).sum())]
+
+
+def span_rate(Z: Tensor, proj: Tensor, eps: float = 0.1, normalize: str = "l2") -> Tensor:
+    """``R(U_lᵀ Z)`` with ``U_l = span_basis(proj)`` (m = its rank). ``Z: (B, N, d)`` -> ``(B,)`` float64.
+
+    With the same ``normalize``, ``span_rate / token_rate`` ≤ 1: the share of the rate in span(P_l)
+    (``"crate"`` normalises in R^d here, as ``"l2"``: the basis has no heads).
+    """
+    _check_tokens(Z)
+    _check_proj(proj, Z.shape[-1])
+    _check_mode(normalize)
+    _check_eps(eps)
+    U = span_basis(proj.to(Z.device))
+    return _subspace_rates64(normalize_tokens(Z, normalize), U[None, None], eps, crate=False)[1][:, 0]
+
+
+def crate_rate(Z: Tensor, proj: Tensor, eps: float = 0.1) -> Tensor:
+    """CRATE's per-head coding rate ``R^c = Σ_k R(P_{l,k}ᵀ Z)``: m = p, each projected token scaled to unit
+    norm inside its head, P raw. ``Z: (B, N, d)`` -> ``(B,)`` float64."""
+    heads, _ = subspace_rates(Z, proj, eps, normalize="crate")
+    return heads.sum(-1)
+
+
+@dataclass
+class SubspaceRates:
+    """The rates of one subspace P_l (h heads) at every token stage j, for B images: all ``(B, J)`` or
+    ``(B, h, J)``, float64. ``input_rate`` is R(X_j) of the tokens X_j this subspace is applied to: the
+    residual stream Z_j, or what the layer projects (``rate_table``'s ``views``)."""
+
+    input_rate: Tensor  # R(X_j), m = d
+    subspace_rate: Tensor  # R(P_lᵀ X_j), m = h·p
+    head_rate: Tensor  # (B, h, J): R(P_{l,k}ᵀ X_j), m = p
+    span_rate: Tensor  # R(U_lᵀ X_j), U_l an orthonormal basis of span(P_l), m = rank
+    crate_rate: Tensor  # R^c(X_j) = Σ_k R(P_{l,k}ᵀ X_j), CRATE's convention
+    rank: int  # dim span(P_l)
+
+    @property
+    def raw_ratio(self) -> Tensor:
+        """``R(P_lᵀ X_j) / R(X_j)``: P's scale and head overlap included, may exceed 1; not a share."""
+        return self.subspace_rate / self.input_rate
+
+    @property
+    def share(self) -> Tensor:
+        """``R(U_lᵀ X_j) / R(X_j)`` ≤ 1: the share of the tokens' rate that lies in span(P_l)."""
+        return self.span_rate / self.input_rate
+
+
+@dataclass
+class RateTable:
+    """Every coding rate of one batch, by name: ``token_rate (B, J)`` = R(Z_j) for the token stages
+    ``token_names`` (J), and ``subspaces[name]`` the rates of each subspace at those stages."""
+
+    token_names: list[str]
+    token_rate: Tensor
+    subspaces: dict[str, SubspaceRates]
+
+    def __getitem__(self, name: str) -> SubspaceRates:
+        return self.subspaces[name]
+
+
 def rate_table(
-    tokens: list[Tensor],
-    subspaces: list[Tensor],
+    tokens: Mapping[str, Tensor],
+    subspaces: Mapping[str, Tensor],
     eps: float = 0.1,
     normalize: str = "l2",
     orthonormalize: bool = False,
-) -> dict:
-    """All coding rates for the token embeddings of every layer and every layer's subspace.
+    views: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+) -> RateTable:
+    """All coding rates of the token stages ``tokens`` in every subspace of ``subspaces``.
 
-    ``tokens[j]: (B, N, d)`` for j = 0..L (same shape for every j); ``subspaces[l]: (h_l, p_l, d)``.
-    Returns (float64, on the tokens' device)::
-
-        "token_rate":    (B, J)        R(Z_j)
-        "subspace_rate": (B, S, J)     R(P_lᵀ Z_j)        m = h_l·p_l
-        "head_rate":     [ (B, h_l, J) for each l ]       R(P_{l,k}ᵀ Z_j), m = p_l
-        "ratio":         (B, S, J)     subspace_rate / token_rate
-
-    All layers are stacked into one batch and subspaces with the same ``(h, p)`` share one
-    batched log-det call; ``Z_jᵀ Z_j`` is computed once and reused when it is the smaller Gram.
+    ``tokens[name]: (B, N, d)`` per stage j, e.g. ``dict(zip(trace.token_names, trace.tokens))``;
+    ``subspaces[name]: (h, p, d)``, e.g. ``{s.name: s.proj for s in trace.subspaces}``. ``views[name]``,
+    when given, maps the stage's tokens to what that subspace is applied to (``Subspace.layer_input``:
+    the layer's LayerNorm), before ``normalize``; other subspaces see the tokens themselves.
+    ``orthonormalize`` replaces each head basis P_{l,k} by an orthonormal basis of its span for
+    ``subspace_rate`` and ``head_rate`` (``span_rate`` and ``crate_rate`` do not depend on it). Float64, on the tokens'
+    device; the d × d covariance of the tokens is shared by every rate that can use it.
     """
-    Zs = _stack_tokens(tokens)  # (J, B, N, d), float64, normalised
     _check_mode(normalize)
     _check_eps(eps)
-    Zs = normalize_tokens(Zs, normalize)
-    J, B, N, d = Zs.shape
-    for l, proj in enumerate(subspaces):
-        _check_proj(proj, d, name=f"subspaces[{l}]")
-    Ps = [_prepare_proj(proj, Zs.device, orthonormalize) for proj in subspaces]
+    names = list(tokens)
+    raw = _stack_tokens(list(tokens.values()))  # (J, B, N, d)
+    d = raw.shape[-1]
+    for name, proj in subspaces.items():
+        _check_proj(proj, d, name=f"subspaces[{name!r}]")
+    residual = _RateInputs(normalize_tokens(raw, normalize), eps)
+    table = {}
+    for name, proj in subspaces.items():
+        view = views.get(name) if views else None
+        X = residual if view is None else _RateInputs(normalize_tokens(view(raw), normalize), eps)
+        table[name] = X.subspace(_as64(proj, raw.device), eps, normalize == "crate", orthonormalize)
+    return RateTable(names, residual.rate.T.contiguous(), table)
 
-    C = Zs.mT @ Zs if N > d else None  # shared (J, B, d, d) covariance
-    tok = coding_rate(Zs, eps) if C is None else _rate_from_gram(C, d, N, eps)  # (J, B)
 
-    whole: list[Tensor | None] = [None] * len(Ps)
-    heads: list[Tensor | None] = [None] * len(Ps)
-    for (h, p), idx in _group_by_shape(Ps).items():
-        hr, wr = _subspace_rates64(Zs, torch.stack([Ps[i] for i in idx]), eps, normalize == "crate", C)
-        for g, i in enumerate(idx):
-            whole[i] = wr[..., g].T  # (B, J)
-            heads[i] = hr[..., g, :].permute(1, 2, 0).contiguous()  # (B, h, J)
+class _RateInputs:
+    """Normalised tokens ``X: (J, B, N, d)`` float64 with their rate and, when N > d, covariance XᵀX."""
 
-    token_rate_ = tok.T.contiguous()  # (B, J)
-    if Ps:
-        sub = torch.stack(whole, dim=1)  # (B, S, J)
-    else:
-        sub = Zs.new_zeros((B, 0, J))
-    return {
-        "token_rate": token_rate_,
-        "subspace_rate": sub,
-        "head_rate": heads,
-        "ratio": sub / token_rate_.unsqueeze(1),
-    }
+    def __init__(self, X: Tensor, eps: float):
+        N, d = X.shape[-2:]
+        self.X = X
+        self.C = X.mT @ X if N > d else None
+        self.rate = coding_rate(X, eps) if self.C is None else _rate_from_gram(self.C, d, N, eps)  # (J, B)
+
+    def subspace(self, P: Tensor, eps: float, crate: bool, orthonormalize: bool) -> SubspaceRates:
+        """The rates of one subspace ``P (h, p, d)`` float64 (``crate``: CRATE's normalisation for
+        ``subspace_rate`` and ``head_rate``; ``crate_rate`` always uses it, and per-head normalisation makes it
+        independent of any earlier scaling of the tokens)."""
+        heads, whole = _subspace_rates64(self.X, (_orthonormal_basis(P) if orthonormalize else P)[None], eps, crate, self.C)
+        U = span_basis(P)
+        span = _subspace_rates64(self.X, U[None, None], eps, crate=False, C=self.C)[1][..., 0]
+        crate_heads = heads if crate and not orthonormalize else _subspace_rates64(self.X, P[None], eps, crate=True)[0]
+        by_stage = lambda rates: rates.movedim(0, -1).contiguous()  # noqa: E731  (J, B, ...) -> (B, ..., J)
+        return SubspaceRates(
+            input_rate=by_stage(self.rate),
+            subspace_rate=by_stage(whole[..., 0]),
+            head_rate=by_stage(heads[..., 0, :]),
+            span_rate=by_stage(span),
+            crate_rate=by_stage(crate_heads[..., 0, :].sum(-1)),
+            rank=len(U),
+        )
 
 
 def _stack_tokens(tokens: list[Tensor]) -> Tensor:
     """Validate ``tokens`` (a non-empty list of same-shaped (B, N, d)) -> float64 ``(J, B, N, d)``."""
-    if isinstance(tokens, Tensor) or not isinstance(tokens, (list, tuple)) or len(tokens) == 0:
-        raise ValueError("tokens must be a non-empty list of (B, N, d) tensors")
+    if len(tokens) == 0:
+        raise ValueError("tokens must name at least one (B, N, d) tensor")
     for j, Z in enumerate(tokens):
         _check_tokens(Z, name=f"tokens[{j}]")
         if Z.shape != tokens[0].shape:
@@ -330,14 +423,6 @@ def _stack_tokens(tokens: list[Tensor]) -> Tensor:
             )
     device = tokens[0].device
     return torch.stack([_as64(Z, device) for Z in tokens])
-
-
-def _group_by_shape(Ps: list[Tensor]) -> dict[tuple[int, int], list[int]]:
-    """Indices of the subspaces grouped by their ``(h, p)``, in first-seen order."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, P in enumerate(Ps):
-        groups[(P.shape[0], P.shape[1])].append(i)
-    return dict(groups)
 
 
 def class_rate(Q: Tensor, eps: float = 0.1, normalize: str = "l2") -> Tensor:

@@ -1,171 +1,228 @@
-"""The coding-rate analysis (SPEC §3.1): stream images through ``trace`` and ``coding_rate``, aggregate.
+"""The coding-rate analysis (SPEC §3.1): every rate of a model's traces, per image, named by layer.
 
-``analyze_coding_rates(model, batches)`` returns the result dict that ``coding_rate.json`` holds
-(n images, J = L + 1 layers, S subspaces, T class stages; arrays are numpy float64, rates in nats)::
+``analyze_coding_rates(traces)`` reads ``Trace``s (one, ``Trace.load(path)``, or a stream,
+``trace_batches(model, batches)``) and returns ``CodingRates``: for the token stages j = 0..L
+(``token_names``: "input", "mssa1", ...) and every subspace P_l the decoder owns (by name):
 
-    settings       eps, normalize, orthonormalize, per_head, num_images, image_size, device,
-                   forward_precision, std (how it is taken), unit, model {variant, decoder, ...}
-    images         [n] image paths
-    layers         [J] = 0..L (j = 0 is the decoder input Z_0)
-    subspaces      [S] {name, layer (the j it produces; None for MSCA), heads, dim_head}
-    token_rate     R(Z_j)                  mean, std (J,)      per_image (n, J)
-    subspace_rate  R(P_lᵀ Z_j)             mean, std (S, J)    per_image (n, S, J)
-    ratio          R(P_lᵀ Z_j) / R(Z_j)    mean, std (S, J)    per_image (n, S, J)
-    head_rate      {name: R(P_{l,k}ᵀ Z_j)  mean, std (h, J)    per_image (n, h, J)}   (per_head only)
-    class_rate     R(Q)                    mean, std (T,)      per_image (n, T)
-                   stages [T]: trace's class stages ("input", "mssa1", ...) then "final" (Q̂)
+- ``token_rate``     R(Z_j) of the patch tokens, m = d;
+- ``subspace_rate``  R(P_lᵀ X_j), m = h·p, P as the layer uses it (raw; ``orthonormalize``: each head's
+                     basis orthonormalised);
+- ``raw_ratio``      R(P_lᵀ X_j) / R(X_j): includes P's row norms and head overlap, may exceed 1; **not a share**;
+- ``span_rate``      R(U_lᵀ X_j), U_l an orthonormal basis of span(P_l) (all heads), m = its rank;
+- ``share``          R(U_lᵀ X_j) / R(X_j) ≤ 1: the share of the rate that lies in the subspace;
+- ``crate_rate``     R^c(X_j) = Σ_k R(P_{l,k}ᵀ X_j), CRATE's per-head convention (unit norm in each head);
+- ``head_rate``      R(P_{l,k}ᵀ X_j) per head (``per_head``);
+- ``class_rate``     R(Q) of the class embeddings at each class stage, then the final Q̂ ("final").
 
-Mean and std (ddof = 0) are taken over images. ``rate_rows(result)`` flattens it for CSV.
+X_j is what the subspace is applied to (``view``): ``"residual"``, the residual stream Z_j itself, or
+``"layer"``, what layer l projects, its LayerNorm applied to Z_j (``Subspace.layer_input``, as
+CRATE's tools hook the projection's input); in that view ``input_rate`` holds R(X_j) per subspace.
+Every quantity is a ``Stat`` over images (rates in nats, std with ddof = 0).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
+from matplotlib.figure import Figure
 
+from depict_analysis import plots
+from depict_analysis.coding_rate import NORMALIZE_MODES, RateTable, class_rate, rate_table
 from depict_analysis.models.errors import ConfigError, InputError
-from depict_analysis.coding_rate import NORMALIZE_MODES, class_rate, rate_table
-from depict_analysis.inputs import Batch, image_progress
-from depict_analysis.outputs import save_csv, save_figure, save_json
-from depict_analysis.plots import plot_subspace_rates, plot_token_class_rates
-from depict_analysis.tracing import Trace, describe_model, trace
-from depict_analysis.models.device import autocast
+from depict_analysis.results import Result, Stat
+from depict_analysis.tracing import Trace, as_traces
 
+VIEWS = ("residual", "layer")
 FINAL_STAGE = "final"
+SUBSPACE_QUANTITIES = ("subspace_rate", "raw_ratio", "span_rate", "share", "crate_rate", "input_rate")  # (n, J) each
 
 
-def _check_settings(eps: float, normalize: str) -> None:
+@dataclass
+class SubspaceInfo:
+    """One subspace P_l: its layer's name, the token stage j its layer produces (None: it updates the
+    class embeddings only), its heads h × width p and dim span(P_l)."""
+
+    name: str
+    layer: int | None
+    heads: int
+    dim_head: int
+    rank: int
+
+
+@dataclass
+class CodingRates(Result):
+    """Coding rates of one model over n images (see the module docstring for each quantity).
+
+    Per-subspace quantities are ``{subspace name: Stat (n, J)}`` (``head_rate``: (n, h, J)); the J axis
+    is ``token_names``, the T axis of ``class_rate (n, T)`` is ``class_stages``.
+
+    ``summary()`` keys: ``model`` (variant), ``view``, ``num_images``; ``token_rate`` {token name: mean};
+    ``class_rate`` {stage: mean}; ``share``, ``raw_ratio``, ``crate_rate``, ``subspace_rate``
+    {subspace: {token name: mean}}.
+    """
+
+    name: ClassVar[str] = "coding_rate"
+
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    images: list[str]
+    token_names: list[str]
+    subspaces: list[SubspaceInfo]
+    class_stages: list[str]
+    token_rate: Stat
+    class_rate: Stat
+    subspace_rate: dict[str, Stat]
+    raw_ratio: dict[str, Stat]
+    span_rate: dict[str, Stat]
+    share: dict[str, Stat]
+    crate_rate: dict[str, Stat]
+    input_rate: dict[str, Stat] = field(default_factory=dict)  # "layer" view only: R(X_j) per subspace
+    head_rate: dict[str, Stat] = field(default_factory=dict)  # per_head only
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def label(self) -> str:
+        return self.model["variant"]
+
+    def summary(self) -> dict[str, Any]:
+        by_token = lambda stat: dict(zip(self.token_names, stat.mean.tolist()))  # noqa: E731
+        return {
+            "model": self.label,
+            "view": self.settings["view"],
+            "num_images": self.num_images,
+            "token_rate": by_token(self.token_rate),
+            "class_rate": dict(zip(self.class_stages, self.class_rate.mean.tolist())),
+            **{key: {name: by_token(stat) for name, stat in getattr(self, key).items()}
+               for key in ("share", "raw_ratio", "crate_rate", "subspace_rate")},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        stats = lambda by_name: {name: stat.to_json() for name, stat in by_name.items()}  # noqa: E731
+        quantities = {key: stats(getattr(self, key)) for key in SUBSPACE_QUANTITIES if getattr(self, key)}
+        return {
+            "model": self.model,
+            "settings": self.settings,
+            "images": self.images,
+            "layers": list(range(len(self.token_names))),
+            "token_names": self.token_names,
+            "subspaces": [asdict(space) for space in self.subspaces],
+            "token_rate": self.token_rate.to_json(),
+            **quantities,
+            **({"head_rate": stats(self.head_rate)} if self.head_rate else {}),
+            "class_rate": {"stages": self.class_stages, **self.class_rate.to_json()},
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (image, quantity, subspace[, head], token stage or class stage): columns image,
+        quantity, subspace, head, layer (j), layer_name, stage, value; the ones that do not apply empty."""
+        rows: list[dict[str, Any]] = []
+
+        def add(i: int, quantity: str, values: np.ndarray, subspace=None, head=None) -> None:
+            for j, (name, value) in enumerate(zip(self.token_names, values)):
+                rows.append({"image": self.images[i], "quantity": quantity, "subspace": subspace, "head": head,
+                             "layer": j, "layer_name": name, "stage": None, "value": float(value)})
+
+        for i in range(self.num_images):
+            add(i, "token_rate", self.token_rate.per_image[i])
+            for space in self.subspaces:
+                for key in SUBSPACE_QUANTITIES:
+                    if space.name in getattr(self, key):
+                        add(i, key, getattr(self, key)[space.name].per_image[i], space.name)
+                for k, values in enumerate(self.head_rate[space.name].per_image[i] if self.head_rate else []):
+                    add(i, "head_rate", values, space.name, k)
+            for stage, value in zip(self.class_stages, self.class_rate.per_image[i]):
+                rows.append({"image": self.images[i], "quantity": "class_rate", "subspace": None, "head": None,
+                             "layer": None, "layer_name": None, "stage": stage, "value": float(value)})
+        return rows
+
+    def figures(self) -> dict[str, Figure]:
+        return self.compare_figures([self.label], [self])
+
+    @classmethod
+    def compare_figures(cls, labels: Sequence[str], results: Sequence["CodingRates"]) -> dict[str, Figure]:
+        """``coding_rate``: the subspace rates and both ratios per model; ``coding_rate_tokens``: R(Z_j) and R(Q)."""
+        return {"coding_rate": plots.plot_subspace_rates(labels, results),
+                "coding_rate_tokens": plots.plot_token_class_rates(labels, results)}
+
+
+def _check_settings(eps: float, normalize: str, view: str) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
     if normalize not in NORMALIZE_MODES:
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+    if view not in VIEWS:
+        raise ConfigError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
 
 
-def batch_rates(tr: Trace, eps: float, normalize: str, orthonormalize: bool) -> dict[str, np.ndarray]:
-    """Every rate of one traced batch of B images, float64 numpy, batch first.
-
-    ``token_rate (B, J)``, ``subspace_rate`` and ``ratio (B, S, J)``, ``class_rate (B, T)`` and
-    ``head_rate/<name> (B, h, J)`` for each subspace.
-    """
-    table = rate_table(tr.tokens, [s.proj for s in tr.subspaces], eps, normalize, orthonormalize)
-    classes = tr.classes + [tr.class_embeddings]
-    rates = {key: table[key] for key in ("token_rate", "subspace_rate", "ratio")}
-    rates["class_rate"] = torch.stack([class_rate(Q, eps, normalize) for Q in classes], dim=1)
-    rates |= {f"head_rate/{s.name}": heads for s, heads in zip(tr.subspaces, table["head_rate"])}
-    return {key: value.cpu().numpy() for key, value in rates.items()}
-
-
-def summarize(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image values ``(n, ...)`` -> mean and std (ddof = 0) over images ``(...)``, and the values."""
-    return {"mean": values.mean(axis=0), "std": values.std(axis=0), "per_image": values}
+def trace_rates(tr: Trace, eps: float, normalize: str, orthonormalize: bool, view: str) -> tuple[RateTable, torch.Tensor]:
+    """The ``RateTable`` of one trace's tokens and subspaces, and R(Q) (B, T) at its class stages then Q̂."""
+    views = {space.name: space.layer_input for space in tr.subspaces} if view == "layer" else None
+    table = rate_table(dict(zip(tr.token_names, tr.tokens)), {s.name: s.proj for s in tr.subspaces},
+                       eps, normalize, orthonormalize, views)
+    classes = torch.stack([class_rate(Q, eps, normalize) for Q in [*tr.classes, tr.class_embeddings]], dim=1)
+    return table, classes
 
 
 def analyze_coding_rates(
-    model: nn.Module,
-    batches: Iterable[Batch],
+    traces: Trace | Iterable[Trace],
     *,
     eps: float = 0.1,
     normalize: str = "l2",
     orthonormalize: bool = False,
+    view: str = "residual",
     per_head: bool = False,
-    total: int | None = None,
-    progress: bool = True,
-    amp: bool = False,
-) -> dict:
-    """Coding rates of the decoder's tokens and class embeddings over a stream of images.
+) -> CodingRates:
+    """Coding rates of the traced tokens and class embeddings, per image (see the module docstring).
 
-    ``batches`` yields ``Batch(pixels (B, 3, S, S) in [0, 1], ...)`` (``inputs.image_batches``); every
-    batch must share one image size. Pixels are normalised with ``model.normalize`` and run on the
-    model's device (float32; bf16 autocast for the forward pass with ``amp`` on CUDA); the rates are computed there in
-    float64 under ``torch.inference_mode``. ``total`` (number of images) sizes the progress bar.
-    Returns the dict described in the module docstring.
+    ``traces``: of one model, any number of images each (one image size per trace). The rates are
+    computed in float64 on the traces' device. ``per_head`` also keeps every head's rate.
     """
-    _check_settings(eps, normalize)
-    device = next(model.parameters()).device
-    per_batch: dict[str, list[np.ndarray]] = defaultdict(list)
+    _check_settings(eps, normalize, view)
+    values: dict[str, list[np.ndarray]] = defaultdict(list)
     paths: list[str] = []
     first: Trace | None = None
-    with image_progress(total, "coding rate", progress) as advance, torch.inference_mode():
-        for batch in batches:
-            with autocast(device, amp):
-                tr = trace(model, model.normalize(batch.pixels.to(device)))
-            for key, value in batch_rates(tr, eps, normalize, orthonormalize).items():
-                per_batch[key].append(value)
-            paths += batch.paths
-            first = first or tr
-            advance(len(batch.paths))
+    for tr in as_traces(traces):
+        table, classes = trace_rates(tr, eps, normalize, orthonormalize, view)
+        values["token_rate"].append(table.token_rate.cpu().numpy())
+        values["class_rate"].append(classes.cpu().numpy())
+        for name, rates in table.subspaces.items():
+            for key in (*SUBSPACE_QUANTITIES, "head_rate"):
+                values[f"{key}/{name}"].append(getattr(rates, key).cpu().numpy())
+        paths += tr.paths or [f"image{len(paths) + b}" for b in range(tr.num_images)]
+        if first is None:
+            first, ranks = tr, {name: rates.rank for name, rates in table.subspaces.items()}
     if first is None:
         raise InputError("no images to analyse")
-    values = {key: np.concatenate(chunks) for key, chunks in per_batch.items()}
-    result = {
-        "settings": {
-            "eps": eps,
-            "normalize": normalize,
-            "orthonormalize": orthonormalize,
-            "per_head": per_head,
-            "num_images": len(paths),
-            "image_size": list(batch.pixels.shape[-2:]),
-            "device": str(device),
-            "forward_precision": "bfloat16 autocast" if amp and device.type == "cuda" else "float32",
-            "std": "over images, ddof = 0",
-            "unit": "nats",
-            "model": describe_model(model),
-        },
-        "images": paths,
-        "layers": list(range(first.num_layers + 1)),
-        "subspaces": [
-            {"name": s.name, "layer": s.layer, "heads": s.proj.shape[0], "dim_head": s.proj.shape[1]}
-            for s in first.subspaces
-        ],
-        **{key: summarize(values[key]) for key in ("token_rate", "subspace_rate", "ratio")},
+    stat = lambda key: Stat(np.concatenate(values[key]))  # noqa: E731
+    by_name = lambda key: {s.name: stat(f"{key}/{s.name}") for s in first.subspaces}  # noqa: E731
+    settings = {
+        "eps": eps, "normalize": normalize, "orthonormalize": orthonormalize, "view": view, "per_head": per_head,
+        "num_images": len(paths), "image_size": list(first.masks.shape[-2:]), "device": str(first.masks.device),
+        "std": "over images, ddof = 0", "unit": "nats",
     }
-    if per_head:
-        result["head_rate"] = {s.name: summarize(values[f"head_rate/{s.name}"]) for s in first.subspaces}
-    result["class_rate"] = {"stages": first.class_stages + [FINAL_STAGE], **summarize(values["class_rate"])}
-    return result
-
-
-def rate_rows(result: dict) -> list[dict]:
-    """One CSV row per (image, quantity, subspace[, head], layer or class stage) of a result dict.
-
-    Columns: image, quantity (token_rate | subspace_rate | ratio | head_rate | class_rate),
-    subspace, head, layer, stage, value; the ones that do not apply are empty.
-    """
-    rows: list[dict] = []
-
-    def add(image: str, quantity: str, values, subspace=None, head=None, stages=None) -> None:
-        keys = stages if stages is not None else result["layers"]
-        for key, value in zip(keys, values):
-            layer, stage = (None, key) if stages is not None else (key, None)
-            rows.append({"image": image, "quantity": quantity, "subspace": subspace, "head": head,
-                         "layer": layer, "stage": stage, "value": float(value)})
-
-    heads = result.get("head_rate", {})
-    for i, image in enumerate(result["images"]):
-        add(image, "token_rate", result["token_rate"]["per_image"][i])
-        for s, space in enumerate(result["subspaces"]):
-            name = space["name"]
-            for quantity in ("subspace_rate", "ratio"):
-                add(image, quantity, result[quantity]["per_image"][i, s], name)
-            for k, values in enumerate(heads[name]["per_image"][i] if name in heads else []):
-                add(image, "head_rate", values, name, k)
-        add(image, "class_rate", result["class_rate"]["per_image"][i], stages=result["class_rate"]["stages"])
-    return rows
-
-
-def write_coding_rates(result: dict, out: str | Path) -> list[Path]:
-    """``coding_rate.png/.pdf`` (subspace rates), ``coding_rate_tokens.png/.pdf`` (R(Z_j), R(Q)),
-    ``coding_rate.json`` (the result) and ``coding_rate.csv`` (``rate_rows``) in ``out``."""
-    out = Path(out)
-    return [
-        *save_figure(plot_subspace_rates(result), out, "coding_rate"),
-        *save_figure(plot_token_class_rates(result), out, "coding_rate_tokens"),
-        save_json(out / "coding_rate.json", result),
-        save_csv(out / "coding_rate.csv", rate_rows(result)),
-    ]
+    return CodingRates(
+        model=first.model,
+        settings=settings,
+        images=paths,
+        token_names=first.token_names,
+        subspaces=[SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], ranks[s.name]) for s in first.subspaces],
+        class_stages=[*first.class_stages, FINAL_STAGE],
+        token_rate=stat("token_rate"),
+        class_rate=stat("class_rate"),
+        subspace_rate=by_name("subspace_rate"),
+        raw_ratio=by_name("raw_ratio"),
+        span_rate=by_name("span_rate"),
+        share=by_name("share"),
+        crate_rate=by_name("crate_rate"),
+        input_rate=by_name("input_rate") if view == "layer" else {},
+        head_rate=by_name("head_rate") if per_head else {},
+    )

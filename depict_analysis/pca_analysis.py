@@ -1,11 +1,16 @@
 """PCA segmentation of a model's patch tokens, Z_0 (decoder input) versus Z_L1 (SPEC.md §3.2).
 
-``pca_results(model, pixels)`` traces one batch and returns a :class:`PCAResult` per image: the PCA
-segmentation of the tokens at each chosen layer (default: 0 and L1 = the last MSSA layer, which for
-DEPICT-CA is the output of the MSSA stack), the first-three-components RGB view, the model's
-prediction, and ARI / NMI / Hungarian-matched mIoU of every segmentation against the prediction and
-the ground truth. The paper's claim is that Z_L1 segments far better than Z_0; :func:`summarize`
-turns many images' scores into mean ± std per layer.
+``analyze_pca(traces)`` segments every traced image's tokens at a few layers by PCA alone and scores
+each segmentation against the model's prediction and the ground truth (ARI, NMI, Hungarian-matched
+mIoU). The layers (``sources``) are named:
+
+- ``"Z_L1"`` (``--layers L1``): the patch embeddings the mask head compares with Q̂ (``Trace.embeddings``:
+  after ``decoder_norm`` for DEPICT-SA, ``snorm`` for DEPICT-CA; after ``proj_patch`` for Segmenter);
+- a token stage of the residual stream, by number j or name: ``0`` = ``"input"`` (Z_0), ``3`` =
+  ``"mssa3"`` (the tokens after layer 3, *before* the final LayerNorm), ...
+
+Default ``[0, "L1"]``: Z_0 against Z_L1. The paper's claim is that Z_L1 segments far better than Z_0;
+judge it against the ground truth, since the prediction is computed from Z_L1 itself.
 
 The ``"argmax"`` rule labels a token by its largest PCA coordinate, so it depends on the sign
 convention of the principal directions (see :func:`depict_analysis.pca.pca_directions`);
@@ -15,17 +20,21 @@ convention of the principal directions (see :func:`depict_analysis.pca.pca_direc
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
-from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
+from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, load_label, make_palette
+from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.data.transforms import resize_image, resize_label
+from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.pca import (
     METHODS,
     choose_k,
@@ -35,81 +44,92 @@ from depict_analysis.pca import (
     segmentation_scores,
     upsample_labels,
 )
-from depict_analysis.inputs import image_progress
-from depict_analysis.outputs import save_csv, save_figure, save_json
-from depict_analysis.tracing import describe_model, trace
-from depict_analysis.models.data import IGNORE_INDEX, DatasetError, class_info, load_image, load_label, make_palette
-from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.data.transforms import resize_image, resize_label
-from depict_analysis.models.device import autocast
+from depict_analysis.results import Result, Stat
+from depict_analysis.tracing import Trace, as_traces
 
 SCORES = ("ari", "nmi", "miou")
 REFERENCES = ("prediction", "ground_truth")
-LAST = "L1"  # stands for the last token-updating layer in a layer list
+LAST = "L1"  # in a layer list: the mask head's patch embeddings
+EMBEDDINGS = "Z_L1"  # their source name
 
 
-@dataclass
-class PCAResult:
-    """PCA segmentations of one image's tokens at several decoder layers.
-
-    ``scores[reference][source] = {"ari", "nmi", "miou"}`` with reference "prediction" (the model's
-    argmax) or "ground_truth" (when given and not all ignored); source ``layer_name(j)`` for each
-    layer, and — against the ground truth only — "prediction" itself as a yardstick.
-    """
-
-    path: str
-    image: Tensor  # (3, H, W) in [0, 1]
-    k: int
-    layers: list[int]  # indices into Trace.tokens
-    num_layers: int  # L: the last token-updating layer
-    segments: Tensor  # (n_layers, H, W) int64 PCA segment ids in [0, k)
-    rgb: Tensor  # (n_layers, 3, H, W) float64 in [0, 1]: first three PCA coordinates
-    prediction: Tensor  # (H, W) int64 class ids
-    ground_truth: Tensor | None  # (H, W) int64, IGNORE_INDEX = ignored
-    scores: dict[str, dict[str, dict[str, float]]]
-
-    def rows(self) -> list[dict]:
-        """Long-format score rows: one per (reference, source) with path, k, ari, nmi, miou."""
-        return [
-            {"path": self.path, "k": self.k, "reference": ref, "source": source, **values}
-            for ref, by_source in self.scores.items()
-            for source, values in by_source.items()
-        ]
-
-
-def layer_name(j: int) -> str:
-    return f"Z_{j}"
-
-
-def resolve_layers(layers: Sequence[int | str] | None, num_layers: int) -> list[int]:
-    """Layer indices into ``Trace.tokens``: ints in [0, L], or "L1" for L; None -> [0, L] (deduplicated)."""
-    spec = [0, LAST] if layers is None else list(layers)
-    chosen = [num_layers if j == LAST else j for j in spec]
-    bad = [j for j in chosen if not isinstance(j, int) or not 0 <= j <= num_layers]
-    if bad or not chosen:
-        raise ConfigError(f"layers must be integers in 0..{num_layers} or {LAST!r}, got {list(spec)}")
-    return list(dict.fromkeys(chosen))
+# ------------------------------------------------------------------------------------------ layers
 
 
 def parse_layers(text: str) -> list[int | str]:
-    """``"0,L1"`` -> ``[0, "L1"]`` (the CLI's ``--layers``)."""
+    """``"0,L1"`` -> ``[0, "L1"]``; names stay names: ``"input,mssa3"`` (the CLI's ``--layers``)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
-    if not all(t == LAST or t.isdigit() for t in items):
-        raise ConfigError(f"--layers takes comma-separated layer numbers or {LAST}, got {text!r}")
-    return [t if t == LAST else int(t) for t in items]
+    if not items:
+        raise ConfigError(f"--layers takes comma-separated layer numbers, names or {LAST}, got {text!r}")
+    return [int(t) if t.isdigit() else t for t in items]
+
+
+def resolve_layers(layers: Sequence[int | str] | None, token_names: Sequence[str]) -> list[str]:
+    """Source names of ``layers``: j -> ``token_names[j]``, a token name as is, ``"L1"`` -> ``"Z_L1"``
+    (None: ``[0, "L1"]``); repeats dropped."""
+    spec = [0, LAST] if layers is None else list(layers)
+    names = []
+    for layer in spec:
+        if layer == LAST:
+            names.append(EMBEDDINGS)
+        elif isinstance(layer, int) and 0 <= layer < len(token_names):
+            names.append(token_names[layer])
+        elif isinstance(layer, str) and layer in token_names:
+            names.append(layer)
+        else:
+            raise ConfigError(f"layers must be numbers in 0..{len(token_names) - 1}, names "
+                              f"({', '.join(token_names)}) or {LAST!r}, got {layer!r}")
+    if not names:
+        raise ConfigError("layers must name at least one layer")
+    return list(dict.fromkeys(names))
+
+
+def source_tokens(tr: Trace, source: str) -> Tensor:
+    """The tokens (B, N, d) a source names: the mask head's embeddings, or a token stage by name."""
+    return tr.embeddings if source == EMBEDDINGS else tr[f"tokens/{source}"]
+
+
+def source_title(source: str, token_names: Sequence[str]) -> str:
+    """How a figure names a source: $Z_0$ (decoder input), $Z_{L1}$ (mask head's input), or the stage."""
+    if source == EMBEDDINGS:
+        return "$Z_{L1}$ (mask head's input)"
+    j = token_names.index(source)
+    return "$Z_0$ (decoder input)" if j == 0 else f"$Z_{{{j}}}$ = {source} (pre-norm)"
+
+
+# ------------------------------------------------------------------------------------------ one image
+
+
+@dataclass
+class PCAExample:
+    """PCA segmentations of one image's tokens at several sources, kept for its figure.
+
+    ``scores[reference][source] = {"ari", "nmi", "miou"}`` with reference "prediction" (the model's
+    argmax) or "ground_truth" (when given and not all ignored); against the ground truth the
+    prediction itself is also scored, as a yardstick (source "prediction").
+    """
+
+    path: str
+    image: Tensor | None  # (3, H, W) in [0, 1]
+    k: int
+    sources: list[str]
+    segments: Tensor  # (n_sources, H, W) int64 PCA segment ids in [0, k)
+    rgb: Tensor  # (n_sources, 3, H, W) float64 in [0, 1]: first three PCA coordinates
+    prediction: Tensor  # (H, W) int64 class ids
+    ground_truth: Tensor | None  # (H, W) int64, IGNORE_INDEX = ignored
+    scores: dict[str, dict[str, dict[str, float]]]
 
 
 def segment_tokens(
     tokens: Tensor, grid: tuple[int, int], padded: tuple[int, int], size: tuple[int, int],
     k: int, method: str = "argmax", seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """PCA segmentation and RGB view of one image's tokens at several layers, as pixel maps.
+    """PCA segmentation and RGB view of one image's tokens at one source, as pixel maps.
 
-    tokens: (n_layers, N, d) with N = h·w on ``grid``; ``padded``: the (padded) pixel size the grid
-    covers; ``size`` = (H, W) <= padded. Returns segments (n_layers, H, W) int64 and
-    rgb (n_layers, 3, H, W) float64, on the CPU.
+    tokens: (N, d) with N = h·w on ``grid``; ``padded``: the (padded) pixel size the grid covers;
+    ``size`` = (H, W) <= padded. Returns segments (H, W) int64 and rgb (3, H, W) float64, on the CPU.
     """
-    n = tokens.shape[1]
+    n = tokens.shape[0]
     if n < max(k, 3):
         raise InputError(f"the image gives only {n} patch tokens ({grid[0]}x{grid[1]}); need at least "
                          f"{max(k, 3)} for k={k} and the RGB view — use a larger image")
@@ -118,124 +138,182 @@ def segment_tokens(
     def to_pixels(values: Tensor) -> Tensor:  # (..., N) -> (..., H, W)
         return upsample_labels(values, grid, padded)[..., :H, :W].cpu()
 
-    segments = to_pixels(pca_segment(tokens, k, method, seed))
-    rgb = torch.stack([to_pixels(c.T) for c in pca_rgb(tokens)])
-    return segments, rgb
+    return to_pixels(pca_segment(tokens, k, method, seed)), to_pixels(pca_rgb(tokens).T)
 
 
 def score_segments(
-    segments: Tensor, layers: Sequence[int], prediction: Tensor, ground_truth: Tensor | None = None
+    segments: Tensor, sources: Sequence[str], prediction: Tensor, ground_truth: Tensor | None = None
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Scores of each layer's segmentation (n_layers, H, W) against the prediction and the ground truth.
+    """Scores of each source's segmentation (n_sources, H, W) against the prediction and the ground truth.
 
-    See :class:`PCAResult` for the layout. A ground truth that is entirely ignored is left out.
+    See :class:`PCAExample` for the layout. A ground truth that is entirely ignored is left out.
     """
     refs = {"prediction": prediction}
     if ground_truth is not None and bool((ground_truth != IGNORE_INDEX).any()):
         refs["ground_truth"] = ground_truth
-    scores = {
-        ref: {layer_name(j): segmentation_scores(seg, target) for j, seg in zip(layers, segments)}
-        for ref, target in refs.items()
-    }
+    scores = {ref: {source: segmentation_scores(seg, target) for source, seg in zip(sources, segments)}
+              for ref, target in refs.items()}
     if "ground_truth" in scores:
         scores["ground_truth"]["prediction"] = segmentation_scores(prediction, ground_truth)
     return scores
 
 
-def pca_results(
-    model: nn.Module,
-    pixels: Tensor,
-    labels: Tensor | None = None,
-    paths: Sequence[str] | None = None,
-    *,
-    layers: Sequence[int | str] | None = None,
-    k: int | None = None,
-    method: str = "argmax",
-    seed: int = 0,
-    amp: bool = False,
-) -> list[PCAResult]:
-    """Trace a batch and PCA-segment every image's tokens at ``layers`` (see :func:`resolve_layers`).
-
-    pixels: (B, 3, H, W) in [0, 1], any H, W (the model pads); labels: (B, H, W) ground truth or None.
-    ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for
-    every layer. The forward pass runs on the model's device (float32; bf16 autocast with ``amp`` on
-    CUDA); results live on the CPU.
-    """
-    device = next(model.parameters()).device
-    with autocast(device, amp):
-        tr = trace(model, model.normalize(pixels.to(device)))
-    chosen = resolve_layers(layers, tr.num_layers)
-    predictions = tr.masks.argmax(dim=1).cpu()
-    size = tuple(pixels.shape[-2:])
-    padded = (tr.grid[0] * model.patch_size, tr.grid[1] * model.patch_size)
-    paths = list(paths) if paths is not None else [f"image{b}" for b in range(len(pixels))]
-    results = []
-    for b, path in enumerate(paths):
+def trace_examples(
+    tr: Trace, sources: Sequence[str], k: int | None, method: str, seed: int, first_index: int = 0
+) -> Iterator[PCAExample]:
+    """The PCA segmentations of every image of one trace (``k`` None: ``choose_k`` of its prediction); an
+    image without a path is called ``image<i>``, i counted from ``first_index``."""
+    predictions = tr.prediction.cpu()
+    size = tuple(tr.masks.shape[-2:])
+    patch = tr.model["patch_size"]
+    padded = (tr.grid[0] * patch, tr.grid[1] * patch)
+    tokens = {source: source_tokens(tr, source) for source in sources}
+    for b in range(tr.num_images):
         kb = k or choose_k(predictions[b])
-        tokens = torch.stack([tr.tokens[j][b] for j in chosen])
-        segments, rgb = segment_tokens(tokens, tr.grid, padded, size, kb, method, seed)
-        gt = labels[b].cpu() if labels is not None else None
-        scores = score_segments(segments, chosen, predictions[b], gt)
-        results.append(
-            PCAResult(path, pixels[b].cpu(), kb, chosen, tr.num_layers, segments, rgb, predictions[b], gt, scores)
+        maps = [segment_tokens(tokens[s][b], tr.grid, padded, size, kb, method, seed) for s in sources]
+        segments, rgb = torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps])
+        truth = tr.labels[b].cpu() if tr.labels is not None else None
+        yield PCAExample(
+            path=tr.paths[b] if tr.paths else f"image{first_index + b}",
+            image=tr.pixels[b].cpu() if tr.pixels is not None else None,
+            k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b],
+            ground_truth=truth, scores=score_segments(segments, sources, predictions[b], truth),
         )
-    return results
 
 
-def summarize(rows: Iterable[dict]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """Mean, (population) std and count of each score: ``{reference: {source: {score: {mean, std, n}}}}``."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["reference"], row["source"]), []).append(row)
-    summary: dict = {}
-    for (ref, source), group in groups.items():
-        values = {s: np.array([row[s] for row in group]) for s in SCORES}
-        summary.setdefault(ref, {})[source] = {
-            s: {"mean": float(v.mean()), "std": float(v.std()), "n": len(v)} for s, v in values.items()
-        }
-    return summary
+# ------------------------------------------------------------------------------------------ the result
+
+
+@dataclass
+class PCASegmentation(Result):
+    """PCA segmentation scores of one model over n images.
+
+    ``scores[reference][source][score]`` is a ``Stat`` over the images scored against that reference
+    (``scored[reference]``: their indices; the ground truth only where an image has one), for the
+    sources ``sources`` (and, against the ground truth, "prediction"). ``examples``: the first few
+    images' segmentations, for the per-image figures.
+
+    ``summary()`` keys: ``model`` (variant), ``num_images``, ``first`` and ``last`` (the first and last
+    source, by default "input" and "Z_L1"), ``mean_scores`` {reference: {source: {score: mean}}}.
+    """
+
+    name: ClassVar[str] = "pca-seg"
+
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    sources: list[str]
+    token_names: list[str]
+    images: list[str]
+    k: np.ndarray  # (n,) segments per image
+    scored: dict[str, list[int]]
+    scores: dict[str, dict[str, dict[str, Stat]]]
+    examples: list[PCAExample] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    palette: np.ndarray | None = None  # (K, 3) uint8
+    score_figure: bool = True  # draw the score distributions (not when every image has a figure of its own)
+
+    @property
+    def label(self) -> str:
+        return self.model["variant"]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def summary(self) -> dict[str, Any]:
+        means = {ref: {source: {score: float(stat.mean) for score, stat in by_score.items()}
+                       for source, by_score in by_source.items()} for ref, by_source in self.scores.items()}
+        return {"model": self.label, "num_images": self.num_images, "first": self.sources[0],
+                "last": self.sources[-1], "mean_scores": means}
+
+    def image_scores(self) -> list[dict[str, dict[str, dict[str, float]]]]:
+        """Every image's scores, laid out as ``PCAExample.scores``."""
+        found: list[dict] = [{} for _ in self.images]
+        for ref, indices in self.scored.items():
+            for at, i in enumerate(indices):
+                found[i][ref] = {source: {score: float(stat.per_image[at]) for score, stat in by_score.items()}
+                                 for source, by_score in self.scores[ref].items()}
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        summary = {ref: {source: {score: {"mean": float(stat.mean), "std": float(stat.std), "n": len(stat.per_image)}
+                                  for score, stat in by_score.items()} for source, by_score in by_source.items()}
+                   for ref, by_source in self.scores.items()}
+        images = [{"path": path, "k": int(k), "scores": scores}
+                  for path, k, scores in zip(self.images, self.k, self.image_scores())]
+        return {"model": self.model, "settings": self.settings, "summary": summary, "images": images}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (image, reference, source): path, k, reference, source, ari, nmi, miou."""
+        return [{"path": image["path"], "k": image["k"], "reference": ref, "source": source, **values}
+                for image in self.to_json()["images"] for ref, by_source in image["scores"].items()
+                for source, values in by_source.items()]
+
+    def figures(self) -> dict[str, Figure]:
+        return self.compare_figures([self.label], [self])
+
+    @classmethod
+    def compare_figures(cls, labels: Sequence[str], results: Sequence["PCASegmentation"]) -> dict[str, Figure]:
+        """``pca-seg``: the score distributions of every model (``score_figure``); ``pca-seg_<image>``:
+        each example image, one row per model."""
+        figures = {}
+        if results[0].score_figure:
+            figures[cls.name] = scores_figure(labels, results)
+        for i, stem in enumerate(unique_names([e.path for e in results[0].examples])):
+            rows = [(label, r, r.examples[i]) for label, r in zip(labels, results) if i < len(r.examples)]
+            figures[f"{cls.name}_{stem}"] = pca_figure(rows)
+        return figures
 
 
 def analyze_pca(
-    model: nn.Module,
-    batches: Iterable[Batch],
+    traces: Trace | Iterable[Trace],
     *,
     layers: Sequence[int | str] | None = None,
     k: int | None = None,
     method: str = "argmax",
     seed: int = 0,
     examples: int = 4,
-    total: int | None = None,
-    progress: bool = True,
-    amp: bool = False,
-) -> dict:
-    """PCA segmentation scores over a stream of image batches (any sizes; see :func:`pca_results`).
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
+    score_figure: bool = True,
+) -> PCASegmentation:
+    """PCA-segment every traced image's tokens at ``layers`` (see the module docstring) and score them.
 
-    Returns ``{"settings", "images": [{path, k, scores}], "rows": long-format score rows,
-    "summary": summarize(rows), "examples": the first ``examples`` PCAResults (for figures)}``.
-    ``total`` (number of images) sizes the progress bar.
+    ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for every
+    source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
+    segmentations for figures, drawn with ``class_names`` and ``palette`` (K, 3) uint8 (default:
+    ``class i`` and ``make_palette``); ``score_figure`` adds the box plot of every image's scores.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    images, rows, kept = [], [], []
-    with image_progress(total, "PCA segmentation", progress) as advance:
-        for batch in batches:
-            results = pca_results(
-                model, batch.pixels, batch.labels, batch.paths, layers=layers, k=k, method=method, seed=seed, amp=amp
-            )
-            for result in results:
-                images.append({"path": result.path, "k": result.k, "scores": result.scores})
-                rows += result.rows()
-            kept += results[: max(0, examples - len(kept))]
-            advance(len(results))
-    if not images:
+    kept: list[PCAExample] = []
+    paths, ks, per_image = [], [], []
+    first: Trace | None = None
+    for tr in as_traces(traces):
+        if first is None:
+            first, sources = tr, resolve_layers(layers, tr.token_names)
+        for example in trace_examples(tr, sources, k, method, seed, len(paths)):
+            paths.append(example.path)
+            ks.append(example.k)
+            per_image.append(example.scores)
+            if len(kept) < examples:
+                kept.append(example)
+    if first is None:
         raise InputError("no images to analyse")
-    settings = {
-        "method": method, "k": k or "auto (classes predicted, 2..8)", "layers": results[0].layers,
-        "num_layers": results[0].num_layers, "seed": seed, "num_images": len(images),
-        "model": describe_model(model),
-    }
-    return {"settings": settings, "images": images, "rows": rows, "summary": summarize(rows), "examples": kept}
+    scored = {ref: [i for i, s in enumerate(per_image) if ref in s] for ref in REFERENCES}
+    scored = {ref: indices for ref, indices in scored.items() if indices}
+    scores = {ref: {source: {score: Stat(np.array([per_image[i][ref][source][score] for i in indices]))
+                             for score in SCORES} for source in per_image[indices[0]][ref]}
+              for ref, indices in scored.items()}
+    n_cls = first.model["n_cls"]
+    settings = {"method": method, "k": k or "auto (classes predicted, 2..8)", "layers": sources, "seed": seed,
+                "num_images": len(paths)}
+    return PCASegmentation(
+        model=first.model, settings=settings, sources=sources, token_names=first.token_names, images=paths,
+        k=np.array(ks), scored=scored, scores=scores, examples=kept,
+        class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
+        palette=np.asarray(palette) if palette is not None else make_palette(n_cls), score_figure=score_figure,
+    )
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -277,30 +355,10 @@ def single_images(
 # ------------------------------------------------------------------------------------------ figures
 
 
-def checkpoint_dataset(meta: dict) -> str | None:
-    """The dataset a checkpoint was trained on, when its metadata says (ours or an official variant.yml)."""
-    official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
-    name = meta.get("dataset") or (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
-    return name if isinstance(name, str) else None
-
-
-def class_legend(n_cls: int, datasets: Iterable[str | None] = ()) -> tuple[list[str], np.ndarray]:
-    """Class names and palette (n_cls, 3) uint8 of the first dataset with exactly ``n_cls`` classes,
-    else ``class 0 …`` with ``make_palette``."""
-    for name in filter(None, datasets):
-        try:
-            names, palette = class_info(name)
-        except DatasetError:
-            continue
-        if len(names) == n_cls:
-            return names, palette
-    return [f"class {i}" for i in range(n_cls)], make_palette(n_cls)
-
-
 def colour_ids(segments: Tensor, prediction: Tensor, n_cls: int) -> Tensor:
     """Give every PCA segment a display id: its Hungarian-matched predicted class, or n_cls + i.
 
-    segments: (n_layers, H, W); returns the same shape. The i-th unmatched segment of a layer gets
+    segments: (n_sources, H, W); returns the same shape. The i-th unmatched segment of a source gets
     ``n_cls + i``, so a palette of n_cls class colours followed by k extra colours shows them all.
     """
     out = torch.empty_like(segments)
@@ -321,60 +379,56 @@ def _caption(scores: dict, source: str) -> str:
     )
 
 
-def pca_figure(result: PCAResult, class_names: Sequence[str], palette: np.ndarray, method: str) -> Figure:
-    """The per-image figure: image | PCA segmentation per layer (RGB view below) | prediction | GT.
-
-    PCA segments are coloured like the predicted class they are Hungarian-matched to (unmatched:
-    light greys).
-    """
-    n_cls = len(class_names)
-    extra = np.linspace(235, 160, result.k).round().astype(np.uint8)[:, None].repeat(3, axis=1)
-    full_palette = np.concatenate([palette, extra])
-    ids = colour_ids(result.segments, result.prediction, n_cls)
-
-    def title(j: int) -> str:
-        where = "decoder input" if j == 0 else f"after layer {j}" + (" = L1" if j == result.num_layers else "")
-        return f"$Z_{{{j}}}$ ({where})"
-
-    panels = [
-        plots.PCAPanel(title(j), plots.palette_image(ids[i].numpy(), full_palette),
-                       result.rgb[i].permute(1, 2, 0).numpy(), _caption(result.scores, layer_name(j)))
-        for i, j in enumerate(result.layers)
-    ]
-    gt = result.ground_truth
-    present = torch.cat([result.prediction.flatten()] + ([gt.flatten()] if gt is not None else [])).unique().tolist()
-    legend = [(class_names[c], palette[c]) for c in present if c < n_cls]
-    legend += [("ignored", np.zeros(3, dtype=np.uint8))] if IGNORE_INDEX in present else []
-    note = ("PCA segments take the colour of the predicted class they match (Hungarian); "
-            "unmatched segments are light grey. "
-            + ("Rule: argmax of PCA coordinates (sign-dependent; --method kmeans is more robust)."
-               if method == "argmax" else "Rule: k-means on the PCA coordinates."))
-    return plots.pca_segmentation_figure(
-        image=result.image.permute(1, 2, 0).numpy(),
-        panels=panels,
-        prediction=plots.palette_image(result.prediction.numpy(), palette),
-        ground_truth=plots.palette_image(gt.numpy(), palette) if gt is not None else None,
-        prediction_caption=_caption(result.scores, "prediction"),
-        legend=legend,
-        title=f"{Path(result.path).name}: {result.k} PCA segments per layer ({method})",
-        note=note,
+def _row(label: str, result: PCASegmentation, example: PCAExample) -> tuple[plots.PCARow, list[tuple[str, np.ndarray]]]:
+    """One model's row of a per-image figure, and the (class name, colour) pairs it shows."""
+    names, palette = result.class_names, result.palette
+    n_cls = len(names)
+    greys = np.linspace(235, 160, example.k).round().astype(np.uint8)[:, None].repeat(3, axis=1)  # unmatched segments
+    segment_palette = np.concatenate([palette, greys])
+    ids = colour_ids(example.segments, example.prediction, n_cls)
+    panels = [plots.PCAPanel(source_title(source, result.token_names), plots.palette_image(ids[i].numpy(), segment_palette),
+                             example.rgb[i].permute(1, 2, 0).numpy(), _caption(example.scores, source))
+              for i, source in enumerate(example.sources)]
+    truth = example.ground_truth
+    grey = np.full((*example.prediction.shape, 3), 0.5)  # a trace of normalised tensors keeps no pixels
+    image = example.image.permute(1, 2, 0).numpy() if example.image is not None else grey
+    row = plots.PCARow(
+        label=f"{label}\n{example.k} segments", image=image, panels=panels,
+        prediction=plots.palette_image(example.prediction.numpy(), palette),
+        prediction_caption=_caption(example.scores, "prediction"),
+        ground_truth=plots.palette_image(truth.numpy(), palette) if truth is not None else None,
     )
+    present = torch.cat([example.prediction.flatten()] + ([truth.flatten()] if truth is not None else [])).unique().tolist()
+    legend = [(names[c], palette[c]) for c in present if c < n_cls]
+    legend += [("ignored", np.zeros(3, dtype=np.uint8))] if IGNORE_INDEX in present else []
+    return row, legend
 
 
-def scores_figure(result: dict) -> Figure:
-    """Score distributions of an :func:`analyze_pca` result: each layer's PCA segmentation side by side,
-    against the prediction and the ground truth (with the prediction itself as a yardstick)."""
-    settings = result["settings"]
-    sources = {layer_name(j): f"$Z_{{{j}}}$ PCA" for j in settings["layers"]} | {"prediction": "model prediction"}
+def pca_figure(rows: Sequence[tuple[str, PCASegmentation, PCAExample]]) -> Figure:
+    """The per-image figure, one row per model: image | PCA segmentation and RGB view per source |
+    prediction | ground truth. PCA segments take the colour of the predicted class they are
+    Hungarian-matched to (unmatched: light greys); the legend lists the classes shown."""
+    drawn = [_row(label, result, example) for label, result, example in rows]
+    legend = list({(name, tuple(colour)): (name, colour) for _, pairs in drawn for name, colour in pairs}.values())
+    method = rows[0][1].settings["method"]
+    note = ("PCA segments take the colour of the predicted class they match (Hungarian); unmatched segments are "
+            "light grey. " + ("Rule: argmax of PCA coordinates (sign-dependent; --method kmeans is more robust)."
+                              if method == "argmax" else "Rule: k-means on the PCA coordinates."))
+    return plots.pca_segmentation_figure([row for row, _ in drawn], legend,
+                                         title=f"{Path(rows[0][2].path).name}: PCA segmentation ({method})", note=note)
+
+
+def scores_figure(labels: Sequence[str], results: Sequence[PCASegmentation]) -> Figure:
+    """Score distributions of every model's PCA segmentations, per source, against the prediction and the
+    ground truth (with the prediction itself as a yardstick); one colour per model."""
+    rows = [{"model": label, **row} for label, result in zip(labels, results) for row in result.rows()]
+    sources = {}
+    for result in results:
+        sources |= {source: source_title(source, result.token_names).replace(" (", "\n(") for source in result.sources}
+    sources["prediction"] = "model\nprediction"
+    title = f"PCA segmentation ({results[0].settings['method']}) over {results[0].num_images} images"
     references = {"prediction": "vs model prediction", "ground_truth": "vs ground truth"}
-    title = (f"PCA segmentation ({settings['method']}) over {settings['num_images']} images: "
-             f"{settings['model']['variant']}")
-    return plots.pca_scores_figure(result["rows"], sources, references, title)
-
-
-# ------------------------------------------------------------------------------------------ files
-
-NAME = "pca-seg"
+    return plots.pca_scores_figure(rows, labels, sources, references, title)
 
 
 def unique_names(paths: Sequence[str]) -> list[str]:
@@ -385,19 +439,3 @@ def unique_names(paths: Sequence[str]) -> list[str]:
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return names
-
-
-def write_pca(
-    result: dict, out: str | Path, class_names: Sequence[str], palette: np.ndarray, *, settings: dict, score_figure: bool = True
-) -> list[Path]:
-    """``pca-seg_<image>.png/.pdf`` per example, ``pca-seg.png/.pdf`` (score distributions, when
-    ``score_figure``), ``pca-seg.json`` (settings updated with ``settings``, summary, per-image scores)
-    and ``pca-seg.csv`` (score rows) in ``out``."""
-    out = Path(out)
-    written = []
-    for name, example in zip(unique_names([e.path for e in result["examples"]]), result["examples"]):
-        written += save_figure(pca_figure(example, class_names, palette, result["settings"]["method"]), out, f"{NAME}_{name}")
-    if score_figure:
-        written += save_figure(scores_figure(result), out, NAME)
-    report = {"settings": result["settings"] | settings, "summary": result["summary"], "images": result["images"]}
-    return written + [save_json(out / f"{NAME}.json", report), save_csv(out / f"{NAME}.csv", result["rows"])]

@@ -49,7 +49,15 @@ def palette_image(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------ coding rate (SPEC §3.1)
 
-LAYER_AXIS_LABEL = r"decoder layer $j$  (0 = input $Z_0$)"
+LAYER_AXIS_LABEL = r"tokens $Z_j$ after decoder layer $j$"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def shades(colour, n: int) -> list[tuple[float, float, float]]:
+    """n shades of one model's colour, dark to light: its lines stay recognisably that model's."""
+    base = np.asarray(colour, dtype=float)
+    steps = np.linspace(-0.4, 0.45, n) if n > 1 else [0.0]
+    return [tuple(base * (1 + t) if t < 0 else base + (1 - base) * t) for t in steps]
 
 
 def _band(ax: plt.Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, color, **line) -> matplotlib.lines.Line2D:
@@ -59,116 +67,160 @@ def _band(ax: plt.Axes, x: np.ndarray, mean: np.ndarray, std: np.ndarray, color,
     return ax.plot(x, mean, color=color, markersize=4, **line)[0]
 
 
-def _rate_caption(result: dict) -> str:
-    s = result["settings"]
-    basis = ", orthonormalised $P$" if s["orthonormalize"] else ""
-    return (
-        f"{s['model']['variant']} ({s['model']['decoder']}): mean ± std over {s['num_images']} images, "
-        f"ε = {s['eps']:g}, token normalisation: {s['normalize']}{basis}"
-    )
+def _rate_caption(label: str, result) -> str:
+    s = result.settings
+    basis = "; orthonormalised head bases" if s["orthonormalize"] else ""
+    view = "residual stream $Z_j$" if s["view"] == "residual" else r"what layer $\ell$ projects, LN$_\ell(Z_j)$"
+    return (f"{label}: {result.model['variant']} ({result.model['decoder']}), mean ± std over {result.num_images} "
+            f"images; ε = {s['eps']:g}, normalisation {s['normalize']}{basis}; tokens $X_j$: {view}")
 
 
-def _legend_row_major(fig: plt.Figure, handles: list, max_columns: int = 4) -> None:
-    """A legend below the axes whose entries read left to right (matplotlib fills columns first)."""
-    ncol = min(len(handles), max_columns)
-    nrows = -(-len(handles) // ncol)
-    ordered = [handles[i] for c in range(ncol) for i in range(c, nrows * ncol, ncol) if i < len(handles)]
-    fig.legend(handles=ordered, loc="outside lower center", ncol=ncol, frameon=False)
+SUBSPACE_PANELS = (  # quantity, title, y label
+    ("subspace_rate", r"$R(P_\ell^\top X_j)$", "nats"),
+    ("crate_rate", r"CRATE's $R^c = \sum_k R(P_{\ell,k}^\top X_j)$", "nats"),
+    ("raw_ratio", r"raw ratio $R(P_\ell^\top X_j) / R(X_j)$", "includes P's scale: not a share"),
+    ("share", r"share $R(U_\ell^\top X_j) / R(X_j)$", r"$U_\ell$: orthonormal basis of span$(P_\ell)$; ≤ 1"),
+)
 
 
 @styled
-def plot_subspace_rates(result: dict) -> plt.Figure:
-    """The paper's coding-rate figure, from an ``analyze_coding_rates`` result.
+def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
+    """The paper's coding-rate figure, one row per model (``CodingRates`` results, named by ``labels``).
 
-    Left: R(P_lᵀ Z_j) against the decoder layer j, one line per subspace l (mean ± std band) and a
-    dashed vertical line of the same colour at the layer that owns P_l; subspaces that update only
-    the class embeddings (DEPICT-CA's MSCA) are dotted and have no such line. Right: the ratio
-    R(P_lᵀ Z_j) / R(Z_j).
+    Columns: R(P_lᵀX_j), CRATE's per-head sum R^c, the raw ratio R(P_lᵀX_j)/R(X_j) (not a share: it
+    includes P's row norms) and the share R(U_lᵀX_j)/R(X_j) (U_l an orthonormal basis of span(P_l)),
+    against the token stage j. One line per subspace l (mean ± std band) in shades of the model's
+    colour, with a dashed vertical line at the layer that owns P_l; subspaces that update only the class
+    embeddings (DEPICT-CA's MSCA) are dotted, with no such line.
     """
-    layers = np.asarray(result["layers"])
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2), sharex=True, layout="constrained")
-    owned, unowned = [], []
-    for s, space in enumerate(result["subspaces"]):
-        color = LINE_COLORS[s % len(LINE_COLORS)]
-        is_owned = space["layer"] is not None
-        style = {"marker": "o", "linestyle": "-"} if is_owned else {"marker": "s", "linestyle": ":"}
-        for ax, key in zip(axes, ("subspace_rate", "ratio")):
-            line = _band(ax, layers, result[key]["mean"][s], result[key]["std"][s], color, label=space["name"], **style)
-            if is_owned:
-                ax.axvline(space["layer"], color=color, linestyle="--", linewidth=1.0, alpha=0.7)
-        (owned if is_owned else unowned).append(line)
-    def key(**style) -> matplotlib.lines.Line2D:  # a legend entry explaining a line style
-        return matplotlib.lines.Line2D([], [], color="0.35", linewidth=1.0, markersize=4, **style)
-
-    if owned:
-        owned.append(key(linestyle="--", label=r"layer that owns $P_\ell$"))
-    if unowned:
-        unowned.append(key(linestyle=":", marker="s", label="updates $Q$ only: no owner layer"))
-    axes[0].set(title="Rate in each layer's subspace", ylabel=r"$R(P_\ell^\top Z_j)$  (nats)")
-    axes[1].set(title="Relative to the rate in $\\mathbb{R}^d$", ylabel=r"$R(P_\ell^\top Z_j)\ /\ R(Z_j)$  (ratio)")
-    for ax in axes:
-        ax.set(xticks=layers, xlabel=LAYER_AXIS_LABEL)
-    if owned or unowned:
-        _legend_row_major(fig, owned + unowned)
-    fig.suptitle(_rate_caption(result), fontsize="small")
+    colours = model_colours(labels)
+    fig = plt.figure(figsize=(12.0, 2.9 * len(results) + 0.3), layout="constrained")
+    rows = np.atleast_1d(fig.subfigures(len(results), 1))
+    for row, label, result in zip(rows, labels, results):
+        row.suptitle(_rate_caption(label, result), fontsize="small")
+        if not result.subspaces:
+            row.text(0.5, 0.5, f"{label}: no subspace projections", ha="center", va="center")
+            continue
+        axes = row.subplots(1, len(SUBSPACE_PANELS), sharex=True)
+        x = np.arange(len(result.token_names))
+        handles = []
+        for space, colour, marker in zip(result.subspaces, shades(colours[label], len(result.subspaces)), MARKERS * 8):
+            owned = space.layer is not None
+            style = {"marker": marker, "linestyle": "-" if owned else ":"}
+            for ax, (key, _, _) in zip(axes, SUBSPACE_PANELS):
+                stat = getattr(result, key)[space.name]
+                line = _band(ax, x, stat.mean, stat.std, colour, label=space.name, **style)
+                if owned:
+                    ax.axvline(space.layer, color=colour, linestyle="--", linewidth=1.0, alpha=0.7)
+            handles.append(line)
+        for ax, (key, title, unit) in zip(axes, SUBSPACE_PANELS):
+            if key in ("raw_ratio", "share"):
+                ax.axhline(1.0, color="0.5", linewidth=0.8)
+            ax.set_title(title, fontsize="small")
+            ax.set_ylabel(unit, fontsize="x-small")
+            ax.set_xticks(x, result.token_names, rotation=30 if len(x) > 4 else 0, fontsize="x-small")
+            ax.set_xlabel(LAYER_AXIS_LABEL, fontsize="x-small")
+        key = matplotlib.lines.Line2D([], [], color="0.35", linestyle="--", label=r"layer that owns $P_\ell$")
+        row.legend(handles=[*handles, key], loc="outside right center", frameon=False, fontsize="small", title=label)
     return fig
 
 
+def _stage_ticks(results: Sequence) -> list[str]:
+    """Class-stage tick labels: the stage names when every model has the same, else positions."""
+    stages = [r.class_stages for r in results]
+    longest = max(stages, key=len)
+    if all(s == stages[0] for s in stages):
+        return [*longest[:-1], r"final $\hat{Q}$"]
+    return ["input", *map(str, range(1, len(longest) - 1)), r"final $\hat{Q}$"]
+
+
 @styled
-def plot_token_class_rates(result: dict) -> plt.Figure:
-    """R(Z_j) against the decoder layer j (left); R(Q) at each class stage, then the final Q̂ (right).
-
-    Both from an ``analyze_coding_rates`` result, as mean ± std over images.
-    """
-    layers = np.asarray(result["layers"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 3.0), layout="constrained")
-    tokens = result["token_rate"]
-    _band(left, layers, tokens["mean"], tokens["std"], LINE_COLORS[0], marker="o")
-    left.set(xticks=layers, title="Patch tokens $Z_j$", xlabel=LAYER_AXIS_LABEL, ylabel="$R(Z_j)$  (nats)")
-
-    classes = result["class_rate"]
-    x, color = np.arange(len(classes["stages"])), LINE_COLORS[1]
-    _band(right, x[:-1], classes["mean"][:-1], classes["std"][:-1], color, marker="o")
-    right.errorbar(x[-1], classes["mean"][-1], yerr=classes["std"][-1], color=color, marker="D", capsize=3)
-    right.set_xticks(x, [*classes["stages"][:-1], r"final $\hat{Q}$"], rotation=30 if len(x) > 6 else 0)
-    right.set(xlim=(-0.5, len(x) - 0.5), title="Class embeddings $Q$", xlabel="stage (after layer)")
-    right.set_ylabel("$R(Q)$  (nats)")
-    fig.suptitle(_rate_caption(result), fontsize="small")
+def plot_token_class_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
+    """R(Z_j) against the token stage j (left); R(Q) at each class stage, then the final Q̂ (right); one
+    line per model in its colour, mean ± std over images."""
+    colours = model_colours(labels)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.0, 3.2), layout="constrained")
+    for label, result in zip(labels, results):
+        x = np.arange(len(result.token_names))
+        _band(left, x, result.token_rate.mean, result.token_rate.std, colours[label], marker="o", label=label)
+        stages = result.class_rate
+        t, final = np.arange(len(result.class_stages) - 1), len(_stage_ticks(results)) - 1
+        if len(t):
+            _band(right, t, stages.mean[:-1], stages.std[:-1], colours[label], marker="o")
+        right.errorbar(final, stages.mean[-1], yerr=stages.std[-1], color=colours[label], marker="D", capsize=3)
+    longest = max(results, key=lambda r: len(r.token_names))
+    left.set_xticks(np.arange(len(longest.token_names)),
+                    longest.token_names if len(results) == 1 else np.arange(len(longest.token_names)))
+    left.set(title="Patch tokens $Z_j$", xlabel=LAYER_AXIS_LABEL if len(results) == 1 else "decoder layer $j$",
+             ylabel="$R(Z_j)$  (nats)")
+    ticks = _stage_ticks(results)
+    right.set_xticks(np.arange(len(ticks)), ticks, rotation=30 if len(ticks) > 5 else 0)
+    right.set(xlim=(-0.5, len(ticks) - 0.5), title="Class embeddings $Q$", xlabel="stage (after layer)",
+              ylabel="$R(Q)$  (nats)")
+    fig.legend(loc="outside right center", frameon=False, fontsize="small")
+    first = results[0].settings
+    fig.suptitle(f"mean ± std over images; ε = {first['eps']:g}, normalisation {first['normalize']}", fontsize="small")
     return fig
 
 
 # ----------------------------------------------------------------- per-class rates and ΔR
 
 
+@dataclass
+class ClassRatePanel:
+    """One model's per-class rates for ``plot_class_rates``: ``lines`` maps "rate" (R(Z_j)), "within"
+    (Σ_c N_c/N R(Z_{j,c})) and "delta" (ΔR_j) to one ``Interval`` per token stage; ``heat`` (K', J) is each
+    class's mean rate, its rows named ``class_names``."""
+
+    name: str
+    layers: Sequence[str]
+    lines: dict[str, list]
+    heat: np.ndarray
+    class_names: Sequence[str]
+
+
+CLASS_RATE_LINES = {"rate": ("-", "o", "$R(Z_j)$"), "within": (":", "s", r"$\sum_c \frac{N_c}{N} R(Z_{j,c})$"),
+                    "delta": ("--", "D", r"$\Delta R_j$")}
+
+
 @styled
-def plot_class_rates(
-    layers: Sequence[str], bands: dict[str, list], per_class: np.ndarray, class_names: Sequence[str], caption: str
-) -> plt.Figure:
-    """Left: each of ``bands`` (legend text -> one ``Interval`` per layer) against the token stage,
-    mean with its interval band. Right: ``per_class`` (K', J) mean rate of each class (rows, named
-    ``class_names``) at each stage, as a heatmap with the values written in."""
-    x = np.arange(len(layers))
-    height = max(3.2, 0.32 * len(class_names) + 1.4)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, height), layout="constrained", width_ratios=(1, 1.15))
-    for color, (name, values) in zip(LINE_COLORS, bands.items()):
-        low, high = [v.low for v in values], [v.high for v in values]
-        left.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
-        left.plot(x, [v.estimate for v in values], color=color, marker="o", markersize=4, label=name)
-    left.set_xticks(x, layers, rotation=30 if len(x) > 5 else 0)
-    left.set(xlabel="token stage (after layer)", ylabel="nats", title="Rate, class-weighted rate, rate reduction")
-    left.legend(loc="best", frameon=True, fontsize="small")
-    image = right.imshow(per_class, aspect="auto", cmap="viridis")
-    right.set_xticks(x, layers, rotation=30 if len(x) > 5 else 0)
-    right.set_yticks(np.arange(len(class_names)), class_names)
-    right.grid(False)
-    if per_class.size <= 200:
-        middle = np.nanmean(per_class) if np.isfinite(per_class).any() else 0.0
-        for (r, c), value in np.ndenumerate(per_class):
-            if np.isfinite(value):
-                right.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
-                           color="black" if value > middle else "white")
-    right.set(xlabel="token stage (after layer)", title="$R(Z_{j,c})$ per class (n: images with the class)")
-    fig.colorbar(image, ax=right, label="nats", shrink=0.85)
+def plot_class_rates(panels: Sequence[ClassRatePanel], colours: dict, caption: str) -> plt.Figure:
+    """Left: per model (its colour) R(Z_j), the class-weighted rate and ΔR_j against the token stage j,
+    means with their interval bands. Right: one heatmap per model of each class's rate (rows, named) at
+    each stage, the values written in."""
+    rows = max(len(p.class_names) for p in panels)
+    height = max(3.4, 0.3 * rows + 1.6)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.6 + 4.4 * len(panels), height), layout="constrained",
+                             squeeze=False, width_ratios=[1.1] + [1.0] * len(panels))
+    left = axes[0, 0]
+    for panel in panels:
+        x = np.arange(len(panel.layers))
+        for key, (style, marker, _) in CLASS_RATE_LINES.items():
+            values = panel.lines[key]
+            left.fill_between(x, [v.low for v in values], [v.high for v in values], color=colours[panel.name], alpha=0.15,
+                              linewidth=0)
+            left.plot(x, [v.estimate for v in values], color=colours[panel.name], linestyle=style, marker=marker, markersize=4)
+    longest = max(panels, key=lambda p: len(p.layers))
+    left.set_xticks(np.arange(len(longest.layers)), [f"{j}" for j in range(len(longest.layers))])
+    left.set(xlabel="token stage j (0 = decoder input)", ylabel="nats", title="Rate, class-weighted rate, rate reduction")
+    keys = [matplotlib.lines.Line2D([], [], color="0.3", linestyle=style, marker=marker, markersize=4, label=label)
+            for style, marker, label in CLASS_RATE_LINES.values()]
+    if len(panels) > 1:
+        keys += [matplotlib.patches.Patch(color=colours[p.name], label=p.name) for p in panels]
+    left.legend(handles=keys, loc="best", frameon=True, fontsize="small")
+    for ax, panel in zip(axes[0, 1:], panels):
+        image = ax.imshow(panel.heat, aspect="auto", cmap="viridis")
+        ax.set_xticks(np.arange(len(panel.layers)), panel.layers, rotation=30 if len(panel.layers) > 5 else 0)
+        ax.set_yticks(np.arange(len(panel.class_names)), panel.class_names)
+        ax.grid(False)
+        if panel.heat.size <= 200 and np.isfinite(panel.heat).any():
+            middle = np.nanmean(panel.heat)
+            for (r, c), value in np.ndenumerate(panel.heat):
+                if np.isfinite(value):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
+                            color="black" if value > middle else "white")
+        ax.set(xlabel="token stage (after layer)", title=f"{panel.name}: $R(Z_{{j,c}})$ per class (n: images with it)")
+        fig.colorbar(image, ax=ax, label="nats", shrink=0.85)
     fig.suptitle(caption, fontsize="small")
     return fig
 
@@ -219,30 +271,48 @@ def attention_figure(
     return fig
 
 
+@dataclass
+class AttentionSharePanel:
+    """One model's own-class attention shares for ``plot_attention_shares``: per class-query layer the
+    heads, one ``Interval`` per head and their mean's; ``chance``: what uniform attention gives."""
+
+    name: str
+    layers: Sequence[str]
+    heads: Sequence[Sequence[int]]
+    per_head: Sequence[Sequence]
+    means: Sequence
+    chance: object
+
+
 @styled
-def plot_attention_shares(
-    per_head: dict[str, list], heads: dict[str, Sequence[int]], means: list, chance, caption: str
-) -> plt.Figure:
-    """Share of each class query's attention on its own class's patches, per layer: a dot per head and
-    the mean over heads with their intervals (``Interval``s), and what uniform attention would give."""
-    layers = list(per_head)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(layers) + 2.0), 3.4), layout="constrained")
-    x = np.arange(len(layers))
-    most = max(len(heads[layer]) for layer in layers)
-    for k in range(most):
-        xs = [i + 0.08 * (k - (most - 1) / 2) for i, layer in enumerate(layers) if k < len(heads[layer])]
-        values = [per_head[layer][k] for layer in layers if k < len(heads[layer])]
-        ax.errorbar(xs, [100 * v.estimate for v in values],
-                    yerr=[[100 * (v.estimate - v.low) for v in values], [100 * (v.high - v.estimate) for v in values]],
-                    fmt="o", markersize=3, color=LINE_COLORS[k % len(LINE_COLORS)], alpha=0.7, capsize=2, label=f"head {k}")
-    ax.errorbar(x, [100 * m.estimate for m in means], yerr=[[100 * (m.estimate - m.low) for m in means],
-                [100 * (m.high - m.estimate) for m in means]], fmt="D-", color="0.15", capsize=3, label="mean over heads")
-    ax.axhspan(100 * chance.low, 100 * chance.high, color="0.6", alpha=0.25, linewidth=0)
-    ax.axhline(100 * chance.estimate, color="0.4", linestyle="--", linewidth=1.0, label="uniform attention (chance)")
-    ax.set_xticks(x, layers)
-    ax.set(xlabel="layer", ylabel="attention on own class's patches (%)", ylim=(0, 100))
-    ax.legend(loc="best", fontsize="x-small", frameon=True)
-    ax.set_title(caption, fontsize="small")
+def plot_attention_shares(panels: Sequence[AttentionSharePanel], caption: str) -> plt.Figure:
+    """Share (%) of each class query's attention on its own class's patches, one panel per model: a dot
+    per head and the mean over heads (the model's colour), with intervals, against uniform attention."""
+    colours = model_colours([p.name for p in panels])
+    width = sum(max(2.6, 1.0 * len(p.layers) + 1.2) for p in panels) + 0.8
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6), layout="constrained", sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        x = np.arange(len(panel.layers))
+        most = max(len(h) for h in panel.heads)
+        for k in range(most):
+            at = [i for i, heads in enumerate(panel.heads) if k < len(heads)]
+            values = [panel.per_head[i][k] for i in at]
+            ax.errorbar([i + 0.08 * (k - (most - 1) / 2) for i in at], [100 * v.estimate for v in values],
+                        yerr=[[100 * (v.estimate - v.low) for v in values], [100 * (v.high - v.estimate) for v in values]],
+                        fmt="o", markersize=3, color=LINE_COLORS[k % len(LINE_COLORS)], alpha=0.6, capsize=2,
+                        label=f"head {k}")
+        means = panel.means
+        ax.errorbar(x, [100 * m.estimate for m in means], yerr=[[100 * (m.estimate - m.low) for m in means],
+                    [100 * (m.high - m.estimate) for m in means]], fmt="D-", color=colours[panel.name], capsize=3,
+                    label="mean over heads")
+        chance = panel.chance
+        ax.axhspan(100 * chance.low, 100 * chance.high, color="0.6", alpha=0.25, linewidth=0)
+        ax.axhline(100 * chance.estimate, color="0.4", linestyle="--", linewidth=1.0, label="uniform attention")
+        ax.set_xticks(x, panel.layers)
+        ax.set(xlabel="layer", title=panel.name, ylim=(0, 100))
+    axes[0, 0].set_ylabel("attention on own class's patches (%)")
+    axes[0, -1].legend(loc="best", fontsize="x-small", frameon=True)
+    fig.suptitle(caption, fontsize="small")
     return fig
 
 
@@ -253,7 +323,7 @@ SCORE_TITLES = {"ari": "adjusted Rand index", "nmi": "normalised mutual informat
 
 @dataclass
 class PCAPanel:
-    """One layer's column of the PCA figure."""
+    """One source's segmentation in a row of the PCA figure."""
 
     title: str
     segments: np.ndarray  # (H, W, 3) uint8: the coloured PCA segmentation
@@ -261,79 +331,92 @@ class PCAPanel:
     caption: str  # scores, shown under the segmentation
 
 
+@dataclass
+class PCARow:
+    """One model's row of the PCA figure of an image."""
+
+    label: str  # the model's name (and the k used)
+    image: np.ndarray  # (H, W, 3) float in [0, 1]
+    panels: list[PCAPanel]
+    prediction: np.ndarray  # (H, W, 3) uint8, palette-coloured
+    prediction_caption: str
+    ground_truth: np.ndarray | None
+
+
 def _show(ax: plt.Axes, image: np.ndarray, title: str, caption: str = "") -> None:
     ax.imshow(image, interpolation="nearest")
-    ax.set(xticks=[], yticks=[], title=title)
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(title, fontsize="small")
     ax.set_xlabel(caption, fontsize="x-small")
     ax.grid(False)
 
 
 @styled
-def pca_segmentation_figure(
-    image: np.ndarray,
-    panels: list[PCAPanel],
-    prediction: np.ndarray,
-    ground_truth: np.ndarray | None,
-    prediction_caption: str,
-    legend: list[tuple[str, np.ndarray]],
-    title: str,
-    note: str,
-) -> plt.Figure:
-    """image | one PCA segmentation per layer | model prediction (| ground truth); below each layer its
-    PCA-RGB view, below the prediction a legend of the classes shown.
-
-    image: (H, W, 3) float in [0, 1]; prediction / ground_truth: (H, W, 3) uint8 (palette-coloured);
-    legend: (class name, RGB uint8) pairs; note: a footnote on how to read the figure.
-    """
-    cols = 2 + len(panels) + (ground_truth is not None)
-    H, W = image.shape[:2]
-    side = 2.3
+def pca_segmentation_figure(rows: list[PCARow], legend: list[tuple[str, np.ndarray]], title: str, note: str) -> plt.Figure:
+    """One row per model: image | for each source its PCA segmentation and its first three PCA
+    components as RGB | model prediction | ground truth (when any row has one); a legend of the classes
+    shown (name, RGB uint8) on the right, and ``note`` on how to read it below."""
+    has_truth = any(row.ground_truth is not None for row in rows)
+    cols = 2 + 2 * max(len(row.panels) for row in rows) + has_truth
+    H, W = rows[0].image.shape[:2]
+    side = 2.0
     height = side * float(np.clip(H / W, 0.5, 2.0))
-    fig, axes = plt.subplots(2, cols, figsize=(side * cols, 2 * height + 1.4), layout="constrained", squeeze=False)
-    _show(axes[0, 0], image, "image")
-    for i, panel in enumerate(panels, start=1):
-        _show(axes[0, i], panel.segments, panel.title, panel.caption)
-        _show(axes[1, i], panel.components, "PCA components 1–3 as RGB")
-    _show(axes[0, len(panels) + 1], prediction, "model prediction", prediction_caption)
-    if ground_truth is not None:
-        _show(axes[0, -1], ground_truth, "ground truth")
-    for ax in (axes[1, 0], *axes[1, len(panels) + 1 :]):
-        ax.set_axis_off()
+    fig, axes = plt.subplots(len(rows), cols, figsize=(side * cols, (height + 0.75) * len(rows) + 1.2),
+                             layout="constrained", squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        _show(ax_row[0], row.image, "image")
+        ax_row[0].set_ylabel(row.label, fontsize="small", fontweight="bold")
+        for i, panel in enumerate(row.panels):
+            _show(ax_row[1 + 2 * i], panel.segments, panel.title, panel.caption)
+            _show(ax_row[2 + 2 * i], panel.components, "PCA 1–3 as RGB")
+        _show(ax_row[1 + 2 * len(row.panels)], row.prediction, "model prediction", row.prediction_caption)
+        if row.ground_truth is not None:
+            _show(ax_row[-1], row.ground_truth, "ground truth")
+        for ax in ax_row:
+            if not ax.images:  # a model with fewer sources, or no ground truth
+                ax.set_axis_off()
     handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor="0.3", label=n) for n, c in legend]
     if handles:
-        axes[1, len(panels) + 1].legend(handles=handles, loc="upper left", frameon=False, fontsize="small",
-                                        ncol=1 + len(handles) // 9, title="classes shown")
+        fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize="small",
+                   ncol=1 + len(handles) // 16, title="classes shown")
     fig.suptitle(title)
     fig.supxlabel(note, fontsize="x-small")
     return fig
 
 
 @styled
-def pca_scores_figure(rows: list[dict], sources: dict[str, str], references: dict[str, str], title: str) -> plt.Figure:
-    """Box plots (mean as a white diamond, images as dots) of each score, per reference and source.
+def pca_scores_figure(
+    rows: list[dict], labels: Sequence[str], sources: dict[str, str], references: dict[str, str], title: str
+) -> plt.Figure:
+    """Box plots (mean as a white diamond, images as dots) of each score: one row per reference, one
+    column per score, the sources along x and one box per model in its colour.
 
-    rows: long-format dicts with ``reference``, ``source`` and the scores ``ari``, ``nmi``, ``miou``;
-    ``sources`` / ``references``: key -> display label, in plotting order (keys absent from rows are skipped).
+    rows: long-format dicts with ``model``, ``reference``, ``source`` and the scores ``ari``, ``nmi``,
+    ``miou``; ``sources`` / ``references``: key -> display label, in plotting order (absent keys skipped).
     """
     frame = pd.DataFrame(rows)
     frame = frame[frame["source"].isin(sources) & frame["reference"].isin(references)]
-    hue_order = [sources[s] for s in sources if s in set(frame["source"])]
-    order = [references[r] for r in references if r in set(frame["reference"])]
-    frame = frame.assign(source=frame["source"].map(sources), reference=frame["reference"].map(references))
-    colors = dict(zip(hue_order, LINE_COLORS))
-    fig, axes = plt.subplots(1, len(SCORE_TITLES), figsize=(3.0 * len(SCORE_TITLES), 3.2), layout="constrained")
-    for ax, (score, score_title) in zip(axes, SCORE_TITLES.items()):
-        common = {"data": frame, "x": "reference", "y": score, "hue": "source", "order": order,
-                  "hue_order": hue_order, "ax": ax}
-        with warnings.catch_warnings():  # seaborn passes matplotlib >= 3.11 a deprecated `vert`; not ours to fix
-            warnings.filterwarnings("ignore", "vert: bool was deprecated", matplotlib.MatplotlibDeprecationWarning)
-            sns.boxplot(**common, palette=colors, showfliers=False, showmeans=True, width=0.7,
-                        meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "0.2", "markersize": 4})
-        sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue_order, "0.25"), size=2.5, alpha=0.5, legend=False)
-        ax.set(title=score_title, xlabel="", ylabel="")
-        ax.tick_params(axis="x", labelsize="small")
-        ax.get_legend().remove()
-    handles = [matplotlib.patches.Patch(facecolor=colors[h], label=h) for h in hue_order]
+    present = [r for r in references if r in set(frame["reference"])]
+    colours = model_colours(labels)
+    fig, axes = plt.subplots(len(present), len(SCORE_TITLES), figsize=(3.4 * len(SCORE_TITLES), 2.9 * len(present) + 0.8),
+                             layout="constrained", squeeze=False)
+    for ax_row, ref in zip(axes, present):
+        part = frame[frame["reference"] == ref]
+        order = [sources[s] for s in sources if s in set(part["source"])]
+        part = part.assign(source=part["source"].map(sources))
+        for ax, (score, score_title) in zip(ax_row, SCORE_TITLES.items()):
+            common = {"data": part, "x": "source", "y": score, "hue": "model", "order": order,
+                      "hue_order": list(colours), "ax": ax}
+            with warnings.catch_warnings():  # seaborn passes matplotlib >= 3.11 a deprecated `vert`; not ours to fix
+                warnings.filterwarnings("ignore", "vert: bool was deprecated", matplotlib.MatplotlibDeprecationWarning)
+                sns.boxplot(**common, palette=colours, showfliers=False, showmeans=True, width=0.7,
+                            meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "0.2", "markersize": 4})
+            sns.stripplot(**common, dodge=True, palette=dict.fromkeys(colours, "0.25"), size=2.5, alpha=0.5, legend=False)
+            ax.set(title=f"{score_title}, {references[ref]}", xlabel="", ylabel="")
+            ax.title.set_fontsize("small")
+            ax.tick_params(axis="x", labelsize="x-small")
+            ax.get_legend().remove()
+    handles = [matplotlib.patches.Patch(facecolor=colours[label], label=label) for label in colours]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle(f"{title}\nboxes: quartiles, ◇: mean, dots: images", fontsize="medium")
     return fig
@@ -341,49 +424,108 @@ def pca_scores_figure(rows: list[dict], sources: dict[str, str], references: dic
 
 # ---------------------------------------------------------------------- orthogonality (SPEC §3.3)
 
+ORTHOGONALITY_PANELS = (  # Orthogonality.headline key -> title
+    ("P_cross_head_mean_abs_cos", "P: mean |cos| across heads"),
+    ("P_coherence", "P: coherence (max |cos|)"),
+    ("final_Q_mean_abs_offdiag", r"final $\hat{Q}$: mean |cos|, $i \neq j$"),
+    ("final_Q_mean_abs_offdiag_centred", r"final $\hat{Q}$, class mean removed"),
+    ("cls_emb_mean_abs_offdiag", "learned cls_emb: mean |cos|"),
+)
+COSINE_MAP = "mako_r"  # |cos| from 0 (light) to 1 (dark)
 
-@dataclass
-class GramCell:
-    """One heatmap of a Gram matrix (n, n); ``block`` = head size p outlines the diagonal head blocks."""
 
-    matrix: np.ndarray
-    title: str
-    block: int | None = None
+def _class_ticks(ax: plt.Axes, names: Sequence[str]) -> None:
+    """Class names on both axes of a K × K heatmap (every ⌈K/40⌉-th name when there are many)."""
+    step = max(1, -(-len(names) // 40))
+    ticks = np.arange(0, len(names), step)
+    size = "xx-small" if len(names) > 12 else "x-small"
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=size)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=size)
+
+
+def _heatmap(ax: plt.Axes, matrix: np.ndarray, title: str) -> matplotlib.image.AxesImage:
+    image = ax.imshow(matrix, cmap=COSINE_MAP, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize="small")
+    ax.grid(False)
+    return image
 
 
 @styled
-def gram_grid_figure(
-    cells: list[list[GramCell | None]], columns: list[str], scale_labels: list[str], title: str
-) -> plt.Figure:
-    """A grid of Gram heatmaps: rows of cells (None leaves a gap), one column per model.
+def orthogonality_overview(labels: Sequence[str], results: Sequence) -> plt.Figure:
+    """Top: each headline statistic per model (filled: trained; hollow with a bar: at initialisation, mean
+    ± std over seeds; grey dash: two random directions in R^d). Below, one column per model: |cos| of the
+    final Q̂ (mean over images of |Q̂ᵀQ̂|, first row) and of the learned cls_emb (second row), class
+    names on both axes.
+    ``results``: ``Orthogonality`` results named by ``labels``."""
+    colours = model_colours(labels)
+    n = len(results)
+    fig = plt.figure(figsize=(max(11.0, 2.6 * n + 1.5), 3.0 + 2 * 3.0), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.0, 6.0])
+    axes = top.subplots(1, len(ORTHOGONALITY_PANELS))
+    x = np.arange(n)
+    for ax, (key, title) in zip(axes, ORTHOGONALITY_PANELS):
+        for i, (label, result) in enumerate(zip(labels, results)):
+            value, baseline = result.headline(key)
+            if value is None:
+                continue
+            ax.plot(i - 0.12, value, marker="o", markersize=7, color=colours[label], linestyle="none")
+            if baseline is not None:
+                ax.errorbar(i + 0.12, baseline.mean, yerr=baseline.std, marker="o", markersize=6, capsize=3,
+                            markerfacecolor="white", color=colours[label])
+            ax.plot([i - 0.3, i + 0.3], [result.random_level] * 2, color="0.55", linestyle="--", linewidth=1.0)
+        ax.set_xticks(x, labels, rotation=30 if n > 2 else 0, ha="right" if n > 2 else "center", fontsize="x-small")
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize="small")
+    keys = [matplotlib.lines.Line2D([], [], color="0.3", marker="o", linestyle="none", label="trained"),
+            matplotlib.lines.Line2D([], [], color="0.3", marker="o", markerfacecolor="white", label="at init (seeds)"),
+            matplotlib.lines.Line2D([], [], color="0.55", linestyle="--", label="random directions")]
+    top.legend(handles=keys, loc="outside right center", frameon=False, fontsize="small")
+    seeds = results[0].settings["baseline_seeds"]
+    top.suptitle(f"Scale-free orthogonality (|cos|; lower = closer to orthogonal); at init: fresh decoders, seeds "
+                 f"{', '.join(map(str, seeds)) or '—'}", fontsize="small")
 
-    Each row shares one colour scale, symmetric about 0 (diverging ``RdBu_r``: red > 0, blue < 0),
-    with its colour bar (labelled ``scale_labels[row]``) on the right; ``columns`` head the first row.
-    """
-    n_rows, n_cols = len(cells), len(columns)
-    figsize = (2.5 * n_cols + 1.0, 2.4 * n_rows + 0.6)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=figsize, layout="constrained", squeeze=False)
-    for r, row in enumerate(cells):
-        vmax = max((float(np.abs(c.matrix).max()) for c in row if c is not None), default=1.0) or 1.0
-        image = None
-        for ax, cell in zip(axes[r], row):
-            ax.set(xticks=[], yticks=[])
-            ax.grid(False)
-            if cell is None:
+    grid = bottom.subplots(2, n, squeeze=False)
+    image = None
+    for column, label, result in zip(grid.T, labels, results):
+        for ax, name in zip(column, ("final_Q", "cls_emb")):
+            panel = result.panel(name)
+            if panel is None:
                 ax.set_axis_off()
                 continue
-            image = ax.imshow(cell.matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="antialiased")
-            n = len(cell.matrix)
-            if cell.block and cell.block < n:
-                for start in range(0, n, cell.block):
-                    ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), cell.block, cell.block,
-                                                              fill=False, edgecolor="black", linewidth=0.8))
-            ax.set_title(cell.title, fontsize="small")
-        if image is not None:
-            fig.colorbar(image, ax=list(axes[r]), shrink=0.85, pad=0.02, label=scale_labels[r])
-    for ax, column in zip(axes[0], columns):
-        ax.set_title(f"{column}\n{ax.get_title()}", fontsize="small")
-    fig.suptitle(title, fontsize="medium")
+            image = _heatmap(ax, panel.cosines, label)
+            _class_ticks(ax, result.class_names)
+    for ax, what in zip(grid[:, 0], (r"final $\hat{Q}$ (mean over images)", "learned cls_emb")):
+        ax.set_ylabel(what, fontsize="small")
+    if image is not None:
+        bottom.colorbar(image, ax=grid.ravel().tolist(), shrink=0.6, label="|cos| between classes")
+    return fig
+
+
+@styled
+def subspace_cosines_figure(labels: Sequence[str], results: Sequence) -> plt.Figure:
+    """|cos| between every pair of basis vectors of each subspace: one row per model, one column per
+    subspace, head blocks outlined (an orthonormal basis is the identity)."""
+    rows = [[p for p in result.panels if p.kind == "P"] for result in results]
+    n_cols = max(1, max(map(len, rows)))
+    fig, axes = plt.subplots(len(results), n_cols, figsize=(2.3 * n_cols + 1.2, 2.5 * len(results) + 0.6),
+                             layout="constrained", squeeze=False)
+    image = None
+    for ax_row, label, panels in zip(axes, labels, rows):
+        for ax, panel in zip(ax_row, panels):
+            image = _heatmap(ax, panel.cosines, f"{panel.name}: {panel.heads} × {panel.dim_head}")
+            ax.set(xticks=[], yticks=[])
+            size = len(panel.cosines)
+            if panel.heads > 1:
+                for start in range(0, size, panel.dim_head):
+                    ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), panel.dim_head, panel.dim_head,
+                                                              fill=False, edgecolor="tab:red", linewidth=0.8))
+        ax_row[0].set_ylabel(label, fontsize="small", fontweight="bold")
+        for ax in ax_row[len(panels):]:
+            ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="|cos| between basis vectors")
+    fig.suptitle("Subspace bases: |cos| between basis vectors (head blocks outlined)", fontsize="medium")
     return fig
 
 

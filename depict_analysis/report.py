@@ -19,17 +19,17 @@ import numpy as np
 
 from depict_analysis.claims import Finding
 from depict_analysis.outputs import atomic_write_text
-from depict_analysis.suite import SuiteResult, pca_scores, token_rates
-from depict_analysis.uncertainty import Interval, intervals
+from depict_analysis.suite import SuiteResult, p_cosine, q_offdiag, token_rates
+from depict_analysis.uncertainty import Interval, intervals, mean_interval
 
 # How to read each figure: the same words as the README's gallery.
 READING = {
     "coding-rate": (
-        "First figure: R(P_lᵀZ_j), the coding rate of the patch tokens inside layer l's subspace (one line per "
-        "layer l) after decoder layer j (j = 0 is the backbone output), and on the right the same divided by "
-        "R(Z_j). Second figure: R(Z_j) and R(Q) of the class embeddings per stage. DEPICT's MSSA layers are "
-        "derived as compression steps, so the rates should fall through the layers while the tokens gather into "
-        "the learned subspaces."
+        "First figure: for each subspace P_l, the share of the coding rate R(Z_j) of the patch tokens that lies in "
+        "span(P_l) (an orthonormal basis of it: at most 1) after decoder layer j (j = 0 is the backbone output); the "
+        "raw ratio R(P_lᵀZ_j) / R(Z_j), which includes P's row norms and is not a share, is in the JSON and CSV. "
+        "Second figure: R(Z_j) and R(Q) of the class embeddings per stage. DEPICT's MSSA layers are derived as "
+        "compression steps against the subspaces, so the tokens should gather into them through the layers."
     ),
     "pca-seg": (
         "Each token is labelled by its largest principal component, at the decoder input Z_0 and after the last "
@@ -72,39 +72,46 @@ def _finding(finding: Finding) -> dict[str, Any]:
 
 def _coding_rate_tables(result: SuiteResult) -> list[dict]:
     rates, bootstrap = result.rates, result.settings.bootstrap
-    header = ["", *(f"j = {j}" for j in rates["layers"])]
+    header = ["", *(f"j = {j} ({name})" for j, name in enumerate(rates.token_names))]
     rows = [["R(Z_j) (nats)", *intervals(token_rates(rates), bootstrap)]]
-    for space, per_image in zip(rates["subspaces"], np.moveaxis(np.asarray(rates["ratio"]["per_image"]), 1, 0)):
-        rows.append([f"R(P_{space['name']}ᵀZ_j) / R(Z_j)", *intervals(per_image, bootstrap)])
-    stages = rates["class_rate"]["stages"]
-    classes = _table(["class stage", *stages], [["R(Q) (nats)", *intervals(np.asarray(rates["class_rate"]["per_image"]), bootstrap)]])
-    return [_table(header, rows, f"{result.primary.label}: mean over images [interval]"), classes]
+    for name in rates.share:
+        rows.append([f"share: R(U_{name}ᵀZ_j) / R(Z_j)", *intervals(rates.share[name].per_image, bootstrap)])
+        rows.append([f"raw ratio: R(P_{name}ᵀZ_j) / R(Z_j)", *intervals(rates.raw_ratio[name].per_image, bootstrap)])
+    classes = _table(["class stage", *rates.class_stages],
+                     [["R(Q) (nats)", *intervals(rates.class_rate.per_image, bootstrap)]])
+    caption = (f"{result.primary.label}: mean over images [interval]; the share uses an orthonormal basis U of span(P) "
+               "(≤ 1), the raw ratio P as the layer uses it (its row norms included: not a share)")
+    return [_table(header, rows, caption), classes]
 
 
 def _pca_table(result: SuiteResult) -> dict:
-    bootstrap = result.settings.bootstrap
+    bootstrap, pca = result.settings.bootstrap, result.pca
     rows = []
     for reference in ("ground_truth", "prediction"):
-        for source in result.pca["summary"].get(reference, {}):
+        for source in pca.scores.get(reference, {}):
             rows.append([reference.replace("_", " "), source,
-                         *(intervals(pca_scores(result.pca, reference, source, score)[:, None], bootstrap)[0]
+                         *(mean_interval(pca.scores[reference][source][score].per_image, bootstrap)
                            for score in ("ari", "nmi", "miou"))])
     return _table(["against", "segmentation", "ARI", "NMI", "mIoU"], rows, "mean over images [interval]")
 
 
 def _orthogonality_table(result: SuiteResult) -> dict:
-    bootstrap = result.settings.bootstrap
+    bootstrap, level = result.settings.bootstrap, result.settings.level
     rows = []
     for model in result.models:
         numbers = result.orthogonality[model.label]
-        q, centred = (intervals(values[:, None], bootstrap)[0] for values in (numbers.q_offdiag, numbers.q_offdiag_centred))
-        p = "—" if numbers.p_cosine is None else f"{numbers.p_cosine:.3g}"
-        init = numbers.p_cosine_init
-        start = "—" if init is None else (f"{init.mean():.3g} [{np.quantile(init, (1 - bootstrap.level) / 2, method='lower'):.3g}, "
-                                          f"{np.quantile(init, (1 + bootstrap.level) / 2, method='higher'):.3g}]")
-        rows.append([model.label, q, centred, p, start])
-    header = ["model", "Q̂ mean |cos|, per image", "class mean removed", "P mean |cos| (exact)", "P at initialisation"]
+        q, centred = (mean_interval(q_offdiag(numbers, c), bootstrap) for c in (False, True))
+        p, init = p_cosine(numbers)
+        rows.append([model.label, q, centred, "—" if p is None else f"{p:.3g}",
+                     "—" if init is None else _sample_range(init, level)])
+    header = ["model", "Q̂ mean |cos|, per image", "class mean removed", "P mean |cos| across heads (exact)",
+              "P at initialisation"]
     return _table(header, rows, "Q̂: mean over images [interval]; initialisation: mean [central range] of fresh decoders")
+
+
+def _sample_range(values: np.ndarray, level: float) -> str:
+    low, high = np.quantile(values, (1 - level) / 2, method="lower"), np.quantile(values, (1 + level) / 2, method="higher")
+    return f"{values.mean():.3g} [{low:.3g}, {high:.3g}]"
 
 
 def _robustness_table(result: SuiteResult) -> dict:

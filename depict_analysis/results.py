@@ -8,16 +8,20 @@ result answers the same five calls:
 - ``to_json()``: everything behind the figures, JSON-ready (``<name>.json``);
 - ``rows()``: the same numbers in long format, one dict per value (``<name>.csv``);
 - ``figures()``: ``{figure name: matplotlib Figure}``;
-- ``save(out)``: all of the above into the folder ``out``, each file written atomically.
+- ``save(out)``: all of the above into the folder ``out``, each file written atomically (and
+  ``<name>.npz`` when the result has ``arrays()``, e.g. the orthogonality's Gram matrices).
 
-``Stat`` holds one quantity per image and summarises it over images.
+``Stat`` holds one quantity per image and summarises it over images. ``Comparison`` is several
+models' results of one analysis side by side, itself a result: what a command writes for its
+checkpoints, one colour per model in every figure.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,26 +67,78 @@ class Result:
     def figures(self) -> dict[str, Figure]:
         raise NotImplementedError
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Matrices too large for the JSON, saved as ``<name>.npz``; none by default."""
+        return {}
+
+    @classmethod
+    def compare_figures(cls, labels: Sequence[str], results: Sequence["Result"]) -> dict[str, Figure]:
+        """The figures of several models' results of this analysis drawn together (``Comparison``)."""
+        raise NotImplementedError(f"{cls.__name__} has no figures comparing models")
+
     def save(self, out: str | Path) -> list[Path]:
-        """Write ``figures()`` (PNG + PDF), ``<name>.json`` and ``<name>.csv`` into ``out``; returns the paths."""
+        """Write ``figures()`` (PNG + PDF), ``<name>.json``, ``<name>.csv`` (and ``<name>.npz``) into ``out``;
+        returns the paths."""
         out = Path(out)
         paths = [path for name, figure in self.figures().items() for path in save_figure(figure, out, name)]
         paths.append(save_json(out / f"{self.name}.json", self.to_json()))
         paths.append(save_csv(out / f"{self.name}.csv", self.rows()))
+        if arrays := self.arrays():
+            paths.append(_save_npz(out / f"{self.name}.npz", arrays))
         return paths
 
 
-def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """``np.savez_compressed`` of ``arrays`` (keys may contain "/"), written atomically; returns the path."""
-    path = Path(path)
+@dataclass
+class Comparison(Result):
+    """One analysis of several models: ``results[i]`` is the result of the model ``labels[i]``, loaded from
+    ``sources[i]`` (all of one type). ``settings``: what the run shares, e.g. its image source.
+
+    ``summary()``: ``{label: that result's summary()}``; ``to_json()``: ``{"settings", "checkpoints":
+    [{"label", "source", **that result's to_json()}]}``; ``rows()``: every result's rows with
+    ``checkpoint`` (the label) first; ``figures()``: the result type's ``compare_figures``;
+    ``arrays()``: every result's arrays as ``<label>/<key>``.
+    """
+
+    labels: list[str]
+    sources: list[str]
+    results: list[Result]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.results or len({type(r) for r in self.results}) != 1:
+            raise ValueError("a Comparison needs one or more results of one analysis")
+        if not len(self.labels) == len(self.sources) == len(self.results):
+            raise ValueError("a Comparison needs one label and one source per result")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.results[0].name
+
+    def summary(self) -> dict[str, Any]:
+        return {label: result.summary() for label, result in zip(self.labels, self.results)}
+
+    def to_json(self) -> dict[str, Any]:
+        checkpoints = [{"label": label, "source": source, **result.to_json()}
+                       for label, source, result in zip(self.labels, self.sources, self.results)]
+        return {"settings": self.settings, "checkpoints": checkpoints}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"checkpoint": label, **row} for label, result in zip(self.labels, self.results) for row in result.rows()]
+
+    def figures(self) -> dict[str, Figure]:
+        return type(self.results[0]).compare_figures(self.labels, self.results)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{label}/{key}": array for label, result in zip(self.labels, self.results)
+                for key, array in result.arrays().items()}
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """``numpy.savez_compressed`` of ``arrays``, written atomically (a temporary file, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with os.fdopen(fd, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
     return path

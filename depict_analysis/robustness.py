@@ -19,7 +19,7 @@ What a sweep perturbs (``depict_analysis.perturbations``: ``Perturbation``, ``re
 ``Evaluation`` per (σ, draw): the dataset-level mIoU, pixel and mean accuracy, and the per-image
 counts behind them (true positives, label and predicted pixels per class). σ = 0 is the clean
 model, evaluated once; deterministic perturbations (blur, head-orthonormalize) get one draw.
-``run_robustness`` sweeps several models into a ``RobustnessResult``: per model and σ the mean
+``run_robustness`` sweeps several models into a ``Robustness``: per model and σ the mean
 mIoU over draws with a bootstrap interval over images and draws (``depict_analysis.uncertainty``),
 σ½ (where the mIoU falls to half its clean value) with its interval, and sanity warnings (a model
 at its class prior; too few images or draws for the intervals).
@@ -70,7 +70,7 @@ from depict_analysis.perturbations import (  # noqa: F401  (the vocabulary of sw
     parse_sigmas,
     resolve_perturbation,
 )
-from depict_analysis.results import Result, save_npz
+from depict_analysis.results import Result
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import (
     Bootstrap,
@@ -434,7 +434,7 @@ class Curve:
 
 
 @dataclass
-class RobustnessResult(Result):
+class Robustness(Result):
     """A robustness sweep of one or more models (``run_robustness``), with bootstrap intervals.
 
     ``evaluations``: one per (model, σ, draw), in sweep order; ``complete`` is False for a sweep
@@ -588,21 +588,17 @@ class RobustnessResult(Result):
             return {self.name: plots.plot_robustness_bars(curves, colours, caption)}
         return {self.name: plots.plot_robustness_curves(curves, colours, s["sigma_label"], caption)}
 
-    def save(self, out: str | Path) -> list[Path]:
-        """The figure, JSON and CSV (``Result.save``) and ``robustness_counts.npz``: per model the
-        per-image counts (evaluations, n, 3, K) in the order of its records. Returns ``files(out)``."""
-        paths = super().save(out)
-        arrays = {label: np.stack([e.counts for e in self.evaluations if e.checkpoint == label]) for label in self.labels}
-        paths.append(save_npz(Path(out) / f"{self.name}_counts.npz", arrays))
-        return paths
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``<label>``: each model's per-image counts (evaluations, n, 3, K), in the order of its records."""
+        return {label: np.stack([e.counts for e in self.evaluations if e.checkpoint == label]) for label in self.labels}
 
     def files(self, out: str | Path) -> list[Path]:
         """The files ``save(out)`` writes."""
         out = Path(out)
-        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", "_counts.npz")]
+        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz")]
 
 
-NAME = RobustnessResult.name
+NAME = Robustness.name
 
 
 def sweep_settings(perturbation: Perturbation, sigmas: Sequence[float], draws: int, seed: int) -> dict:
@@ -637,12 +633,12 @@ def run_robustness(
     settings: dict | None = None,
     bootstrap: Bootstrap | None = None,
     advance: Callable[[int], None] | None = None,
-) -> RobustnessResult:
+) -> Robustness:
     """Sweep every ``(label, source, model)`` of ``models``; with ``out``, write the result there.
 
     ``batches_for(side)`` gives (number of images, batches of ``side``-pixel crops); ``side`` is
     ``size`` or each model's training size. With ``out`` the records are rewritten after every
-    evaluation (``write_progress``) and the whole result (``RobustnessResult.save``) at the end. A
+    evaluation (``write_progress``) and the whole result (``Robustness.save``) at the end. A
     KeyboardInterrupt ends the sweep with what is done: the result has ``complete = False``.
     ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
     """
@@ -666,7 +662,7 @@ def run_robustness(
         complete = True
     except KeyboardInterrupt:
         pass
-    result = RobustnessResult(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
+    result = Robustness(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
     if evaluations and out is not None:
         result.save(out)
     return result

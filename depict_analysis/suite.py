@@ -27,7 +27,6 @@ report shows (a folder written into before may hold other runs' figures).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -37,26 +36,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from depict_analysis import __version__
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
-from depict_analysis.coding_rate_analysis import analyze_coding_rates, write_coding_rates
+from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
 from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.models.decoders.base import build_decoder
 from depict_analysis.models.pretrained import LABELS, load_default
-from depict_analysis.orthogonality import gram
-from depict_analysis.orthogonality_analysis import analyze_orthogonality, write_orthogonality
+from depict_analysis.models.sources import CheckpointInfo, trained_dataset
+from depict_analysis.orthogonality_analysis import FINAL_Q, Orthogonality, analyze_orthogonality
 from depict_analysis.outputs import save_json
-from depict_analysis.pca_analysis import analyze_pca, checkpoint_dataset, class_legend, layer_name, write_pca
+from depict_analysis.pca_analysis import PCASegmentation, analyze_pca
 from depict_analysis.perturbations import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation
-from depict_analysis.robustness import RobustnessResult, run_robustness
+from depict_analysis.results import Comparison
+from depict_analysis.robustness import Robustness, run_robustness
 from depict_analysis.tracing import trace_batches
 from depict_analysis.uncertainty import Bootstrap, warn_sample_size
 
 ANALYSES = ("coding-rate", "pca-seg", "orthogonality", "robustness")
+P_STATISTIC = "P_cross_head_mean_abs_cos"  # the Orthogonality headline the P claims compare
 
 
 @dataclass
@@ -75,6 +73,11 @@ class SuiteModel:
         """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
         return self.model.decoder.role
 
+    @property
+    def info(self) -> CheckpointInfo:
+        """What its metadata says: the class names and colours of the dataset it was trained on."""
+        return CheckpointInfo(self.label, self.source, "", self.model.n_cls, trained_dataset(self.meta), meta=self.meta)
+
     def describe(self) -> dict[str, str]:
         return {"label": self.label, "source": self.source, "decoder": self.family, "role": self.role,
                 "variant": self.model.config.name}
@@ -91,7 +94,7 @@ class SuiteSettings:
     batch_size: int = 16
     level: float = 0.95  # of every interval
     resamples: int = 1000  # bootstrap resamples behind every interval
-    init_draws: int = 20  # fresh initialisations behind "P is closer to orthogonal than at initialisation"
+    baseline_seeds: int = 5  # fresh initialisations (seeds seed, seed + 1, ...) of every decoder: orthogonality at init
 
     @property
     def bootstrap(self) -> Bootstrap:
@@ -106,75 +109,33 @@ class SuiteSettings:
 
 # ----------------------------------------------------------------------- numbers the claims read
 
-# Thin adapters onto the analyses' results: per-image arrays in the order of the images.
 
-
-def token_rates(rates: dict) -> np.ndarray:
+def token_rates(rates: CodingRates) -> np.ndarray:
     """R(Z_j) per image and token stage, (n, J)."""
-    return np.asarray(rates["token_rate"]["per_image"], dtype=np.float64)
+    return rates.token_rate.per_image
 
 
-def pca_scores(pca: dict, reference: str, source: str, score: str = "ari") -> np.ndarray:
-    """One score of one PCA segmentation (or the prediction) per image, (n,); NaN where the image has
-    no such reference (e.g. a ground truth that is all ignored)."""
-    return np.array([image["scores"].get(reference, {}).get(source, {}).get(score, math.nan) for image in pca["images"]])
+def pca_scores(pca: PCASegmentation, reference: str, source: str, score: str = "ari") -> np.ndarray:
+    """One score of one PCA segmentation (or the prediction) per image, (n,); NaN where the image was not
+    scored against ``reference`` (e.g. a ground truth that is all ignored)."""
+    values = np.full(pca.num_images, np.nan)
+    stat = pca.scores.get(reference, {}).get(source, {}).get(score)
+    if stat is not None:
+        values[pca.scored[reference]] = stat.per_image
+    return values
 
 
-@dataclass
-class OrthogonalityNumbers:
-    """The scale-free statistics the orthogonality claims compare, for one model.
-
-    ``q_offdiag`` / ``q_offdiag_centred`` (n,): per image the mean |cosine| between distinct rows of
-    the final Q̂ (centred: the class mean removed first, as the mask head's LayerNorm over classes
-    does); ``p_cosine``: the mean |cosine| between distinct basis vectors of each of the decoder's
-    projections P, averaged over them; ``p_cosine_init`` (draws,): the same for fresh
-    initialisations of the same decoder.
-    """
-
-    q_offdiag: np.ndarray
-    q_offdiag_centred: np.ndarray
-    p_cosine: float | None
-    p_cosine_init: np.ndarray | None
+def q_offdiag(orthogonality: Orthogonality, centred: bool = False) -> np.ndarray:
+    """Per image the mean |cosine| between distinct rows of the final Q̂ (``centred``: class mean removed), (n,)."""
+    key = "mean_abs_offdiag_centred" if centred else "mean_abs_offdiag"
+    return orthogonality.panel(FINAL_Q).per_image[key].per_image
 
 
-def mean_abs_offdiag(vectors: torch.Tensor) -> torch.Tensor:
-    """Mean |cosine| between distinct rows of ``vectors`` (..., n, d) -> (...) float64."""
-    G = gram(F.normalize(vectors.double(), dim=-1))
-    n = G.shape[-1]
-    return G.abs().masked_select(~torch.eye(n, dtype=torch.bool, device=G.device)).view(*G.shape[:-2], -1).mean(-1)
-
-
-def p_cosine(decoder: nn.Module) -> float | None:
-    """``mean_abs_offdiag`` of each subspace's h·p basis vectors, averaged over the subspaces; None without any."""
-    spaces = decoder.subspaces()
-    if not spaces:
-        return None
-    return float(np.mean([mean_abs_offdiag(s.proj.detach().reshape(-1, s.proj.shape[-1])).item() for s in spaces]))
-
-
-def initial_p_cosines(model: nn.Module, draws: int, seed: int) -> np.ndarray | None:
-    """``p_cosine`` of ``draws`` fresh decoders of the model's own configuration (seeds seed … seed + draws − 1),
-    built without touching the global random state."""
-    if not model.decoder.subspaces():
-        return None
-    values = []
-    with torch.random.fork_rng(devices=[]):
-        for i in range(draws):
-            torch.manual_seed(seed + i)
-            values.append(p_cosine(build_decoder(model.config.decoder, model.encoder.dim, model.n_cls)))
-    return np.array(values)
-
-
-def orthogonality_numbers(entry: SuiteModel, batches, total: int, settings: SuiteSettings, progress: bool) -> OrthogonalityNumbers:
-    """The ``OrthogonalityNumbers`` of one model over the images of ``batches``."""
-    traces = trace_batches(entry.model, batches, total=total, progress=progress, description="class embeddings")
-    Q = F.normalize(torch.cat([tr.class_embeddings for tr in traces]).double(), dim=-1)  # (n, K, d)
-    return OrthogonalityNumbers(
-        mean_abs_offdiag(Q).cpu().numpy(),
-        mean_abs_offdiag(Q - Q.mean(-2, keepdim=True)).cpu().numpy(),
-        p_cosine(entry.model.decoder),
-        initial_p_cosines(entry.model, settings.init_draws, settings.seed),
-    )
+def p_cosine(orthogonality: Orthogonality) -> tuple[float | None, np.ndarray | None]:
+    """The mean |cosine| between basis vectors of different heads, averaged over the decoder's projections,
+    and the same per fresh initialisation (seed); None where the decoder has no projection or no baseline."""
+    value, baseline = orthogonality.headline(P_STATISTIC)
+    return value, (baseline.per_image if baseline is not None else None)
 
 
 # ------------------------------------------------------------------------------------- findings
@@ -186,10 +147,10 @@ class SuiteResult:
 
     settings: SuiteSettings
     models: list[SuiteModel]
-    rates: dict  # coding_rate_analysis result of the primary model
-    pca: dict  # pca_analysis result of the primary model
-    orthogonality: dict[str, OrthogonalityNumbers]  # by model label
-    robustness: RobustnessResult
+    rates: CodingRates  # of the primary model
+    pca: PCASegmentation  # of the primary model
+    orthogonality: dict[str, Orthogonality]  # by model label
+    robustness: Robustness
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)  # analysis -> files this run wrote, relative to the folder
@@ -202,7 +163,7 @@ class SuiteResult:
 
     @property
     def num_images(self) -> int:
-        return len(self.rates["images"])
+        return self.rates.num_images
 
     def by_role(self, role: str) -> list[SuiteModel]:
         return [m for m in self.models if m.role == role]
@@ -230,11 +191,11 @@ def class_prior_blockers(result: SuiteResult, labels: Sequence[str]) -> list[str
 def pca_finding(result: SuiteResult) -> Finding:
     """PCA of the last layer's tokens segments better than PCA of the decoder input (ARI, paired by image)."""
     settings, bootstrap = result.settings, result.settings.bootstrap
-    layers = result.pca["settings"]["layers"]
-    first, last = layer_name(layers[0]), layer_name(layers[-1])
-    truth = pca_scores(result.pca, "ground_truth", first)
+    pca = result.pca
+    first, last = pca.sources[0], pca.sources[-1]
+    truth = pca_scores(pca, "ground_truth", first)
     reference = "ground_truth" if not np.isnan(truth).all() else "prediction"
-    a, b = pca_scores(result.pca, reference, last), pca_scores(result.pca, reference, first)
+    a, b = pca_scores(pca, reference, last), pca_scores(pca, reference, first)
     keep = ~(np.isnan(a) | np.isnan(b))
     against = "the ground truth (255 ignored)" if reference == "ground_truth" else (
         "the model's prediction: there is no ground truth, and the prediction is computed from the last layer's tokens, "
@@ -254,29 +215,32 @@ def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteM
     settings, bootstrap = result.settings, result.settings.bootstrap
     a, b = result.orthogonality[white.label], result.orthogonality[black.label]
     blockers = class_prior_blockers(result, [white.label, black.label])
-    images = settings.images(len(a.q_offdiag))
+    images = settings.images(len(q_offdiag(a)))
     findings = [
         compare_per_image("claim", f"{white.label}'s class embeddings Q̂ are closer to orthogonal than {black.label}'s ({what})",
                           f"mean |cosine| between distinct rows of the final Q̂{how}, per image then averaged; "
                           f"paired difference {white.label} − {black.label}",
-                          images, "smaller", bootstrap, (white.label, getattr(a, key)), (black.label, getattr(b, key)), blockers)
-        for key, what, how in (("q_offdiag", "as they are", ""),
-                               ("q_offdiag_centred", "class mean removed",
-                                " after removing the class mean (what the mask head's LayerNorm over classes sees; "
-                                "floor 1/(K − 1))"))
+                          images, "smaller", bootstrap, (white.label, q_offdiag(a, centred)), (black.label, q_offdiag(b, centred)),
+                          blockers)
+        for centred, what, how in ((False, "as they are", ""),
+                                   (True, "class mean removed",
+                                    " after removing the class mean (what the mask head's LayerNorm over classes sees; "
+                                    "floor 1/(K − 1))"))
     ]
-    statistic = "mean |cosine| between distinct basis vectors of each projection P, averaged over the decoder's projections"
-    if a.p_cosine is not None and a.p_cosine_init is not None:
+    statistic = ("mean |cosine| between basis vectors of different heads of each projection P, averaged over the "
+                 "decoder's projections")
+    (p_a, init_a), (p_b, _) = p_cosine(a), p_cosine(b)
+    if p_a is not None and init_a is not None:
+        seeds = a.settings["baseline_seeds"]
         findings.append(compare_to_sample(
             "claim", f"{white.label}'s subspaces P are closer to orthogonal than at their initialisation", statistic,
-            f"the trained weights; {len(a.p_cosine_init)} fresh initialisations of the same decoder (seeds "
-            f"{settings.seed}…{settings.seed + len(a.p_cosine_init) - 1})",
-            "smaller", settings.level, (white.label, a.p_cosine), ("initialisation", a.p_cosine_init), blockers))
-    if a.p_cosine is not None and b.p_cosine is not None:
+            f"the trained weights; {len(init_a)} fresh initialisations of the same decoder (seeds {seeds[0]}…{seeds[-1]})",
+            "smaller", settings.level, (white.label, p_a), ("initialisation", init_a), blockers))
+    if p_a is not None and p_b is not None:
         findings.append(compare_exact(
             "claim", f"{white.label}'s subspaces P are closer to orthogonal than {black.label}'s query projections W_Q",
             statistic + " (W_Q: each block's, split by head)", "the trained weights", "smaller",
-            (white.label, a.p_cosine), (black.label, b.p_cosine), blockers))
+            (white.label, p_a), (black.label, p_b), blockers))
     return findings
 
 
@@ -301,12 +265,12 @@ def robustness_finding(result: SuiteResult, white: SuiteModel, black: SuiteModel
 def rate_finding(result: SuiteResult) -> Finding:
     """Observation: R(Z_j) falls from the decoder input to the last layer (primary model, paired by image)."""
     rates = token_rates(result.rates)
-    names = ["input", *(f"layer {j}" for j in result.rates["layers"][1:])]
+    names = ["input", *result.rates.token_names[1:]]
     primary = result.primary
     return trend(
         "observation", f"The coding rate R(Z_j) of {primary.label}'s patch tokens falls from the decoder input to its last layer",
-        f"R(Z_j) = ½ logdet(I + d/(N ε²) Z_jᵀZ_j), ε = {result.rates['settings']['eps']:g}, tokens "
-        f"{result.rates['settings']['normalize']}-normalised, per image then averaged; paired difference last − input",
+        f"R(Z_j) = ½ logdet(I + d/(N ε²) Z_jᵀZ_j), ε = {result.rates.settings['eps']:g}, tokens "
+        f"{result.rates.settings['normalize']}-normalised, per image then averaged; paired difference last − input",
         result.settings.images(len(rates)), "smaller", result.settings.bootstrap,
         (names[0], rates[:, 0]), (names[-1], rates[:, -1]), class_prior_blockers(result, [primary.label]),
     )
@@ -319,7 +283,7 @@ def judge(result: SuiteResult) -> list[Finding]:
         for black in result.by_role("black-box"):
             findings += orthogonality_findings(result, white, black)
             findings.append(robustness_finding(result, white, black))
-    if len(result.rates["layers"]) > 1:
+    if len(result.rates.token_names) > 1:
         findings.append(rate_finding(result))
     return findings
 
@@ -355,28 +319,31 @@ def run_suite(
     def batches_for(side: int):
         return image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size)
 
+    def traces(entry: SuiteModel, description: str):
+        total, stream = batches(entry.model)
+        return trace_batches(entry.model, stream, total=total, progress=progress, description=description)
+
+    def save(name: str, entries: Sequence[SuiteModel], results: Sequence) -> None:
+        comparison = Comparison([e.label for e in entries], [e.source for e in entries], list(results), {"input": source})
+        files[name] = comparison.save(out / name)
+
     clock = time.perf_counter()
-    total, stream = batches(primary.model)
-    rates = analyze_coding_rates(primary.model, stream, total=total, progress=progress)
-    rates["settings"] |= {"checkpoint": primary.source, "input": source}
-    files["coding-rate"] = write_coding_rates(rates, out / "coding-rate")
+    rates = analyze_coding_rates(traces(primary, "coding rate"))
+    save("coding-rate", [primary], [rates])
     seconds["coding_rate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    total, stream = batches(primary.model)
-    pca = analyze_pca(primary.model, stream, seed=settings.seed, examples=settings.examples, total=total, progress=progress)
-    names, palette = class_legend(primary.model.n_cls, [source.get("dataset"), checkpoint_dataset(primary.meta)])
-    files["pca-seg"] = write_pca(pca, out / "pca-seg", names, palette, settings={"checkpoint": primary.source, "input": source})
+    info = primary.info
+    pca = analyze_pca(traces(primary, "PCA segmentation"), seed=settings.seed, examples=settings.examples,
+                      class_names=info.class_names, palette=info.palette)
+    save("pca-seg", [primary], [pca])
     seconds["pca_seg"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    panels, numbers = [], {}
-    for entry in models:
-        total, stream = batches(entry.model)
-        panels.append(analyze_orthogonality(entry.model, stream, total=total, progress=progress))
-        numbers[entry.label] = orthogonality_numbers(entry, batches(entry.model)[1], total, settings, progress)
-    files["orthogonality"] = write_orthogonality([e.label for e in models], [e.source for e in models], panels,
-                                                 out / "orthogonality", {"input": source})
+    seeds = range(settings.seed, settings.seed + settings.baseline_seeds)
+    orthogonality = {entry.label: analyze_orthogonality(traces(entry, "orthogonality"), baseline_seeds=seeds,
+                                                        class_names=entry.info.class_names) for entry in models}
+    save("orthogonality", models, orthogonality.values())
     seconds["orthogonality"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -395,7 +362,7 @@ def run_suite(
 
     run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
-    result = SuiteResult(settings, list(models), rates, pca, numbers, robustness, run=run, seconds=seconds,
+    result = SuiteResult(settings, list(models), rates, pca, orthogonality, robustness, run=run, seconds=seconds,
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)

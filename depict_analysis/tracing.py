@@ -9,10 +9,13 @@
 - ``embeddings``: the patch embeddings the mask head compares with Q̂ (after the decoder's final
   LayerNorm; SPEC's Z_L1), (B, N, d); ``class_embeddings``: the final L2-normalised Q̂, (B, K, d)
 - ``masks``: the model's output logits, (B, K, H, W), equal to ``model(images)``
-- ``subspaces``: every projection P_l the decoder owns, ``Subspace(name, layer, proj (h, p, d))``
+- ``subspaces``: every projection P_l the decoder owns, ``Subspace(name, layer, proj (h, p, d))``, with
+  the LayerNorm its layer applies before projecting (``Subspace.layer_input``)
 - ``attention[name]`` per layer on request; ``representatives[l]`` per layer for decoders that
   contract onto a few tokens (CBT), (B, h, R, p)
 - ``pixels`` (B, 3, H, W) in [0, 1], ``labels`` (B, H, W) and ``paths`` when traced from ``Images``
+- ``config``: the model's ``ModelConfig.to_dict()``, enough to build a fresh model of the same kind
+  (the orthogonality analysis's at-initialisation baseline) from a saved trace
 
 ``trace["tokens/mssa2"]``, ``trace["classes/input"]``, ``trace["attention/mssa1"]`` read entries by
 name (``trace.keys()`` lists them). ``trace_batches`` runs the one loop every analysis shares over a
@@ -35,7 +38,7 @@ from depict_analysis.models.decoders.base import Subspace
 from depict_analysis.models.device import autocast
 from depict_analysis.models.errors import InputError
 
-__all__ = ["Subspace", "Trace", "trace", "trace_batches"]
+__all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
 
 TRACE_FORMAT = "depict-analysis-trace/1"
 
@@ -59,6 +62,7 @@ class Trace:
     pixels: Tensor | None = None
     labels: Tensor | None = None
     paths: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None
 
     @property
     def family(self) -> str:
@@ -115,7 +119,8 @@ class Trace:
             embeddings=move(self.embeddings),
             class_embeddings=move(self.class_embeddings),
             masks=move(self.masks),
-            subspaces=[replace(s, proj=move(s.proj)) for s in self.subspaces],
+            subspaces=[replace(s, proj=move(s.proj), norm=None if s.norm is None else (*map(move, s.norm[:2]), s.norm[2]))
+                       for s in self.subspaces],
             attention={name: move(a) for name, a in self.attention.items()},
             representatives=[move(r) for r in self.representatives],
             pixels=move(self.pixels),
@@ -204,7 +209,7 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
         z0, grid = model.encode(x)
         out = model.decoder.forward_intermediates(z0, grid, attention=attention)
         masks = model.upsample(out.masks, grid, x.shape[-2:]).float()
-        subspaces = [Subspace(s.name, s.layer, s.proj.detach().clone(), s.parameter) for s in model.decoder.subspaces()]
+        subspaces = [_copy(s, model.decoder.input_norm(s)) for s in model.decoder.subspaces()]
     return Trace(
         model=describe_model(model),
         grid=grid,
@@ -221,7 +226,15 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
         pixels=batch.pixels if batch is not None else None,
         labels=batch.labels if batch is not None else None,
         paths=list(batch.paths) if batch is not None else [],
+        config=model.config.to_dict() if model.config is not None else None,
     )
+
+
+def _copy(space: Subspace, norm: nn.LayerNorm | None) -> Subspace:
+    """A copy of ``space`` independent of the model, with its layer's input LayerNorm ``norm``."""
+    copy = lambda t: t.detach().float().clone()  # noqa: E731
+    recorded = (copy(norm.weight), copy(norm.bias), norm.eps) if norm is not None else None
+    return Subspace(space.name, space.layer, space.proj.detach().clone(), space.parameter, recorded)
 
 
 def trace_batches(
@@ -240,6 +253,11 @@ def trace_batches(
         for batch in batches:
             yield trace(model, batch, attention=attention, amp=amp)
             advance(len(batch.paths))
+
+
+def as_traces(traces: Trace | Iterable[Trace]) -> Iterator[Trace]:
+    """What every analysis accepts: one ``Trace`` (e.g. ``Trace.load(path)``) or many (``trace_batches``)."""
+    return iter([traces]) if isinstance(traces, Trace) else iter(traces)
 
 
 def _float(tensors) -> list[Tensor]:

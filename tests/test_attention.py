@@ -13,7 +13,7 @@ from matplotlib import pyplot as plt
 from typer.testing import CliRunner
 
 from depict_analysis.attention import (
-    attention_from_traces,
+    analyze_attention,
     own_class_share,
     read_attention,
     reading_of,
@@ -50,7 +50,7 @@ def test_every_family_has_a_reading(name, readings):
     model = tiny_model(name)
     tr = trace(model, batch(), attention=True)
     assert [reading_of(a.shape, tr.grid[0] * tr.grid[1], K) for a in tr.attention.values()][: len(readings)] == readings
-    result = attention_from_traces([tr], examples=1, bootstrap=Bootstrap(resamples=20))
+    result = analyze_attention([tr], examples=1, bootstrap=Bootstrap(resamples=20))
     assert list(result.readings.values()) == readings
     has_classes = any(r in ("joint", "cross") for r in readings)
     assert bool(result.class_layers) == has_classes
@@ -67,7 +67,7 @@ def test_queries_are_the_rows_the_layer_computes():
     N = gh * gw
     pixel = (13, 22)
     row, col = 13 // model.patch_size, 22 // model.patch_size
-    result = attention_from_traces([tr], pixel=pixel, examples=2, bootstrap=Bootstrap(resamples=20))
+    result = analyze_attention([tr], pixel=pixel, examples=2, bootstrap=Bootstrap(resamples=20))
     mssa, msca = tr.attention["mssa2"], tr.attention["msca1"]
     for b, example in enumerate(result.examples):
         np.testing.assert_array_equal(example.point["mssa2"], mssa[b, :, row * gw + col].reshape(-1, gh, gw).numpy())
@@ -106,21 +106,26 @@ def test_representative_cell_holds_the_patch_in_its_pooling_window(side, cells):
     assert F.adaptive_avg_pool2d(index, cells).shape[-1] == cells
 
 
-def test_saved_trace_and_the_cli(tmp_path):
+def test_the_cli_for_two_models_and_a_saved_trace(tmp_path):
     save_checkpoint(tmp_path / "ca.pt", create_model("depict-ca-tiny", n_cls=8))  # the synthetic dataset's classes
+    save_checkpoint(tmp_path / "seg.pt", create_model("segmenter-tiny", n_cls=8))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["attention", str(tmp_path / "ca.pt"), "--num-images", "3", "--size", "32",
                                       "--layers", "mssa3,msca1", "--heads", "1", "--classes", "background,disc",
                                       "--examples", "1", "--resamples", "50", "--save-trace", str(tmp_path / "t.pt"),
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for name in ("attention.png", "attention_mssa3_0.pdf", "attention_msca1_0.png", "attention.json", "attention_maps.npz"):
+    for name in ("attention.png", "attention_mssa3_0.pdf", "attention_msca1_0.png", "attention.json", "attention.npz"):
         assert (out / name).stat().st_size > 0, name
-    written = json.loads((out / "attention.json").read_text())
+    written = json.loads((out / "attention.json").read_text())["checkpoints"][0]
     assert written["examples"][0]["shown"] == ["background", "disc"] and written["heads"] == {"mssa3": [1], "msca1": [1]}
-    maps = np.load(out / "attention_maps.npz")
-    assert maps["msca1/classes"].shape == (1, 1, 8, 4, 4) and maps["mssa3/point"].shape == (1, 1, 4, 4)
-    again = attention_from_traces([Trace.load(tmp_path / "t.pt")], layers=["msca1"], heads=[1])
+    maps = np.load(out / "attention.npz")
+    assert maps["ca/msca1/classes"].shape == (1, 1, 8, 4, 4) and maps["ca/mssa3/point"].shape == (1, 1, 4, 4)
+    again = analyze_attention(Trace.load(tmp_path / "t.pt"), layers=["msca1"], heads=[1])
     assert again.own_share["msca1"].tolist() == written["own_share"]["msca1"]
+    both = CliRunner().invoke(app, ["attention", str(tmp_path / "ca.pt"), f"segmenter={tmp_path / 'seg.pt'}", "--num-images",
+                                    "2", "--size", "32", "--examples", "1", "--resamples", "20", "--out", str(tmp_path / "both")])
+    assert both.exit_code == 0, both.output
+    assert (tmp_path / "both" / "attention_segmenter_block2_0.png").exists() and (tmp_path / "both" / "attention_ca_msca3_0.png").exists()
     bad = CliRunner().invoke(app, ["attention", str(tmp_path / "ca.pt"), "--layers", "msca9", "--out", str(out)])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: no attention map for layer msca9")

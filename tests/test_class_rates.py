@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from depict_analysis.class_rates import analyze_class_rates, class_rates_from_traces, patch_classes
+from depict_analysis.class_rates import analyze_class_rates, patch_classes
 from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
 from depict_analysis.models import create_model, save_checkpoint
-from depict_analysis.tracing import Trace, trace
+from depict_analysis.tracing import Trace, trace, trace_batches
 from depict_analysis.uncertainty import Bootstrap
 
 K = 4
@@ -73,7 +73,7 @@ def test_delta_r_against_a_literal_computation(name):
     model = tiny_model(name)
     batch = blocky_batch()
     tr = trace(model, batch)
-    result = class_rates_from_traces([tr], bootstrap=Bootstrap(resamples=50))
+    result = analyze_class_rates([tr], bootstrap=Bootstrap(resamples=50))
     classes = literal_majority(batch.labels.numpy(), model.patch_size)
     assert result.layers == tr.token_names and result.total.shape == (3, len(tr.tokens))
     for b in range(3):
@@ -99,12 +99,12 @@ def test_by_prediction_uses_the_models_argmax_and_one_class_has_no_reduction():
     model = tiny_model()
     batch = blocky_batch(2)
     tr = trace(model, batch)
-    result = class_rates_from_traces([tr], by="prediction", class_names=["bg", "a", "b", "c"], bootstrap=Bootstrap(resamples=20))
+    result = analyze_class_rates([tr], by="prediction", class_names=["bg", "a", "b", "c"], bootstrap=Bootstrap(resamples=20))
     predicted = literal_majority(tr.prediction.numpy(), model.patch_size)
     assert result.tokens.tolist() == [np.bincount(p, minlength=K).tolist() for p in predicted]
     # every token one class: the class rate is the whole rate and ΔR = 0
     tr.labels = torch.zeros_like(batch.labels)
-    single = class_rates_from_traces([tr], bootstrap=Bootstrap(resamples=20))
+    single = analyze_class_rates([tr], bootstrap=Bootstrap(resamples=20))
     np.testing.assert_allclose(single.delta, 0, atol=1e-9)
     np.testing.assert_allclose(single.per_class[:, 0], single.total, rtol=1e-12)
 
@@ -112,8 +112,9 @@ def test_by_prediction_uses_the_models_argmax_and_one_class_has_no_reduction():
 def test_saved_trace_gives_the_same_numbers(tmp_path):
     model = tiny_model("depict-ca-tiny")
     batches = [blocky_batch(2), blocky_batch(2)]
-    result = analyze_class_rates(model, batches, save_trace=tmp_path / "t.pt", progress=False)
-    again = class_rates_from_traces([Trace.load(tmp_path / "t.pt")])
+    result = analyze_class_rates(trace_batches(model, batches, progress=False))
+    Trace.cat([trace(model, b) for b in batches]).save(tmp_path / "t.pt")
+    again = analyze_class_rates(Trace.load(tmp_path / "t.pt"))
     np.testing.assert_array_equal(again.delta, result.delta)
     assert again.images == result.images == ["im0", "im1", "im0", "im1"]
 
@@ -122,18 +123,25 @@ def test_without_labels_by_ground_truth_is_one_clear_error():
     model = tiny_model()
     batch = blocky_batch(1)
     with pytest.raises(ValueError, match="--by prediction"):
-        class_rates_from_traces([trace(model, Batch(batch.pixels, None, ["x"]))])
+        analyze_class_rates([trace(model, Batch(batch.pixels, None, ["x"]))])
 
 
-def test_cli_writes_figure_numbers_and_a_trace(tmp_path):
+def test_cli_writes_figure_numbers_and_a_trace_to_analyse_again(tmp_path):
     save_checkpoint(tmp_path / "sa.pt", create_model("depict-sa-tiny", n_cls=8))
+    save_checkpoint(tmp_path / "seg.pt", create_model("segmenter-tiny", n_cls=8))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["class-rates", str(tmp_path / "sa.pt"), "--num-images", "3", "--size", "32",
-                                      "--resamples", "50", "--save-trace", str(tmp_path / "t.pt"), "--out", str(out)])
+    result = CliRunner().invoke(app, ["class-rates", f"sa={tmp_path / 'sa.pt'}", str(tmp_path / "seg.pt"), "--num-images", "3",
+                                      "--size", "32", "--resamples", "50", "--save-trace", str(tmp_path / "t.pt"),
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     for name in ("class_rates.png", "class_rates.pdf", "class_rates.json", "class_rates.csv"):
         assert (out / name).stat().st_size > 0
-    written = json.loads((out / "class_rates.json").read_text())
-    assert written["class_names"][0] == "background"  # the synthetic dataset's names
+    written = json.loads((out / "class_rates.json").read_text())["checkpoints"]
+    assert [c["label"] for c in written] == ["sa", "seg"]
+    assert written[0]["class_names"][0] == "background"  # the synthetic dataset's names
     assert "ΔR_j" in result.stdout and "too few" in result.stdout
-    assert Trace.load(tmp_path / "t.pt").num_images == 3
+    again = CliRunner().invoke(app, ["class-rates", "--trace", f"sa={tmp_path / 't_sa.pt'}", "--resamples", "50",
+                                     "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((tmp_path / "again" / "class_rates.json").read_text())["checkpoints"][0]
+    assert rerun["delta_r"] == written[0]["delta_r"]

@@ -13,8 +13,11 @@ from depict_analysis import coding_rate as cr
 from depict_analysis.coding_rate import (
     class_rate,
     coding_rate,
+    crate_rate,
     normalize_tokens,
     rate_table,
+    span_basis,
+    span_rate,
     subspace_rates,
     token_rate,
 )
@@ -213,6 +216,86 @@ def test_orthonormalize_vs_numpy_qr(gen, normalize):
     torch.testing.assert_close(w2, whole, rtol=1e-8, atol=1e-8)
 
 
+# ---------------------------------------------------------------- span of a layer: the share
+
+
+def np_span_rate(Z: np.ndarray, proj: np.ndarray, normalize: str, eps: float = EPS) -> float:
+    """R(U_lᵀ Z) for one image, U_l from numpy's QR of the whole layer P_l = projᵀ (d, h·p), full rank."""
+    h, p, d = proj.shape
+    U, _ = np.linalg.qr(proj.reshape(h * p, d).T.astype(np.float64))  # (d, h·p), orthonormal columns
+    Z = np_unit(Z) if normalize in ("l2", "crate") else np.asarray(Z, dtype=np.float64)
+    return np_rate(Z @ U, eps)
+
+
+@pytest.mark.parametrize("normalize", ["l2", "none", "crate"])
+@pytest.mark.parametrize("N", [40, 5])
+def test_span_rate_vs_numpy_qr_of_the_whole_layer(gen, normalize, N):
+    d, h, p = 16, 3, 4
+    Z = torch.randn(2, N, d, generator=gen) * (1 + torch.rand(2, N, 1, generator=gen))
+    proj = torch.randn(h, p, d, generator=gen) * torch.linspace(0.2, 2.0, d)
+    got = span_rate(Z, proj, normalize=normalize)
+    want = [np_span_rate(z.numpy(), proj.numpy(), normalize) for z in Z]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
+    # any basis of the same span gives the same rate: mix all h·p rows with an invertible matrix
+    mix = torch.randn(h * p, h * p, generator=gen, dtype=torch.float64)
+    mixed = (mix @ proj.double().reshape(h * p, d)).reshape(h, p, d)
+    torch.testing.assert_close(span_rate(Z, mixed, normalize=normalize), got, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("normalize", ["l2", "none"])
+@pytest.mark.parametrize("N", [60, 6])
+def test_share_is_at_most_one_when_hp_le_d_and_raw_ratio_is_not(gen, normalize, N):
+    d, h, p = 12, 2, 5  # h·p = 10 <= d
+    Z = torch.randn(4, N, d, generator=gen) * torch.linspace(0.1, 3.0, d)  # anisotropic tokens
+    proj = torch.randn(h, p, d, generator=gen) * 2.0  # large rows: the raw ratio exceeds 1
+    table = rate_table({"input": Z}, {"l": proj}, normalize=normalize)
+    share, raw = table["l"].share, table["l"].raw_ratio
+    assert share.shape == (4, 1) and bool((share <= 1 + 1e-12).all()) and bool((share > 0).all())
+    assert bool((raw > 1).any())  # P's scale alone pushes the raw ratio past 1
+    torch.testing.assert_close(raw, table["l"].subspace_rate / table.token_rate, **TOL)
+    assert table["l"].rank == h * p
+
+
+def test_share_is_one_when_the_span_is_the_whole_space(gen):
+    d = 8
+    Z = torch.randn(2, 30, d, generator=gen)
+    proj = torch.randn(3, 4, d, generator=gen)  # h·p = 12 > d: span(P) = R^d
+    assert len(span_basis(proj)) == d
+    torch.testing.assert_close(span_rate(Z, proj), token_rate(Z), **TOL)
+    assert len(span_basis(torch.cat([proj[:1], 2 * proj[:1]]))) == 4  # repeated rows: the rank, not h·p
+
+
+# ---------------------------------------------------------------- CRATE's per-head convention
+
+
+def crate_reference(X: torch.Tensor, eps_sq: float) -> torch.Tensor:
+    """CRATE's ``vis_utils/coding_rate.py:CodingRate`` as it behaves, written out on its own terms:
+    X (b, h, n, p) = one layer's projected tokens split by head; every token unit norm inside its head;
+    per head ½ logdet(I_n + p/(n·eps_sq) X Xᵀ) (eps_sq is ε²), summed over the heads -> (b,)."""
+    b, h, n, p = X.shape
+    out = torch.zeros(b, dtype=torch.float64)
+    for i in range(b):
+        for k in range(h):
+            x = X[i, k].double()
+            x = x / x.norm(dim=-1, keepdim=True)
+            out[i] += 0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + p / (n * eps_sq) * x @ x.T)
+    return out
+
+
+@pytest.mark.parametrize("N", [50, 4])
+def test_crate_rate_equals_crates_coding_rate_on_the_projected_tokens(gen, N):
+    d, h, p = 16, 3, 5
+    Z = torch.randn(2, N, d, generator=gen, dtype=torch.float64) * 3
+    proj = torch.randn(h, p, d, generator=gen, dtype=torch.float64)
+    qkv_out = Z @ proj.reshape(h * p, d).T  # what CRATE's hook sees: the projection's output (b, n, h·p)
+    X = qkv_out.unflatten(-1, (h, p)).transpose(1, 2)  # 'b n (h d) -> b h n d'
+    want = crate_reference(X, eps_sq=EPS**2)
+    torch.testing.assert_close(crate_rate(Z, proj, EPS), want, rtol=1e-10, atol=1e-10)
+    table = rate_table({"a": Z, "b": 2 * Z}, {"l": proj}, normalize="none", orthonormalize=True)
+    torch.testing.assert_close(table["l"].crate_rate[:, 0], want, rtol=1e-10, atol=1e-10)  # raw P, always
+    torch.testing.assert_close(table["l"].crate_rate[:, 1], want, rtol=1e-10, atol=1e-10)  # scale-free tokens
+
+
 # ---------------------------------------------------------------- rate_table
 
 
@@ -221,42 +304,61 @@ def test_orthonormalize_vs_numpy_qr(gen, normalize):
 @pytest.mark.parametrize("N", [45, 7])
 def test_rate_table_matches_single_calls(gen, normalize, orthonormalize, N):
     B, d, J = 2, 16, 3
-    tokens = [torch.randn(B, N, d, generator=gen) for _ in range(J)]
-    # two shape groups, one of them with two members
-    subspaces = [torch.randn(3, 4, d, generator=gen), torch.randn(2, 6, d, generator=gen),
-                 torch.randn(3, 4, d, generator=gen)]
+    tokens = {f"z{j}": torch.randn(B, N, d, generator=gen) for j in range(J)}
+    subspaces = {"a": torch.randn(3, 4, d, generator=gen), "b": torch.randn(2, 6, d, generator=gen),
+                 "c": torch.randn(3, 4, d, generator=gen)}
     kw = dict(normalize=normalize, orthonormalize=orthonormalize)
     t = rate_table(tokens, subspaces, **kw)
-    assert set(t) == {"token_rate", "subspace_rate", "head_rate", "ratio"}
-    assert t["token_rate"].shape == (B, J)
-    assert t["subspace_rate"].shape == t["ratio"].shape == (B, len(subspaces), J)
-    assert [x.shape for x in t["head_rate"]] == [(B, 3, J), (B, 2, J), (B, 3, J)]
-    for j, Z in enumerate(tokens):
-        torch.testing.assert_close(t["token_rate"][:, j], token_rate(Z, normalize=normalize), **TOL)
-        for l, proj in enumerate(subspaces):
+    assert t.token_names == list(tokens) and list(t.subspaces) == list(subspaces)
+    assert t.token_rate.shape == (B, J)
+    assert [t[name].head_rate.shape for name in subspaces] == [(B, 3, J), (B, 2, J), (B, 3, J)]
+    for j, Z in enumerate(tokens.values()):
+        torch.testing.assert_close(t.token_rate[:, j], token_rate(Z, normalize=normalize), **TOL)
+        for name, proj in subspaces.items():
             heads, whole = subspace_rates(Z, proj, **kw)
-            torch.testing.assert_close(t["subspace_rate"][:, l, j], whole, **TOL)
-            torch.testing.assert_close(t["head_rate"][l][:, :, j], heads, **TOL)
-    torch.testing.assert_close(t["ratio"], t["subspace_rate"] / t["token_rate"][:, None], **TOL)
+            torch.testing.assert_close(t[name].subspace_rate[:, j], whole, **TOL)
+            torch.testing.assert_close(t[name].head_rate[:, :, j], heads, **TOL)
+            torch.testing.assert_close(t[name].span_rate[:, j], span_rate(Z, proj, normalize=normalize), **TOL)
+            torch.testing.assert_close(t[name].crate_rate[:, j], crate_rate(Z, proj), **TOL)
+            torch.testing.assert_close(t[name].input_rate, t.token_rate, rtol=0, atol=0)
+    torch.testing.assert_close(t["b"].raw_ratio, t["b"].subspace_rate / t.token_rate, **TOL)
+    torch.testing.assert_close(t["b"].share, t["b"].span_rate / t.token_rate, **TOL)
+
+
+def test_rate_table_views_apply_to_their_subspace_only(gen):
+    B, N, d = 2, 30, 10
+    tokens = {"input": torch.randn(B, N, d, generator=gen), "l1": torch.randn(B, N, d, generator=gen)}
+    subspaces = {"seen": torch.randn(2, 3, d, generator=gen), "plain": torch.randn(2, 3, d, generator=gen)}
+    scale = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    view = lambda Z: Z * scale + 1.0  # noqa: E731  (an affine map, like a LayerNorm's)
+    t = rate_table(tokens, subspaces, views={"seen": view})
+    for j, Z in enumerate(tokens.values()):
+        X = view(Z.double())
+        torch.testing.assert_close(t["seen"].input_rate[:, j], token_rate(X), **TOL)
+        torch.testing.assert_close(t["seen"].subspace_rate[:, j], subspace_rates(X, subspaces["seen"])[1], **TOL)
+        torch.testing.assert_close(t["seen"].span_rate[:, j], span_rate(X, subspaces["seen"]), **TOL)
+        torch.testing.assert_close(t["plain"].subspace_rate[:, j], subspace_rates(Z, subspaces["plain"])[1], **TOL)
+    torch.testing.assert_close(t.token_rate[:, 0], token_rate(tokens["input"]), **TOL)  # R(Z_j) is the residual's
 
 
 def test_rate_table_vs_numpy(gen):
     B, N, d = 2, 30, 10
-    tokens = [torch.randn(B, N, d, generator=gen) for _ in range(2)]
-    subspaces = [torch.randn(2, 3, d, generator=gen)]
-    t = rate_table(tokens, subspaces)
+    tokens = {"a": torch.randn(B, N, d, generator=gen), "b": torch.randn(B, N, d, generator=gen)}
+    proj = torch.randn(2, 3, d, generator=gen)
+    t = rate_table(tokens, {"l": proj})
     for b in range(B):
-        for j, Z in enumerate(tokens):
+        for j, Z in enumerate(tokens.values()):
             z = Z[b].numpy()
-            assert t["token_rate"][b, j].item() == pytest.approx(np_rate(np_unit(z)), rel=1e-10)
-            want_h, want_w = np_subspace(z, subspaces[0].numpy(), "l2")
-            assert t["subspace_rate"][b, 0, j].item() == pytest.approx(want_w, rel=1e-10)
-            np.testing.assert_allclose(t["head_rate"][0][b, :, j].numpy(), want_h, **TOL)
+            assert t.token_rate[b, j].item() == pytest.approx(np_rate(np_unit(z)), rel=1e-10)
+            want_h, want_w = np_subspace(z, proj.numpy(), "l2")
+            assert t["l"].subspace_rate[b, j].item() == pytest.approx(want_w, rel=1e-10)
+            np.testing.assert_allclose(t["l"].head_rate[b, :, j].numpy(), want_h, **TOL)
+            assert t["l"].span_rate[b, j].item() == pytest.approx(np_span_rate(z, proj.numpy(), "l2"), rel=1e-9)
 
 
 def test_rate_table_without_subspaces(gen):
-    t = rate_table([torch.randn(2, 5, 4, generator=gen)], [])
-    assert t["subspace_rate"].shape == (2, 0, 1) and t["head_rate"] == [] and t["ratio"].shape == (2, 0, 1)
+    t = rate_table({"input": torch.randn(2, 5, 4, generator=gen)}, {})
+    assert t.token_rate.shape == (2, 1) and t.subspaces == {}
 
 
 # ---------------------------------------------------------------- numerics, dtypes, modes
@@ -309,22 +411,23 @@ def test_float32_input_returns_float64_equal_to_float64_path(gen):
         for x, y in pairs:
             assert x.dtype == torch.float64
             torch.testing.assert_close(x, y, rtol=0, atol=0)
-    t32 = rate_table([Z, Z.half().float()], [proj])
-    t64 = rate_table([Zd, Z.half().double()], [Pd])
-    torch.testing.assert_close(t32["ratio"], t64["ratio"], rtol=0, atol=0)
+    t32 = rate_table({"a": Z, "b": Z.half().float()}, {"l": proj})
+    t64 = rate_table({"a": Zd, "b": Z.half().double()}, {"l": Pd})
+    torch.testing.assert_close(t32["l"].share, t64["l"].share, rtol=0, atol=0)
+    torch.testing.assert_close(t32["l"].raw_ratio, t64["l"].raw_ratio, rtol=0, atol=0)
     assert coding_rate(Z.half()).dtype == torch.float64
 
 
 def test_inference_mode_safe(gen):
     Z = torch.randn(2, 20, 8, generator=gen)
     proj = torch.randn(2, 3, 8, generator=gen)
-    want = rate_table([Z, Z], [proj], normalize="crate", orthonormalize=True)
+    want = rate_table({"a": Z, "b": Z}, {"l": proj}, normalize="crate", orthonormalize=True)
     with torch.inference_mode():
-        inside = rate_table([Z, Z], [proj], normalize="crate", orthonormalize=True)
+        inside = rate_table({"a": Z, "b": Z}, {"l": proj}, normalize="crate", orthonormalize=True)
         Zi, Pi = Z.clone(), proj.clone()  # inference tensors, used below outside the mode
-    torch.testing.assert_close(inside["ratio"], want["ratio"])
-    outside = rate_table([Zi, Zi], [Pi], normalize="crate", orthonormalize=True)
-    torch.testing.assert_close(outside["ratio"], want["ratio"])
+    torch.testing.assert_close(inside["l"].raw_ratio, want["l"].raw_ratio)
+    outside = rate_table({"a": Zi, "b": Zi}, {"l": Pi}, normalize="crate", orthonormalize=True)
+    torch.testing.assert_close(outside["l"].share, want["l"].share)
     torch.testing.assert_close(subspace_rates(Zi, Pi)[1], subspace_rates(Z, proj)[1])
 
 
@@ -332,7 +435,7 @@ def test_inputs_not_modified(gen):
     Z = torch.randn(2, 20, 8, generator=gen)
     proj = torch.randn(2, 3, 8, generator=gen)
     Z0, P0 = Z.clone(), proj.clone()
-    rate_table([Z], [proj], normalize="crate", orthonormalize=True)
+    rate_table({"a": Z}, {"l": proj}, normalize="crate", orthonormalize=True, views={"l": lambda x: x * 2})
     subspace_rates(Z, proj, orthonormalize=True)
     assert torch.equal(Z, Z0) and torch.equal(proj, P0)
 
@@ -341,10 +444,11 @@ def test_inputs_not_modified(gen):
 def test_cuda_matches_cpu(gen):
     Z = torch.randn(2, 40, 16, generator=gen)
     proj = torch.randn(3, 4, 16, generator=gen)
-    cpu = rate_table([Z], [proj])
-    gpu = rate_table([Z.cuda()], [proj.cuda()])
-    assert gpu["ratio"].device.type == "cuda"
-    torch.testing.assert_close(gpu["ratio"].cpu(), cpu["ratio"], rtol=1e-10, atol=1e-10)
+    cpu = rate_table({"a": Z}, {"l": proj})
+    gpu = rate_table({"a": Z.cuda()}, {"l": proj.cuda()})
+    assert gpu["l"].share.device.type == "cuda"
+    for key in ("subspace_rate", "span_rate", "crate_rate", "head_rate"):
+        torch.testing.assert_close(getattr(gpu["l"], key).cpu(), getattr(cpu["l"], key), rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------- validation
@@ -370,10 +474,10 @@ def test_validation_errors(gen):
     with pytest.raises(ValueError, match="at least one token"):
         token_rate(torch.randn(2, 0, 8))
     with pytest.raises(ValueError, match="same shape"):
-        rate_table([Z, torch.randn(2, 6, 8)], [proj])
-    with pytest.raises(ValueError, match="non-empty list"):
-        rate_table([], [proj])
-    with pytest.raises(ValueError, match=r"subspaces\[1\]"):
-        rate_table([Z], [proj, torch.randn(2, 3, 9)])
+        rate_table({"a": Z, "b": torch.randn(2, 6, 8)}, {"l": proj})
+    with pytest.raises(ValueError, match="at least one"):
+        rate_table({}, {"l": proj})
+    with pytest.raises(ValueError, match=r"subspaces\['m'\]"):
+        rate_table({"a": Z}, {"l": proj, "m": torch.randn(2, 3, 9)})
     with pytest.raises(ValueError, match="dim_head <= d"):
         subspace_rates(Z, torch.randn(1, 9, 8), orthonormalize=True)

@@ -109,11 +109,12 @@ def test_family_traces_its_forward_pass(family):
 def test_family_runs_every_analysis_and_the_transforms_it_declares(family):
     model = tiny(family)
     batches = labelled_batches()
-    rates = analyze_coding_rates(model, batches, progress=False)
-    assert len(rates["layers"]) == len(trace(model, batches[0].pixels).tokens)
-    assert [s["name"] for s in rates["subspaces"]] == [s.name for s in model.decoder.subspaces()]
-    analyze_pca(model, batches, progress=False, examples=0)
-    panels = [p.name for p in analyze_orthogonality(model, batches, progress=False)["panels"]]
+    traces = [trace(model, batch) for batch in batches]
+    rates = analyze_coding_rates(traces, view="layer")
+    assert rates.token_names == traces[0].token_names
+    assert [s.name for s in rates.subspaces] == [s.name for s in model.decoder.subspaces()]
+    analyze_pca(traces, examples=0)
+    panels = [p.name for p in analyze_orthogonality(traces, baseline_seeds=(0,)).panels]
     assert ("cls_emb" in panels) == (model.decoder.class_tokens is not None)
     noise = resolve_perturbation("gaussian", "decoder")
     assert len(list(robustness_records(model, "m", batches, noise, (0, 0.1), draws=1))) == 2
@@ -122,7 +123,7 @@ def test_family_runs_every_analysis_and_the_transforms_it_declares(family):
         perturbation = resolve_perturbation(transform)
         if transformable:
             records = list(robustness_records(model, "m", batches, perturbation, (0, 1), draws=1))
-            assert [r["sigma"] for r in records] == [0, 1]
+            assert [r.sigma for r in records] == [0, 1]
         else:
             with pytest.raises(ConfigError, match=family.name):
                 list(robustness_records(model, "m", batches, perturbation, (0, 1), draws=1))
@@ -152,7 +153,7 @@ def test_analysis_commands_on_cbt_and_tost_checkpoints(tmp_path):
 
     result = run_cli("coding-rate", ckpts[0], *common, "--out", tmp_path / "rate")
     assert result.exit_code == 0, result.output
-    rates = json.loads((tmp_path / "rate" / "coding_rate.json").read_text())
+    (rates,) = json.loads((tmp_path / "rate" / "coding_rate.json").read_text())["checkpoints"]
     assert [s["name"] for s in rates["subspaces"]] == ["cbsa1", "cbsa2", "cbsa3"]
     assert rates["class_rate"]["stages"] == ["input", "cbsa1", "cbsa2", "cbsa3", "final"]
 

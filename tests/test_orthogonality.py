@@ -13,6 +13,7 @@ from depict_analysis.orthogonality import (
     gram,
     head_blocks,
     query_projection,
+    random_cosine_level,
     subspace_summary,
 )
 
@@ -39,11 +40,15 @@ def _numpy_subspace_summary(proj: np.ndarray) -> dict:
     unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
     cos = unit @ unit.T
     coherence = max(abs(cos[i, j]) for i in range(h * p) for j in range(h * p) if i != j)
+    across = [abs(cos[i, j]) for i in range(h * p) for j in range(h * p) if i // p != j // p]
+    within = [abs(cos[i, j]) for i in range(h * p) for j in range(h * p) if i // p == j // p and i != j]
     return {
         "gram": flat @ flat.T,
         "head_orthonormality": orth,
         "cross": np.mean(cross),
         "coherence": coherence,
+        "across": np.mean(across),
+        "within": np.mean(within),
     }
 
 
@@ -154,6 +159,31 @@ def test_subspace_summary_random_matches_numpy_loops():
     np.testing.assert_allclose(s["head_orthonormality"], ref["head_orthonormality"], atol=1e-12)
     assert s["cross_head_mean_abs"] == pytest.approx(ref["cross"], abs=1e-12)
     assert s["coherence"] == pytest.approx(ref["coherence"], abs=1e-12)
+    assert s["cross_head_mean_abs_cos"] == pytest.approx(ref["across"], abs=1e-12)
+    assert s["within_head_mean_abs_cos"] == pytest.approx(ref["within"], abs=1e-12)
+    norms = np.linalg.norm(proj.double().numpy().reshape(12, 9), axis=1)
+    assert (s["row_norm_min"], s["row_norm_max"]) == pytest.approx((norms.min(), norms.max()), abs=1e-12)
+
+
+def test_cosine_statistics_do_not_see_the_scale_of_P_and_raw_ones_do():
+    proj = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    scales = torch.rand(3, 4, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3 + 0.2
+    a, b = subspace_summary(proj), subspace_summary(proj * scales)  # every basis vector rescaled on its own
+    for key in ("cross_head_mean_abs_cos", "within_head_mean_abs_cos", "coherence"):
+        assert b[key] == pytest.approx(a[key], abs=1e-12), key
+    torch.testing.assert_close(b["cosines"], a["cosines"], atol=1e-12, rtol=0)
+    assert b["cross_head_mean_abs"] != pytest.approx(a["cross_head_mean_abs"], rel=1e-3)  # raw entries scale with ‖P‖²
+    assert subspace_summary(0.5 * proj)["cross_head_mean_abs"] == pytest.approx(0.25 * a["cross_head_mean_abs"], rel=1e-12)
+
+
+def test_random_cosine_level_is_the_mean_abs_cosine_of_random_directions():
+    assert random_cosine_level(2) == pytest.approx(2 / math.pi, rel=1e-12)  # uniform angle: E|cos θ| = 2/π
+    assert random_cosine_level(3) == pytest.approx(0.5, rel=1e-12)  # cos θ uniform on [−1, 1] in R^3
+    for d in (64, 384):
+        x = torch.randn(2, 200_000, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+        sample = torch.nn.functional.cosine_similarity(x[0], x[1], dim=-1).abs().mean().item()
+        assert sample == pytest.approx(random_cosine_level(d), rel=0.01)
+        assert random_cosine_level(d) == pytest.approx(math.sqrt(2 / (math.pi * d)), rel=2 / d)
 
 
 def test_subspace_summary_of_official_layout_and_segmenter_query():
@@ -178,9 +208,8 @@ def test_class_summary_zero_for_orthonormal_Q():
     Q = _orthonormal_proj(1, 6, 10)[0] * torch.linspace(0.5, 3.0, 6, dtype=torch.float64)[:, None]
     s = class_summary(Q)
     torch.testing.assert_close(s["gram"], torch.eye(6, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert s["coherence"] == pytest.approx(0.0, abs=1e-12)
-    assert s["mean_abs_offdiag"] == pytest.approx(0.0, abs=1e-12)
-    assert s["coherence_per_image_mean"] == pytest.approx(0.0, abs=1e-12)
+    for key in ("coherence", "mean_abs_offdiag"):
+        assert s[key].shape == (1,) and s[key].item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_class_summary_unit_diagonal_and_numpy_values():
@@ -192,30 +221,29 @@ def test_class_summary_unit_diagonal_and_numpy_values():
     off = np.abs(G[~np.eye(7, dtype=bool)])
     np.testing.assert_allclose(s["gram"].diagonal().numpy(), 1.0, atol=1e-12)
     np.testing.assert_allclose(s["gram"].numpy(), G, atol=1e-12)
-    assert s["coherence"] == pytest.approx(off.max(), abs=1e-12)
-    assert s["mean_abs_offdiag"] == pytest.approx(off.mean(), abs=1e-12)
-    assert s["coherence_per_image_mean"] == pytest.approx(off.max(), abs=1e-12)
+    np.testing.assert_allclose(s["abs_gram"].numpy(), np.abs(G), atol=1e-12)
+    assert s["coherence"].item() == pytest.approx(off.max(), abs=1e-12)
+    assert s["mean_abs_offdiag"].item() == pytest.approx(off.mean(), abs=1e-12)
 
 
-def test_class_summary_batch_averages_grams():
-    # image 0: cos = +0.5, image 1: cos = −0.5 -> mean gram is I, per-image coherences both 0.5
+def test_class_statistics_take_abs_per_image_before_any_mean():
+    # image 0: cos = +0.5, image 1: cos = −0.5: the mean Gram is I (the signs cancel), yet each image's
+    # classes are 60° apart: every per-image statistic is 0.5
     Q = torch.stack([_two_vectors(0.5), 2 * _two_vectors(-0.5)])
     s = class_summary(Q)
     torch.testing.assert_close(s["gram"], torch.eye(2, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert s["coherence"] == pytest.approx(0.0, abs=1e-12)
-    assert s["mean_abs_offdiag"] == pytest.approx(0.0, abs=1e-12)
-    assert s["coherence_per_image_mean"] == pytest.approx(0.5, abs=1e-12)
+    np.testing.assert_allclose(s["mean_abs_offdiag"].numpy(), [0.5, 0.5], atol=1e-12)
+    np.testing.assert_allclose(s["coherence"].numpy(), [0.5, 0.5], atol=1e-12)
+    np.testing.assert_allclose(s["abs_gram"].numpy(), [[1, 0.5], [0.5, 1]], atol=1e-12)
 
 
-def test_class_summary_batch_equals_mean_of_single_grams():
+def test_class_summary_batch_equals_single_images():
     Q = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     s = class_summary(Q)
     singles = [class_summary(q) for q in Q]
-    mean_gram = torch.stack([x["gram"] for x in singles]).mean(0)
-    torch.testing.assert_close(s["gram"], mean_gram, atol=1e-12, rtol=0)
-    expected = np.mean([x["coherence"] for x in singles])
-    assert s["coherence_per_image_mean"] == pytest.approx(expected, abs=1e-12)
-    assert s["coherence"] <= s["coherence_per_image_mean"] + 1e-12
+    torch.testing.assert_close(s["gram"], torch.stack([x["gram"] for x in singles]).mean(0), atol=1e-12, rtol=0)
+    for key in ("mean_abs_offdiag", "coherence", "mean_abs_offdiag_centred"):
+        torch.testing.assert_close(s[key], torch.cat([x[key] for x in singles]), atol=1e-12, rtol=0)
 
 
 def test_centred_orthogonality_sees_through_a_shared_component():
@@ -226,20 +254,19 @@ def test_centred_orthogonality_sees_through_a_shared_component():
     Q = torch.cat([simplex, torch.zeros(K, d - K, dtype=torch.float64)], dim=1)
     Q[:, -1] = 10.0
     s = class_summary(Q)
-    assert s["mean_abs_offdiag"] > 0.99
-    assert s["mean_abs_offdiag_centred"] == pytest.approx(1 / (K - 1), abs=1e-12)
+    assert s["mean_abs_offdiag"].item() > 0.99
+    assert s["mean_abs_offdiag_centred"].item() == pytest.approx(1 / (K - 1), abs=1e-12)
 
 
 def test_centred_orthogonality_matches_numpy_per_image():
     Q = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 2.0
-    grams = []
+    expected = []
     for q in Q.numpy():
         unit = q / np.linalg.norm(q, axis=1, keepdims=True)
         c = unit - unit.mean(axis=0)
         c /= np.linalg.norm(c, axis=1, keepdims=True)
-        grams.append(c @ c.T)
-    expected = np.abs(np.mean(grams, axis=0)[~np.eye(6, dtype=bool)]).mean()
-    assert class_summary(Q)["mean_abs_offdiag_centred"] == pytest.approx(expected, abs=1e-12)
+        expected.append(np.abs((c @ c.T)[~np.eye(6, dtype=bool)]).mean())
+    np.testing.assert_allclose(class_summary(Q)["mean_abs_offdiag_centred"].numpy(), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (2, 1, 4), (4,), (2, 2, 3, 4)])

@@ -85,3 +85,14 @@ def test_labelled_sources_and_one_colour_per_model():
     colours = model_colours(["DEPICT-SA", "Segmenter", "DEPICT-SA", "CBT"])
     assert list(colours) == ["DEPICT-SA", "Segmenter", "CBT"]
     assert colours["CBT"] == LINE_COLORS[2] and len(set(colours.values())) == 3
+
+
+def test_the_analyses_are_at_the_front_door():
+    import depict_analysis as da
+    from depict_analysis.results import Result
+
+    for analysis, result in (("analyze_coding_rates", "CodingRates"), ("analyze_pca", "PCASegmentation"),
+                             ("analyze_orthogonality", "Orthogonality")):
+        assert callable(getattr(da, analysis)) and issubclass(getattr(da, result), Result)
+        assert analysis in da.__all__ and result in da.__all__
+    assert issubclass(da.Comparison, Result) and da.Stat is not None

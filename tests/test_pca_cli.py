@@ -10,23 +10,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import depict_analysis.pca_analysis as pa
+from depict_analysis import Comparison, PCASegmentation, analyze_pca
 from depict_analysis.cli.analyze import app
 from depict_analysis.pca import choose_k, match_segments, pca_segment, segmentation_scores, upsample_labels
-from depict_analysis.pca_analysis import (
-    analyze_pca,
-    colour_ids,
-    parse_layers,
-    pca_figure,
-    pca_results,
-    resolve_layers,
-    segment_tokens,
-    summarize,
-)
+from depict_analysis.pca_analysis import colour_ids, parse_layers, resolve_layers, segment_tokens
 from depict_analysis.inputs import Batch, image_batches
-from depict_analysis.tracing import Trace, trace
+from depict_analysis.tracing import Trace, trace, trace_batches
 from depict_analysis.models import create_model, load_model, save_checkpoint
-from depict_analysis.models.data import make_palette
 from tests.official_layout import write_release
 
 PERFECT = {"ari": 1.0, "nmi": 1.0, "miou": 1.0}
@@ -47,54 +37,63 @@ def test_runner_equals_the_pure_functions_on_a_traced_batch(name):
     pixels = torch.rand(2, 3, 37, 45, generator=g)  # not a multiple of the patch: padded, then cropped
     labels = torch.randint(0, 4, (2, 37, 45), generator=g)
     labels[:, :3] = 255
-    results = pca_results(model, pixels, labels, ["a.png", "b.png"], method="argmax")
-
-    tr = trace(model, model.normalize(pixels))
-    assert tr.num_layers == 3  # L1: the last MSSA layer, for CA the output of the MSSA stack
+    tr = trace(model, Batch(pixels, labels, ["a.png", "b.png"]))
+    result = analyze_pca(tr, layers=[0, 3, "L1"], method="argmax", examples=2)
+    assert isinstance(result, PCASegmentation) and result.sources == ["input", "mssa3", "Z_L1"]
     padded = (tr.grid[0] * 8, tr.grid[1] * 8)
-    for b, result in enumerate(results):
+    for b, example in enumerate(result.examples):
         prediction = tr.masks[b].argmax(0)
         k = choose_k(prediction)
-        assert result.layers == [0, 3] and result.k == k and result.path == "ab"[b] + ".png"
-        assert torch.equal(result.prediction, prediction)
-        for i, j in enumerate([0, 3]):
-            seg = upsample_labels(pca_segment(tr.tokens[j][b], k), tr.grid, padded)[:37, :45]
-            assert torch.equal(result.segments[i], seg)
-            assert result.scores["prediction"][f"Z_{j}"] == segmentation_scores(seg, prediction)
-            assert result.scores["ground_truth"][f"Z_{j}"] == segmentation_scores(seg, labels[b])
-        assert result.scores["ground_truth"]["prediction"] == segmentation_scores(prediction, labels[b])
-        assert result.rgb.shape == (2, 3, 37, 45) and 0 <= result.rgb.min() and result.rgb.max() <= 1
+        assert example.k == k == result.k[b] and example.path == "ab"[b] + ".png"
+        assert torch.equal(example.prediction, prediction)
+        # Z_L1 is the tokens that enter the mask head's dot product; the pre-norm stage stays a choice
+        for i, tokens in enumerate([tr.tokens[0], tr.tokens[3], tr.embeddings]):
+            seg = upsample_labels(pca_segment(tokens[b], k), tr.grid, padded)[:37, :45]
+            assert torch.equal(example.segments[i], seg)
+            source = result.sources[i]
+            assert example.scores["prediction"][source] == segmentation_scores(seg, prediction)
+            assert example.scores["ground_truth"][source] == segmentation_scores(seg, labels[b])
+            assert result.scores["ground_truth"][source]["ari"].per_image[b] == example.scores["ground_truth"][source]["ari"]
+        assert example.scores["ground_truth"]["prediction"] == segmentation_scores(prediction, labels[b])
+        assert example.rgb.shape == (3, 3, 37, 45) and 0 <= example.rgb.min() and example.rgb.max() <= 1
+    assert not torch.equal(tr.embeddings, tr.tokens[3])  # the final LayerNorm makes them differ
 
 
-def _separated_trace(prediction: torch.Tensor, noise: torch.Tensor) -> Trace:
-    """A Trace on a 4x4 grid whose Z_1 tokens sit on one point per predicted class (plus tiny noise)."""
+def _separated_trace(prediction: torch.Tensor, noise: torch.Tensor, ground_truth: torch.Tensor) -> Trace:
+    """A Trace on a 4x4 grid whose mask-head embeddings sit on one point per predicted class (plus tiny
+    noise); its residual tokens are the noise alone."""
     token_class = prediction[::8, ::8].reshape(-1)  # (16,): the class of each 8x8 patch
     z_l = 10.0 * torch.eye(12)[token_class] + 1e-3 * noise
     masks = torch.nn.functional.one_hot(prediction, 12).permute(2, 0, 1).float()[None]
-    return Trace(model={"decoder": "depict_sa"}, grid=(4, 4), layer_names=["mssa1"], tokens=[noise[None], z_l[None]],
+    model = {"variant": "toy", "decoder": "depict_sa", "patch_size": 8, "n_cls": 12}
+    return Trace(model=model, grid=(4, 4), layer_names=["mssa1"], tokens=[noise[None], noise[None]],
                  class_stages=[], classes=[], embeddings=z_l[None], class_embeddings=torch.zeros(1, 3, 12), masks=masks,
-                 subspaces=[])
+                 subspaces=[], labels=ground_truth[None], paths=["toy.png"])
 
 
 @pytest.mark.parametrize("method, n_classes", [("argmax", 2), ("kmeans", 3)])
-def test_separated_clusters_at_z_l1_score_perfectly(monkeypatch, method, n_classes):
+def test_separated_embeddings_score_perfectly_at_z_l1(method, n_classes):
     prediction = torch.zeros(32, 32, dtype=torch.long)
     prediction[:, 16:] = 1
     if n_classes == 3:
         prediction[:8, :8] = 2
     noise = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(pa, "trace", lambda model, images: _separated_trace(prediction, noise))
     ground_truth = prediction.clone()
     ground_truth[24:] = 255  # ignored rows do not count
-    (result,) = pca_results(tiny_model(), torch.rand(1, 3, 32, 32), ground_truth[None], method=method)
-    assert result.k == n_classes and result.layers == [0, 1]
-    assert result.scores["prediction"]["Z_1"] == pytest.approx(PERFECT)
-    assert result.scores["ground_truth"]["Z_1"] == pytest.approx(PERFECT)
-    assert result.scores["prediction"]["Z_0"]["ari"] < 0.9
+    result = analyze_pca(_separated_trace(prediction, noise, ground_truth), method=method, examples=1, score_figure=False)
+    (example,) = result.examples
+    assert example.k == n_classes and result.sources == ["input", "Z_L1"]
+    assert example.scores["prediction"]["Z_L1"] == pytest.approx(PERFECT)
+    assert example.scores["ground_truth"]["Z_L1"] == pytest.approx(PERFECT)
+    assert example.scores["prediction"]["input"]["ari"] < 0.9
+    assert result.summary()["mean_scores"]["ground_truth"]["Z_L1"] == pytest.approx(PERFECT)
     # matched segments are drawn in their class's colour: a perfect segmentation looks like the prediction
-    assert torch.equal(colour_ids(result.segments, result.prediction, 12)[1], prediction)
-    fig = pca_figure(result, [f"c{i}" for i in range(12)], make_palette(12), method)
-    assert len(fig.axes) == 2 * 5 and "ground truth" in [ax.get_title() for ax in fig.axes]
+    assert torch.equal(colour_ids(example.segments, example.prediction, 12)[1], prediction)
+    figures = Comparison(["a", "b"], ["a", "b"], [result, result]).figures()
+    assert list(figures) == ["pca-seg_toy"]  # no score distributions asked for
+    axes = figures["pca-seg_toy"].axes
+    assert len([ax for ax in axes if ax.images]) == 2 * 7  # two models: image, 2 × (segments, RGB), prediction, GT
+    assert {ax.get_ylabel().split("\n")[0] for ax in axes if ax.get_ylabel()} == {"a", "b"}  # each row names its model
 
 
 def test_match_segments_is_the_miou_matching_without_empty_pairs():
@@ -107,29 +106,34 @@ def test_match_segments_is_the_miou_matching_without_empty_pairs():
 
 def test_segment_tokens_needs_enough_tokens():
     with pytest.raises(ValueError, match="only 2 patch tokens"):
-        segment_tokens(torch.randn(2, 2, 8), (1, 2), (8, 16), (8, 16), k=2)
+        segment_tokens(torch.randn(2, 8), (1, 2), (8, 16), (8, 16), k=2)
 
 
-def test_layers_and_summary():
-    assert parse_layers("0, 2,L1") == [0, 2, "L1"] and resolve_layers([0, 2, "L1"], 3) == [0, 2, 3]
-    assert resolve_layers(None, 0) == [0]  # linear decoder: only Z_0
-    for bad in ([4], [-1], []):
+def test_layers_by_number_name_or_l1():
+    names = ["input", "mssa1", "mssa2", "mssa3"]
+    assert parse_layers("0, 2,L1") == [0, 2, "L1"] and parse_layers("input,mssa3") == ["input", "mssa3"]
+    assert resolve_layers([0, 2, "L1"], names) == ["input", "mssa2", "Z_L1"]
+    assert resolve_layers(None, names) == ["input", "Z_L1"] and resolve_layers(["mssa3", 3], names) == ["mssa3"]
+    assert resolve_layers(None, ["input"]) == ["input", "Z_L1"]  # linear decoder: Z_L1 is Z_0 itself
+    for bad in ([4], [-1], [], ["mssa9"]):
         with pytest.raises(ValueError):
-            resolve_layers(bad, 3)
-    with pytest.raises(ValueError):
-        parse_layers("0,last")
-    rows = [{"reference": "prediction", "source": "Z_0", "ari": a, "nmi": 0.5, "miou": 1.0} for a in (0.2, 0.4)]
-    stats = summarize(rows)["prediction"]["Z_0"]
-    assert stats["ari"] == pytest.approx({"mean": 0.3, "std": 0.1, "n": 2}) and stats["nmi"]["std"] == 0
+            resolve_layers(bad, names)
 
 
-def test_analyze_pca_keeps_examples_and_rows():
+def test_scores_over_batches_of_any_size_and_the_json_layout(tmp_path):
     model = tiny_model()
     batches = [Batch(torch.rand(2, 3, 32, 32), None, ["x", "y"]), Batch(torch.rand(1, 3, 40, 24), None, ["z"])]
-    result = analyze_pca(model, batches, examples=1, progress=False)
-    assert [e.path for e in result["examples"]] == ["x"] and len(result["images"]) == 3
-    assert len(result["rows"]) == 3 * 2  # no ground truth: two layers against the prediction
-    assert result["summary"]["prediction"]["Z_3"]["ari"]["n"] == 3 and "ground_truth" not in result["summary"]
+    result = analyze_pca(trace_batches(model, batches, progress=False), examples=1)
+    assert [e.path for e in result.examples] == ["x"] and result.images == ["x", "y", "z"]
+    assert set(result.scores) == {"prediction"} and result.scored == {"prediction": [0, 1, 2]}
+    ari = result.scores["prediction"]["Z_L1"]["ari"]
+    assert ari.per_image.shape == (3,) and result.summary()["mean_scores"]["prediction"]["Z_L1"]["ari"] == ari.mean
+    assert len(result.rows()) == 3 * 2  # no ground truth: two sources against the prediction
+    Comparison(["sa"], ["sa.pt"], [result]).save(tmp_path)
+    saved = json.loads((tmp_path / "pca-seg.json").read_text())["checkpoints"][0]
+    assert saved["summary"]["prediction"]["Z_L1"]["ari"] == pytest.approx({"mean": ari.mean, "std": ari.std, "n": 3})
+    assert [image["path"] for image in saved["images"]] == ["x", "y", "z"]
+    assert (tmp_path / "pca-seg.png").is_file() and (tmp_path / "pca-seg_x.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -139,25 +143,25 @@ def run_cli(*args):
     return CliRunner().invoke(app, ["pca-seg", *map(str, args)])
 
 
-def test_cli_dataset_mode_on_our_checkpoint(tmp_path):
+def test_cli_dataset_mode_compares_our_checkpoint_with_a_builtin(tmp_path):
     save_checkpoint(tmp_path / "sa.pt", tiny_model())
     out = tmp_path / "out"
-    result = run_cli("--ckpt", tmp_path / "sa.pt", "--dataset", "synthetic", "--num-images", 3, "--examples", 2,
-                     "--size", 48, "--out", out)
+    result = run_cli(tmp_path / "sa.pt", "seg=builtin:segmenter", "--dataset", "synthetic", "--num-images", 3,
+                     "--examples", 2, "--out", out)
     assert result.exit_code == 0, result.output
-    assert "ground truth" in result.stdout
+    assert "ground truth" in result.stdout and "seg:" in result.stdout
     for name in ("pca-seg.png", "pca-seg.pdf", "pca-seg.json", "pca-seg.csv"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("pca-seg_*.png"))) == 2
-    written = json.loads((out / "pca-seg.json").read_text())
-    assert written["settings"]["layers"] == [0, 3] and len(written["images"]) == 3
-    assert set(written["summary"]) == {"prediction", "ground_truth"}
-    first = written["images"][0]["scores"]
-    _, batches = image_batches(48, dataset="synthetic", num_images=1)
-    library = analyze_pca(load_model(tmp_path / "sa.pt")[0], batches, progress=False)
-    assert first == library["images"][0]["scores"]  # JSON keeps floats exactly
+    entries = json.loads((out / "pca-seg.json").read_text())["checkpoints"]
+    assert [e["label"] for e in entries] == ["sa", "seg"] and entries[1]["source"] == "builtin:segmenter"
+    assert entries[0]["settings"]["layers"] == ["input", "Z_L1"] and len(entries[0]["images"]) == 3
+    assert set(entries[0]["summary"]) == {"prediction", "ground_truth"}
+    _, batches = image_batches(32, dataset="synthetic", num_images=1)  # each model at its own training size
+    library = analyze_pca(trace_batches(load_model(tmp_path / "sa.pt")[0], batches, progress=False))
+    assert entries[0]["images"][0]["scores"] == library.to_json()["images"][0]["scores"]  # JSON keeps floats exactly
     csv_lines = (out / "pca-seg.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("path,k,reference,source,ari,nmi,miou") and len(csv_lines) == 1 + 3 * 5
+    assert csv_lines[0].startswith("checkpoint,path,k,reference,source,ari,nmi,miou") and len(csv_lines) == 1 + 2 * 3 * 5
 
 
 @pytest.mark.parametrize("family", ["depict_sa", "mask_transformer"])
@@ -171,28 +175,42 @@ def test_cli_image_mode_on_official_releases(tmp_path, family):
         Image.fromarray(rng.integers(0, 5, shape, dtype=np.uint8)).save(tmp_path / f"{name}_gt.png")
         gts += ["--gt", tmp_path / f"{name}_gt.png"]
     out = tmp_path / "out"
-    result = run_cli(tmp_path / "rgba.png", tmp_path / "deep.png", *gts, "--ckpt", tmp_path / "release",
-                     "--method", "kmeans", "--k", 3, "--out", out)
+    result = run_cli(tmp_path / "release", tmp_path / "rgba.png", tmp_path / "deep.png", *gts,
+                     "--method", "kmeans", "--k", 3, "--layers", "0,2,L1", "--out", out)
     assert result.exit_code == 0, result.output
     for name in ("pca-seg_rgba.png", "pca-seg_rgba.pdf", "pca-seg_deep.png", "pca-seg.json", "pca-seg.csv"):
         assert (out / name).stat().st_size > 0
-    assert not (out / "pca-seg.png").exists()  # the score plot is for dataset mode
-    written = json.loads((out / "pca-seg.json").read_text())
-    L = 2 if family == "mask_transformer" else 3
-    assert [im["k"] for im in written["images"]] == [3, 3] and written["settings"]["layers"] == [0, L]
-    assert set(written["images"][1]["scores"]["ground_truth"]) == {"Z_0", f"Z_{L}", "prediction"}
+    assert not (out / "pca-seg.png").exists()  # every image has its own figure
+    entry = json.loads((out / "pca-seg.json").read_text())["checkpoints"][0]
+    stage = "block2" if family == "mask_transformer" else "mssa2"
+    assert [im["k"] for im in entry["images"]] == [3, 3] and entry["settings"]["layers"] == ["input", stage, "Z_L1"]
+    assert set(entry["images"][1]["scores"]["ground_truth"]) == {"input", stage, "Z_L1", "prediction"}
 
 
-@pytest.mark.parametrize("problem", ["not an image", "bad checkpoint", "gt count", "bad method"])
+def test_cli_saved_trace_gives_the_same_scores(tmp_path):
+    out, saved = tmp_path / "out", tmp_path / "sa.trace"
+    common = ["--num-images", "2", "--examples", "1"]
+    assert run_cli("builtin:depict-sa", *common, "--save-trace", saved, "--out", out).exit_code == 0
+    again = tmp_path / "again"
+    result = run_cli("--trace", saved, "--examples", "1", "--out", again)
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads((o / "pca-seg.json").read_text())["checkpoints"][0] for o in (out, again))
+    assert first["images"] == second["images"] and second["label"] == "sa"
+    assert (again / "pca-seg_0.png").is_file()  # the trace holds the pixels and labels for the figures
+
+
+@pytest.mark.parametrize("problem", ["not an image", "bad checkpoint", "gt count", "bad method", "bad layer"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, problem):
     save_checkpoint(tmp_path / "sa.pt", tiny_model())
     (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
     args = {
-        "not an image": [tmp_path / "notes.png", "--ckpt", tmp_path / "sa.pt"],
-        "bad checkpoint": [tmp_path / "ok.png", "--ckpt", tmp_path / "notes.png"],
-        "gt count": [tmp_path / "ok.png", "--gt", tmp_path / "ok.png", "--gt", tmp_path / "ok.png", "--ckpt", tmp_path / "sa.pt"],
-        "bad method": [tmp_path / "ok.png", "--method", "svd", "--ckpt", tmp_path / "sa.pt"],
+        "not an image": [tmp_path / "sa.pt", tmp_path / "notes.png"],
+        "bad checkpoint": [tmp_path / "notes.pt", tmp_path / "ok.png"],
+        "gt count": [tmp_path / "sa.pt", tmp_path / "ok.png", "--gt", tmp_path / "ok.png", "--gt", tmp_path / "ok.png"],
+        "bad method": [tmp_path / "sa.pt", tmp_path / "ok.png", "--method", "svd"],
+        "bad layer": [tmp_path / "sa.pt", tmp_path / "ok.png", "--layers", "0,mssa9"],
     }[problem]
     result = run_cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output

@@ -130,8 +130,8 @@ def test_structured_robustness_without_a_checkpoint_compares_the_depict_models_o
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "robustness.json").read_text())
     assert [c["label"] for c in written["checkpoints"]] == ["DEPICT-SA", "DEPICT-CA"]
-    for curve in (r for r in written["summary"] if r["sigma"] == 1):  # MSSA / MSCA are invariant to it
-        assert curve["relative"] == pytest.approx(1.0, abs=0.02)
+    for row in (r for r in written["table"] if r["sigma"] == 1):  # MSSA / MSCA are invariant to it
+        assert row["relative"] == pytest.approx(1.0, abs=0.02)
 
 
 def test_demo_writes_every_figure_and_a_summary(tmp_path):
@@ -142,4 +142,5 @@ def test_demo_writes_every_figure_and_a_summary(tmp_path):
         assert (tmp_path / path).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [m["source"] for m in summary["models"]] == [f"builtin:{name}" for name in DEFAULT_MODELS]
-    assert len(summary["claims"]) == 1 + 2 * 3 and summary["seconds"]["total"] > 0
+    # PCA; per white box (SA, CA) against Segmenter: Q̂ raw and centred, P against its init and W_Q, σ½
+    assert len(summary["claims"]) == 1 + 2 * 5 and summary["seconds"]["total"] > 0

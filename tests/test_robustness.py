@@ -19,7 +19,7 @@ from depict_analysis.inputs import Batch
 from depict_analysis.plots import log_ticks
 from depict_analysis.robustness import (
     Evaluation,
-    RobustnessResult,
+    Robustness,
     draw_generator,
     noisy_parameters,
     perturbed_images,
@@ -243,7 +243,7 @@ def test_meaningless_combinations_are_refused(noise, target, relative, message):
 def result_of(evaluations, noise="gaussian", sigmas=(0, 1e-2, 0.5), draws=2, complete=True, **bootstrap):
     settings = sweep_settings(resolve_perturbation(noise), sigmas, draws, 0) | {"num_images": len(evaluations[0].counts)}
     checkpoints = [{"label": label, "model": {"decoder": "depict_sa"}} for label in dict.fromkeys(e.checkpoint for e in evaluations)]
-    return RobustnessResult(settings, checkpoints, evaluations, complete, Bootstrap(**bootstrap))
+    return Robustness(settings, checkpoints, evaluations, complete, Bootstrap(**bootstrap))
 
 
 def test_per_image_counts_are_the_confusion_matrix_by_image():
@@ -385,7 +385,7 @@ def test_cli_on_ours_and_an_official_release(tmp_path):
     ours = written["models"]["ours"]
     assert ours["clean"]["low"] <= ours["clean"]["estimate"] <= ours["clean"]["high"]
     assert any("too few" in w for w in written["warnings"])  # 3 images
-    counts = np.load(out / "robustness_counts.npz")
+    counts = np.load(out / "robustness.npz")
     assert counts["ours"].shape == (5, 3, 3, K)
     rows = list(csv.DictReader((out / "robustness.csv").open()))
     assert len(rows) == 10 and list(rows[0])[:3] == ["checkpoint", "sigma", "draw"]

@@ -16,11 +16,11 @@ from depict_analysis.cli.analyze import app
 from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.models.pretrained import load_default
 from depict_analysis.report import write_report
-from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
+from depict_analysis.suite import SuiteModel, SuiteSettings, p_cosine, q_offdiag, run_suite
 from depict_analysis.uncertainty import VERDICTS
 
 K = 8  # the synthetic dataset's classes
-FAST = SuiteSettings(num_images=6, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=6, resamples=200, init_draws=5)
+FAST = SuiteSettings(num_images=6, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=6, resamples=200, baseline_seeds=5)
 
 
 def tiny(name: str, seed: int = 0):
@@ -54,7 +54,7 @@ def test_suite_writes_every_analysis_and_a_summary(suite):
     for name, files in result.files.items():
         assert files and all((out / f).stat().st_size > 0 for f in files), name
     assert "pca-seg/pca-seg_from_another_run.png" not in result.files["pca-seg"]
-    assert "robustness/robustness_counts.npz" in result.files["robustness"]
+    assert "robustness/robustness.npz" in result.files["robustness"]
     summary = json.loads((out / "summary.json").read_text())
     assert [m["decoder"] for m in summary["models"]] == ["depict_sa", "mask_transformer", "mask_transformer"]
     assert summary["run"] | {"date": None} == {"version": __version__, "command": "pytest suite", "date": None, "seed": 0}
@@ -81,9 +81,10 @@ def test_every_finding_names_its_statistic_and_data_and_follows_from_its_numbers
     assert "ground truth" in pca.statistic and pca.data == "6 images of synthetic/val"
     sa = result.orthogonality["SA"]
     q = next(f for f in claims if f.statement == "SA's class embeddings Q̂ are closer to orthogonal than Seg's (as they are)")
-    assert q.values["SA"].estimate == pytest.approx(sa.q_offdiag.mean())
+    assert q.values["SA"].estimate == pytest.approx(q_offdiag(sa).mean())
     init = next(f for f in claims if "initialisation" in f.statement and "Seg" not in f.statement)
-    assert init.values["SA"].estimate == sa.p_cosine and len(sa.p_cosine_init) == 5
+    p, at_init = p_cosine(sa)
+    assert init.values["SA"].estimate == p and len(at_init) == 5
 
 
 def test_a_model_at_its_class_prior_is_warned_about_and_holds_nothing(suite):

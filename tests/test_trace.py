@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from depict_analysis.models import create_model
 from depict_analysis.models.decoders.cbt import CBSA
-from depict_analysis.tracing import Trace, trace
+from depict_analysis.tracing import Subspace, Trace, trace
 
 FAMILIES = ["depict-sa-tiny", "depict-ca-tiny", "segmenter-tiny", "linear-tiny", "cbt-tiny", "tost-tiny"]
 
@@ -129,4 +129,33 @@ def test_a_saved_trace_loads_back_equal_without_running_code(tmp_path):
         torch.testing.assert_close(back[name], t[name], atol=0, rtol=0)
     torch.testing.assert_close(back.labels, batch.labels)
     torch.testing.assert_close(back.pixels, pixels)
-    assert back.subspaces[0].parameter == "layers.0.proj" and back.model == t.model
+    assert back.subspaces[0].parameter == "layers.0.proj" and back.model == t.model and back.config == t.config
+    for ours, theirs in zip(back.subspaces, t.subspaces):  # the layers' LayerNorms come back too
+        torch.testing.assert_close(ours.layer_input(t.tokens[1]), theirs.layer_input(t.tokens[1]), atol=0, rtol=0)
+    from depict_analysis.models.registry import ModelConfig
+
+    assert ModelConfig.from_dict(back.config) == model.config  # enough to build a fresh model of the same kind
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_subspace_records_the_layernorm_its_layer_applies_before_projecting(name):
+    model, images = model_and_images(name)
+    dec = model.decoder
+    expected = {  # by hand, per family: what each layer normalises its input with
+        "depict-sa-tiny": lambda: [layer.norm for layer in dec.layers],
+        "depict-ca-tiny": lambda: [layer.norm for layer in [*dec.self_layers, *dec.cross_layers]],
+        "segmenter-tiny": lambda: [block.norm1 for block in dec.blocks],
+        "linear-tiny": lambda: [],
+        "cbt-tiny": lambda: [layer.norm for layer in dec.layers],
+        "tost-tiny": lambda: [layer.norm for layer in dec.layers],
+    }[name]()
+    assert [dec.input_norm(space) for space in dec.subspaces()] == expected
+    t = trace(model, images)
+    Z = t.tokens[-1]
+    for space, norm in zip(t.subspaces, expected):
+        weight, bias, eps = space.norm
+        assert eps == norm.eps and weight.data_ptr() != norm.weight.data_ptr()  # a copy, independent of the model
+        with torch.no_grad():
+            torch.testing.assert_close(space.layer_input(Z), norm(Z), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no recorded input LayerNorm"):
+        Subspace("x", 1, torch.zeros(1, 2, 3)).layer_input(Z)

@@ -56,6 +56,16 @@ class Subspace:
     # The decoder parameter, (h·p, d), whose rows these are; None when P is only part of one (Segmenter's W_Q).
     # Structured robustness transforms act on exactly these parameters.
     parameter: str | None = None
+    # The LayerNorm the layer applies to its input before projecting it, as (weight, bias, eps): recorded
+    # by ``trace`` from ``Decoder.input_norm``; None where the layer has none or it was not recorded.
+    norm: tuple[Tensor, Tensor, float] | None = None
+
+    def layer_input(self, Z: Tensor) -> Tensor:
+        """What this layer projects when its input is Z: its LayerNorm applied to each token, (..., d) -> (..., d)."""
+        if self.norm is None:
+            raise ConfigError(f"subspace {self.name!r} has no recorded input LayerNorm")
+        weight, bias, eps = self.norm
+        return F.layer_norm(Z, weight.shape, weight.to(Z.dtype), bias.to(Z.dtype), eps)
 
 
 @dataclass
@@ -113,6 +123,24 @@ class Decoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters the official recipe trains without weight decay: the class embeddings."""
         return {"cls_emb"} if hasattr(self, "cls_emb") else set()
+
+    def input_norm(self, space: Subspace) -> nn.LayerNorm | None:
+        """The LayerNorm that ``space``'s layer applies to its input before projecting it, or None.
+
+        Found from the module tree, for every family alike: the innermost module around the parameter
+        that holds ``space.proj`` with a LayerNorm ``norm`` (CRATE-style PreNorm layers: DEPICT, CBT, ToST)
+        or ``norm1`` (a timm ``Block``: Segmenter). ``space`` is one of ``subspaces()`` (a view of the parameter).
+        """
+        storage = space.proj.untyped_storage().data_ptr()
+        owner = next((name for name, p in self.named_parameters() if p.untyped_storage().data_ptr() == storage), None)
+        path = owner.split(".")[:-1] if owner is not None else []
+        for depth in range(len(path), 0, -1):
+            module = self.get_submodule(".".join(path[:depth]))
+            norm = next((m for m in (getattr(module, "norm", None), getattr(module, "norm1", None))
+                         if isinstance(m, nn.LayerNorm)), None)
+            if norm is not None:
+                return norm
+        return None
 
     @property
     def is_white_box(self) -> bool:

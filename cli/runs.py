@@ -1,0 +1,154 @@
+"""What the trace-based commands share (``coding-rate``, ``pca-seg``, ``orthogonality``): the models of a
+run, each named, and its traces, from checkpoints or from saved traces.
+
+- Checkpoints are given positionally, optionally named: ``NAME=SOURCE`` (``baseline=runs/a/checkpoint.pt``),
+  or ``--label NAME=SOURCE`` to name one given positionally (a source not given positionally is added).
+  A name defaults to the source's label (a run's folder, a release's folder, a built-in model's name).
+- ``--trace FILE`` (repeatable, ``NAME=FILE`` too) analyses traces written by ``--save-trace`` instead
+  of running a model: no checkpoint, no images, no forward pass.
+- ``--save-trace FILE`` writes each model's traces, joined (``Trace.cat``), to FILE; with several
+  models to ``<stem>_<label><suffix>``, one file each.
+
+One model is in memory at a time; its forward passes run as the analysis reads the traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from torch import nn
+
+from depict_analysis.inputs import Batch
+from depict_analysis.models.device import resolve_device
+from depict_analysis.models.errors import ConfigError
+from depict_analysis.models.sources import BUILTIN, ZOO, CheckpointInfo, open_checkpoint, parse_labelled, source_label
+from depict_analysis.tracing import Trace, trace_batches
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+LabelOption = typer.Option(None, "--label", help="NAME=SOURCE: name a checkpoint in figures and tables (repeatable).")
+TraceOption = typer.Option(
+    None, "--trace", help="A trace written by --save-trace, analysed instead of checkpoint + images (repeatable; NAME=FILE)."
+)
+SaveTraceOption = typer.Option(
+    None, "--save-trace", help="Write each model's traces to FILE (several models: FILE_<label>), for --trace later."
+)
+
+
+@dataclass
+class Run:
+    """One model of a run: its name, where it comes from, what it says about itself (None for a saved
+    trace) and its traces (produced lazily)."""
+
+    label: str
+    source: str
+    info: CheckpointInfo | None
+    traces: Iterable[Trace]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The training dataset's class names (``CheckpointInfo``); None for a saved trace."""
+        return self.info.class_names if self.info is not None else None
+
+    @property
+    def palette(self):
+        """The training dataset's class colours (K, 3) uint8; None for a saved trace."""
+        return self.info.palette if self.info is not None else None
+
+
+def is_checkpoint(argument: str) -> bool:
+    """Whether a positional argument names a model rather than an image: ``NAME=SOURCE``, ``builtin:`` /
+    ``zoo:`` names, ``.pt`` / ``.pth`` files and official release folders (with ``variant.yml``)."""
+    label, source = parse_labelled(argument)
+    path = Path(source)
+    return (label is not None or source.startswith((BUILTIN, ZOO)) or path.suffix in CHECKPOINT_SUFFIXES
+            or (path / "variant.yml").is_file())
+
+
+def labelled_sources(arguments: Sequence[str], labels: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(label, source) of each positional ``[NAME=]SOURCE``, with ``--label NAME=SOURCE`` naming one of them
+    (or adding it); repeated labels get ``#i``."""
+    pairs = [list(parse_labelled(str(a))) for a in arguments]
+    for text in labels or []:
+        name, source = parse_labelled(text)
+        if name is None:
+            raise ConfigError(f"--label takes NAME=SOURCE, got {text!r}")
+        match = next((pair for pair in pairs if pair[1] == source), None)
+        if match is None:
+            pairs.append([name, source])
+        else:
+            match[0] = name
+    names = [name or source_label(source) for name, source in pairs]
+    unique = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+    return list(zip(unique, [source for _, source in pairs]))
+
+
+def model_runs(
+    sources: Sequence[tuple[str, str]],
+    batches_for: Callable[[nn.Module], tuple[int, Iterator[Batch]]],
+    *,
+    device: str = "auto",
+    trust: bool = False,
+    description: str = "tracing",
+    attention: bool = False,
+) -> Iterator[Run]:
+    """A ``Run`` per (label, source), its model loaded when reached; its traces are ``trace_batches`` over
+    ``batches_for(model)`` (number of images, batches), with a progress bar (and the attention maps with
+    ``attention``)."""
+    torch_device = resolve_device(device)
+    for label, source in sources:
+        model, info = open_checkpoint(source, torch_device, trust, label)
+        total, batches = batches_for(model)
+        traces = trace_batches(model, batches, attention=attention, total=total, description=f"{description}: {label}")
+        yield Run(label, info.source, info, traces)
+
+
+def trace_runs(sources: Sequence[tuple[str, str]], device: str = "auto") -> Iterator[Run]:
+    """A ``Run`` per saved trace (label, file), moved to ``device``."""
+    torch_device = resolve_device(device)
+    for label, source in sources:
+        yield Run(label, source, None, [Trace.load(source).to(torch_device)])
+
+
+def runs(
+    checkpoints: Sequence[str] | None,
+    labels: Sequence[str] | None,
+    traces: Sequence[str] | None,
+    batches_for: Callable[[nn.Module], tuple[int, Iterator[Batch]]],
+    *,
+    default: Sequence[str],
+    **options,
+) -> tuple[int, Iterator[Run]]:
+    """(number of models, their ``Run``s): of the ``--trace`` files, else of the checkpoints (``default``
+    when none is given; see ``model_runs`` for ``options``)."""
+    if traces and (checkpoints or labels):
+        raise ConfigError("give checkpoints or --trace files, not both")
+    if traces:
+        sources = labelled_sources(traces)
+        return len(sources), trace_runs(sources, options.get("device", "auto"))
+    sources = labelled_sources(list(checkpoints or []) or list(default), labels)
+    return len(sources), model_runs(sources, batches_for, **options)
+
+
+def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace], Callable[[], Path | None]]:
+    """The run's traces, and a function that writes them (joined) to ``path`` once they have been read
+    (``<stem>_<label><suffix>`` when ``several``); without ``path`` the traces are not kept."""
+    if path is None:
+        return run.traces, lambda: None
+    kept: list[Trace] = []
+
+    def record() -> Iterator[Trace]:
+        for tr in run.traces:
+            kept.append(tr.to("cpu"))
+            yield tr
+
+    target = path.with_name(f"{path.stem}_{run.label}{path.suffix}") if several else path
+
+    def save() -> Path:
+        Trace.cat(kept).save(target)
+        return target
+
+    return record(), save
