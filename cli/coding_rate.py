@@ -17,6 +17,7 @@ from depict_analysis.cli.common import (
     ImagesOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     checkpoint_name,
     console,
     image_source_options,
@@ -70,6 +71,7 @@ def coding_rate(
     trust: bool = TrustOption,
 ):
     """Coding rate of the patch tokens in each layer's subspace, of the tokens, and of the class embeddings."""
+    check_out_dir(out)
     model, meta = open_model(checkpoint, device, trust)
     size = size or max(model.config.backbone.image_size)
     source = image_source_options(images, dataset, data_root, split, num_images)

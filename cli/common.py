@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from depict_analysis.models.errors import DepictError
+from depict_analysis.models.files import check_out_dir, check_out_file  # noqa: F401 (every command's --out check)
 from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS
 
 if TYPE_CHECKING:  # the heavy stack is imported inside the commands: `--help` stays fast
@@ -69,10 +71,37 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+# click's base of usage errors (typer may ship its own copy of click): reached through a public name
+ClickException = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """A command line whose usage errors (an option out of range, a missing argument) print as one
+    ``error:`` line with exit code 2, like the library's errors, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help text
+                e.show()
+                sys.exit(e.exit_code)
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def new_app(help: str) -> typer.Typer:
     """A Typer app as every command line of the project: help text printed as written (no rich markup,
-    which would eat ``[...]``), ``--version``, and output that survives any terminal encoding."""
-    app = typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+    which would eat ``[...]``), one-line usage errors, ``--version``, and output that survives any
+    terminal encoding."""
+    app = typer.Typer(help=help, cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                      rich_markup_mode=None)
 
     # A callback also keeps typer from collapsing a one-command app into that command.
     @app.callback()

@@ -16,6 +16,7 @@ from depict_analysis.cli.common import (
     ImagesOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     image_source_options,
     open_models,
@@ -77,6 +78,7 @@ def orthogonality(
     trust: bool = TrustOption,
 ):
     """Gram matrices PᵀP of every layer's subspaces and QᵀQ of the class embeddings, with scalar summaries."""
+    check_out_dir(out)
     source = image_source_options(images, dataset, data_root, split, num_images)
     labels, names, results = [], [], []
     for label, name, model, _ in open_models(checkpoints, device, trust):

@@ -22,11 +22,13 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     checkpoint_name,
     console,
     fail,
     image_source_options,
     open_model,
+    require_dataset_classes,
     user_errors,
 )
 from depict_analysis.inputs import image_batches
@@ -82,6 +84,7 @@ def pca_seg(
     trust: bool = TrustOption,
 ):
     """PCA segmentation of the decoder's input tokens Z_0 versus the tokens after the last MSSA layer."""
+    check_out_dir(out)
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if image and (images or dataset):
@@ -96,6 +99,7 @@ def pca_seg(
         source, examples = {"images": image, "ground_truth": gt}, total
     else:
         source = image_source_options(images, dataset, data_root, split, num_images)
+        require_dataset_classes(model, source)
         total, batches = image_batches(size, **source)
     result = analyze_pca(model, batches, layers=layer_spec, k=k, method=method, seed=seed, examples=examples, total=total)
     names, palette = class_legend(model.n_cls, [source.get("dataset"), checkpoint_dataset(meta)])

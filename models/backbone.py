@@ -9,8 +9,6 @@ position-embedding slot.
 from __future__ import annotations
 
 import math
-import pickle
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +18,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from depict_analysis.models import serialization
 from depict_analysis.models.errors import ConfigError
 
 # Image normalisation of each backbone family, (mean, std) in [0, 1] units, as Segmenter applies it:
@@ -162,15 +161,11 @@ def _read_weights_file(path: Path) -> dict[str, Tensor]:
     """A local backbone weights file -> its state dict (a ``model`` / ``state_dict`` entry, or the
     file itself), without running pickled code; ConfigError with one line for anything else."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) or "allowlisted" in str(e):
-            raise ConfigError(f"--pretrained {path}: holds pickled Python objects (code); refused") from None
-        raise ConfigError(f"--pretrained {path}: corrupt, or not a PyTorch weights file") from None
-    except Exception:  # any failure of the unpickler on foreign bytes
-        raise ConfigError(f"--pretrained {path}: truncated, corrupt, or not a PyTorch weights file") from None
+        state = serialization.load(path)
+    except serialization.PickledObjects:
+        raise ConfigError(f"--pretrained {path}: holds pickled Python objects (code); refused") from None
+    except serialization.NotAPyTorchFile as e:
+        raise ConfigError(f"--pretrained {path}: {e}") from None
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -201,7 +196,7 @@ def load_pretrained(backbone: ViTBackbone, source: str) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        detail = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which a ViT does not"
+        detail = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this ViT has not"
         raise ConfigError(f"--pretrained {source}: not weights of this ViT: it {detail}")
     for name, value in found.items():
         shape = expected[name].shape

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from torch import Tensor
 from depict_analysis.models.backbone import BackboneConfig, vit_state
 from depict_analysis.models.errors import CheckpointError, ConfigError
 from depict_analysis.models.decoders.base import DecoderConfig, Family, families
+from depict_analysis.models import serialization
 from depict_analysis.models.files import atomic_write
 from depict_analysis.models.registry import ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
@@ -40,32 +38,20 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _pickled_objects(error: pickle.UnpicklingError) -> bool:
-    """Whether the weights-only unpickler refused a pickled global (a class or function: code), as
-    opposed to bytes that are no pickle at all."""
-    return "GLOBAL" in str(error) or "allowlisted" in str(error)
-
-
 def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     """Load a checkpoint file onto the CPU, refusing pickled code unless ``trust``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says more
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        if _pickled_objects(e):
-            raise CheckpointError(
-                f"{path}: holds Python objects beyond tensors and numbers, and loading it could run code; "
-                "if you trust its source, pass --trust-checkpoint"
-            ) from None
-        raise CheckpointError(f"{path}: corrupt, or not a PyTorch checkpoint ({_first_line(e, last=True)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError, TypeError,
-            AttributeError, MemoryError, OverflowError) as e:
-        # the unpickler raises any of these on arbitrary bytes (e.g. a text file, a cut download)
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+        obj = serialization.load(path, trust)
+    except serialization.PickledObjects:
+        raise CheckpointError(
+            f"{path}: holds Python objects beyond tensors and numbers, and loading it could run code; "
+            "if you trust its source, pass --trust-checkpoint"
+        ) from None
+    except serialization.NotAPyTorchFile as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -105,8 +91,9 @@ def check_fits(config: ModelConfig, state: Mapping[str, Tensor], source: str | o
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
-        detail = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the model does not"
-        raise CheckpointError(f"{source}: weights and config do not fit: the weights {detail} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        detail = f"lack {missing[0]}" if missing else f"have {unexpected[0]}, which the model has not"
+        raise CheckpointError(f"{source}: weights and config do not fit: the weights {detail} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
     for name, shape in expected.items():
         found = state[name].shape
         same = found[-1:] == shape[-1:] and len(found) == len(shape) if name in resizable else found == shape
@@ -278,10 +265,10 @@ def load_official(folder: Path, trust: bool = False) -> tuple[Segmentor, dict]:
     return model, {"source": "official", "variant": variant, "inference": inference, "epoch": raw.get("epoch")}
 
 
-def _first_line(e: BaseException, last: bool = False) -> str:
-    """One line of an exception's message (its first two, or its last, non-empty lines), at most 300 characters."""
+def _first_line(e: BaseException) -> str:
+    """One line of an exception's message (its first two non-empty lines), at most 300 characters."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return (lines[-1] if last else " ".join(lines[:2]))[:300]
+    return " ".join(lines[:2])[:300]
 
 
 # ----------------------------------------------------------------------------------------------- entry

@@ -538,6 +538,7 @@ def run_lock(out_dir: Path, main: bool) -> Iterator[None]:
         yield
         return
     check_out_dir(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out_dir / ".lock", timeout=0)
     try:
@@ -546,6 +547,11 @@ def run_lock(out_dir: Path, main: bool) -> Iterator[None]:
         raise ConfigError(f"{out_dir} is in use by another depict train; wait for it or pick another --out") from None
     try:
         yield
+    except BaseException:
+        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:  # refused before writing: leave no trace
+            (out_dir / ".lock").unlink()
+            out_dir.rmdir()
+        raise
     finally:
         lock.release()
 
