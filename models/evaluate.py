@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset, test_scale
-from depict_analysis.models.data.base import MAX_PIXELS, image_to_tensor
+from depict_analysis.models.data.base import MAX_PIXELS, image_array, image_to_tensor
 from depict_analysis.models.data.transforms import eval_view, img_scale_for, multiscale_views, rescale_size
 from depict_analysis.models.device import autocast
 from depict_analysis.models.errors import ConfigError, DatasetError, InputError
@@ -179,7 +179,7 @@ def predict_protocol(
 def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | None, scales: Sequence[float], flip: bool):
     """mmseg's test views of a uint8 image, normalised on the model's device: (images (1, 3, h, w), flipped)."""
     device = next(model.parameters()).device
-    pixels = np.asarray(image)
+    pixels = image_array(image)
     for scale, flipped in multiscale_views(img_scale, scales, flip):
         size = rescale_size(pixels.shape[:2], scale)
         if size[0] * size[1] > MAX_PIXELS:

@@ -22,7 +22,7 @@ from depict_analysis.models.files import atomic_write, refuse_overwrite
 from depict_analysis.models.progress import track
 from depict_analysis.models.segmentor import Segmentor
 
-BLEND_PIXELS = 1 << 22  # pixels blended at a time: large images never hold a float copy of themselves
+BAND_PIXELS = 1 << 20  # pixels blended or counted at a time: a large image is never copied whole
 
 
 def classes_for(meta: dict, n_cls: int) -> tuple[list[str], np.ndarray]:
@@ -43,40 +43,48 @@ def palette_for(meta: dict, n_cls: int) -> np.ndarray:
     return classes_for(meta, n_cls)[1]
 
 
-def overlay(image: Image.Image, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> Image.Image:
+def _bands(height: int, width: int) -> list[tuple[int, int]]:
+    """(top, bottom) of the bands of rows that ``BAND_PIXELS`` pixels of an image cover."""
+    rows = max(1, BAND_PIXELS // width)
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def overlay(
+    image: Image.Image, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5, canvas: Image.Image | None = None
+) -> Image.Image:
     """RGB image (H, W) blended with the class colours of ``label`` (H, W): ``(1 - alpha) image + alpha
-    colour``, rounded; computed a band of rows at a time."""
-    pixels = np.asarray(image)
-    out = np.empty_like(pixels)
-    rows = max(1, BLEND_PIXELS // pixels.shape[1])
-    for top in range(0, pixels.shape[0], rows):
-        band = slice(top, top + rows)
-        blend = (1 - alpha) * pixels[band].astype(np.float32) + alpha * palette[label[band]].astype(np.float32)
-        out[band] = np.round(blend)
-    return Image.fromarray(out)
+    colour``, rounded; drawn into the top-left of ``canvas`` when given (else a new image of the
+    image's size), a band of rows at a time."""
+    canvas = Image.new("RGB", image.size) if canvas is None else canvas
+    for top, bottom in _bands(image.height, image.width):
+        pixels = np.asarray(image.crop((0, top, image.width, bottom)), dtype=np.float32)
+        blend = (1 - alpha) * pixels + alpha * palette[label[top:bottom]].astype(np.float32)
+        canvas.paste(Image.fromarray(np.round(blend).astype(np.uint8)), (0, top))
+    return canvas
 
 
-def with_legend(image: Image.Image, classes: Sequence[int], names: Sequence[str], palette: np.ndarray) -> Image.Image:
-    """``image`` with a white panel on its right listing ``classes``: a colour swatch and a name each,
-    in a font that grows with the image (as many as fit its height, then ``+N more``)."""
-    size = max(10, min(48, image.height // 25))
-    font = ImageFont.load_default(size=size)
-    line, pad = round(1.5 * size), size // 2
-    fits = max(1, (max(image.height, 4 * line) - 2 * pad) // line)
+def legend_canvas(size: tuple[int, int], classes: Sequence[int], names: Sequence[str], palette: np.ndarray) -> Image.Image:
+    """A white image wider than an image of ``size`` (W, H), with a legend of ``classes`` on its right (a
+    colour swatch and a name each, in a font that grows with the image; as many as fit its height,
+    then ``+N more``); the image goes into its top-left corner (``overlay(..., canvas=)``)."""
+    width, height = size
+    font_size = max(10, min(48, height // 25))
+    font = ImageFont.load_default(size=font_size)
+    line, pad = round(1.5 * font_size), font_size // 2
+    fits = max(1, (max(height, 4 * line) - 2 * pad) // line)
     shown = list(classes) if len(classes) <= fits else list(classes)[: fits - 1]
     texts = [names[c] for c in shown] + ([f"+{len(classes) - len(shown)} more"] if len(shown) < len(classes) else [])
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = pad + size + pad + max(int(measure.textlength(t, font=font)) for t in texts) + pad
-    height = max(image.height, 2 * pad + line * len(texts))
-    canvas = Image.new("RGB", (image.width + width, height), (255, 255, 255))
-    canvas.paste(image, (0, 0))
+    panel = pad + font_size + pad + max(int(measure.textlength(t, font=font)) for t in texts) + pad
+    canvas = Image.new("RGB", (width + panel, max(height, 2 * pad + line * len(texts))), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    left = image.width + pad
+    left = width + pad
     for i, text in enumerate(texts):
         top = pad + i * line
         if i < len(shown):
-            draw.rectangle((left, top, left + size, top + size), fill=tuple(int(v) for v in palette[shown[i]]), outline=(0, 0, 0))
-        draw.text((left + size + pad, top), text, fill=(0, 0, 0), font=font)
+            swatch = (left, top, left + font_size, top + font_size)
+            draw.rectangle(swatch, fill=tuple(int(v) for v in palette[shown[i]]), outline=(0, 0, 0))
+        draw.text((left + font_size + pad, top), text, fill=(0, 0, 0), font=font)
     return canvas
 
 
@@ -141,10 +149,10 @@ def predict_files(
                 model, image, window=window, stride=stride, img_scale=img_scale, scales=scales, flip=flip,
                 batch_size=batch_size, amp=amp,
             ).cpu().numpy()
-            counts = np.bincount(label.ravel(), minlength=model.n_cls)
+            counts = sum(np.bincount(label[top:bottom].ravel(), minlength=model.n_cls) for top, bottom in _bands(*label.shape))
             present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c]]
             atomic_write(label_path, lambda f: label_png(label, palette).save(f, format="PNG"))
-            blended = with_legend(overlay(image, label, palette, alpha), present, names, palette)
+            blended = overlay(image, label, palette, alpha, canvas=legend_canvas(image.size, present, names, palette))
             atomic_write(overlay_path, lambda f: blended.save(f, format="PNG"))
             records.append(
                 {"image": str(path), "label": str(label_path), "overlay": str(overlay_path), "size": [image.width, image.height],

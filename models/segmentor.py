@@ -16,7 +16,7 @@ from depict_analysis.models.errors import InputError
 # float32; larger outputs go in strips of about STRIP_VALUES values), and values of the views'
 # logits held for those strips (4 GiB).
 MAP_VALUES = 2**28
-STRIP_VALUES = 2**24
+STRIP_VALUES = 2**22
 VIEW_VALUES = 2**30
 
 
@@ -208,13 +208,13 @@ def inference_labels(
     window: int,
     stride: int,
     batch_size: int = 8,
-    map_values: int = MAP_VALUES,
+    map_values: int | None = None,
 ) -> Tensor:
     """``inference(...).argmax(1)``: class labels (B, H, W) at ``size``, uint8 for at most 256
     classes (else int64), in bounded memory.
 
-    When the probabilities at ``size`` would hold more than ``map_values`` values, the views'
-    sliding-window logits are kept at their own size and the rest of the protocol (resize to
+    When the probabilities at ``size`` would hold more than ``map_values`` values (default
+    ``MAP_VALUES``), the views' sliding-window logits are kept at their own size and the rest of the protocol (resize to
     ``size``, un-flip, softmax, mean over views, argmax) runs in horizontal strips of the output
     (``resize_rows``), so no (B, K, H, W) map is ever held. The views' logits may hold at most
     ``VIEW_VALUES`` values then (an ``InputError`` asks for a smaller image otherwise).
@@ -226,7 +226,7 @@ def inference_labels(
     (B, K), (H, W) = (first[0].shape[0], model.n_cls), size
     dtype = torch.uint8 if K <= 256 else torch.int64
     views = itertools.chain([first], views)
-    if B * K * H * W <= map_values:
+    if B * K * H * W <= (MAP_VALUES if map_values is None else map_values):
         return inference(model, views, size, window, stride, batch_size).argmax(1).to(dtype)
     logits, held = [], 0
     for images, flipped in views:

@@ -235,6 +235,14 @@ def test_options_out_of_range_are_refused(files, tmp_path, app, args, fragment):
     refused(app, [fill(a) for a in args], fragment, files, tmp_path)
 
 
+def test_a_blur_narrower_than_float32_can_hold_changes_nothing():
+    from depict_analysis.robustness import gaussian_blur
+
+    images = torch.rand(1, 3, 12, 15, generator=torch.Generator().manual_seed(0))
+    for sigma in (1e-50, 1e-300, 5e-324):  # σ² underflows: the kernel used to be 0 / 0
+        assert torch.equal(gaussian_blur(images, sigma), images)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--set", "crop_size=3"], "crop_size 3 must be a multiple of the model's patch size, 8"),
     (["--crop-size", "20"], "crop_size 20 must be a multiple of the model's patch size, 8"),

@@ -43,12 +43,19 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # PIL's decompression-bomb warning: MAX_PIXELS is the limit here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise DatasetError(f"{what} {path} is {im.width} x {im.height} pixels, over the limit of "
-                                       f"{MAX_PIXELS // 10**6} megapixels")
-                im.load()
+            im = Image.open(path)
+        try:
+            if im.width * im.height > MAX_PIXELS:
+                raise DatasetError(f"{what} {path} is {im.width} x {im.height} pixels, over the limit of "
+                                   f"{MAX_PIXELS // 10**6} megapixels")
+            im.load()
+        except BaseException:
+            im.close()
+            raise
+        if getattr(im, "n_frames", 1) > 1:  # a multi-frame file stays open once decoded: keep its first frame
+            with im:
                 return im.copy()
+        return im  # PIL closed the single-frame file once decoded: no copy of a large image
     except UnidentifiedImageError:
         raise DatasetError(f"cannot read {what} {path}: not an image file") from None
     except Image.DecompressionBombError:
@@ -83,6 +90,17 @@ def load_label(path: str | Path) -> np.ndarray:
             "(mode L, P or 16-bit)"
         )
     return np.asarray(im).astype(np.int64)
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """PIL RGB ``(H, W)`` -> uint8 ``(H, W, 3)``, copied a band of rows at a time: ``np.asarray``
+    would hold the image's bytes twice over while joining them (600 MB for 100 megapixels)."""
+    pixels = np.empty((image.height, image.width, 3), dtype=np.uint8)
+    rows = max(1, (1 << 20) // max(image.width, 1))
+    for top in range(0, image.height, rows):
+        bottom = min(top + rows, image.height)
+        pixels[top:bottom] = np.asarray(image.crop((0, top, image.width, bottom)))
+    return pixels
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
