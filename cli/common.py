@@ -25,8 +25,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # the commands write figures to file
 console = Console()
 
 # Errors that mean "bad input": reported as one line, exit code 2, no traceback. Any other exception
-# is a bug and shows its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, OSError)
+# is a bug and shows its traceback. (ValueError: some analysis checks still raise it, e.g. pca's k
+# range; DepictError is one.)
+USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, ValueError, OSError)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -274,21 +274,26 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def model_from(raw: dict, source: str | os.PathLike) -> Segmentor:
+    """The model of one of our checkpoint dicts, its weights and config checked (types, finite values,
+    shapes) before it is built; float16 weights are read back as float32."""
+    state = check_weights(raw.get("model"), source)
+    config = _config_from_dict(raw.get("config"), source)
+    check_fits(config, state, source)
+    model = create_model(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model
+
+
 def load_ours(path: Path, trust: bool = False) -> tuple[Segmentor, dict]:
-    """Our one-file format: its config and weights checked (types, finite values, shapes) before
-    the model is built."""
+    """Our one-file format -> (model, everything else the file holds but the optimizer state)."""
     raw = read_checkpoint(path, trust)
     if raw.get("format") != FORMAT:
         if "model" in raw and "n_cls" in raw:
             raise CheckpointError(f"{path}: looks like an official checkpoint but variant.yml is missing beside it")
         raise CheckpointError(f"{path}: not a depict-analysis checkpoint (no format tag {FORMAT!r})")
-    state = check_weights(raw.get("model"), path)
-    config = _config_from_dict(raw.get("config"), path)
-    check_fits(config, state, path)
-    model = create_model(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     meta = {k: v for k, v in raw.items() if k not in ("model", "config", "optimizer")}
-    return model, meta | {"source": "depict-analysis"}
+    return model_from(raw, path), meta | {"source": "depict-analysis"}
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False) -> tuple[Segmentor, dict]:

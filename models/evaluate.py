@@ -26,7 +26,7 @@ from depict_analysis.models.data.transforms import eval_view, img_scale_for, mul
 from depict_analysis.models.device import autocast
 from depict_analysis.models.errors import ConfigError, DatasetError, InputError
 from depict_analysis.models.progress import track
-from depict_analysis.models.segmentor import Segmentor, inference, inference_labels
+from depict_analysis.models.segmentor import Segmentor, inference, inference_labels, window_size
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -176,15 +176,17 @@ def predict_protocol(
     return {"window": window, "stride": stride, "img_scale": img_scale_for(protocol["short_side"], max_ratio)}
 
 
-def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | None, scales: Sequence[float], flip: bool):
-    """mmseg's test views of a uint8 image, normalised on the model's device: (images (1, 3, h, w), flipped)."""
+def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | None, scales: Sequence[float], flip: bool,
+           window: int):
+    """mmseg's test views of a uint8 image, normalised on the model's device: (images (1, 3, h, w),
+    flipped). A view that would exceed ``MAX_PIXELS`` once enlarged to the window is refused."""
     device = next(model.parameters()).device
     pixels = image_array(image)
     for scale, flipped in multiscale_views(img_scale, scales, flip):
-        size = rescale_size(pixels.shape[:2], scale)
+        size = window_size(*rescale_size(pixels.shape[:2], scale), window)
         if size[0] * size[1] > MAX_PIXELS:
             raise InputError(f"a {size[1]} x {size[0]} view of this image exceeds {MAX_PIXELS // 10**6} megapixels; "
-                             "use a smaller scale or short side")
+                             "use a smaller scale, short side or window")
         yield model.normalize(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped
 
 
@@ -208,7 +210,8 @@ def image_probs(
     """
     device = next(model.parameters()).device
     with autocast(device, amp):
-        probs = inference(model, _views(model, image, img_scale, scales, flip), (image.height, image.width), window, stride, batch_size)
+        views = _views(model, image, img_scale, scales, flip, window)
+        probs = inference(model, views, (image.height, image.width), window, stride, batch_size)
     return probs[0]
 
 
@@ -228,7 +231,8 @@ def image_labels(
     memory for any image size (``segmentor.inference_labels``). Call under ``torch.inference_mode()``."""
     device = next(model.parameters()).device
     with autocast(device, amp):
-        labels = inference_labels(model, _views(model, image, img_scale, scales, flip), (image.height, image.width), window, stride, batch_size)
+        views = _views(model, image, img_scale, scales, flip, window)
+        labels = inference_labels(model, views, (image.height, image.width), window, stride, batch_size)
     return labels[0]
 
 

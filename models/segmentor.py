@@ -96,14 +96,19 @@ def _softmax_classes(logits: Tensor) -> Tensor:
     return logits.softmax(dim=1)
 
 
-def window_resize(images: Tensor, window: int) -> Tensor:
-    """Segmenter's ``resize``: images (B, C, h, w) whose short side is below ``window`` are resized
-    (bilinear) to a short side of ``window`` and a long side of ``int(ratio * window)``, ratio =
-    long / short; larger images are returned as they are."""
-    h, w = images.shape[-2:]
+def window_size(h: int, w: int, window: int) -> tuple[int, int]:
+    """The size Segmenter's ``resize`` gives an image of (h, w): a short side below ``window`` becomes
+    ``window`` and the long side ``int(ratio * window)``, ratio = long / short; else (h, w)."""
     if min(h, w) >= window:
+        return h, w
+    return (window, int(w / h * window)) if h < w else (int(h / w * window), window)
+
+
+def window_resize(images: Tensor, window: int) -> Tensor:
+    """Segmenter's ``resize``: images (B, C, h, w) resized (bilinear) to ``window_size``."""
+    size = window_size(*images.shape[-2:], window)
+    if size == tuple(images.shape[-2:]):
         return images
-    size = (window, int(w / h * window)) if h < w else (int(h / w * window), window)
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 

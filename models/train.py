@@ -60,8 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from depict_analysis.models.backbone import load_pretrained
-from depict_analysis.models.checkpoint import (FORMAT, CheckpointError, _config_from_dict, check_fits, check_weights,
-                                               read_checkpoint, save_checkpoint)
+from depict_analysis.models.checkpoint import FORMAT, CheckpointError, model_from, read_checkpoint, save_checkpoint
 from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
 from depict_analysis.models.device import autocast, resolve_device
@@ -509,12 +508,7 @@ def _seed(*entropy: int) -> None:
 def _model_from_checkpoint(raw: dict, path: str | Path) -> Segmentor:
     if raw.get("format") != FORMAT or "optimizer" not in raw or not isinstance(raw.get("iteration"), int):
         raise CheckpointError(f"{path}: not a training checkpoint of ours (no optimizer state); cannot resume from it")
-    state = check_weights(raw.get("model"), path)
-    config = _config_from_dict(raw.get("config"), path)
-    check_fits(config, state, path)
-    model = create_model(config)
-    model.load_state_dict(state)
-    return model
+    return model_from(raw, path)
 
 
 def _cut_log(path: Path, iteration: int) -> None:

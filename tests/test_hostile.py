@@ -229,6 +229,9 @@ def test_a_loss_that_becomes_nan_stops_training_before_the_step_keeping_the_last
     (ANALYZE, ["coding-rate", "{good}", "--eps", "nan", "--num-images", "1", "--out", "{out}"], "eps must be a finite number > 0"),
     (ANALYZE, ["robustness", "{good}", "--sigmas", "nan", "--out", "{out}"], "σ values must be finite numbers ≥ 0"),
     (ANALYZE, ["pca-seg", "--ckpt", "{good}", "--k", "1", "--out", "{out}"], "Invalid value for '--k'"),
+    (ANALYZE, ["pca-seg", "--k", "100", "--num-images", "1", "--out", "{out}"], "k must be in [1, min(N, d)] = [1, 64], got 100"),
+    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--window", "100000", "--short-side", "0"],
+     "a 120000 x 100000 view of this image exceeds 100 megapixels"),
 ])
 def test_options_out_of_range_are_refused(files, tmp_path, app, args, fragment):
     fill = lambda a: a.format(good=files / "good.pt", images=files / "images", out=tmp_path / "out")  # noqa: E731
