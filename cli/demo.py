@@ -18,6 +18,8 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
+    check_out_file,
     console,
     image_source_options,
     open_models,
@@ -56,6 +58,7 @@ def demo(
     coding-rate and pca-seg on DEPICT-SA; orthogonality and robustness (Gaussian decoder noise)
     compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json.
     """
+    check_out_dir(out)
     settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed)
     summary = run_demo(out, resolve_device(device), settings)
     console.print(claims_table(summary))
@@ -84,6 +87,8 @@ def report(
     trust: bool = TrustOption,
 ):
     """One self-contained HTML page (figures embedded) with every analysis of a checkpoint and its numbers."""
+    check_out_file(out)
+    check_out_dir(data or out.with_name(f"{out.stem}_data"))
     paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
     models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
     source = image_source_options(images, dataset, data_root, split, num_images)

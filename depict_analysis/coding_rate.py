@@ -140,6 +140,8 @@ def _rate_from_gram(G: Tensor, m: int, N: int, eps: float) -> Tensor:
     ``G`` is either ``Z Zᵀ`` (n = N) or ``Zᵀ Z`` (n = m) for tokens ``Z: (N, m)`` as rows.
     """
     n = G.shape[-1]
+    if N * eps * eps == 0 or not math.isfinite(m / (N * eps * eps)):
+        raise ConfigError(f"eps = {eps:g} is too small: m / (N ε²) is not a finite number")
     scale = m / (N * eps * eps)
     eye = torch.eye(n, dtype=G.dtype, device=G.device)
     return 0.5 * _logdet_pd(eye + scale * G)
