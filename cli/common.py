@@ -24,10 +24,10 @@ if TYPE_CHECKING:  # the heavy stack is imported inside the commands: `--help` s
 os.environ.setdefault("MPLBACKEND", "Agg")  # the commands write figures to files: no display is needed or assumed
 console = Console()
 
-# Errors that mean "bad input": reported as one line, exit code 2, no traceback. Any other exception
-# is a bug and shows its traceback. (ValueError: some analysis checks still raise it, e.g. pca's k
-# range; DepictError is one.)
-USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, ValueError, OSError)
+# "Bad input", reported as one line with exit code 2: the library's own errors, and files that cannot
+# be read or written. Anything else (KeyError, a ValueError from deep inside torch, ...) is a bug and
+# keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, OSError)
 
 
 def fail(message: str, code: int = 2) -> None:

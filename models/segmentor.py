@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from depict_analysis.models.backbone import NORMALIZATION, ViTBackbone
-from depict_analysis.models.errors import InputError
+from depict_analysis.models.errors import ConfigError, InputError
 
 # Memory bounds of ``inference_labels``: class-map values held at an image's full size (1 GiB of
 # float32; larger outputs go in strips of about STRIP_VALUES values), and values of the views'
@@ -179,7 +179,7 @@ def inference(
         total = probs if total is None else total.add_(probs)
         n_views += 1
     if total is None:
-        raise ValueError("inference needs at least one view")
+        raise ConfigError("inference needs at least one view")
     return total.div_(n_views)
 
 
@@ -227,7 +227,7 @@ def inference_labels(
     views = iter(views)
     first = next(views, None)
     if first is None:
-        raise ValueError("inference needs at least one view")
+        raise ConfigError("inference needs at least one view")
     (B, K), (H, W) = (first[0].shape[0], model.n_cls), size
     dtype = torch.uint8 if K <= 256 else torch.int64
     views = itertools.chain([first], views)

@@ -120,7 +120,7 @@ COMMANDS = {  # every command that reads a model, as (app, arguments before the 
     "eval": (DEPICT, ["eval"], ["--dataset", "synthetic", "--num-images", "1"]),
     "predict": (DEPICT, ["predict"], ["{images}/a.png", "--out", "{out}"]),
     "coding-rate": (ANALYZE, ["coding-rate"], ["--num-images", "1", "--out", "{out}"]),
-    "pca-seg": (ANALYZE, ["pca-seg", "--num-images", "1", "--out", "{out}", "--ckpt"], []),
+    "pca-seg": (ANALYZE, ["pca-seg"], ["--num-images", "1", "--out", "{out}"]),
     "orthogonality": (ANALYZE, ["orthogonality"], ["--num-images", "1", "--out", "{out}"]),
     "robustness": (ANALYZE, ["robustness"], ["--num-images", "1", "--sigmas", "0.1", "--draws", "1", "--out", "{out}"]),
 }
@@ -228,7 +228,7 @@ def test_a_loss_that_becomes_nan_stops_training_before_the_step_keeping_the_last
     (ANALYZE, ["coding-rate", "{good}", "--eps", "1e-300", "--num-images", "1", "--out", "{out}"], "eps = 1e-300 is too small"),
     (ANALYZE, ["coding-rate", "{good}", "--eps", "nan", "--num-images", "1", "--out", "{out}"], "eps must be a finite number > 0"),
     (ANALYZE, ["robustness", "{good}", "--sigmas", "nan", "--out", "{out}"], "σ values must be finite numbers ≥ 0"),
-    (ANALYZE, ["pca-seg", "--ckpt", "{good}", "--k", "1", "--out", "{out}"], "Invalid value for '--k'"),
+    (ANALYZE, ["pca-seg", "{good}", "--k", "1", "--out", "{out}"], "Invalid value for '--k'"),
     (ANALYZE, ["pca-seg", "--k", "100", "--num-images", "1", "--out", "{out}"], "k must be in [1, min(N, d)] = [1, 64], got 100"),
     (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--window", "100000", "--short-side", "0"],
      "a 120000 x 100000 view of this image exceeds 100 megapixels"),
@@ -378,7 +378,7 @@ def test_a_model_is_never_scored_on_a_dataset_with_other_classes(files, tmp_path
     app, args = {
         "eval": (DEPICT, ["eval", files / "good.pt"]),
         "robustness": (ANALYZE, ["robustness", files / "good.pt", "--sigmas", "0.1", "--draws", 1, "--out", tmp_path / "out"]),
-        "pca-seg": (ANALYZE, ["pca-seg", "--ckpt", files / "good.pt", "--out", tmp_path / "out"]),
+        "pca-seg": (ANALYZE, ["pca-seg", files / "good.pt", "--out", tmp_path / "out"]),
     }[command]
     refused(app, [*args, "--dataset", "folder", "--data-root", files / "three", "--num-images", 1],
             "the model predicts 8 classes but folder has 3", files, tmp_path)
@@ -486,7 +486,7 @@ def test_folders_named_like_images_are_not_images(files, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_label.png", "a_overlay.png"]
     result = invoke(ANALYZE, "coding-rate", files / "good.pt", "--images", images, "--out", tmp_path / "rates")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "rates" / "coding_rate.json").read_text())["settings"]["num_images"] == 1
+    assert json.loads((tmp_path / "rates" / "coding_rate.json").read_text())["checkpoints"][0]["settings"]["num_images"] == 1
     refused(DEPICT, ["predict", files / "good.pt", images / "sub.png" / "nothing.png", "--out", tmp_path / "o2"],
             "no such image file or folder", tmp_path, files)
 
