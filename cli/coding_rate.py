@@ -17,6 +17,7 @@ from depict_analysis.cli.common import (
     ImagesOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
@@ -84,6 +85,7 @@ def coding_rate(
     trust: bool = TrustOption,
 ):
     """Coding rate of the patch tokens in each layer's subspace, of the tokens, and of the class embeddings."""
+    check_out_dir(out)
     if trace_files and (images or dataset):
         fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     source = image_source_options(images, dataset, data_root, split, num_images)

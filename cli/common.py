@@ -3,31 +3,44 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import matplotlib
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
-from depict_analysis.models import CheckpointError, load_model
-from depict_analysis.models.device import resolve_device
-from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS, load_default
-from depict_analysis.models.zoo import zoo_path
+from depict_analysis.models.errors import DepictError
+from depict_analysis.models.files import check_out_dir, check_out_file  # noqa: F401 (every command's --out check)
+from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS
 
-matplotlib.use("Agg")  # the commands write figures to files: no display is needed or assumed
+if TYPE_CHECKING:  # the heavy stack is imported inside the commands: `--help` stays fast
+    from depict_analysis.models.segmentor import Segmentor
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # the commands write figures to files: no display is needed or assumed
 console = Console()
 
-# Errors that mean "bad input": reported as one line, exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ValueError, FileNotFoundError, KeyError)
+# "Bad input", reported as one line with exit code 2: the library's own errors, and files that cannot
+# be read or written. Anything else (KeyError, a ValueError from deep inside torch, ...) is a bug and
+# keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, OSError)
 
 
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _message(error: BaseException) -> str:
+    """One line for the user: an OSError names its file and reason, a DepictError is its message."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def user_errors(command: Callable) -> Callable:
@@ -38,16 +51,66 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            fail(str(message).splitlines()[0] if str(message) else type(e).__name__)
+            fail(_message(e))
 
     return wrapper
 
 
+def _tolerant_streams() -> None:
+    """Characters the terminal's encoding lacks (``PYTHONIOENCODING=ascii``) print as ``?`` instead of
+    failing a finished run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from depict_analysis import __version__
+
+        typer.echo(f"depict-analysis {__version__}")
+        raise typer.Exit()
+
+
+# click's base of usage errors (typer may ship its own copy of click): reached through a public name
+ClickException = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """A command line whose usage errors (an option out of range, a missing argument) print as one
+    ``error:`` line with exit code 2, like the library's errors, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help text
+                e.show()
+                sys.exit(e.exit_code)
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def new_app(help: str) -> typer.Typer:
-    app = typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-    # A callback keeps typer from collapsing a one-command app into that command.
-    app.callback()(lambda: None)
+    """A Typer app as every command line of the project: help text printed as written (no rich markup,
+    which would eat ``[...]``), one-line usage errors, ``--version``, and output that survives any
+    terminal encoding."""
+    app = typer.Typer(help=help, cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                      rich_markup_mode=None)
+
+    # A callback also keeps typer from collapsing a one-command app into that command.
+    @app.callback()
+    def main(
+        version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ) -> None:
+        _tolerant_streams()
+
     return app
 
 
@@ -62,9 +125,14 @@ CheckpointHelp = (f"Our .pt file, an official release folder, {BUILTIN}NAME ({',
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
-def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False):
+def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False) -> tuple[Segmentor, dict]:
     """(model, metadata) from a checkpoint path, ``builtin:NAME`` or ``zoo:NAME`` (downloaded if not
     cached); the built-in DEPICT-SA when none is given."""
+    from depict_analysis.models.checkpoint import load_model
+    from depict_analysis.models.device import resolve_device
+    from depict_analysis.models.pretrained import load_default
+    from depict_analysis.models.zoo import zoo_path
+
     torch_device = resolve_device(device)
     if checkpoint is None:
         return load_default(DEFAULT_MODELS[0], torch_device)
@@ -75,24 +143,43 @@ def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool 
     return load_model(checkpoint, torch_device, trust)
 
 
+def is_release_folder(path: Path) -> bool:
+    """Whether ``path`` is an official release folder (``checkpoint.pth`` / ``variant.yml``), not a folder of images."""
+    return path.is_dir() and any((path / name).is_file() for name in ("checkpoint.pth", "variant.yml"))
+
+
 def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
-    """``[CKPT] FILE...`` -> (checkpoint or None, files): the first path is the checkpoint when it is a
-    folder, a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
+    """``[CKPT] IMAGE...`` -> (checkpoint or None, images): the first path is the checkpoint when it is
+    a release folder, a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
     first = str(paths[0]) if paths else ""
-    if paths and (paths[0].is_dir() or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith((BUILTIN, ZOO))):
+    if paths and (is_release_folder(paths[0]) or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith((BUILTIN, ZOO))):
         return paths[0], list(paths[1:])
     return None, list(paths)
 
 
+def require_dataset_classes(model: Segmentor, source: dict | None) -> None:
+    """Refuse to score ``model`` against the labels of ``source``'s dataset (``image_source_options``)
+    when it predicts another number of classes: the scores would mean nothing."""
+    if source and source.get("dataset"):
+        from depict_analysis.models.data import build_dataset
+        from depict_analysis.models.evaluate import check_classes
+
+        check_classes(model, build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val")))
+
+
 def open_models(
-    checkpoints: list[Path] | None, device: str = "auto", trust: bool = False, builtins: Sequence[str] = DEFAULT_MODELS
+    checkpoints: list[Path] | None, device: str = "auto", trust: bool = False, builtins: Sequence[str] = DEFAULT_MODELS,
+    scored_on: dict | None = None,
 ):
     """(label, source, model, metadata) of each checkpoint, lazily (one model in memory at a time);
     the built-in models ``builtins`` when ``checkpoints`` is empty. ``source`` is what results record
-    as the checkpoint (``checkpoint_name``)."""
+    as the checkpoint (``checkpoint_name``). ``scored_on``: the image source (``image_source_options``)
+    whose labels the models are scored against; when it names a dataset every model must predict its
+    classes (``require_dataset_classes``)."""
     paths = checkpoints or [Path(f"{BUILTIN}{name}") for name in builtins]
     for label, path in zip(checkpoint_labels(paths), paths):
         model, meta = open_model(path, device, trust)
+        require_dataset_classes(model, scored_on)
         yield label, checkpoint_name(path, meta), model, meta
 
 

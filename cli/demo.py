@@ -18,6 +18,8 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
+    check_out_file,
     console,
     image_source_options,
     open_models,
@@ -78,6 +80,9 @@ def demo(
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_demo
 
+    check_out_dir(out)
+    if page is not None:
+        check_out_file(page)
     settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
     result = run_demo(out, resolve_device(device), settings)
     print_findings(result)
@@ -115,6 +120,8 @@ def report(
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
 
+    check_out_file(out)
+    check_out_dir(data or out.with_name(f"{out.stem}_data"))
     paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
     models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
     source = image_source_options(images, dataset, data_root, split, num_images)

@@ -1,4 +1,9 @@
-"""``depict``: inspect, train, evaluate and run segmentation models."""
+"""``depict``: inspect, train, evaluate and run segmentation models.
+
+The heavy stack (torch, timm, the models) is imported inside the commands, so ``depict --help``
+answers at once. Options are checked where they are declared (``min=`` / ``max=``); what depends
+on the model or the data is checked by the library before any work starts.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from depict_analysis.cli.common import (DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption, console, fail, new_app,
-                        CheckpointHelp, checkpoint_name, open_model, print_table, split_checkpoint, user_errors)
+import depict_analysis.models
+from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption,
+                                        checkpoint_name, console, fail, new_app, open_model, print_table, split_checkpoint,
+                                        user_errors)
 from depict_analysis.cli.zoo import app as zoo_app
-from depict_analysis.models import create_model
-from depict_analysis.models.data import build_dataset
-from depict_analysis.models.evaluate import MULTISCALE_RATIOS, eval_protocol, evaluate, jsonable, predict_protocol
-from depict_analysis.models.predict import palette_for, predict_files
-from depict_analysis.models.summary import model_summary
-from depict_analysis.models.train import PRESETS_DIR, build_config
-from depict_analysis.models.train import train as run_training
+from depict_analysis.models.files import check_out_dir, check_out_file
+
+PRESETS = sorted(p.stem for p in (Path(depict_analysis.models.__file__).parent / "configs").glob("*.yaml"))
 
 app = new_app("Inspect, train, evaluate and run DEPICT / Segmenter models.")
 app.add_typer(zoo_app, name="zoo")
@@ -32,15 +35,18 @@ app.add_typer(zoo_app, name="zoo")
 def info(
     checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
     variant: Optional[str] = typer.Option(None, help="Describe a registered variant instead (random weights)."),
-    n_cls: int = typer.Option(150, help="Classes, with --variant."),
+    n_cls: int = typer.Option(150, min=1, max=65536, help="Classes, with --variant."),
     image_size: Optional[int] = typer.Option(
-        None, help="Image side for the decoder GFLOPs.", show_default="the model's training size"
+        None, min=1, max=16384, help="Image side for the decoder GFLOPs.", show_default="the model's training size"
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
     """Variant, classes, parameters (encoder / decoder) and decoder GFLOPs of a model."""
+    from depict_analysis.models import create_model
+    from depict_analysis.models.summary import model_summary
+
     model = create_model(variant, n_cls) if variant else open_model(checkpoint, device, trust)[0]
     image_size = image_size or max(model.config.backbone.image_size)
     summary = model_summary(model, (image_size, image_size))
@@ -61,48 +67,65 @@ def info(
     )
 
 
-WindowOption = typer.Option(None, "--window", help="Sliding-window size (default: the model's training size).")
+WindowOption = typer.Option(None, "--window", min=1, help="Sliding-window size.", show_default="the model's training size")
 MultiscaleOption = typer.Option(False, "--multiscale", help="Average scales 0.5..1.75 and their flips.")
-BatchOption = typer.Option(8, "--batch-size", help="Windows per forward pass.")
+BatchOption = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass.")
 AmpOption = typer.Option(False, "--amp", help="bf16 autocast on CUDA (default: float32).")
+ShortSideOption = typer.Option(
+    None, "--short-side", min=0,
+    help="Resize images keeping their aspect ratio to this short side, the long side at most the dataset's max ratio "
+    "times it, as mmseg's test Resize (0: keep their size).",
+    show_default="the base size of the dataset (eval: evaluated on; predict: trained on): ADE20K 512, Pascal Context 520, "
+    "Cityscapes 1024; else the run's training size; else 0",
+)
 
 
 @app.command()
 @user_errors
 def train(
     config: Optional[str] = typer.Option(
-        None, "--config", help=f"YAML file of training options, or a preset: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.yaml')))}."
+        None, "--config", help=f"YAML file of training options, or a preset: {', '.join(PRESETS)}."
     ),
-    overrides: list[str] = typer.Option([], "--set", help="key=value for any training option (repeatable)."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="Model variant, e.g. depict-sa-vit-s16."),
-    dataset: Optional[str] = DatasetOption,
+    overrides: list[str] = typer.Option([], "--set", help="key=value for any training option (repeatable).", show_default="none"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Model variant, e.g. depict-sa-vit-s16.", show_default="depict-sa-vit-s16"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=DatasetOption.help, show_default="ade20k"),
     data_root: Optional[Path] = DataRootOption,
-    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Training crop (the variant's image size by default)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step, over all processes. [8]"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step. [1]"),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Training crop, a multiple of the patch size.",
+                                            show_default="the variant's image size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step, over all processes.", show_default="8"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step.", show_default="1"),
     epochs: Optional[int] = typer.Option(
-        None, "--epochs", help="Passes over the training set; steps = epochs x ceil(images / batch size). [64]"
+        None, "--epochs", help="Passes over the training set; steps = epochs x ceil(images / batch size).", show_default="64"
     ),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimizer steps, instead of epochs."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate of the poly schedule. [1e-3]"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (the recipe trains in float32). [off]"),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [off]"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: at the end). [0]"),
-    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on the first N images. [all]"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps. [1000]"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading processes. [4]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed. [0]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoint.pt, log.jsonl, metrics.json. [runs/train]"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N. [auto]"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Backbone weights: a local file, or a timm name (downloads)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Optimizer steps, instead of epochs.",
+                                             show_default="from --epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate of the poly schedule.", show_default="1e-3"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (the recipe trains in float32).",
+                                       show_default="off"),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model.", show_default="off"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: at the end).", show_default="0"),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Evaluate on the first N images.", show_default="all"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps.", show_default="1000"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading processes.", show_default="4"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.", show_default="0"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoint.pt, log.jsonl, metrics.json.",
+                                       show_default="runs/train"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N.", show_default="auto"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Backbone weights: a local file, or a timm name (downloads).",
+                                             show_default="none"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this checkpoint (its options are the defaults)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr, when it is a terminal)."),
 ):
     """Train a model with the paper's (Segmenter's) recipe; run under torchrun for several processes.
 
-    Options given here override --set, which overrides --config, which overrides the resumed checkpoint's options.
-    SIGINT / SIGTERM save a checkpoint and exit with 128 + the signal number.
+    Options given here override --set, which overrides --config, which overrides the resumed checkpoint's options
+    (the defaults shown are the recipe's). Every option is checked before training starts. SIGINT / SIGTERM save a
+    checkpoint and exit with 128 + the signal number; a loss that turns NaN / Inf stops the run (exit 2) keeping the
+    last good checkpoint.
     """
+    from depict_analysis.models.train import build_config
+    from depict_analysis.models.train import train as run_training
+
     options = dict(
         model=variant, dataset=dataset, data_root=data_root and str(data_root), crop_size=crop_size, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, iterations=iterations, lr=lr, amp=amp, compile=compile_model, eval_every=eval_every,
@@ -124,33 +147,31 @@ def train(
 
 def _trained_dataset(meta: dict) -> tuple[str | None, str | None, dict]:
     """(name, root, extra arguments) of the dataset a checkpoint was trained on, as far as it says."""
+    from depict_analysis.models.evaluate import trained_dataset
+
     trained = meta.get("train_config")
     if trained:
         # a procedural dataset's ``length`` counted training scenes; evaluation keeps the split's own
         kwargs = {k: v for k, v in trained["dataset_kwargs"].items() if k != "length"}
         return trained["dataset"], trained["data_root"], kwargs
-    return ((meta.get("variant") or {}).get("dataset_kwargs") or {}).get("dataset"), None, {}
+    return trained_dataset(meta), None, {}
 
 
 @app.command("eval")
 @user_errors
 def evaluate_command(
     checkpoint: Optional[Path] = typer.Argument(None, help=CheckpointHelp),
-    dataset: Optional[str] = DatasetOption,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=DatasetOption.help, show_default="the one the checkpoint was trained on"),
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
     multiscale: bool = MultiscaleOption,
     window: Optional[int] = WindowOption,
     stride: Optional[int] = typer.Option(
-        None, "--stride", help="Sliding-window stride (default: the run's eval_stride, else window - 32, at least window / 2)."
+        None, "--stride", min=1, help="Sliding-window stride, at most the window.",
+        show_default="the run's eval_stride, else window - 32, at least window / 2",
     ),
-    short_side: Optional[int] = typer.Option(
-        None, "--short-side",
-        help="Resize images keeping their aspect ratio to this short side, the long side at most the dataset's max ratio "
-        "times it, as mmseg's test Resize (default: the dataset's base size: ADE20K 512, Pascal Context 520, Cityscapes "
-        "1024; else the run's; 0: keep the size).",
-    ),
-    num_images: Optional[int] = typer.Option(None, "--num-images", help="Evaluate the first N images only."),
+    short_side: Optional[int] = ShortSideOption,
+    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Evaluate the first N images only.", show_default="all"),
     batch_size: int = BatchOption,
     amp: bool = AmpOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores to this JSON file."),
@@ -159,6 +180,12 @@ def evaluate_command(
 ):
     """mIoU of a checkpoint on a dataset split, with the official protocol (Segmenter's segm/eval/miou.py):
     mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU."""
+    from depict_analysis.models.data import build_dataset
+    from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
+    from depict_analysis.models.files import atomic_write_text
+
+    if out is not None:
+        check_out_file(out)
     model, meta = open_model(checkpoint, device, trust)
     trained_name, trained_root, trained_kwargs = _trained_dataset(meta)
     name = dataset or trained_name
@@ -166,6 +193,7 @@ def evaluate_command(
         fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
     same = name == trained_name
     data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
+    check_classes(model, data)
     protocol = eval_protocol(model, data, meta.get("train_config"), window=window, stride=stride, short_side=short_side)
     scales = MULTISCALE_RATIOS if multiscale else (1.0,)
     scores = evaluate(
@@ -183,10 +211,9 @@ def evaluate_command(
     table.add_row("pixel accuracy", "", percent(scores["pixel_acc"]))
     console.print(table)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         record = {"checkpoint": checkpoint_name(checkpoint, meta), "dataset": data.name, "split": split,
                   "classes": data.class_names, **scores}
-        out.write_text(json.dumps(jsonable(record), indent=2) + "\n")
+        atomic_write_text(out, json.dumps(jsonable(record), indent=2) + "\n")
 
 
 @app.command()
@@ -194,33 +221,42 @@ def evaluate_command(
 def predict(
     paths: list[Path] = typer.Argument(
         ..., metavar="[CKPT] IMAGE...",
-        help="A checkpoint (.pt / .pth file or release folder; default: the built-in DEPICT-SA), then image files "
-        "(any mode: RGB, RGBA, grey, 16-bit).",
+        help="A checkpoint (.pt / .pth file or release folder; default: the built-in DEPICT-SA), then image files or folders "
+        "of them (any mode: RGB, RGBA, grey, 16-bit; EXIF orientation applied).",
     ),
-    out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png and <stem>_overlay.png."),
+    out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png (palette PNG of class ids) and <stem>_overlay.png."),
     window: Optional[int] = WindowOption,
     stride: Optional[int] = typer.Option(
-        None, "--stride", help="Sliding-window stride (default: a release's window_stride, else as depict eval)."
+        None, "--stride", min=1, help="Sliding-window stride, at most the window.",
+        show_default="a release's window_stride, else as depict eval",
     ),
-    short_side: int = typer.Option(
-        0, "--short-side", help="Resize images first as depict eval does, to this short side, the long side at most 4 times it (0: keep their size)."
-    ),
+    short_side: Optional[int] = ShortSideOption,
     multiscale: bool = MultiscaleOption,
-    alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the class colours in the overlay."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Opacity of the class colours in the overlay."),
     batch_size: int = BatchOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (never an input)."),
     amp: bool = AmpOption,
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """Segment images: a label map (uint8 class ids) and a colour overlay for each (Segmenter's segm/inference.py)."""
-    checkpoint, images = split_checkpoint(paths)
-    if not images:
+    """Segment images: a label map and a colour overlay with a legend for each, resized as depict eval resizes
+    (Segmenter's segm/inference.py on mmseg's test views)."""
+    from depict_analysis.inputs import image_files
+    from depict_analysis.models.evaluate import MULTISCALE_RATIOS, predict_protocol
+    from depict_analysis.models.predict import classes_for, output_paths, predict_files
+    from depict_analysis.models.files import refuse_overwrite
+
+    checkpoint, sources = split_checkpoint(paths)
+    if not sources:
         fail("give at least one image after the checkpoint")
+    check_out_dir(out)
+    images = image_files(sources)
+    refuse_overwrite([p for pair in output_paths(images, out) for p in pair], images, overwrite)  # before loading anything
     model, meta = open_model(checkpoint, device, trust)
     protocol = predict_protocol(model, meta, window=window, stride=stride, short_side=short_side)
     records = predict_files(
-        model, images, out, palette=palette_for(meta, model.n_cls), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
-        flip=multiscale, alpha=alpha, batch_size=batch_size, progress=True, amp=amp,
+        model, images, out, classes=classes_for(meta, model.n_cls), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
+        flip=multiscale, alpha=alpha, batch_size=batch_size, overwrite=overwrite, progress=True, amp=amp,
     )
     console.print(f"wrote {2 * len(records)} files to {out}")
 

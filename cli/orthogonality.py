@@ -17,6 +17,7 @@ from depict_analysis.cli.common import (
     ImagesOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
@@ -83,6 +84,7 @@ def orthogonality(
 ):
     """Cosines between the basis vectors of every layer's subspaces and between the class embeddings, trained
     and at initialisation; the Gram matrices PᵀP and Q̂ᵀQ̂."""
+    check_out_dir(out)
     if trace_files and (images or dataset):
         fail("--trace files hold their images: give --trace or --images / --dataset, not both")
     source = image_source_options(images, dataset, data_root, split, num_images)

@@ -22,9 +22,11 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
+    require_dataset_classes,
     user_errors,
 )
 from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, is_checkpoint, runs, saving
@@ -84,6 +86,7 @@ def pca_seg(
     trust: bool = TrustOption,
 ):
     """PCA segmentation of the decoder's input tokens Z_0 versus the patch embeddings the mask head uses."""
+    check_out_dir(out)
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     checkpoints = [a for a in arguments or [] if is_checkpoint(a)]
@@ -99,7 +102,10 @@ def pca_seg(
 
     def batches_for(model):
         side = size or max(model.config.backbone.image_size)
-        return single_images(image, side, gt) if image else image_batches(side, **source)
+        if image:
+            return single_images(image, side, gt)
+        require_dataset_classes(model, source)  # scores against another dataset's labels would mean nothing
+        return image_batches(side, **source)
 
     count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
                          device=device, trust=trust, description="PCA segmentation")

@@ -24,6 +24,7 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
@@ -122,6 +123,7 @@ def robustness(
     from depict_analysis.robustness import NAME, run_robustness
     from depict_analysis.uncertainty import Bootstrap
 
+    check_out_dir(out)
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
@@ -132,7 +134,7 @@ def robustness(
         builtins = [name for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
     n_models = len(checkpoints) if checkpoints else len(builtins)
     n_evaluations = n_models * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
-    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins))
+    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins, scored_on=source))
     settings = {"input": {key: value for key, value in source.items() if value}, "batch_size": batch_size}
     with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
         result = run_robustness(

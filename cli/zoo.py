@@ -6,7 +6,6 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import console, new_app, user_errors
-from depict_analysis.models import zoo
 
 FAMILY_LABELS = {"depict_sa": "DEPICT-SA", "depict_ca": "DEPICT-CA", "mask_transformer": "mask", "linear": "linear"}
 
@@ -17,6 +16,8 @@ app = new_app("Official Segmenter / DEPICT releases by name: use zoo:NAME wherev
 @user_errors
 def list_models():
     """The zoo's models, their published mIoU, and which are in the cache (nothing is downloaded)."""
+    from depict_analysis.models import zoo
+
     table = Table(title=f"depict zoo (cache: {zoo.cache_root() / 'zoo'})", box=None, pad_edge=False, padding=(0, 1, 0, 0),
                   header_style="bold underline")  # no frame: the table fits 80 columns
     for column in ("name", "decoder", "backbone", "dataset", "mIoU SS/MS"):
@@ -38,9 +39,11 @@ def list_models():
 def fetch(
     name: str = typer.Argument(..., help="A zoo name (depict zoo list); a DEPICT release as depict-sa/FOLDER."),
     force: bool = typer.Option(False, "--force", help="Download again, replacing the cached files."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr, when it is a terminal)."),
 ):
     """Download a zoo model into the cache (resuming a cut download) and verify it; print its files and folder."""
+    from depict_analysis.models import zoo
+
     folder = zoo.zoo_path(name, progress=progress, force=force)
     table = Table(title=f"zoo:{name}")
     for column in ("file", "MB", "sha256"):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.models.errors import ConfigError, InputError
 
 __all__ = [
     "NORMALIZE_MODES",
@@ -83,34 +83,34 @@ def _check_mode(mode: str) -> None:
 
 def _check_float(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+        raise InputError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
 def _check_tokens(Z: Tensor, name: str = "Z") -> None:
     """Z must be a float tensor of shape (B, N, d) with N >= 1."""
     _check_float(Z, name)
     if Z.ndim != 3:
-        raise ValueError(f"{name} must have shape (B, N, d), got {tuple(Z.shape)}")
+        raise InputError(f"{name} must have shape (B, N, d), got {tuple(Z.shape)}")
     if Z.shape[-2] < 1:
-        raise ValueError(f"{name} must hold at least one token, got shape {tuple(Z.shape)}")
+        raise InputError(f"{name} must hold at least one token, got shape {tuple(Z.shape)}")
 
 
 def _check_proj(proj: Tensor, d: int, name: str = "proj") -> None:
     """proj must be a float tensor of shape (h, p, d)."""
     _check_float(proj, name)
     if proj.ndim != 3:
-        raise ValueError(
+        raise InputError(
             f"{name} must have shape (heads, dim_head, d), got {tuple(proj.shape)}; "
             "reshape an official (h*p, d) matrix with proj.reshape(h, p, d)"
         )
     if proj.shape[-1] != d:
-        raise ValueError(
+        raise InputError(
             f"{name} last dim must equal the token width d = {d}, got shape {tuple(proj.shape)}"
         )
     if proj.shape[0] < 1 or proj.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one head of width >= 1, got {tuple(proj.shape)}")
+        raise InputError(f"{name} must have at least one head of width >= 1, got {tuple(proj.shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +140,8 @@ def _rate_from_gram(G: Tensor, m: int, N: int, eps: float) -> Tensor:
     ``G`` is either ``Z Zᵀ`` (n = N) or ``Zᵀ Z`` (n = m) for tokens ``Z: (N, m)`` as rows.
     """
     n = G.shape[-1]
+    if N * eps * eps == 0 or not math.isfinite(m / (N * eps * eps)):
+        raise ConfigError(f"eps = {eps:g} is too small: m / (N ε²) is not a finite number")
     scale = m / (N * eps * eps)
     eye = torch.eye(n, dtype=G.dtype, device=G.device)
     return 0.5 * _logdet_pd(eye + scale * G)
@@ -190,10 +192,10 @@ def coding_rate(Z: Tensor, eps: float = 0.1) -> Tensor:
     _check_float(Z, "Z")
     _check_eps(eps)
     if Z.ndim < 2:
-        raise ValueError(f"Z must have shape (..., N, m), got {tuple(Z.shape)}")
+        raise InputError(f"Z must have shape (..., N, m), got {tuple(Z.shape)}")
     N, m = Z.shape[-2], Z.shape[-1]
     if N < 1:
-        raise ValueError(f"Z must hold at least one token, got shape {tuple(Z.shape)}")
+        raise InputError(f"Z must hold at least one token, got shape {tuple(Z.shape)}")
     if m == 0:
         return torch.zeros(Z.shape[:-2], dtype=torch.float64, device=Z.device)
     return _rate_from_gram(_smaller_gram(_as64(Z)), m, N, eps)
@@ -413,11 +415,11 @@ class _RateInputs:
 def _stack_tokens(tokens: list[Tensor]) -> Tensor:
     """Validate ``tokens`` (a non-empty list of same-shaped (B, N, d)) -> float64 ``(J, B, N, d)``."""
     if len(tokens) == 0:
-        raise ValueError("tokens must name at least one (B, N, d) tensor")
+        raise InputError("tokens must name at least one (B, N, d) tensor")
     for j, Z in enumerate(tokens):
         _check_tokens(Z, name=f"tokens[{j}]")
         if Z.shape != tokens[0].shape:
-            raise ValueError(
+            raise InputError(
                 f"all tokens must have the same shape; tokens[0] is {tuple(tokens[0].shape)}, "
                 f"tokens[{j}] is {tuple(Z.shape)}"
             )

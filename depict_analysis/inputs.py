@@ -34,7 +34,7 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
     files = []
     for source in map(Path, sources):
         if source.is_dir():
-            files += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif source.is_file():
             files.append(source)
         else:

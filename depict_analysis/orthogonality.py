@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from depict_analysis.models.errors import ConfigError, InputError
+
 
 def gram(M: Tensor) -> Tensor:
     """Gram matrix of the rows: ``M: (..., n, d) -> M Mᵀ: (..., n, n)``, float64."""
@@ -31,13 +33,13 @@ def head_blocks(proj: Tensor, *, n_heads: int | None = None, dim_head: int | Non
     Give exactly one of ``n_heads`` (h) or ``dim_head`` (p). Returns a view (no copy, same dtype).
     """
     if (n_heads is None) == (dim_head is None):
-        raise ValueError("give exactly one of n_heads or dim_head")
+        raise ConfigError("give exactly one of n_heads or dim_head")
     if proj.ndim != 2:
-        raise ValueError(f"expected proj of shape (h*p, d), got {tuple(proj.shape)}")
+        raise InputError(f"expected proj of shape (h*p, d), got {tuple(proj.shape)}")
     rows = proj.shape[0]
     split = n_heads if n_heads is not None else dim_head
     if split < 1 or rows % split:
-        raise ValueError(f"{rows} rows cannot be split into groups by {split}")
+        raise InputError(f"{rows} rows cannot be split into groups by {split}")
     p = dim_head if dim_head is not None else rows // n_heads
     return proj.reshape(rows // p, p, proj.shape[1])
 
@@ -49,7 +51,7 @@ def query_projection(qkv_weight: Tensor, n_heads: int) -> Tensor:
     ``x @ W_Q[k]ᵀ``, so the result plays the role of a DEPICT ``proj`` in :func:`subspace_summary`.
     """
     if qkv_weight.ndim != 2 or qkv_weight.shape[0] != 3 * qkv_weight.shape[1]:
-        raise ValueError(f"expected qkv weight of shape (3d, d), got {tuple(qkv_weight.shape)}")
+        raise InputError(f"expected qkv weight of shape (3d, d), got {tuple(qkv_weight.shape)}")
     d = qkv_weight.shape[1]
     return head_blocks(qkv_weight[:d], n_heads=n_heads)
 
@@ -95,7 +97,7 @@ def subspace_summary(proj: Tensor) -> dict:
     """
     if proj.ndim != 3:
         shape = tuple(proj.shape)
-        raise ValueError(f"expected proj of shape (h, p, d), got {shape}; see head_blocks")
+        raise InputError(f"expected proj of shape (h, p, d), got {shape}; see head_blocks")
     h, p, d = proj.shape
     flat = proj.reshape(h * p, d)
     G, C = gram(flat), cosines(flat)
@@ -139,7 +141,7 @@ def class_summary(Q: Tensor) -> dict:
     """
     if Q.ndim not in (2, 3) or Q.shape[-2] < 2:
         shape = tuple(Q.shape)
-        raise ValueError(f"expected Q of shape (K, d) or (B, K, d) with K >= 2, got {shape}")
+        raise InputError(f"expected Q of shape (K, d) or (B, K, d) with K >= 2, got {shape}")
     Q_hat = F.normalize(Q.reshape(-1, *Q.shape[-2:]).to(torch.float64), dim=-1)
     grams = gram(Q_hat)  # (B, K, K)
     off = _offdiag(grams).abs()

@@ -1,26 +1,23 @@
-"""Writing an analysis's results: the figure (PNG + PDF) and the numbers behind it (JSON, CSV)."""
+"""Writing an analysis's results: the figure (PNG + PDF) and the numbers behind it (JSON, CSV).
+
+Every file is written atomically (``depict_analysis.models.files.atomic_write``): a reader polling
+a result never finds it empty or half written. ``check_out_dir`` / ``check_out_file`` check an
+output path before a command starts computing.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved file is for others to read too
-    os.replace(tmp, path)
+from depict_analysis.models.files import atomic_write, atomic_write_text, check_out_dir, check_out_file  # noqa: F401
 
 
 def _jsonable(x: Any) -> Any:
@@ -48,20 +45,21 @@ def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """One row per dict; the columns are the union of keys in first-seen order."""
     path = Path(path)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    atomic_write_text(path, text.getvalue())
     return path
 
 
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     """Write ``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, close the figure, return both paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+        atomic_write(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return paths

@@ -17,20 +17,22 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
+from depict_analysis.models.errors import ConfigError, InputError
+
 METHODS = ("argmax", "kmeans")
 
 
 def _as_tokens(Z: Tensor) -> Tensor:
     """Validate ``Z: (N, d)`` or ``(B, N, d)`` and return it as float64."""
     if Z.ndim not in (2, 3):
-        raise ValueError(f"expected tokens of shape (N, d) or (B, N, d), got {tuple(Z.shape)}")
+        raise InputError(f"expected tokens of shape (N, d) or (B, N, d), got {tuple(Z.shape)}")
     return Z.to(torch.float64)
 
 
 def _check_k(k: int, Z: Tensor) -> None:
     n, d = Z.shape[-2:]
     if not 1 <= k <= min(n, d):
-        raise ValueError(f"k must be in [1, min(N, d)] = [1, {min(n, d)}], got {k}")
+        raise ConfigError(f"k must be in [1, min(N, d)] = [1, {min(n, d)}], got {k}")
 
 
 def _centre(Z: Tensor) -> Tensor:
@@ -85,7 +87,7 @@ def pca_segment(Z: Tensor, k: int, method: str = "argmax", seed: int = 0) -> Ten
       one image at a time.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     coords = _pca_coordinates(Z, k)
     if method == "argmax":
         return coords.argmax(dim=-1)
@@ -109,7 +111,7 @@ def pca_rgb(Z: Tensor) -> Tensor:
 def choose_k(predicted_labels: Tensor, lo: int = 2, hi: int = 8) -> int:
     """Number of distinct classes in ``predicted_labels`` (any shape), clamped to [lo, hi]."""
     if not 1 <= lo <= hi:
-        raise ValueError(f"need 1 <= lo <= hi, got lo={lo}, hi={hi}")
+        raise ConfigError(f"need 1 <= lo <= hi, got lo={lo}, hi={hi}")
     return min(max(int(predicted_labels.unique().numel()), lo), hi)
 
 
@@ -130,7 +132,7 @@ def upsample_labels(labels: Tensor, grid: tuple[int, int], size: tuple[int, int]
     """
     h, w = grid
     if labels.shape[-1] != h * w or labels.ndim not in (1, 2):
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match grid {grid}")
+        raise InputError(f"labels of shape {tuple(labels.shape)} do not match grid {grid}")
     H, W = size
     rows = _nearest_index(h, H, labels.device)
     cols = _nearest_index(w, W, labels.device)
@@ -189,10 +191,10 @@ def segmentation_scores(pred: Tensor, ref: Tensor, ignore_index: int = 255) -> d
     All three are invariant to renaming segment ids.
     """
     if pred.shape != ref.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
+        raise InputError(f"pred {tuple(pred.shape)} and ref {tuple(ref.shape)} differ in shape")
     keep = ref != ignore_index
     if not bool(keep.any()):
-        raise ValueError("every reference pixel is ignore_index: nothing to score")
+        raise InputError("every reference pixel is ignore_index: nothing to score")
     p = pred[keep].cpu().numpy()
     r = ref[keep].cpu().numpy()
     return {

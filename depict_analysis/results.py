@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 from matplotlib.figure import Figure
 
+from depict_analysis.models.errors import InputError
 from depict_analysis.outputs import save_csv, save_figure, save_json
 
 
@@ -106,9 +107,9 @@ class Comparison(Result):
 
     def __post_init__(self) -> None:
         if not self.results or len({type(r) for r in self.results}) != 1:
-            raise ValueError("a Comparison needs one or more results of one analysis")
+            raise InputError("a Comparison needs one or more results of one analysis")
         if not len(self.labels) == len(self.sources) == len(self.results):
-            raise ValueError("a Comparison needs one label and one source per result")
+            raise InputError("a Comparison needs one label and one source per result")
 
     @property
     def name(self) -> str:  # type: ignore[override]

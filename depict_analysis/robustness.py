@@ -181,9 +181,9 @@ def perturbed_parameters(
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (B, C, H, W), std ``sigma`` pixels, radius ⌈3σ⌉, reflect padding."""
     radius = min(math.ceil(3 * sigma), images.shape[-1] - 1, images.shape[-2] - 1)
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=images.device)  # float64: a tiny σ gives (0, 1, 0), not 0 / 0
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).repeat(images.shape[1], 1, 1, 1)  # (C, 1, 1, k)
+    kernel = (kernel / kernel.sum()).to(images.dtype).repeat(images.shape[1], 1, 1, 1)  # (C, 1, 1, k)
     C = images.shape[1]
     out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="reflect"), kernel, groups=C)
     return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.transpose(-1, -2), groups=C)

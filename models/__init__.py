@@ -1,20 +1,38 @@
-"""The segmentation stack: ViT backbones, decoder families (DEPICT, CBT, ToST, Segmenter, linear), checkpoints."""
+"""The segmentation stack: ViT backbones, decoder families (DEPICT, CBT, ToST, Segmenter, linear), checkpoints.
 
-from depict_analysis.models.checkpoint import CheckpointError, load_model, save_checkpoint
-from depict_analysis.models.registry import DecoderConfig, ModelConfig, create_model, list_variants, variant_config
-from depict_analysis.models.backbone import BackboneConfig
-from depict_analysis.models.segmentor import Segmentor, predict_probs
+Names below are imported on first use, so importing a light submodule (``errors``, ``files``) does
+not load torch.
+"""
 
-__all__ = [
-    "BackboneConfig",
-    "CheckpointError",
-    "DecoderConfig",
-    "ModelConfig",
-    "Segmentor",
-    "create_model",
-    "list_variants",
-    "load_model",
-    "predict_probs",
-    "save_checkpoint",
-    "variant_config",
-]
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "BackboneConfig": "depict_analysis.models.backbone",
+    "CheckpointError": "depict_analysis.models.errors",
+    "DecoderConfig": "depict_analysis.models.registry",
+    "ModelConfig": "depict_analysis.models.registry",
+    "Segmentor": "depict_analysis.models.segmentor",
+    "create_model": "depict_analysis.models.registry",
+    "list_variants": "depict_analysis.models.registry",
+    "load_model": "depict_analysis.models.checkpoint",
+    "predict_probs": "depict_analysis.models.segmentor",
+    "save_checkpoint": "depict_analysis.models.checkpoint",
+    "variant_config": "depict_analysis.models.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depict_analysis.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,11 +9,9 @@ the key that identifies its releases and how their keys map onto its module
 
 from __future__ import annotations
 
+import math
 import os
-import pickle
-import tempfile
-import warnings
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from depict_analysis.models.backbone import BackboneConfig
+from depict_analysis.models.backbone import BackboneConfig, vit_state
 from depict_analysis.models.errors import CheckpointError, ConfigError
 from depict_analysis.models.decoders.base import DecoderConfig, Family, families
+from depict_analysis.models import serialization
+from depict_analysis.models.files import atomic_write
 from depict_analysis.models.registry import ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
 
@@ -35,17 +35,7 @@ FORMAT = "depict-analysis/1"
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved file is for others to read too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
@@ -54,24 +44,76 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; our own error says more
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"{path}: holds Python objects beyond tensors and numbers, and loading it could run code; "
-                "if you trust its source, pass --trust-checkpoint"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, ValueError) as e:
-        # the weights-only unpickler raises KeyError / IndexError on arbitrary bytes (e.g. a text file)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+        obj = serialization.load(path, trust)
+    except serialization.PickledObjects:
+        raise CheckpointError(
+            f"{path}: holds Python objects beyond tensors and numbers, and loading it could run code; "
+            "if you trust its source, pass --trust-checkpoint"
+        ) from None
+    except serialization.NotAPyTorchFile as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_weights(state: Any, source: str | os.PathLike) -> dict[str, Tensor]:
+    """``state`` if it is a mapping of names to tensors whose floating-point values are all finite;
+    otherwise a CheckpointError naming the first entry that is not (numbers from NaN / Inf weights
+    would be reported as if they meant something)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: its weights are a {type(state).__name__}, not a mapping of names to tensors")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{source}: weight {name!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: weight {name} holds {bad} NaN / Inf value(s) of {value.numel()}; the file is broken")
+    return dict(state)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """The shape of every weight of the model ``config`` describes, without allocating it (built on
+    the ``meta`` device)."""
+    with torch.device("meta"):
+        model = create_model(config)
+    return {name: value.shape for name, value in model.state_dict().items()}
+
+
+def check_fits(config: ModelConfig, state: Mapping[str, Tensor], source: str | os.PathLike, resizable: tuple[str, ...] = ()) -> None:
+    """Compare the weights' names and shapes with the model ``config`` builds, before building it: a
+    config that claims another size is refused with the first difference, not allocated. Names in
+    ``resizable`` (position embeddings) may differ in their token count but not in their width."""
+    expected = expected_shapes(config)
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        detail = f"lack {missing[0]}" if missing else f"have {unexpected[0]}, which the model has not"
+        raise CheckpointError(f"{source}: weights and config do not fit: the weights {detail} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, shape in expected.items():
+        found = state[name].shape
+        same = found[-1:] == shape[-1:] and len(found) == len(shape) if name in resizable else found == shape
+        if not same:
+            raise CheckpointError(
+                f"{source}: weights and config do not fit: {name} is {tuple(found)}, the config needs {tuple(shape)}"
+            )
+
+
+def _config_from_dict(raw: Any, source: str | os.PathLike) -> ModelConfig:
+    """Our file's ``config`` entry -> ModelConfig, or a CheckpointError saying what is wrong with it."""
+    if not isinstance(raw, Mapping) or not all(isinstance(raw.get(k), Mapping) for k in ("backbone", "decoder")):
+        raise CheckpointError(f"{source}: its config is not a mapping with backbone and decoder sections")
+    try:
+        config = ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: invalid config ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: invalid config ({_first_line(e)})") from None
+    return config
 
 
 def save_checkpoint(path: str | os.PathLike, model: Segmentor, **state: Any) -> None:
@@ -94,14 +136,55 @@ _VariantLoader.add_constructor(
 )
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _image_size(value: Any) -> bool:
+    return _positive_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_positive_int, value)))
+
+
+def _rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+# The variant.yml fields we read (section, field) -> (check, what it must be). Fields may be absent
+# here; official_config says which it needs.
+VARIANT_SCHEMA: dict[tuple[str, str], tuple[Any, str]] = {
+    **{("net_kwargs", key): (_positive_int, "a positive integer") for key in ("d_model", "n_layers", "n_heads", "patch_size", "n_cls")},
+    ("net_kwargs", "image_size"): (_image_size, "a positive integer or a pair of them"),
+    ("net_kwargs", "distilled"): (lambda v: isinstance(v, bool), "true or false"),
+    ("net_kwargs", "normalization"): (lambda v: isinstance(v, str), "a string"),
+    ("net_kwargs", "backbone"): (lambda v: isinstance(v, str), "a string"),
+    ("net_kwargs", "drop_path_rate"): (_rate, "a number in [0, 1)"),
+    ("net_kwargs", "decoder"): (lambda v: isinstance(v, dict), "a mapping"),
+    ("inference_kwargs", "window_size"): (_positive_int, "a positive integer"),
+    ("inference_kwargs", "window_stride"): (_positive_int, "a positive integer"),
+    ("dataset_kwargs", "dataset"): (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def read_variant(path: str | os.PathLike) -> dict:
+    """An official release's variant.yml, its fields checked against ``VARIANT_SCHEMA``."""
     path = Path(path)
     try:
         variant = yaml.load(path.read_text(), Loader=_VariantLoader)
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not a valid variant.yml ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({_first_line(e)})") from None
     if not isinstance(variant, dict) or not isinstance(variant.get("net_kwargs"), dict):
         raise CheckpointError(f"{path}: variant.yml has no net_kwargs section")
+    for section in ("inference_kwargs", "dataset_kwargs"):
+        if not isinstance(variant.get(section, {}), dict):
+            raise CheckpointError(f"{path}: {section} must be a mapping, found {type(variant[section]).__name__}")
+    for (section, key), (valid, expected) in VARIANT_SCHEMA.items():
+        value = variant.get(section, {}).get(key)
+        if value is not None and not valid(value):
+            raise CheckpointError(f"{path}: {section}.{key} must be {expected}, got {value!r}")
+    inference = variant.get("inference_kwargs", {})
+    if inference.get("window_stride", 0) > inference.get("window_size", math.inf):
+        raise CheckpointError(f"{path}: inference_kwargs.window_stride exceeds window_size: windows would leave gaps")
     return variant
 
 
@@ -116,7 +199,11 @@ def official_family(state: dict[str, Tensor]) -> Family:
 
 def infer_decoder(state: dict[str, Tensor], kwargs: dict) -> DecoderConfig:
     """The decoder configuration from the official decoder keys and variant.yml's ``decoder`` section."""
-    return official_family(state).official.config(state, kwargs)
+    family = official_family(state)
+    try:
+        return family.official.config(state, kwargs)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{family.name} decoder weights lack what their layout needs ({_first_line(e)})") from None
 
 
 def split_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -129,8 +216,9 @@ def split_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
     return encoder, decoder
 
 
-def official_config(variant: dict, decoder_state: dict[str, Tensor]) -> ModelConfig:
-    """Our ModelConfig from variant.yml's net_kwargs and the (official-named) decoder keys."""
+def official_config(variant: dict, decoder_state: dict[str, Tensor], n_cls: int | None = None) -> ModelConfig:
+    """Our ModelConfig from variant.yml's net_kwargs and the (official-named) decoder keys; ``n_cls``
+    when variant.yml does not say."""
     net = variant["net_kwargs"]
     decoder_kwargs = net.get("decoder") or {}
     try:
@@ -147,7 +235,11 @@ def official_config(variant: dict, decoder_state: dict[str, Tensor]) -> ModelCon
         )
     except KeyError as e:
         raise CheckpointError(f"variant.yml net_kwargs lacks {e.args[0]!r}") from None
-    n_cls = net.get("n_cls", decoder_kwargs.get("n_cls"))
+    except ConfigError as e:
+        raise CheckpointError(f"variant.yml net_kwargs: {e}") from None
+    n_cls = net.get("n_cls", decoder_kwargs.get("n_cls", n_cls))
+    if not _positive_int(n_cls):
+        raise CheckpointError(f"the number of classes must be a positive integer, got {n_cls!r}")
     return ModelConfig(backbone, infer_decoder(decoder_state, decoder_kwargs), n_cls, name=f"official:{net.get('backbone')}")
 
 
@@ -157,32 +249,58 @@ def load_official(folder: Path, trust: bool = False) -> tuple[Segmentor, dict]:
         raise CheckpointError(f"{folder}: an official release needs variant.yml beside checkpoint.pth")
     variant = read_variant(variant_path)
     raw = read_checkpoint(ckpt_path, trust)
-    encoder, decoder = split_official(raw.get("model", raw))
-    config = official_config(variant, decoder)
-    if config.n_cls is None:
-        config.n_cls = raw.get("n_cls")
+    encoder, decoder = split_official(check_weights(raw.get("model", raw), ckpt_path))
+    config = official_config(variant, decoder, raw.get("n_cls"))
+    family = official_family(decoder)
+    converted = {f"encoder.vit.{k}": v for k, v in vit_state(encoder).items()}
+    converted |= {f"decoder.{k}": v for k, v in family.official.convert(decoder).items()}
+    check_fits(config, converted, ckpt_path, resizable=("encoder.vit.pos_embed",))
     model = create_model(config)
     try:
         model.encoder.load_vit_weights(encoder)
-        model.decoder.load_state_dict(official_family(decoder).official.convert(decoder), strict=True)
-    except RuntimeError as e:
+        model.decoder.load_state_dict(family.official.convert(decoder), strict=True)
+    except (RuntimeError, ConfigError) as e:
         raise CheckpointError(f"{ckpt_path}: weights do not fit the model ({_first_line(e)})") from None
     inference = variant.get("inference_kwargs", {})
     return model, {"source": "official", "variant": variant, "inference": inference, "epoch": raw.get("epoch")}
 
 
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+def _first_line(e: BaseException) -> str:
+    """One line of an exception's message (its first two non-empty lines), at most 300 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     return " ".join(lines[:2])[:300]
 
 
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def model_from(raw: dict, source: str | os.PathLike) -> Segmentor:
+    """The model of one of our checkpoint dicts, its weights and config checked (types, finite values,
+    shapes) before it is built; float16 weights are read back as float32."""
+    state = check_weights(raw.get("model"), source)
+    config = _config_from_dict(raw.get("config"), source)
+    check_fits(config, state, source)
+    model = create_model(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model
+
+
+def load_ours(path: Path, trust: bool = False) -> tuple[Segmentor, dict]:
+    """Our one-file format -> (model, everything else the file holds but the optimizer state)."""
+    raw = read_checkpoint(path, trust)
+    if raw.get("format") != FORMAT:
+        if "model" in raw and "n_cls" in raw:
+            raise CheckpointError(f"{path}: looks like an official checkpoint but variant.yml is missing beside it")
+        raise CheckpointError(f"{path}: not a depict-analysis checkpoint (no format tag {FORMAT!r})")
+    meta = {k: v for k, v in raw.items() if k not in ("model", "config", "optimizer")}
+    return model_from(raw, path), meta | {"source": "depict-analysis"}
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False) -> tuple[Segmentor, dict]:
     """Load any supported checkpoint -> (model in eval mode on ``device``, metadata).
 
-    ``path`` is our ``.pt`` file, an official release folder, or its ``checkpoint.pth``.
+    ``path`` is our ``.pt`` file, an official release folder, or its ``checkpoint.pth``. Weights
+    that are not finite, or that do not fit the config, are refused (``CheckpointError``).
     """
     path = Path(path)
     if path.is_dir():
@@ -192,16 +310,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trus
     elif not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     else:
-        raw = read_checkpoint(path, trust)
-        if raw.get("format") != FORMAT:
-            if "model" in raw and "n_cls" in raw:
-                raise CheckpointError(f"{path}: looks like an official checkpoint but variant.yml is missing beside it")
-            raise CheckpointError(f"{path}: not a depict-analysis checkpoint (no format tag {FORMAT!r})")
-        try:
-            model = create_model(ModelConfig.from_dict(raw["config"]))
-            model.load_state_dict({k: v.float() for k, v in raw["model"].items()}, strict=True)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: config and weights do not fit ({_first_line(e)})") from None
-        meta = {k: v for k, v in raw.items() if k not in ("model", "config", "optimizer")}
-        meta["source"] = "depict-analysis"
+        model, meta = load_ours(path, trust)
     return model.to(device).eval(), meta

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from rich.progress import track
 from torch import Tensor
 
-from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset
-from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.data.transforms import eval_view, img_scale_for, multiscale_views
+from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset, test_scale
+from depict_analysis.models.data.base import MAX_PIXELS, image_array, image_to_tensor
+from depict_analysis.models.data.transforms import eval_view, img_scale_for, multiscale_views, rescale_size
 from depict_analysis.models.device import autocast
-from depict_analysis.models.segmentor import Segmentor, inference
+from depict_analysis.models.errors import ConfigError, DatasetError, InputError
+from depict_analysis.models.progress import track
+from depict_analysis.models.segmentor import Segmentor, inference, inference_labels, window_size
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -43,14 +44,14 @@ class ConfusionMatrix:
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch: ``pred`` and ``target`` are integer tensors of the same shape, e.g. (B, H, W)."""
         if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} shapes differ")
+            raise DatasetError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} shapes differ")
         valid = target != self.ignore_index
         t, p = target[valid].long(), pred[valid].long().to(target.device)
         K = self.n_cls
         for name, values in (("label", t), ("prediction", p)):
             bad = values[(values < 0) | (values >= K)]
             if bad.numel():
-                raise ValueError(f"{name} value {int(bad[0])} is not a class index 0..{K - 1} (or {self.ignore_index} = ignore)")
+                raise DatasetError(f"{name} value {int(bad[0])} is not a class index 0..{K - 1} (or {self.ignore_index} = ignore)")
         self.counts += torch.bincount(t * K + p, minlength=K * K).view(K, K).to(self.counts.device)
 
     def all_reduce(self) -> "ConfusionMatrix":
@@ -87,6 +88,46 @@ def default_stride(window: int) -> int:
     return max(window - 32, window // 2)
 
 
+def trained_dataset(meta: dict | None) -> str | None:
+    """The name of the dataset a checkpoint was trained on, as far as its metadata says (ours:
+    ``train_config``; official: variant.yml's ``dataset_kwargs``)."""
+    meta = meta or {}
+    official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
+    return (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
+
+
+def default_short_side(base_size: int | None, train_config: dict | None, window: int) -> int:
+    """The short side images are resized to before inference, one rule for ``depict eval`` and
+    ``depict predict``: the dataset's base size (its mmseg test ``Resize``), else the training base of
+    our run (its ``base_size``, else its crop = ``window``), else 0 (images keep their size)."""
+    return base_size or (((train_config or {}).get("base_size") or window) if train_config else 0)
+
+
+def check_classes(model: Segmentor, dataset: SegmentationDataset) -> None:
+    """Refuse to score a model against a dataset whose classes it does not predict."""
+    if dataset.n_cls != model.n_cls:
+        raise ConfigError(f"the model predicts {model.n_cls} classes but {dataset.name} has {dataset.n_cls}; "
+                          "score it on the dataset it was trained for")
+
+
+def require_positive(**values: int | None) -> None:
+    """Refuse a count (``batch_size=0``, ``num_images=-3``) below 1; None passes (not given)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _checked(model: Segmentor, window: int, stride: int, short_side: int) -> dict[str, int]:
+    """The protocol if it can work: windows at least a patch, a stride that leaves no pixel uncovered."""
+    if not isinstance(window, int) or window < model.patch_size:
+        raise ConfigError(f"the window ({window}) must be at least the model's patch size, {model.patch_size} px")
+    if not isinstance(stride, int) or not 1 <= stride <= window:
+        raise ConfigError(f"the stride ({stride}) must be between 1 and the window ({window}): wider strides leave pixels unseen")
+    if not isinstance(short_side, int) or short_side < 0:
+        raise ConfigError(f"the short side ({short_side}) must be a size in pixels, or 0 to keep the images' size")
+    return {"window": window, "stride": stride, "short_side": short_side}
+
+
 def eval_protocol(
     model: Segmentor,
     dataset: SegmentationDataset,
@@ -100,16 +141,15 @@ def eval_protocol(
     they agree): explicit values, else the run's (``train_config``), else ``segm/eval/miou.py``'s.
 
     ``window`` = the model's training size (the crop); ``stride`` = the run's ``eval_stride``, else
-    ``default_stride(window)`` (crop - 32; official releases too); ``short_side`` = the dataset's
-    ``base_size`` (ADE20K 512, Pascal Context 520, Cityscapes 1024), else the run's training base
-    (its ``base_size``, else its crop), else 0: images keep their size.
+    ``default_stride(window)`` (crop - 32; official releases too); ``short_side`` =
+    ``default_short_side`` of the dataset (ADE20K 512, Pascal Context 520, Cityscapes 1024).
     """
     run = train_config or {}
     window = window or model.config.backbone.image_size[0]
-    if short_side is None:  # a run without a dataset base size used its own in training (TrainTransform)
-        short_side = dataset.base_size or ((run.get("base_size") or window) if run else 0)
+    if short_side is None:
+        short_side = default_short_side(dataset.base_size, train_config, window)
     stride = stride or run.get("eval_stride") or default_stride(window)
-    return {"window": window, "stride": stride, "short_side": short_side}
+    return _checked(model, window, stride, short_side)
 
 
 def predict_protocol(
@@ -118,16 +158,36 @@ def predict_protocol(
     *,
     window: int | None = None,
     stride: int | None = None,
-    short_side: int = 0,
-) -> dict[str, int]:
+    short_side: int | None = None,
+) -> dict[str, Any]:
     """The settings of ``depict predict``: explicit values, else an official release's
     ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and the run's
-    ``eval_stride`` or ``default_stride``. ``short_side=0``: images keep their size."""
+    ``eval_stride`` or ``default_stride``. Images are resized as ``depict eval`` resizes them
+    (``default_short_side``), to the test scale of the dataset the model was trained on; 0 keeps
+    their size. Returns ``window``, ``stride`` and ``img_scale`` (None: no resize)."""
     official = (meta or {}).get("inference") or {}
-    run = (meta or {}).get("train_config") or {}
+    run = (meta or {}).get("train_config")
     window = window or official.get("window_size") or model.config.backbone.image_size[0]
-    stride = stride or official.get("window_stride") or run.get("eval_stride") or default_stride(window)
-    return {"window": window, "stride": stride, "short_side": short_side}
+    stride = stride or official.get("window_stride") or (run or {}).get("eval_stride") or default_stride(window)
+    base_size, max_ratio = test_scale(trained_dataset(meta))
+    if short_side is None:
+        short_side = default_short_side(base_size, run, window)
+    protocol = _checked(model, window, stride, short_side)
+    return {"window": window, "stride": stride, "img_scale": img_scale_for(protocol["short_side"], max_ratio)}
+
+
+def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | None, scales: Sequence[float], flip: bool,
+           window: int):
+    """mmseg's test views of a uint8 image, normalised on the model's device: (images (1, 3, h, w),
+    flipped). A view that would exceed ``MAX_PIXELS`` once enlarged to the window is refused."""
+    device = next(model.parameters()).device
+    pixels = image_array(image)
+    for scale, flipped in multiscale_views(img_scale, scales, flip):
+        size = window_size(*rescale_size(pixels.shape[:2], scale), window)
+        if size[0] * size[1] > MAX_PIXELS:
+            raise InputError(f"a {size[1]} x {size[0]} view of this image exceeds {MAX_PIXELS // 10**6} megapixels; "
+                             "use a smaller scale, short side or window")
+        yield model.normalize(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped
 
 
 def image_probs(
@@ -149,14 +209,31 @@ def image_probs(
     for the forward passes (CUDA only). Call under ``torch.inference_mode()``.
     """
     device = next(model.parameters()).device
-    pixels = np.asarray(image)
-    views = (
-        (model.normalize(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped)
-        for scale, flipped in multiscale_views(img_scale, scales, flip)
-    )
     with autocast(device, amp):
-        probs = inference(model, views, pixels.shape[:2], window, stride, batch_size)
+        views = _views(model, image, img_scale, scales, flip, window)
+        probs = inference(model, views, (image.height, image.width), window, stride, batch_size)
     return probs[0]
+
+
+def image_labels(
+    model: Segmentor,
+    image: Image.Image,
+    *,
+    window: int,
+    stride: int,
+    img_scale: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    batch_size: int = 8,
+    amp: bool = False,
+) -> Tensor:
+    """``image_probs(...).argmax(0)``: class labels (H, W) (uint8 for at most 256 classes), in bounded
+    memory for any image size (``segmentor.inference_labels``). Call under ``torch.inference_mode()``."""
+    device = next(model.parameters()).device
+    with autocast(device, amp):
+        views = _views(model, image, img_scale, scales, flip, window)
+        labels = inference_labels(model, views, (image.height, image.width), window, stride, batch_size)
+    return labels[0]
 
 
 def evaluate(
@@ -183,8 +260,8 @@ def evaluate(
     matrices are summed. Returns ``miou(...)`` plus the protocol used and ``n_images``. The model
     is left in the mode it came in.
     """
-    if dataset.n_cls != model.n_cls:
-        raise ValueError(f"the model predicts {model.n_cls} classes but {dataset.name} has {dataset.n_cls}")
+    check_classes(model, dataset)
+    require_positive(batch_size=batch_size, num_images=num_images)
     protocol = eval_protocol(model, dataset, window=window, stride=stride, short_side=short_side)
     img_scale = img_scale_for(protocol["short_side"], dataset.max_ratio)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
@@ -196,13 +273,13 @@ def evaluate(
     try:
         with torch.inference_mode():
             indices = range(rank, n, world)
-            for i in track(indices, description="evaluating", disable=not progress or rank != 0):
+            for i in track(indices, "evaluating", enabled=progress and rank == 0):
                 image, label = dataset.load_raw(i)
-                probs = image_probs(
+                labels = image_labels(
                     model, image, window=protocol["window"], stride=protocol["stride"], img_scale=img_scale,
                     scales=scales, flip=flip, batch_size=batch_size, amp=amp,
                 )
-                confusion.update(probs.argmax(0), torch.from_numpy(label).to(device))
+                confusion.update(labels, torch.from_numpy(label).to(device))
     finally:
         model.train(was_training)
     settings = {**protocol, "img_scale": img_scale and list(img_scale), "scales": list(scales), "flip": flip, "amp": amp}

@@ -1,4 +1,10 @@
-"""Segment image files: a label map and a colour overlay per image (``depict predict``)."""
+"""Segment image files: a label map and a colour overlay per image (``depict predict``).
+
+``<stem>_label.png`` is a palette PNG (mode ``P``): its values are the class ids, its palette the
+class colours, as mmseg and VOC write label maps. ``<stem>_overlay.png`` is the image blended with
+the class colours, with a legend of the classes present on its right. Both are written atomically,
+an existing file is replaced only on request, and an output that is one of the inputs never.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,95 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from rich.progress import track
+from PIL import Image, ImageDraw, ImageFont
 
 from depict_analysis.models.data import DatasetError, class_info, load_image, make_palette
-from depict_analysis.models.data.transforms import img_scale_for
-from depict_analysis.models.evaluate import image_probs
+from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.models.evaluate import image_labels, require_positive, trained_dataset
+from depict_analysis.models.files import atomic_write, refuse_overwrite
+from depict_analysis.models.progress import track
 from depict_analysis.models.segmentor import Segmentor
+
+BAND_PIXELS = 1 << 20  # pixels blended or counted at a time: a large image is never copied whole
+
+
+def classes_for(meta: dict, n_cls: int) -> tuple[list[str], np.ndarray]:
+    """(names, colours ``(n_cls, 3)`` uint8) of the classes: those of the dataset the checkpoint was
+    trained on when it is a built-in one with ``n_cls`` classes, otherwise ``class <i>`` and
+    ``make_palette(n_cls)``."""
+    try:
+        names, palette = class_info(trained_dataset(meta))
+    except DatasetError:
+        names, palette = [], np.zeros((0, 3), np.uint8)
+    if len(palette) != n_cls:
+        return [f"class {i}" for i in range(n_cls)], make_palette(n_cls)
+    return names, palette
 
 
 def palette_for(meta: dict, n_cls: int) -> np.ndarray:
-    """Colours ``(n_cls, 3)`` uint8: those of the dataset the checkpoint was trained on when it is a
-    built-in one with ``n_cls`` classes (ours: ``train_config``; official: ``dataset_kwargs``),
-    otherwise ``make_palette(n_cls)``."""
-    official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
-    name = (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
-    try:
-        palette = class_info(name)[1]
-    except DatasetError:
-        return make_palette(n_cls)
-    return palette if len(palette) == n_cls else make_palette(n_cls)
+    """The class colours ``(n_cls, 3)`` uint8 of ``classes_for``."""
+    return classes_for(meta, n_cls)[1]
 
 
-def overlay(image: Image.Image, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """RGB image (H, W) blended with the class colours of ``label`` (H, W): ``(1 - alpha) image + alpha colour``."""
-    blend = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * palette[label].astype(np.float32)
-    return Image.fromarray(np.round(blend).astype(np.uint8))
+def _bands(height: int, width: int) -> list[tuple[int, int]]:
+    """(top, bottom) of the bands of rows that ``BAND_PIXELS`` pixels of an image cover."""
+    rows = max(1, BAND_PIXELS // width)
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def overlay(
+    image: Image.Image, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5, canvas: Image.Image | None = None
+) -> Image.Image:
+    """RGB image (H, W) blended with the class colours of ``label`` (H, W): ``(1 - alpha) image + alpha
+    colour``, rounded; drawn into the top-left of ``canvas`` when given (else a new image of the
+    image's size), a band of rows at a time."""
+    canvas = Image.new("RGB", image.size) if canvas is None else canvas
+    for top, bottom in _bands(image.height, image.width):
+        pixels = np.asarray(image.crop((0, top, image.width, bottom)), dtype=np.float32)
+        blend = (1 - alpha) * pixels + alpha * palette[label[top:bottom]].astype(np.float32)
+        canvas.paste(Image.fromarray(np.round(blend).astype(np.uint8)), (0, top))
+    return canvas
+
+
+def legend_canvas(size: tuple[int, int], classes: Sequence[int], names: Sequence[str], palette: np.ndarray) -> Image.Image:
+    """A white image wider than an image of ``size`` (W, H), with a legend of ``classes`` on its right (a
+    colour swatch and a name each, in a font that grows with the image; as many as fit its height,
+    then ``+N more``); the image goes into its top-left corner (``overlay(..., canvas=)``)."""
+    width, height = size
+    font_size = max(10, min(48, height // 25))
+    font = ImageFont.load_default(size=font_size)
+    line, pad = round(1.5 * font_size), font_size // 2
+    fits = max(1, (max(height, 4 * line) - 2 * pad) // line)
+    shown = list(classes) if len(classes) <= fits else list(classes)[: fits - 1]
+    texts = [names[c] for c in shown] + ([f"+{len(classes) - len(shown)} more"] if len(shown) < len(classes) else [])
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    panel = pad + font_size + pad + max(int(measure.textlength(t, font=font)) for t in texts) + pad
+    canvas = Image.new("RGB", (width + panel, max(height, 2 * pad + line * len(texts))), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = width + pad
+    for i, text in enumerate(texts):
+        top = pad + i * line
+        if i < len(shown):
+            swatch = (left, top, left + font_size, top + font_size)
+            draw.rectangle(swatch, fill=tuple(int(v) for v in palette[shown[i]]), outline=(0, 0, 0))
+        draw.text((left + font_size + pad, top), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def label_png(label: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """Class ids uint8 (H, W) -> a palette image (mode ``P``) of the same values, coloured by ``palette``."""
+    image = Image.fromarray(label)
+    image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    return image
+
+
+def output_paths(images: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """``(<stem>_label.png, <stem>_overlay.png)`` in ``out_dir`` for each image; two images with one stem are refused."""
+    stems = [p.stem for p in images]
+    duplicate = next((s for s in stems if stems.count(s) > 1), None)
+    if duplicate is not None:
+        raise InputError(f"two input images share the name {duplicate!r}; their outputs would overwrite each other")
+    return [(out_dir / f"{stem}_label.png", out_dir / f"{stem}_overlay.png") for stem in stems]
 
 
 def predict_files(
@@ -40,53 +109,53 @@ def predict_files(
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    palette: np.ndarray,
     window: int,
     stride: int,
-    short_side: int = 0,
+    img_scale: tuple[int, int] | None = None,
+    classes: tuple[list[str], np.ndarray] | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     alpha: float = 0.5,
     batch_size: int = 8,
+    overwrite: bool = False,
     progress: bool = False,
     amp: bool = False,
 ) -> list[dict]:
-    """Write ``<stem>_label.png`` (uint8 class ids, the image's size) and ``<stem>_overlay.png`` for each image.
+    """Write ``<stem>_label.png`` (class ids, the image's size, palette PNG) and ``<stem>_overlay.png``
+    (with a legend) for each image.
 
-    Images of any mode are read with ``load_image`` (RGB, alpha dropped, 16-bit scaled) and
-    segmented by ``image_probs`` with windows of ``window`` px every ``stride`` (images whose short
-    side is below the window are first enlarged to it); ``short_side`` > 0 first resizes as
-    ``evaluate`` does, to ``img_scale_for(short_side)``. Float32 unless ``amp``. Returns one record
-    per image: paths written, size and classes present.
+    Images of any mode are read with ``load_image`` (RGB, upright, alpha dropped, 16-bit scaled) and
+    segmented by ``image_labels`` with windows of ``window`` px every ``stride`` (images whose short
+    side is below the window are first enlarged to it) after mmseg's test resize to ``img_scale``
+    (None: their own size), in bounded memory. ``classes``: (names, colours) for the legend and
+    palette (default ``classes_for({}, K)``). Every output is checked before any work: none may be
+    an input, and none may exist unless ``overwrite``. Float32 unless ``amp``. Returns one record
+    per image: paths written, size and classes present (most pixels first).
     """
     paths = [Path(p) for p in paths]
-    stems = [p.stem for p in paths]
-    if len(set(stems)) < len(stems):
-        duplicate = next(s for s in stems if stems.count(s) > 1)
-        raise ValueError(f"two input images share the name {duplicate!r}; their outputs would overwrite each other")
     if model.n_cls > 256:
-        raise ValueError(f"label PNGs hold 8-bit class ids; this model has {model.n_cls} classes")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"label PNGs hold 8-bit class ids; this model has {model.n_cls} classes")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha must be between 0 and 1, got {alpha}")
+    require_positive(batch_size=batch_size)
+    names, palette = classes or classes_for({}, model.n_cls)
+    outputs = output_paths(paths, Path(out_dir))
+    refuse_overwrite([p for pair in outputs for p in pair], paths, overwrite)
     records = []
     with torch.inference_mode():
-        for path in track(paths, description="predicting", disable=not progress):
+        for path, (label_path, overlay_path) in zip(track(paths, "predicting", enabled=progress), outputs):
             image = load_image(path)
-            probs = image_probs(
-                model, image, window=window, stride=stride, img_scale=img_scale_for(short_side), scales=scales, flip=flip,
+            label = image_labels(
+                model, image, window=window, stride=stride, img_scale=img_scale, scales=scales, flip=flip,
                 batch_size=batch_size, amp=amp,
-            )
-            label = probs.argmax(0).to(torch.uint8).cpu().numpy()
-            label_path, overlay_path = out_dir / f"{path.stem}_label.png", out_dir / f"{path.stem}_overlay.png"
-            Image.fromarray(label).save(label_path)
-            overlay(image, label, palette, alpha).save(overlay_path)
+            ).cpu().numpy()
+            counts = sum(np.bincount(label[top:bottom].ravel(), minlength=model.n_cls) for top, bottom in _bands(*label.shape))
+            present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c]]
+            atomic_write(label_path, lambda f: label_png(label, palette).save(f, format="PNG"))
+            blended = overlay(image, label, palette, alpha, canvas=legend_canvas(image.size, present, names, palette))
+            atomic_write(overlay_path, lambda f: blended.save(f, format="PNG"))
             records.append(
-                {
-                    "image": str(path),
-                    "label": str(label_path),
-                    "overlay": str(overlay_path),
-                    "size": [image.width, image.height],
-                    "classes": np.unique(label).tolist(),
-                }
+                {"image": str(path), "label": str(label_path), "overlay": str(overlay_path), "size": [image.width, image.height],
+                 "classes": present}
             )
     return records

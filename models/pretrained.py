@@ -5,9 +5,12 @@ DEPICT-SA, DEPICT-CA and Segmenter's mask transformer on the mini ViT (d 64, 4 l
 ``configs/synthetic-mini.yaml``. ``weights/manifest.json`` records, per model, its file, variant,
 recipe and mIoU on the synthetic validation split (``VALIDATION``).
 
-Retrain all three and repack the weights (a CPU hour or so; minutes on a GPU)::
+Retrain all three and pack their weights into a folder you name (a CPU hour or so; minutes on a
+GPU); nothing is ever written into the installed package::
 
-    python -m depict_analysis.models.pretrained retrain --runs runs/defaults
+    python -m depict_analysis.models.pretrained retrain --runs runs/defaults --weights my-weights/
+
+This module's names are light (no torch) until a model is loaded, packed or trained.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from depict_analysis.models.errors import CheckpointError, ConfigError, DepictError
+from depict_analysis.models.files import atomic_write_text
 
-from depict_analysis.models.checkpoint import FORMAT, CheckpointError, atomic_save, load_model, read_checkpoint
-from depict_analysis.models.data import build_dataset
-from depict_analysis.models.evaluate import evaluate, jsonable
-from depict_analysis.models.segmentor import Segmentor
+if TYPE_CHECKING:
+    import torch
+
+    from depict_analysis.models.segmentor import Segmentor
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
@@ -50,12 +54,17 @@ def default_path(name: str = DEFAULT_MODELS[0]) -> Path:
 
 def load_default(name: str = DEFAULT_MODELS[0], device: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
     """(model in eval mode, float32, on ``device``; its metadata) of a built-in model."""
+    from depict_analysis.models.checkpoint import load_model
+
     model, meta = load_model(default_path(name), device)
     return model, meta | {"builtin": name}
 
 
 def validation_miou(model: Segmentor) -> float:
     """mIoU on the split ``VALIDATION`` names, at the model's training size (single scale)."""
+    from depict_analysis.models.data import build_dataset
+    from depict_analysis.models.evaluate import evaluate
+
     data = build_dataset(VALIDATION["dataset"], None, VALIDATION["split"])
     return evaluate(model, data, num_images=VALIDATION["num_images"])["miou"]
 
@@ -63,6 +72,8 @@ def validation_miou(model: Segmentor) -> float:
 def pack_checkpoint(run_checkpoint: str | Path, target: str | Path) -> dict[str, Any]:
     """Copy a finished training checkpoint to ``target`` without optimizer and RNG state, weights in
     float16 (``load_model`` reads them back as float32). Returns the manifest entry of the model."""
+    from depict_analysis.models.checkpoint import FORMAT, atomic_save, load_model, read_checkpoint
+
     raw = read_checkpoint(run_checkpoint)
     if raw.get("format") != FORMAT or "train_config" not in raw:
         raise CheckpointError(f"{run_checkpoint}: not a training checkpoint of ours")
@@ -75,23 +86,38 @@ def pack_checkpoint(run_checkpoint: str | Path, target: str | Path) -> dict[str,
             "miou": validation_miou(model), "validation": VALIDATION}
 
 
-def pack_runs(runs: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, dict]:
-    """Pack ``<runs>/<name>/checkpoint.pt`` of every default model into ``weights_dir`` with its manifest."""
-    runs, weights_dir = Path(runs), Path(weights_dir)
+def _weights_target(weights_dir: str | Path) -> Path:
+    """``weights_dir`` as the folder packed weights go to: never the installed package's own."""
+    weights_dir = Path(weights_dir)
+    if weights_dir.resolve() == WEIGHTS_DIR.resolve():
+        raise ConfigError(f"{weights_dir} is the installed package's weights folder; pack into a folder of your own")
+    return weights_dir
+
+
+def pack_runs(runs: str | Path, weights_dir: str | Path) -> dict[str, dict]:
+    """Pack ``<runs>/<name>/checkpoint.pt`` of every default model into ``weights_dir`` (a folder of
+    yours, not the installed package's) with its manifest."""
+    from depict_analysis.models.evaluate import jsonable
+
+    runs, weights_dir = Path(runs), _weights_target(weights_dir)
     entries = {name: pack_checkpoint(runs / name / "checkpoint.pt", weights_dir / f"{name}-mini.pt") for name in DEFAULT_MODELS}
-    (weights_dir / MANIFEST.name).write_text(json.dumps({"models": jsonable(entries)}, indent=2) + "\n")
+    atomic_write_text(weights_dir / MANIFEST.name, json.dumps({"models": jsonable(entries)}, indent=2) + "\n")
     return entries
 
 
 def retrain(
-    runs: str | Path, overrides: Sequence[str] = (), weights_dir: str | Path = WEIGHTS_DIR, progress: bool = True
+    runs: str | Path, weights_dir: str | Path, overrides: Sequence[str] = (), progress: bool = True
 ) -> dict[str, dict]:
-    """Train the three default models with the recipe (plus ``key=value`` ``overrides``), resuming any run
-    already in ``runs``, then pack them into ``weights_dir``."""
+    """Train the three default models with the recipe (plus ``key=value`` ``overrides``), continuing any
+    unfinished run already in ``runs`` (a finished one is kept as it is), then pack them into
+    ``weights_dir``."""
     from depict_analysis.models.train import build_config, train  # training machinery only when retraining
 
+    weights_dir = _weights_target(weights_dir)
     for name in DEFAULT_MODELS:
         run = Path(runs) / name
+        if (run / "metrics.json").is_file():  # written once a run has done all its iterations
+            continue
         checkpoint = run / "checkpoint.pt"
         resume = checkpoint if checkpoint.exists() else None
         config = build_config(resume=resume, config_file=RECIPE, overrides=overrides, model=f"{name}-mini", out_dir=str(run))
@@ -103,14 +129,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m depict_analysis.models.pretrained", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("retrain", "pack"), help="retrain: train then pack; pack: pack finished runs")
     parser.add_argument("--runs", default="runs/defaults", help="folder of the three training runs")
-    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="where the packed files and manifest.json go")
+    parser.add_argument("--weights", required=True,
+                        help="folder of yours for the packed files and manifest.json (never the installed package's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe option when retraining (repeatable)")
     args = parser.parse_args(argv)
-    if args.action == "retrain":
-        entries = retrain(args.runs, args.overrides, args.weights)
-    else:
-        entries = pack_runs(args.runs, args.weights)
+    try:
+        if args.action == "retrain":
+            entries = retrain(args.runs, args.weights, args.overrides)
+        else:
+            entries = pack_runs(args.runs, args.weights)
+    except DepictError as e:
+        parser.exit(2, f"error: {e}\n")
     for name, entry in entries.items():
         print(f"{name}: {entry['file']}  synthetic-val mIoU {100 * entry['miou']:.2f}")
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from depict_analysis.models.backbone import BackboneConfig, ViTBackbone
 from depict_analysis.models.decoders.base import DecoderConfig, build_decoder, decoder_config_from_dict, families
+from depict_analysis.models.errors import ConfigError
 from depict_analysis.models.segmentor import Segmentor
 
 
@@ -21,6 +22,10 @@ class ModelConfig:
     decoder: DecoderConfig  # the family's own config (models/decoders/<family>.py)
     n_cls: int = 150
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_cls, int) or isinstance(self.n_cls, bool) or self.n_cls < 1:
+            raise ConfigError(f"the number of classes must be a positive integer, got {self.n_cls!r}")
 
     def to_dict(self) -> dict:
         return {"backbone": asdict(self.backbone), "decoder": self.decoder.to_dict(), "n_cls": self.n_cls, "name": self.name}
@@ -57,7 +62,7 @@ def variant_config(name: str, n_cls: int = 150) -> ModelConfig:
         backbone = name.removeprefix(family.variant + "-")
         if backbone != name and backbone in BACKBONES:
             return ModelConfig(replace(BACKBONES[backbone]), replace(family.size(backbone)), n_cls, name)
-    raise KeyError(f"unknown variant {name!r}; known: {', '.join(list_variants())}")
+    raise ConfigError(f"unknown variant {name!r}; known: {', '.join(list_variants())}")
 
 
 def create_model(config: ModelConfig | str, n_cls: int | None = None) -> Segmentor:

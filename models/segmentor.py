@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -9,6 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from depict_analysis.models.backbone import NORMALIZATION, ViTBackbone
+from depict_analysis.models.errors import ConfigError, InputError
+
+# Memory bounds of ``inference_labels``: class-map values held at an image's full size (1 GiB of
+# float32; larger outputs go in strips of about STRIP_VALUES values), and values of the views'
+# logits held for those strips (4 GiB).
+MAP_VALUES = 2**28
+STRIP_VALUES = 2**22
+VIEW_VALUES = 2**30
 
 
 def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
@@ -87,14 +96,19 @@ def _softmax_classes(logits: Tensor) -> Tensor:
     return logits.softmax(dim=1)
 
 
-def window_resize(images: Tensor, window: int) -> Tensor:
-    """Segmenter's ``resize``: images (B, C, h, w) whose short side is below ``window`` are resized
-    (bilinear) to a short side of ``window`` and a long side of ``int(ratio * window)``, ratio =
-    long / short; larger images are returned as they are."""
-    h, w = images.shape[-2:]
+def window_size(h: int, w: int, window: int) -> tuple[int, int]:
+    """The size Segmenter's ``resize`` gives an image of (h, w): a short side below ``window`` becomes
+    ``window`` and the long side ``int(ratio * window)``, ratio = long / short; else (h, w)."""
     if min(h, w) >= window:
+        return h, w
+    return (window, int(w / h * window)) if h < w else (int(h / w * window), window)
+
+
+def window_resize(images: Tensor, window: int) -> Tensor:
+    """Segmenter's ``resize``: images (B, C, h, w) resized (bilinear) to ``window_size``."""
+    size = window_size(*images.shape[-2:], window)
+    if size == tuple(images.shape[-2:]):
         return images
-    size = (window, int(w / h * window)) if h < w else (int(h / w * window), window)
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
@@ -165,8 +179,79 @@ def inference(
         total = probs if total is None else total.add_(probs)
         n_views += 1
     if total is None:
-        raise ValueError("inference needs at least one view")
+        raise ConfigError("inference needs at least one view")
     return total.div_(n_views)
+
+
+def resize_rows(logits: Tensor, size: tuple[int, int], top: int, bottom: int) -> Tensor:
+    """Rows ``top:bottom`` of ``F.interpolate(logits, size, mode="bilinear", align_corners=False)``,
+    (B, K, bottom - top, W), from the few source rows they need.
+
+    Output row y samples the source at ``s = max((y + 0.5) h / H - 0.5, 0)``, between rows
+    ``floor(s)`` and the next (the last row repeated), as PyTorch's kernel does (in float32).
+    Columns are resized by ``F.interpolate`` itself at an unchanged height (exact), rows are blended
+    here: the values equal the full resize up to float rounding.
+    """
+    h, H = logits.shape[-2], size[0]
+    y = torch.arange(top, bottom, dtype=torch.float32, device=logits.device)
+    scale = torch.tensor(h, dtype=torch.float32, device=logits.device) / H
+    source = ((y + 0.5) * scale - 0.5).clamp(min=0)
+    upper_index = source.floor().long().clamp(max=h - 1)
+    lower_index = (upper_index + 1).clamp(max=h - 1)
+    weight = (source - upper_index).clamp(0, 1).view(-1, 1)
+    first, last = int(upper_index[0]), int(lower_index[-1]) + 1
+    rows = F.interpolate(logits[..., first:last, :], size=(last - first, size[1]), mode="bilinear", align_corners=False)
+    upper, lower = rows[..., upper_index - first, :], rows[..., lower_index - first, :]
+    return upper * (1 - weight) + lower * weight
+
+
+@torch.no_grad()
+def inference_labels(
+    model: nn.Module,
+    views: Iterable[tuple[Tensor, bool]],
+    size: tuple[int, int],
+    window: int,
+    stride: int,
+    batch_size: int = 8,
+    map_values: int | None = None,
+) -> Tensor:
+    """``inference(...).argmax(1)``: class labels (B, H, W) at ``size``, uint8 for at most 256
+    classes (else int64), in bounded memory.
+
+    When the probabilities at ``size`` would hold more than ``map_values`` values (default
+    ``MAP_VALUES``), the views' sliding-window logits are kept at their own size and the rest of the protocol (resize to
+    ``size``, un-flip, softmax, mean over views, argmax) runs in horizontal strips of the output
+    (``resize_rows``), so no (B, K, H, W) map is ever held. The views' logits may hold at most
+    ``VIEW_VALUES`` values then (an ``InputError`` asks for a smaller image otherwise).
+    """
+    views = iter(views)
+    first = next(views, None)
+    if first is None:
+        raise ConfigError("inference needs at least one view")
+    (B, K), (H, W) = (first[0].shape[0], model.n_cls), size
+    dtype = torch.uint8 if K <= 256 else torch.int64
+    views = itertools.chain([first], views)
+    if B * K * H * W <= (MAP_VALUES if map_values is None else map_values):
+        return inference(model, views, size, window, stride, batch_size).argmax(1).to(dtype)
+    logits, held = [], 0
+    for images, flipped in views:
+        images = window_resize(images, window)
+        held += B * K * images.shape[-2] * images.shape[-1]
+        if held > VIEW_VALUES:
+            raise InputError(f"the views of this {W} x {H} image need over {VIEW_VALUES * 4 >> 30} GiB of class maps; "
+                             "resize it smaller (e.g. --short-side)")
+        logits.append((sliding_window_logits(model, images, window, stride, batch_size), flipped))
+    labels = torch.empty(B, H, W, dtype=dtype, device=first[0].device)
+    rows = max(1, STRIP_VALUES // (B * K * W))
+    for top in range(0, H, rows):
+        bottom = min(top + rows, H)
+        total = None
+        for view, flipped in logits:
+            strip = view[..., top:bottom, :] if tuple(view.shape[-2:]) == tuple(size) else resize_rows(view, size, top, bottom)
+            probs = _softmax_classes(strip.flip(-1) if flipped else strip)
+            total = probs if total is None else total.add_(probs)
+        labels[:, top:bottom] = total.div_(len(logits)).argmax(1)
+    return labels
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,17 +18,18 @@ def count_parameters(module: torch.nn.Module) -> int:
 def decoder_gflops(model: Segmentor, image_size: tuple[int, int]) -> float:
     """Forward GFLOPs of the decoder alone for one image of ``image_size`` (multiply-add = 2 FLOPs).
 
-    Runs with autograd on: FlopCounterMode's module tracker breaks on parameter views made under no_grad.
-    Attention runs on the math SDPA backend, whose matmuls every torch version counts (some count 0
-    FLOPs for the fused CPU kernels), so the number does not depend on the torch installed.
+    Runs a copy of the decoder on the ``meta`` device (shapes only: no memory and no time, whatever the
+    image size), with autograd on: FlopCounterMode's module tracker breaks on parameter views made under
+    no_grad. Attention runs on the math SDPA backend, whose matmuls every torch version counts (some
+    count 0 FLOPs for the fused CPU kernels), so the number does not depend on the torch installed.
     """
     P = model.patch_size
     grid = (-(-image_size[0] // P), -(-image_size[1] // P))
-    p = next(model.decoder.parameters())
-    z = torch.zeros(1, grid[0] * grid[1], model.encoder.dim, device=p.device, dtype=p.dtype)
+    decoder = copy.deepcopy(model.decoder).to("meta")
+    z = torch.zeros(1, grid[0] * grid[1], model.encoder.dim, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        model.decoder(z, grid)
+        decoder(z, grid)
     return counter.get_total_flops() / 1e9
 
 

@@ -21,7 +21,12 @@ changing its gradient. A share without labelled pixels contributes zero (the off
 
 Files in ``out_dir``: ``config.yaml`` (the effective TrainConfig), ``log.jsonl`` (one line per log
 step and per evaluation), ``checkpoint.pt`` (latest; ``depict_analysis.models.load_model`` reads it) and, once the run
-is complete, ``metrics.json``.
+is complete, ``metrics.json``. A lock (``.lock``, released by the OS even after a SIGKILL) keeps a
+second run out of the folder; a folder holding a checkpoint is only continued with ``resume``, and
+a resumed run first cuts ``log.jsonl`` back to its checkpoint's iteration.
+
+A loss that is not finite (NaN / Inf: too high a learning rate, broken data) stops the run before
+that step's update, without saving: the last checkpoint written stays the last good one.
 """
 
 from __future__ import annotations
@@ -48,22 +53,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from filelock import FileLock, Timeout
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from depict_analysis.models.backbone import load_pretrained
-from depict_analysis.models.checkpoint import FORMAT, CheckpointError, read_checkpoint, save_checkpoint
+from depict_analysis.models.checkpoint import FORMAT, CheckpointError, model_from, read_checkpoint, save_checkpoint
 from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
 from depict_analysis.models.device import autocast, resolve_device
+from depict_analysis.models.errors import ConfigError, DepictError
 from depict_analysis.models.evaluate import eval_protocol, evaluate, jsonable
+from depict_analysis.models.files import atomic_write_text, check_out_dir
+from depict_analysis.models.progress import progress_bar
 from depict_analysis.models.registry import ModelConfig, create_model, variant_config
 from depict_analysis.models.segmentor import Segmentor
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 OPTIMIZERS = ("sgd", "adamw")
+MODEL_FIELDS = ("model", "crop_size")  # the training options that define the model: fixed once a run has a checkpoint
+
+
+class TrainingDiverged(DepictError):
+    """The loss became NaN / Inf; the run stopped before applying that step."""
 
 
 # ---------------------------------------------------------------------------------------- configuration
@@ -108,27 +122,33 @@ class TrainConfig:
     pretrained: str | None = None  # backbone weights: a local file, or a timm model name (downloads)
 
     def __post_init__(self) -> None:
+        """Every constraint on the options, checked once whatever their source (defaults, YAML, --set,
+        command-line options, a resumed checkpoint): types, ranges, finite numbers."""
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
-        for name in ("batch_size", "grad_accum", "epochs", "iterations", "log_every", "crop_size", "base_size",
-                     "max_ratio", "eval_stride", "stop_after"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"training option {name!r} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_images", "save_every", "num_workers", "lr", "min_lr", "momentum", "weight_decay",
-                     "warmup_iters"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"training option {name!r} must not be negative, got {getattr(self, name)}")
+        for name, low in {**dict.fromkeys(("batch_size", "grad_accum", "epochs", "iterations", "log_every", "crop_size",
+                                           "base_size", "max_ratio", "eval_stride", "stop_after", "eval_images"), 1),
+                          **dict.fromkeys(("eval_every", "save_every", "num_workers", "warmup_iters", "seed", "lr",
+                                           "min_lr", "momentum", "weight_decay", "poly_power"), 0)}.items():
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ConfigError(f"training option {name!r} must be at least {low}, got {getattr(self, name)}")
+        if self.momentum > 1:
+            raise ConfigError(f"training option 'momentum' must be at most 1, got {self.momentum}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"training option 'min_lr' ({self.min_lr}) must not exceed 'lr' ({self.lr})")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.iterations is not None and self.warmup_iters >= self.iterations:
-            raise ValueError(f"warmup_iters ({self.warmup_iters}) must be less than iterations ({self.iterations})")
+            raise ConfigError(f"warmup_iters ({self.warmup_iters}) must be less than iterations ({self.iterations})")
+        if not self.out_dir:
+            raise ConfigError("training option 'out_dir' must name a folder")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown training option {unknown[0]!r}; known: {', '.join(f.name for f in fields(cls))}")
+            raise ConfigError(f"unknown training option {unknown[0]!r}; known: {', '.join(f.name for f in fields(cls))}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +157,7 @@ class TrainConfig:
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against a field type such as ``int | None`` (ints and numeric strings pass as floats:
-    YAML reads ``1e-3`` as a string)."""
+    YAML reads ``1e-3`` as a string; a float must be finite)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for kind in options:
         if kind is type(None) and value is None:
@@ -147,10 +167,12 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            with contextlib.suppress(ValueError):
-                return float(value)
-    expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in options)
-    raise ValueError(f"training option {name!r} must be {expected}, got {value!r}")
+            with contextlib.suppress(ValueError, OverflowError):
+                if math.isfinite(float(value)):
+                    return float(value)
+    expected = " or ".join("null" if kind is type(None) else "a finite float" if kind is float else kind.__name__
+                           for kind in options)
+    raise ConfigError(f"training option {name!r} must be {expected}, got {value!r}")
 
 
 def load_yaml_config(source: str | Path) -> dict[str, Any]:
@@ -160,13 +182,15 @@ def load_yaml_config(source: str | Path) -> dict[str, Any]:
         path = PRESETS_DIR / f"{source}.yaml"
         if not path.is_file():
             presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise ValueError(f"{source}: no such config file or preset (presets: {presets})")
+            raise ConfigError(f"{source}: no such config file or preset (presets: {presets})")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of training options, found {type(values).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of training options, found {type(values).__name__}")
     return values
 
 
@@ -176,11 +200,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
             values[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
     return values
 
 
@@ -190,18 +214,24 @@ def build_config(
     """Layer the sources of a run's settings, later ones winning: TrainConfig's defaults, the config of
     the checkpoint to ``resume`` (without its ``stop_after``), ``config_file`` (YAML or preset name),
     ``overrides`` (``key=value``) and ``options`` (None = not given). A layer that sets ``epochs``
-    without ``iterations`` also clears the ``iterations`` of the layers before it."""
+    without ``iterations`` also clears the ``iterations`` of the layers before it. A resumed run
+    keeps its model: the later layers may not change ``MODEL_FIELDS``."""
     layers: list[dict[str, Any]] = []
+    trained: dict[str, Any] = {}
     if resume is not None:
         trained = dict(read_checkpoint(resume).get("train_config") or {})
         trained.pop("stop_after", None)
-        layers.append(trained)
     if config_file is not None:
         layers.append(load_yaml_config(config_file))
     layers.append(parse_overrides(overrides))
     layers.append({key: value for key, value in options.items() if value is not None})
-    values: dict[str, Any] = {}
     for layer in layers:
+        changed = next((key for key in MODEL_FIELDS if key in layer and key in trained and layer[key] != trained[key]), None)
+        if changed:
+            raise ConfigError(f"--resume {resume} continues a run of {changed} {trained[changed]!r}; "
+                              f"it cannot change to {layer[changed]!r} (start a new run in another --out)")
+    values: dict[str, Any] = {}
+    for layer in [trained, *layers]:
         if "epochs" in layer and "iterations" not in layer:
             values.pop("iterations", None)
         values.update(layer)
@@ -290,10 +320,13 @@ def model_config_for(config: TrainConfig, n_cls: int) -> ModelConfig:
     else:
         try:
             model_config = ModelConfig.from_dict({**config.model, "n_cls": n_cls})
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"training option 'model' is neither a variant name nor a ModelConfig dict ({e})") from None
+        except (KeyError, TypeError, ConfigError) as e:
+            raise ConfigError(f"training option 'model' is neither a variant name nor a ModelConfig dict ({e})") from None
     if config.crop_size is not None:
-        model_config.backbone.image_size = (config.crop_size, config.crop_size)
+        patch = model_config.backbone.patch_size
+        if config.crop_size % patch:
+            raise ConfigError(f"crop_size {config.crop_size} must be a multiple of the model's patch size, {patch}")
+        model_config.backbone = replace(model_config.backbone, image_size=(config.crop_size, config.crop_size))
     return model_config
 
 
@@ -363,7 +396,7 @@ def train_loader(
     """This rank's shares of the steps (batch_size / ranks augmented crops of the model's training
     size), in the order the module docstring describes (``step_batches`` streams them across epochs)."""
     if config.batch_size % (env.world_size * config.grad_accum):
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of ranks x grad_accum = {env.world_size * config.grad_accum}")
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of ranks x grad_accum = {env.world_size * config.grad_accum}")
     crop = model_config.backbone.image_size
     mean, std = normalization_stats(model_config.backbone.normalization)
     transform = TrainTransform(crop, mean, std, base_size=config.base_size or crop[0], max_ratio=config.max_ratio)
@@ -473,11 +506,48 @@ def _seed(*entropy: int) -> None:
 
 
 def _model_from_checkpoint(raw: dict, path: str | Path) -> Segmentor:
-    if raw.get("format") != FORMAT or "optimizer" not in raw or "iteration" not in raw:
+    if raw.get("format") != FORMAT or "optimizer" not in raw or not isinstance(raw.get("iteration"), int):
         raise CheckpointError(f"{path}: not a training checkpoint of ours (no optimizer state); cannot resume from it")
-    model = create_model(ModelConfig.from_dict(raw["config"]))
-    model.load_state_dict(raw["model"])
-    return model
+    return model_from(raw, path)
+
+
+def _cut_log(path: Path, iteration: int) -> None:
+    """Keep the lines of a run's ``log.jsonl`` up to ``iteration`` (those after it are the steps a
+    resumed run does again), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            if json.loads(line).get("iter", 0) <= iteration:
+                kept.append(line)
+    atomic_write_text(path, "".join(kept))
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, main: bool) -> Iterator[None]:
+    """Hold ``out_dir/.lock`` while a run writes there (the main process): a second run into the same
+    folder is refused. The lock is the OS's (flock): a killed run leaves no stale lock."""
+    if not main:
+        yield
+        return
+    check_out_dir(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(f"{out_dir} is in use by another depict train; wait for it or pick another --out") from None
+    try:
+        yield
+    except BaseException:
+        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:  # refused before writing: leave no trace
+            (out_dir / ".lock").unlink()
+            out_dir.rmdir()
+        raise
+    finally:
+        lock.release()
 
 
 class _Run:
@@ -487,8 +557,9 @@ class _Run:
         self.env, self.device = env, device
         self.out_dir = Path(config.out_dir)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
-        if resume is None and self.checkpoint_path.exists():
-            raise ValueError(f"{self.out_dir} already holds a run; resume it with --resume {self.checkpoint_path} or pick another --out")
+        resuming_here = resume is not None and self.checkpoint_path.exists() and Path(resume).resolve() == self.checkpoint_path.resolve()
+        if self.checkpoint_path.exists() and not resuming_here:
+            raise ConfigError(f"{self.out_dir} already holds a run; resume it with --resume {self.checkpoint_path} or pick another --out")
 
         _seed(config.seed)  # the same initial weights on every rank
         train_set = build_dataset(config.dataset, config.data_root, config.train_split, **config.dataset_kwargs)
@@ -496,18 +567,21 @@ class _Run:
         self.config = config = resolve_iterations(config, len(train_set))
         self.steps_per_epoch = steps_per_epoch(len(train_set), config.batch_size)
         raw = read_checkpoint(resume) if resume is not None else None
+        if raw is not None and isinstance(raw.get("iteration"), int) and raw["iteration"] >= config.iterations:
+            raise ConfigError(f"{resume} is at iteration {raw['iteration']}: nothing left to do for {config.iterations} "
+                              "iterations (give --iterations above it to train on)")
         self.net = build_model(config, train_set.n_cls) if raw is None else _model_from_checkpoint(raw, resume)
         if self.net.n_cls != train_set.n_cls:
-            raise ValueError(f"the checkpoint predicts {self.net.n_cls} classes but {train_set.name} has {train_set.n_cls}")
+            raise ConfigError(f"the checkpoint predicts {self.net.n_cls} classes but {train_set.name} has {train_set.n_cls}")
         self.net.to(device).train()
         ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(self.net, device_ids=ids) if env.world_size > 1 else self.net
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(config, self.net)
-        self.iteration = 0
+        self.iteration, self.saved = 0, None  # saved: the iteration of the last checkpoint written
         if raw is not None:
             self._restore_optimizer(raw["optimizer"], resume)
-            self.iteration = raw["iteration"]
+            self.iteration = self.saved = raw["iteration"]
             self._restore_rng(raw["rng"])
         else:
             _seed(config.seed, 1, env.rank)  # per-rank streams for drop-path / dropout
@@ -517,16 +591,17 @@ class _Run:
         self.scores: dict | None = None
         self.log_path = self.out_dir / "log.jsonl"
         if env.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             if resume is None:
-                self.log_path.write_text("")
+                atomic_write_text(self.log_path, "")
+            else:
+                _cut_log(self.log_path, self.iteration)
 
     def _restore_optimizer(self, state: dict, path: str | Path) -> None:
         try:
             self.optimizer.load_state_dict(state)
-        except ValueError:  # e.g. one parameter group saved, two (weight-decay groups) built
-            groups = len(state["param_groups"])
+        except (ValueError, KeyError, TypeError):  # e.g. one parameter group saved, two (weight-decay groups) built
+            groups = len(state["param_groups"]) if isinstance(state, dict) and "param_groups" in state else 0
             raise CheckpointError(
                 f"{path}: its optimizer state has {groups} parameter group(s), this run builds "
                 f"{len(self.optimizer.param_groups)} (weight_decay {self.config.weight_decay}); cannot resume from it"
@@ -564,9 +639,25 @@ class _Run:
                     loss = F.cross_entropy(self.forward(x), y, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
                 loss.backward()
             total += loss.detach()
+        self._require_finite(total, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / world
+
+    def _require_finite(self, loss: Tensor, lr: float) -> None:
+        """Stop the run (``TrainingDiverged``) when this step's loss is NaN / Inf on any rank, before the
+        optimizer applies it: nothing of the step is kept, nor saved."""
+        bad = (~torch.isfinite(loss)).float()
+        if self.env.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.iteration + 1
+        self.log({"type": "diverged", "iter": step, "loss": float(loss), "lr": lr})
+        kept = f"the last good checkpoint is {self.checkpoint_path} (iteration {self.saved})" if self.saved is not None else "no checkpoint was written"
+        raise TrainingDiverged(f"the loss became {float(loss)} at iteration {step} (lr {lr:.3g}); stopped without saving it: "
+                               f"{kept}; lower the learning rate or check the data")
 
     def evaluate(self) -> dict:
         protocol = eval_protocol(self.net, self.val_set, self.config.to_dict())  # as `depict eval` on the checkpoint
@@ -591,6 +682,7 @@ class _Run:
                 world_size=self.env.world_size,
                 metrics=self.scores,
             )
+        self.saved = self.iteration
 
     def log(self, record: dict) -> None:
         if self.env.main:
@@ -612,7 +704,7 @@ class _Run:
         config = self.config
         end = min(config.iterations, config.stop_after or config.iterations)
         columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
-        with Progress(*columns, disable=not show) as progress:
+        with progress_bar(*columns, enabled=show) as progress:
             task = progress.add_task("train", total=config.iterations, completed=self.iteration, stats="")
             loss_sum, steps, signum, last_loss = torch.zeros((), device=self.device), 0, 0, None
             clock = time.perf_counter()
@@ -651,7 +743,7 @@ class _Run:
             "eval": self.scores,
         }
         if self.env.main and completed:
-            (self.out_dir / "metrics.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
+            atomic_write_text(self.out_dir / "metrics.json", json.dumps(jsonable(result), indent=2) + "\n")
         return result
 
 
@@ -663,7 +755,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     name or None), "checkpoint", "loss" (mean of the last log window), "eval" (the last evaluation's
     ``depict_analysis.models.evaluate.evaluate`` scores, or None)}``.
     """
-    with distributed(config.device) as (env, device), StopSignals() as stop:
+    with distributed(config.device) as (env, device), StopSignals() as stop, run_lock(Path(config.out_dir), env.main):
         run = _Run(config, env, device, resume)
         try:
             return run.loop(stop, show=progress and env.main)

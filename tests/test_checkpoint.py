@@ -130,7 +130,7 @@ def bad_inputs(tmp_path):
     return [
         (tmp_path / "no_variant" / "checkpoint.pth", "variant.yml is missing"),
         (tmp_path / "no_variant", "needs variant.yml"),
-        (tmp_path / "truncated", "truncated or not a PyTorch checkpoint"),
+        (tmp_path / "truncated", "truncated or not a PyTorch file"),
         (tmp_path / "wrong_keys", "unrecognised decoder keys"),
         (tmp_path / "unsafe_zip.pt", "--trust-checkpoint"),
         (tmp_path / "unsafe.pt", "checkpoint"),

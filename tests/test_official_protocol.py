@@ -273,15 +273,20 @@ def test_eval_and_predict_protocols_follow_the_official_scripts(tmp_path):
     assert eval_protocol(release, ade, meta.get("train_config")) == {"window": 32, "stride": 16, "short_side": 512}
     assert eval_protocol(release, synthetic) == {"window": 32, "stride": 16, "short_side": 0}
     assert eval_protocol(ours, ade, window=96) == {"window": 96, "stride": 64, "short_side": 512}  # 96 - 32
-    # predict on a release: variant.yml's window and stride (segm/inference.py), images at their size
-    assert predict_protocol(release, meta) == {"window": 32, "stride": 24, "short_side": 0}
-    assert predict_protocol(ours, {}, stride=8, short_side=40) == {"window": 32, "stride": 8, "short_side": 40}
+    # predict on a release: variant.yml's window and stride (segm/inference.py), resized as eval resizes
+    # the dataset it was trained on (ADE20K: (2048, 512)); 0 keeps the images' size
+    assert predict_protocol(release, meta) == {"window": 32, "stride": 24, "img_scale": (2048, 512)}
+    assert predict_protocol(release, meta, short_side=0)["img_scale"] is None
+    assert predict_protocol(ours, {}, stride=8, short_side=40) == {"window": 32, "stride": 8, "img_scale": (160, 40)}
+    assert predict_protocol(ours, {})["img_scale"] is None  # no dataset, no run: images keep their size
     # our runs: their eval_stride; the dataset's base size, else the run's base size, else its crop
     run = TrainConfig(model="depict-sa-tiny", dataset="synthetic", base_size=48, eval_stride=20).to_dict()
     assert eval_protocol(ours, ade, run) == {"window": 32, "stride": 20, "short_side": 512}
     assert eval_protocol(ours, synthetic, run) == {"window": 32, "stride": 20, "short_side": 48}
     assert eval_protocol(ours, synthetic, {**run, "base_size": None})["short_side"] == 32
-    assert predict_protocol(ours, {"train_config": run})["stride"] == 20
+    # predict resolves the same short side as eval on the run's own dataset
+    assert predict_protocol(ours, {"train_config": run}) == {"window": 32, "stride": 20, "img_scale": (192, 48)}
+    assert predict_protocol(ours, {"train_config": {**run, "base_size": None}})["img_scale"] == (128, 32)
 
 
 def write_ade(root, sizes, seed=0):

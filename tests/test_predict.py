@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
 from depict_analysis.models import create_model, load_model, predict_probs, save_checkpoint
-from depict_analysis.models.data import class_info, load_image
+from depict_analysis.models.data import class_info, load_image, make_palette
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.predict import overlay, palette_for
 
@@ -43,10 +43,18 @@ def test_predict_writes_labels_and_overlays_for_every_image_mode(tmp_path, check
     paths = [str(tmp_path / "in" / f"{name}.png") for name in sizes]
     result = CliRunner().invoke(app, ["predict", str(checkpoint), *paths, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.stderr
+    palette = make_palette(K)  # a checkpoint without a dataset: the generated colours
     for name, size in sizes.items():
         label, blended = Image.open(tmp_path / "out" / f"{name}_label.png"), Image.open(tmp_path / "out" / f"{name}_overlay.png")
-        assert (label.mode, label.size) == ("L", size) and (blended.mode, blended.size) == ("RGB", size)
-        assert np.asarray(label).max() < K
+        # a palette PNG, as mmseg and VOC write label maps: values are class ids, colours the classes'
+        assert (label.mode, label.size) == ("P", size) and blended.mode == "RGB"
+        ids = np.asarray(label)
+        assert ids.max() < K
+        np.testing.assert_array_equal(np.asarray(label.getpalette()[: 3 * K]).reshape(K, 3), palette)
+        # the overlay: the blend at the image's size, then a legend panel on its right
+        assert blended.height >= size[1] and blended.width > size[0]
+        expected = overlay(load_image(tmp_path / "in" / f"{name}.png"), ids, palette, 0.5)
+        np.testing.assert_array_equal(np.asarray(blended)[: size[1], : size[0]], np.asarray(expected))
 
 
 def test_large_images_go_through_sliding_windows(tmp_path, checkpoint):
@@ -74,7 +82,7 @@ def test_overlay_blends_class_colours_and_palette_follows_the_dataset():
 @pytest.mark.parametrize("case, fragment", [
     ("corrupt", "corrupt image"),
     ("not an image", "not an image file"),
-    ("missing", "image file not found"),
+    ("missing", "no such image file"),
     ("duplicate names", "share the name"),
 ])
 def test_bad_images_are_one_line_errors_with_exit_2(tmp_path, checkpoint, case, fragment):

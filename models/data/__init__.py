@@ -29,6 +29,13 @@ _FILE_DATASETS: dict[str, type[FileSegmentationDataset]] = {
 DATASETS: tuple[str, ...] = (*_FILE_DATASETS, "synthetic")
 
 
+def test_scale(name: str | None) -> tuple[int | None, int]:
+    """``(base_size, max_ratio)`` of a dataset's test ``Resize`` by name, without its files:
+    ``(None, 4)`` for a dataset without a base size, or an unknown name."""
+    dataset = {**_FILE_DATASETS, "synthetic": SyntheticShapes}.get(name or "", SegmentationDataset)
+    return dataset.base_size, dataset.max_ratio
+
+
 def build_dataset(name: str, root: str | Path | None, split: str, *,
                   transform: Transform | None = None, **kwargs) -> SegmentationDataset:
     """Build dataset ``name`` (one of ``DATASETS``) for ``split`` ('train' / 'val').
@@ -37,18 +44,21 @@ def build_dataset(name: str, root: str | Path | None, split: str, *,
     class; ``synthetic`` takes ``size=64, length=None, seed=0``. Raises ``DatasetError`` for an
     unknown name, a missing root or a wrong layout.
     """
-    if name == "synthetic":
-        return SyntheticShapes(split, transform, **kwargs)
-    if name not in _FILE_DATASETS:
+    if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
-    if root is None:
+    if name != "synthetic" and root is None:
         raise DatasetError(f"dataset {name!r} needs a root folder")
-    return _FILE_DATASETS[name](root, split, transform, **kwargs)
+    try:
+        if name == "synthetic":
+            return SyntheticShapes(split, transform, **kwargs)
+        return _FILE_DATASETS[name](root, split, transform, **kwargs)
+    except TypeError as e:  # options of the wrong name or type, e.g. from a training config's dataset_kwargs
+        raise DatasetError(f"dataset {name!r} does not take the options {kwargs} ({e})") from None
 
 
 __all__ = [
     "ADE20K", "DATASETS", "IGNORE_INDEX", "Cityscapes", "DatasetError", "EvalTransform",
     "FolderDataset", "PascalContext", "PascalContext59", "SegmentationDataset", "SyntheticShapes",
     "TrainTransform", "Transform", "build_dataset", "class_info", "load_image", "load_label",
-    "make_palette", "normalization_stats",
+    "make_palette", "normalization_stats", "test_scale",
 ]

@@ -7,17 +7,21 @@ label 255 means "ignore". Without a transform the image is in [0, 1] (not normal
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import warnings
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
 
 IGNORE_INDEX = 255
+# Images (and labels) above this many pixels are refused before they are decoded: 100 megapixels
+# take 300 MB as RGB, and every command handles them in bounded memory.
+MAX_PIXELS = 100_000_000
 T = TypeVar("T")
 
 #: ``transform(image: PIL RGB, label: int64 (H, W))``
@@ -31,28 +35,45 @@ _LABEL_MODES = {"1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
-    """Open and decode an image file fully, turning every failure into a ``DatasetError``."""
+    """Open and decode an image file fully, turning every failure into a ``DatasetError``; images
+    over ``MAX_PIXELS`` are refused from their header, before decoding."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{what} file not found: {path}")
+        raise DatasetError(f"{what} file not found: {path}" if not path.is_dir() else f"{what} {path} is a folder, not a file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: MAX_PIXELS is the limit here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        try:
+            if im.width * im.height > MAX_PIXELS:
+                raise DatasetError(f"{what} {path} is {im.width} x {im.height} pixels, over the limit of "
+                                   f"{MAX_PIXELS // 10**6} megapixels")
             im.load()
-            return im.copy()
+        except BaseException:
+            im.close()
+            raise
+        if getattr(im, "n_frames", 1) > 1:  # a multi-frame file stays open once decoded: keep its first frame
+            with im:
+                return im.copy()
+        return im  # PIL closed the single-frame file once decoded: no copy of a large image
     except UnidentifiedImageError:
         raise DatasetError(f"cannot read {what} {path}: not an image file") from None
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{what} {path} is over the limit of {MAX_PIXELS // 10**6} megapixels") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"cannot read {what} {path}: corrupt image ({err})") from None
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Read any image file as 8-bit RGB.
+    """Read any image file as 8-bit RGB, upright.
 
-    RGB stays as is; grey, palette and CMYK images are converted; alpha is dropped (the stored
-    colour is kept); 16-bit / 32-bit integer images are scaled so that 65535 becomes 255, float
-    images so that 1.0 becomes 255. Raises ``DatasetError`` if the file is missing or not an image.
+    The EXIF orientation is applied (as OpenCV's reader, hence mmseg's, does); RGB stays as is;
+    grey, palette and CMYK images are converted; alpha is dropped (the stored colour is kept);
+    16-bit / 32-bit integer images are scaled so that 65535 becomes 255, float images so that 1.0
+    becomes 255. Raises ``DatasetError`` if the file is missing or not an image.
     """
     im = _open(path, "image")
+    ImageOps.exif_transpose(im, in_place=True)
     if im.mode in _HIGH_BIT_DEPTH_WHITE:
         white = _HIGH_BIT_DEPTH_WHITE[im.mode]
         grey = np.asarray(im, dtype=np.float64) * (255.0 / white)
@@ -69,6 +90,17 @@ def load_label(path: str | Path) -> np.ndarray:
             "(mode L, P or 16-bit)"
         )
     return np.asarray(im).astype(np.int64)
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """PIL RGB ``(H, W)`` -> uint8 ``(H, W, 3)``, copied a band of rows at a time: ``np.asarray``
+    would hold the image's bytes twice over while joining them (600 MB for 100 megapixels)."""
+    pixels = np.empty((image.height, image.width, 3), dtype=np.uint8)
+    rows = max(1, (1 << 20) // max(image.width, 1))
+    for top in range(0, image.height, rows):
+        bottom = min(top + rows, image.height)
+        pixels[top:bottom] = np.asarray(image.crop((0, top, image.width, bottom)))
+    return pixels
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

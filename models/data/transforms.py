@@ -26,14 +26,15 @@ import torch
 from PIL import Image
 
 from depict_analysis.models.backbone import NORMALIZATION
+from depict_analysis.models.errors import ConfigError
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, DatasetError
 
 
 def normalization_stats(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` in [0, 1] units of a backbone family (``backbone.NORMALIZATION``)."""
     if kind not in NORMALIZATION:
-        raise ValueError(f"unknown normalization {kind!r}; expected one of: {', '.join(NORMALIZATION)}")
+        raise ConfigError(f"unknown normalization {kind!r}; expected one of: {', '.join(NORMALIZATION)}")
     return NORMALIZATION[kind]
 
 
@@ -185,7 +186,7 @@ class TrainTransform:
             rng = np.random.default_rng(int(torch.randint(2**62, (1,)).item()))
         img = np.array(image.convert("RGB"))
         if img.shape[:2] != label.shape:
-            raise ValueError(f"image {img.shape[:2]} and label {label.shape} sizes differ")
+            raise DatasetError(f"image {img.shape[:2]} and label {label.shape} sizes differ")
 
         size = self._resized_size(*label.shape, rng.uniform(*self.ratio_range))
         img, label = resize_image(img, size), resize_label(label, size)

@@ -16,7 +16,9 @@ The package imports every module in it (``decoders/__init__.py``), so a new file
 
 from __future__ import annotations
 
+import math
 import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
@@ -217,6 +219,17 @@ class DecoderConfig:
 
     name: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        """Fields are checked against their types: an ``int`` is at least 1, or 0 where 0 is its default
+        (a size chosen automatically); a ``float`` is a finite number at least 0."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if kind is int and not (isinstance(value, int) and not isinstance(value, bool) and value >= min(f.default, 1)):
+                raise ConfigError(f"decoder {self.name} {f.name} must be an integer of at least {min(f.default, 1)}, got {value!r}")
+            if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+                raise ConfigError(f"decoder {self.name} {f.name} must be a finite number of at least 0, got {value!r}")
+
     def to_dict(self) -> dict:
         """What a checkpoint stores: ``{"family": name, **fields}``."""
         return {"family": self.name, **asdict(self)}
@@ -231,7 +244,11 @@ def decoder_config_from_dict(values: Mapping) -> DecoderConfig:
     """
     values = dict(values)
     if "family" in values:
-        return get_family(values.pop("family")).config(**values)
+        family = get_family(values.pop("family"))
+        unknown = sorted(set(values) - {f.name for f in fields(family.config)})
+        if unknown:
+            raise ConfigError(f"decoder {family.name} has no setting {unknown[0]!r}")
+        return family.config(**values)
     if "name" not in values:
         raise ConfigError("a decoder config needs a 'family' entry (one of " + ", ".join(_FAMILIES) + ")")
     config = get_family(values.pop("name")).config
@@ -315,7 +332,7 @@ _FAMILIES: dict[str, Family] = {}
 
 def register_family(family: Family) -> Family:
     if family.name in _FAMILIES or any(f.variant == family.variant for f in _FAMILIES.values()):
-        raise ValueError(f"decoder family {family.name!r} ({family.variant}) is registered twice")
+        raise ConfigError(f"decoder family {family.name!r} ({family.variant}) is registered twice")
     _FAMILIES[family.name] = family
     return family
 
@@ -326,7 +343,7 @@ def families() -> list[Family]:
 
 
 def get_family(name: str) -> Family:
-    if name not in _FAMILIES:
+    if not isinstance(name, str) or name not in _FAMILIES:
         raise ConfigError(f"unknown decoder family {name!r}; known: {', '.join(_FAMILIES)}")
     return _FAMILIES[name]
 

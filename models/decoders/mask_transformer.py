@@ -61,7 +61,7 @@ class MaskTransformer(JointDecoder):
         heads = heads or dim // 64
         self.proj_dec = nn.Linear(dim_encoder, dim)
         self.cls_emb = nn.Parameter(torch.empty(1, n_cls, dim))
-        drop_path = torch.linspace(0, drop_path_rate, n_layers).tolist()
+        drop_path = torch.linspace(0, drop_path_rate, n_layers, device="cpu").tolist()  # also when built on "meta"
         self.blocks = nn.ModuleList(
             Block(
                 dim,
