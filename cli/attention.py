@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
+    BUILTIN,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -17,13 +18,15 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
     user_errors,
 )
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command
     from depict_analysis.attention import AttentionMaps
@@ -110,13 +113,10 @@ def attention(
     attention.npz (the example images' maps on the patch grid).
     """
     from depict_analysis.attention import analyze_attention
-    from depict_analysis.cli.runs import runs, saving
     from depict_analysis.inputs import image_batches
-    from depict_analysis.models.pretrained import DEFAULT_MODELS
-    from depict_analysis.models.sources import BUILTIN
-    from depict_analysis.results import Comparison
     from depict_analysis.uncertainty import Bootstrap
 
+    check_out_dir(out)
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
     if trace_files and (images or dataset):
@@ -131,23 +131,19 @@ def attention(
 
     count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
                          device=device, trust=trust, description="attention", attention=True)
-    names, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, save_trace, count > 1)
+    def analyze(traces, run):
         known = class_names(run.info, source["dataset"]) if run.info is not None else None
-        results.append(analyze_attention(
+        return analyze_attention(
             traces, layers=parse_list(layers), heads=parse_ints(heads, "--heads"), pixel=tuple(point) if point else None,
             classes=class_ids(classes, known) if known is not None else parse_ints(classes, "--classes"),
             examples=examples, class_names=known, bootstrap=Bootstrap(resamples, level, seed),
-        ))
-        names.append(run.label)
-        sources.append(run.source)
-        saved.append(save())
-    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
-    written = Comparison(names, sources, results, inputs).save(out)
-    for name, result in zip(names, results):
+        )
+
+    inputs = None if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    comparison, written, saved = compare_runs(count, models, analyze, save_trace=save_trace, inputs=inputs, out=out)
+    for name, result in zip(comparison.labels, comparison.results):
         if result.class_layers:
             console.print(shares_table(name, result))
         for warning in result.warnings():
             console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"wrote {len(written)} files in {out}/" + "".join(f" and {path}" for path in saved if path))
+    console.print(f"wrote {len(written)} files in {out}/" + "".join(f" and {path}" for path in saved))

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
+    BUILTIN,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -18,19 +19,22 @@ from depict_analysis.cli.common import (
     SeedOption,
     SplitOption,
     TrustOption,
+    check_out_dir,
     console,
     fail,
     image_source_options,
     user_errors,
 )
+from depict_analysis.choices import CLASS_BY
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command
     from depict_analysis.class_rates import ClassRates
 
-By = Enum("By", {"ground_truth": "ground_truth", "prediction": "prediction"}, type=str)
-Normalize = Enum("Normalize", {"l2": "l2", "none": "none"}, type=str)
+By = Enum("By", {by: by for by in CLASS_BY}, type=str)
+Normalize = Enum("Normalize", {mode: mode for mode in ("l2", "none")}, type=str)  # one norm over all d: no heads here
 
 
 def rates_table(label: str, result: ClassRates) -> Table:
@@ -82,13 +86,10 @@ def class_rates(
     class_rates.csv.
     """
     from depict_analysis.class_rates import analyze_class_rates
-    from depict_analysis.cli.runs import runs, saving
     from depict_analysis.inputs import image_batches
-    from depict_analysis.models.pretrained import DEFAULT_MODELS
-    from depict_analysis.models.sources import BUILTIN
-    from depict_analysis.results import Comparison
     from depict_analysis.uncertainty import Bootstrap
 
+    check_out_dir(out)
     if labels and not images:
         fail("--labels goes with --images (a dataset brings its own labels)")
     if trace_files and (images or dataset):
@@ -100,20 +101,16 @@ def class_rates(
 
     count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
                          device=device, trust=trust, description="class rates")
-    names, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, save_trace, count > 1)
-        results.append(analyze_class_rates(
+    def analyze(traces, run):
+        return analyze_class_rates(
             traces, by=by.value, eps=eps, normalize=normalize.value, bootstrap=Bootstrap(resamples, level, seed),
             class_names=class_names(run.info, source["dataset"]) if run.info is not None else None,
-        ))
-        names.append(run.label)
-        sources.append(run.source)
-        saved.append(save())
-    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
-    written = Comparison(names, sources, results, inputs).save(out)
-    for name, result in zip(names, results):
+        )
+
+    inputs = None if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    comparison, written, saved = compare_runs(count, models, analyze, save_trace=save_trace, inputs=inputs, out=out)
+    for name, result in zip(comparison.labels, comparison.results):
         console.print(rates_table(name, result))
         for warning in result.warnings():
             console.print(f"[yellow]warning:[/] {warning}")
-    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))
+    console.print("wrote " + ", ".join(map(str, written + saved)))

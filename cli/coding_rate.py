@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
+    BUILTIN,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -23,13 +24,12 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, runs, saving
-from depict_analysis.coding_rate import NORMALIZE_MODES
-from depict_analysis.coding_rate_analysis import VIEWS, CodingRates, analyze_coding_rates
-from depict_analysis.inputs import image_batches
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.choices import NORMALIZE_MODES, VIEWS
 from depict_analysis.models.pretrained import DEFAULT_MODELS
-from depict_analysis.models.sources import BUILTIN
-from depict_analysis.results import Comparison
+
+if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
+    from depict_analysis.coding_rate_analysis import CodingRates
 
 Normalize = Enum("Normalize", {mode: mode for mode in NORMALIZE_MODES}, type=str)
 View = Enum("View", {view: view for view in VIEWS}, type=str)
@@ -85,6 +85,9 @@ def coding_rate(
     trust: bool = TrustOption,
 ):
     """Coding rate of the patch tokens in each layer's subspace, of the tokens, and of the class embeddings."""
+    from depict_analysis.coding_rate_analysis import analyze_coding_rates
+    from depict_analysis.inputs import image_batches
+
     check_out_dir(out)
     if trace_files and (images or dataset):
         fail("--trace files hold their images: give --trace or --images / --dataset, not both")
@@ -97,15 +100,9 @@ def coding_rate(
 
     count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
                          device=device, trust=trust, description="coding rate")
-    labels, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, save_trace, count > 1)
-        results.append(analyze_coding_rates(traces, **settings))
-        labels.append(run.label)
-        sources.append(run.source)
-        saved.append(save())
-    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
-    written = Comparison(labels, sources, results, inputs).save(out)
-    for name, result in zip(labels, results):
+    inputs = None if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    comparison, written, saved = compare_runs(count, models, lambda traces, run: analyze_coding_rates(traces, **settings),
+                                              save_trace=save_trace, inputs=inputs, out=out)
+    for name, result in zip(comparison.labels, comparison.results):
         console.print(rate_table_view(name, result))
-    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))
+    console.print("wrote " + ", ".join(map(str, written + saved)))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
+    BUILTIN,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -23,12 +24,11 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, runs, saving
-from depict_analysis.inputs import image_batches
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
 from depict_analysis.models.pretrained import DEFAULT_MODELS
-from depict_analysis.models.sources import BUILTIN
-from depict_analysis.orthogonality_analysis import Orthogonality, analyze_orthogonality
-from depict_analysis.results import Comparison
+
+if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
+    from depict_analysis.orthogonality_analysis import Orthogonality
 
 COLUMNS = {  # header -> Orthogonality.headline key
     "P |cos| across heads": "P_cross_head_mean_abs_cos",
@@ -84,6 +84,9 @@ def orthogonality(
 ):
     """Cosines between the basis vectors of every layer's subspaces and between the class embeddings, trained
     and at initialisation; the Gram matrices PᵀP and Q̂ᵀQ̂."""
+    from depict_analysis.inputs import image_batches
+    from depict_analysis.orthogonality_analysis import analyze_orthogonality
+
     check_out_dir(out)
     if trace_files and (images or dataset):
         fail("--trace files hold their images: give --trace or --images / --dataset, not both")
@@ -95,14 +98,11 @@ def orthogonality(
     default = [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
     count, models = runs(checkpoints, label, trace_files, batches_for, default=default, device=device, trust=trust,
                          description="orthogonality")
-    labels, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, save_trace, count > 1)
-        results.append(analyze_orthogonality(traces, baseline_seeds=range(baseline_seeds), class_names=run.class_names))
-        labels.append(run.label)
-        sources.append(run.source)
-        saved.append(save())
-    inputs = {"traces": sources} if trace_files else {"input": {key: value for key, value in source.items() if value}}
-    written = Comparison(labels, sources, results, inputs).save(out)
-    console.print(summary_table(labels, results))
-    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))
+    inputs = None if trace_files else {"input": {key: value for key, value in source.items() if value}}
+    comparison, written, saved = compare_runs(
+        count, models,
+        lambda traces, run: analyze_orthogonality(traces, baseline_seeds=range(baseline_seeds), class_names=run.class_names),
+        save_trace=save_trace, inputs=inputs, out=out,
+    )
+    console.print(summary_table(comparison.labels, comparison.results))
+    console.print("wrote " + ", ".join(map(str, written + saved)))

@@ -9,12 +9,13 @@ a few example figures.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from depict_analysis.cli.common import (
+    BUILTIN,
     DataRootOption,
     DatasetOption,
     DeviceOption,
@@ -29,19 +30,19 @@ from depict_analysis.cli.common import (
     require_dataset_classes,
     user_errors,
 )
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, is_checkpoint, runs, saving
-from depict_analysis.inputs import image_batches
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, is_checkpoint, runs
 from depict_analysis.models.pretrained import DEFAULT_MODELS
-from depict_analysis.models.sources import BUILTIN
-from depict_analysis.pca import METHODS
-from depict_analysis.pca_analysis import REFERENCES, SCORES, PCASegmentation, analyze_pca, parse_layers, single_images
-from depict_analysis.results import Comparison
+
+if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
+    from depict_analysis.pca_analysis import PCASegmentation
 
 SHORT_REFERENCE = {"prediction": "prediction", "ground_truth": "ground truth"}
 
 
 def summary_table(label: str, result: PCASegmentation) -> Table:
     """Mean ± std of each score, one row per (reference, source)."""
+    from depict_analysis.pca_analysis import REFERENCES, SCORES
+
     table = Table(title=f"{label}: PCA segmentation agreement, mean ± std over {result.num_images} image(s)")
     for header in ("against", "segmentation"):
         table.add_column(header, no_wrap=True)
@@ -86,6 +87,10 @@ def pca_seg(
     trust: bool = TrustOption,
 ):
     """PCA segmentation of the decoder's input tokens Z_0 versus the patch embeddings the mask head uses."""
+    from depict_analysis.inputs import image_batches
+    from depict_analysis.pca import METHODS
+    from depict_analysis.pca_analysis import analyze_pca, parse_layers, single_images
+
     check_out_dir(out)
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -109,20 +114,15 @@ def pca_seg(
 
     count, models = runs(checkpoints, label, trace_files, batches_for, default=[f"{BUILTIN}{DEFAULT_MODELS[0]}"],
                          device=device, trust=trust, description="PCA segmentation")
-    labels, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, save_trace, count > 1)
-        results.append(analyze_pca(traces, layers=layer_spec, k=k, method=method, seed=seed,
-                                   examples=len(image) if image else examples, class_names=run.class_names,
-                                   palette=run.palette, score_figure=not image))
-        labels.append(run.label)
-        sources.append(run.source)
-        saved.append(save())
-    if trace_files:
-        inputs = {"traces": sources}
-    else:
-        inputs = {"input": {"images": image, "ground_truth": gt} if image else {k: v for k, v in source.items() if v}}
-    written = Comparison(labels, sources, results, inputs).save(out)
-    for name, result in zip(labels, results):
+    inputs = None if trace_files else {
+        "input": {"images": image, "ground_truth": gt} if image else {key: value for key, value in source.items() if value}}
+
+    def analyze(traces, run):
+        return analyze_pca(traces, layers=layer_spec, k=k, method=method, seed=seed,
+                           examples=len(image) if image else examples, class_names=run.class_names,
+                           palette=run.palette, score_figure=not image)
+
+    comparison, written, saved = compare_runs(count, models, analyze, save_trace=save_trace, inputs=inputs, out=out)
+    for name, result in zip(comparison.labels, comparison.results):
         console.print(summary_table(name, result))
-    console.print("wrote " + ", ".join(map(str, written + [path for path in saved if path])))
+    console.print("wrote " + ", ".join(map(str, written + saved)))

@@ -17,15 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from torch import nn
 
-from depict_analysis.inputs import Batch
-from depict_analysis.models.device import resolve_device
 from depict_analysis.models.errors import ConfigError
-from depict_analysis.models.sources import BUILTIN, ZOO, CheckpointInfo, open_checkpoint, parse_labelled, source_label
-from depict_analysis.tracing import Trace, trace_batches
+
+if TYPE_CHECKING:  # the model stack is imported where a run starts: `--help` stays fast
+    from torch import nn
+
+    from depict_analysis.inputs import Batch
+    from depict_analysis.models.sources import CheckpointInfo
+    from depict_analysis.results import Comparison, Result
+    from depict_analysis.tracing import Trace
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -62,6 +66,8 @@ class Run:
 def is_checkpoint(argument: str) -> bool:
     """Whether a positional argument names a model rather than an image: ``NAME=SOURCE``, ``builtin:`` /
     ``zoo:`` names, ``.pt`` / ``.pth`` files and official release folders (with ``variant.yml``)."""
+    from depict_analysis.models.sources import BUILTIN, ZOO, parse_labelled
+
     label, source = parse_labelled(argument)
     path = Path(source)
     return (label is not None or source.startswith((BUILTIN, ZOO)) or path.suffix in CHECKPOINT_SUFFIXES
@@ -71,6 +77,8 @@ def is_checkpoint(argument: str) -> bool:
 def labelled_sources(arguments: Sequence[str], labels: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """(label, source) of each positional ``[NAME=]SOURCE``, with ``--label NAME=SOURCE`` naming one of them
     (or adding it); repeated labels get ``#i``."""
+    from depict_analysis.models.sources import parse_labelled, source_label
+
     pairs = [list(parse_labelled(str(a))) for a in arguments]
     for text in labels or []:
         name, source = parse_labelled(text)
@@ -98,6 +106,10 @@ def model_runs(
     """A ``Run`` per (label, source), its model loaded when reached; its traces are ``trace_batches`` over
     ``batches_for(model)`` (number of images, batches), with a progress bar (and the attention maps with
     ``attention``)."""
+    from depict_analysis.models.device import resolve_device
+    from depict_analysis.models.sources import open_checkpoint
+    from depict_analysis.tracing import trace_batches
+
     torch_device = resolve_device(device)
     for label, source in sources:
         model, info = open_checkpoint(source, torch_device, trust, label)
@@ -108,6 +120,9 @@ def model_runs(
 
 def trace_runs(sources: Sequence[tuple[str, str]], device: str = "auto") -> Iterator[Run]:
     """A ``Run`` per saved trace (label, file), moved to ``device``."""
+    from depict_analysis.models.device import resolve_device
+    from depict_analysis.tracing import Trace
+
     torch_device = resolve_device(device)
     for label, source in sources:
         yield Run(label, source, None, [Trace.load(source).to(torch_device)])
@@ -136,6 +151,8 @@ def runs(
 def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace], Callable[[], Path | None]]:
     """The run's traces, and a function that writes them (joined) to ``path`` once they have been read
     (``<stem>_<label><suffix>`` when ``several``); without ``path`` the traces are not kept."""
+    from depict_analysis.tracing import Trace
+
     if path is None:
         return run.traces, lambda: None
     kept: list[Trace] = []
@@ -152,3 +169,29 @@ def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace],
         return target
 
     return record(), save
+
+
+def compare_runs(
+    count: int,
+    models: Iterable[Run],
+    analyze: Callable[[Iterable[Trace], Run], Result],
+    *,
+    save_trace: Path | None,
+    inputs: dict | None,
+    out: Path,
+) -> tuple[Comparison, list[Path], list[Path]]:
+    """``analyze(traces, run)`` of every run, their ``Comparison`` saved under ``out``, and each run's traces
+    written with ``--save-trace``: (comparison, its files, the trace files). ``inputs`` records where the
+    images came from (None: the ``--trace`` files)."""
+    from depict_analysis.results import Comparison
+
+    labels, sources, results, saved = [], [], [], []
+    for run in models:
+        traces, save = saving(run, save_trace, count > 1)
+        results.append(analyze(traces, run))
+        labels.append(run.label)
+        sources.append(run.source)
+        if (path := save()) is not None:
+            saved.append(path)
+    comparison = Comparison(labels, sources, results, inputs if inputs is not None else {"traces": sources})
+    return comparison, comparison.save(out), saved

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from depict_analysis import plots
+from depict_analysis.choices import CLASS_BY
 from depict_analysis.coding_rate import coding_rate, normalize_tokens
 from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.models.errors import ConfigError, InputError
@@ -35,7 +36,6 @@ from depict_analysis.results import Result
 from depict_analysis.tracing import Trace, as_traces
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, quiet_nan_mean, warn_sample_size
 
-BY = ("ground_truth", "prediction")
 NORMALIZE = ("l2", "none")  # "crate" normalises inside heads: there are no heads here
 
 
@@ -212,8 +212,8 @@ def analyze_class_rates(
 
     ``class_names``: K names for the class axes (default ``class i``); ``bootstrap``: the intervals.
     """
-    if by not in BY:
-        raise ConfigError(f"by must be one of {', '.join(BY)}, got {by!r}")
+    if by not in CLASS_BY:
+        raise ConfigError(f"by must be one of {', '.join(CLASS_BY)}, got {by!r}")
     if normalize not in NORMALIZE:
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)} (no heads here), got {normalize!r}")
     bootstrap = bootstrap or Bootstrap()

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from depict_analysis.choices import NORMALIZE_MODES
 from depict_analysis.models.errors import ConfigError, InputError
 
 __all__ = [
@@ -62,8 +63,6 @@ __all__ = [
     "subspace_rates",
     "token_rate",
 ]
-
-NORMALIZE_MODES: tuple[str, ...] = ("l2", "none", "crate")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,12 +33,12 @@ import torch
 from matplotlib.figure import Figure
 
 from depict_analysis import plots
+from depict_analysis.choices import VIEWS
 from depict_analysis.coding_rate import NORMALIZE_MODES, RateTable, class_rate, rate_table
 from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.results import Result, Stat
 from depict_analysis.tracing import Trace, as_traces
 
-VIEWS = ("residual", "layer")
 FINAL_STAGE = "final"
 SUBSPACE_QUANTITIES = ("subspace_rate", "raw_ratio", "span_rate", "share", "crate_rate", "input_rate")  # (n, J) each
 

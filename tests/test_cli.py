@@ -100,11 +100,17 @@ def test_version(program):
     assert result.exit_code == 0 and result.stdout == f"depict-analysis {depict_analysis.__version__}\n"
 
 
-def test_depict_help_imports_no_heavy_module():
-    code = ("import sys\nfrom depict_analysis.cli.main import app\n"
-            "for args in (['--help'], ['predict', '--help'], ['train', '--help'], ['zoo', 'list', '--help']):\n"
+@pytest.mark.parametrize("module, commands", [
+    ("main", ["predict", "train", "eval", "info", "zoo"]),
+    ("analyze", ["coding-rate", "pca-seg", "orthogonality", "robustness", "class-rates", "attention", "demo", "report"]),
+])
+def test_help_imports_no_heavy_module(module, commands):
+    """`depict --help` and `depict-analyze --help` (and each command's) answer at once: no torch behind them."""
+    code = (f"import sys\nfrom depict_analysis.cli.{module} import app\n"
+            f"for args in [['--help'], *([c, '--help'] for c in {commands!r})]:\n"
             "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
-            "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'cv2', 'depict_analysis.models.segmentor') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'cv2', 'numpy', 'depict_analysis.models.segmentor') "
+            "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
