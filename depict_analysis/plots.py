@@ -645,3 +645,26 @@ def plot_robustness_bars(curves: list[RobustnessCurve], colours: dict, caption: 
     ax.legend(handles=keys, loc="lower right", frameon=True, fontsize="small")
     ax.set_title(caption, fontsize="small")
     return fig
+
+
+# ------------------------------------------------------------------- training of the built-in models
+
+
+@styled
+def plot_training_curves(curves: dict) -> plt.Figure:
+    """Training loss (left) and validation mIoU (right) against the optimizer step, one line per model.
+
+    ``curves``: ``{"models": {label: {"train": [{"iter", "loss"}...], "eval": [{"iter", "miou"}...]}},
+    "caption": str}``, as ``depict_analysis.models.pretrained.training_curves`` gives it.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 3.0), sharex=True, layout="constrained")
+    for i, (label, curve) in enumerate(curves["models"].items()):
+        color = LINE_COLORS[i % len(LINE_COLORS)]
+        left.plot([r["iter"] for r in curve["train"]], [r["loss"] for r in curve["train"]], color=color, label=label)
+        right.plot([r["iter"] for r in curve["eval"]], [100 * r["miou"] for r in curve["eval"]], color=color, marker="o",
+                   markersize=3, label=label)
+    left.set(title="Training loss", xlabel="step", ylabel="cross-entropy (mean of the log window)", yscale="log")
+    right.set(title="Validation mIoU", xlabel="step", ylabel="mIoU (%)", ylim=(0, None))
+    right.legend(loc="lower right", frameon=True, fontsize="small")
+    fig.suptitle(curves["caption"], fontsize="small")
+    return fig
