@@ -651,20 +651,21 @@ def plot_robustness_bars(curves: list[RobustnessCurve], colours: dict, caption: 
 
 
 @styled
-def plot_training_curves(curves: dict) -> plt.Figure:
-    """Training loss (left) and validation mIoU (right) against the optimizer step, one line per model.
+@styled
+def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption: str = "") -> plt.Figure:
+    """Training loss (left) and validation mIoU (right) against the optimizer step, one colour per run.
 
-    ``curves``: ``{"models": {label: {"train": [{"iter", "loss"}...], "eval": [{"iter", "miou"}...]}},
-    "caption": str}``, as ``depict_analysis.models.pretrained.training_curves`` gives it.
+    ``runs``: {label: (train records {"iter", "loss"}, eval records {"iter", "miou"})}.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 3.0), sharex=True, layout="constrained")
-    for i, (label, curve) in enumerate(curves["models"].items()):
-        color = LINE_COLORS[i % len(LINE_COLORS)]
-        left.plot([r["iter"] for r in curve["train"]], [r["loss"] for r in curve["train"]], color=color, label=label)
-        right.plot([r["iter"] for r in curve["eval"]], [100 * r["miou"] for r in curve["eval"]], color=color, marker="o",
+    colours = model_colours(list(runs))
+    for label, (train, evals) in runs.items():
+        left.plot([r["iter"] for r in train], [r["loss"] for r in train], color=colours[label], label=label)
+        right.plot([r["iter"] for r in evals], [100 * r["miou"] for r in evals], color=colours[label], marker="o",
                    markersize=3, label=label)
     left.set(title="Training loss", xlabel="step", ylabel="cross-entropy (mean of the log window)", yscale="log")
     right.set(title="Validation mIoU", xlabel="step", ylabel="mIoU (%)", ylim=(0, None))
     right.legend(loc="lower right", frameon=True, fontsize="small")
-    fig.suptitle(curves["caption"], fontsize="small")
+    if caption:
+        fig.suptitle(caption, fontsize="small")
     return fig

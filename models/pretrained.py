@@ -105,41 +105,6 @@ def pack_runs(runs: str | Path, weights_dir: str | Path) -> dict[str, dict]:
     return entries
 
 
-def training_curves(runs: str | Path) -> dict[str, Any]:
-    """The learning curves of the default models' runs, from ``<runs>/<name>/log.jsonl``:
-    ``{"models": {label: {"variant", "train": [{"iter", "loss", "lr", "images_per_s"}...],
-    "eval": [{"iter", "miou", "pixel_acc"}...]}}, "caption"}``."""
-    import yaml
-
-    models = {}
-    for name in DEFAULT_MODELS:
-        run = Path(runs) / name
-        if not (run / "log.jsonl").is_file():
-            raise CheckpointError(f"{run}: no log.jsonl; train the default models there first (retrain --runs {runs})")
-        lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        models[LABELS[name]] = {
-            "variant": config["model"],
-            "train": [{k: line[k] for k in ("iter", "loss", "lr", "images_per_s")} for line in lines if line["type"] == "train"],
-            "eval": [{k: line[k] for k in ("iter", "miou", "pixel_acc")} for line in lines if line["type"] == "eval"],
-        }
-    images = config["eval_images"] or "all"  # one recipe: the last run's setting is every run's
-    return {"models": models, "caption": f"{RECIPE} recipe; mIoU on {images} synthetic validation images"}
-
-
-def write_training_curves(runs: str | Path, out_dir: str | Path) -> list[Path]:
-    """``training_curves`` as ``builtin-training.json`` and ``.csv`` (one row per log line) and its
-    figure (``.png``, ``.pdf``) in ``out_dir``. Returns the paths written."""
-    from depict_analysis.outputs import save_csv, save_figure, save_json  # plotting only when asked
-    from depict_analysis.plots import plot_training_curves
-
-    curves = training_curves(runs)
-    rows = [{"model": label, **line} for label, curve in curves["models"].items() for kind in ("train", "eval") for line in curve[kind]]
-    out_dir = Path(out_dir)
-    return [save_json(out_dir / "builtin-training.json", curves), save_csv(out_dir / "builtin-training.csv", rows),
-            *save_figure(plot_training_curves(curves), out_dir, "builtin-training")]
-
-
 def retrain(
     runs: str | Path, weights_dir: str | Path, overrides: Sequence[str] = (), progress: bool = True
 ) -> dict[str, dict]:
@@ -162,22 +127,14 @@ def retrain(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m depict_analysis.models.pretrained", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("retrain", "pack", "curves"),
-                        help="retrain: train then pack; pack: pack finished runs; curves: plot the runs' learning curves")
+    parser.add_argument("action", choices=("retrain", "pack"), help="retrain: train then pack; pack: pack finished runs")
     parser.add_argument("--runs", default="runs/defaults", help="folder of the three training runs")
-    parser.add_argument("--weights", help="retrain, pack: folder of yours for the packed files and manifest.json "
-                        "(never the installed package's)")
-    parser.add_argument("--out", default="figures", help="curves: where builtin-training.{png,pdf,csv,json} go")
+    parser.add_argument("--weights", required=True,
+                        help="folder of yours for the packed files and manifest.json (never the installed package's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe option when retraining (repeatable)")
     args = parser.parse_args(argv)
-    if args.action != "curves" and not args.weights:
-        parser.error(f"{args.action} needs --weights DIR")
     try:
-        if args.action == "curves":
-            for path in write_training_curves(args.runs, args.out):
-                print(path)
-            return
         if args.action == "retrain":
             entries = retrain(args.runs, args.weights, args.overrides)
         else:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,42 +80,6 @@ def test_retrain_command_trains_packs_and_writes_a_manifest(tmp_path, capsys):
     for name, entry in manifest.items():
         assert read_checkpoint(tmp_path / "runs" / name / "checkpoint.pt")["iteration"] == 2
         assert (tmp_path / "w" / entry["file"]).is_file() and f"{name}: {entry['file']}" in printed
-
-
-def test_curves_command_writes_the_runs_learning_curves(tmp_path, capsys):
-    logs = {}
-    for k, name in enumerate(DEFAULT_MODELS):
-        run = tmp_path / "runs" / name
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text(f"model: {name}-mini\neval_images: 200\n")
-        logs[name] = [
-            {"type": "train", "iter": 10, "epoch": 0.1, "loss": 2.0 - k, "lr": 1e-3, "images_per_s": 50.0 + k},
-            {"type": "eval", "iter": 10, "miou": 0.1 * k, "pixel_acc": 0.5, "mean_acc": 0.2, "iou": [0.1] * 8},
-            {"type": "train", "iter": 20, "epoch": 0.2, "loss": 1.5 - k, "lr": 5e-4, "images_per_s": 60.0},
-        ]
-        (run / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logs[name]))
-    main(["curves", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "fig")])
-    written = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in written) == [f"builtin-training.{ext}" for ext in ("csv", "json", "pdf", "png")]
-    curves = json.loads((tmp_path / "fig" / "builtin-training.json").read_text())
-    assert curves["caption"] == f"{RECIPE} recipe; mIoU on 200 synthetic validation images"
-    assert list(curves["models"]) == ["DEPICT-SA", "DEPICT-CA", "Segmenter"]
-    segmenter = curves["models"]["Segmenter"]
-    assert segmenter["variant"] == "segmenter-mini" and [r["loss"] for r in segmenter["train"]] == [0.0, -0.5]
-    assert segmenter["eval"] == [{"iter": 10, "miou": 0.2, "pixel_acc": 0.5}]
-    with open(tmp_path / "fig" / "builtin-training.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 9 and rows[0] == {"model": "DEPICT-SA", "iter": "10", "loss": "2.0", "lr": "0.001",
-                                          "images_per_s": "50.0", "miou": "", "pixel_acc": ""}
-    assert [(r["model"], r["iter"], r["miou"]) for r in rows if r["miou"]][1] == ("DEPICT-CA", "10", "0.1")
-    assert (tmp_path / "fig" / "builtin-training.png").stat().st_size > 0
-
-
-def test_curves_of_a_missing_run_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["curves", "--runs", str(tmp_path), "--out", str(tmp_path / "fig")])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and error.startswith("error: ") and "no log.jsonl" in error and error.count("\n") == 1
 
 
 def test_unknown_built_in_is_a_key_error():
