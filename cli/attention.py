@@ -23,6 +23,7 @@ from depict_analysis.cli.common import (
     fail,
     image_source_options,
     user_errors,
+    warn,
 )
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
 from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
@@ -145,5 +146,5 @@ def attention(
         if result.class_layers:
             console.print(shares_table(name, result))
         for warning in result.warnings():
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     console.print(f"wrote {len(written)} files in {out}/" + "".join(f" and {path}" for path in saved))

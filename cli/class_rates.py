@@ -24,6 +24,7 @@ from depict_analysis.cli.common import (
     fail,
     image_source_options,
     user_errors,
+    warn,
 )
 from depict_analysis.choices import CLASS_BY
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
@@ -112,5 +113,5 @@ def class_rates(
     for name, result in zip(comparison.labels, comparison.results):
         console.print(rates_table(name, result))
         for warning in result.warnings():
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     console.print("wrote " + ", ".join(map(str, written + saved)))
