@@ -23,9 +23,10 @@ from depict_analysis.cli.common import (
     fail,
     image_source_options,
     user_errors,
+    warn,
 )
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, checkpoints_argument, compare_runs, runs
 from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command
@@ -72,10 +73,7 @@ def shares_table(label: str, result: AttentionMaps) -> Table:
 
 @user_errors
 def attention(
-    checkpoints: Optional[list[str]] = typer.Argument(
-        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
-        "default: the built-in DEPICT-SA.",
-    ),
+    checkpoints: Optional[list[str]] = checkpoints_argument(),
     label: Optional[list[str]] = LabelOption,
     trace_files: Optional[list[str]] = TraceOption,
     save_trace: Optional[Path] = SaveTraceOption,
@@ -145,5 +143,5 @@ def attention(
         if result.class_layers:
             console.print(shares_table(name, result))
         for warning in result.warnings():
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     console.print(f"wrote {len(written)} files in {out}/" + "".join(f" and {path}" for path in saved))

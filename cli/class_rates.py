@@ -24,10 +24,11 @@ from depict_analysis.cli.common import (
     fail,
     image_source_options,
     user_errors,
+    warn,
 )
 from depict_analysis.choices import CLASS_BY
 from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption, class_names
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, checkpoints_argument, compare_runs, runs
 from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command
@@ -52,10 +53,7 @@ def rates_table(label: str, result: ClassRates) -> Table:
 
 @user_errors
 def class_rates(
-    checkpoints: Optional[list[str]] = typer.Argument(
-        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
-        "default: the built-in DEPICT-SA.",
-    ),
+    checkpoints: Optional[list[str]] = checkpoints_argument(),
     label: Optional[list[str]] = LabelOption,
     trace_files: Optional[list[str]] = TraceOption,
     save_trace: Optional[Path] = SaveTraceOption,
@@ -112,5 +110,5 @@ def class_rates(
     for name, result in zip(comparison.labels, comparison.results):
         console.print(rates_table(name, result))
         for warning in result.warnings():
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
     console.print("wrote " + ", ".join(map(str, written + saved)))

@@ -24,7 +24,7 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, checkpoints_argument, compare_runs, runs
 from depict_analysis.choices import NORMALIZE_MODES, VIEWS
 from depict_analysis.models.pretrained import DEFAULT_MODELS
 
@@ -54,10 +54,7 @@ def rate_table_view(label: str, result: CodingRates) -> Table:
 
 @user_errors
 def coding_rate(
-    checkpoints: Optional[list[str]] = typer.Argument(
-        None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, zoo:NAME; "
-        "default: the built-in DEPICT-SA.",
-    ),
+    checkpoints: Optional[list[str]] = checkpoints_argument(),
     label: Optional[list[str]] = LabelOption,
     trace_files: Optional[list[str]] = TraceOption,
     save_trace: Optional[Path] = SaveTraceOption,

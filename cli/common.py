@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from depict_analysis.models.errors import DepictError
@@ -28,6 +29,11 @@ console = Console()
 # be read or written. Anything else (KeyError, a ValueError from deep inside torch, ...) is a bug and
 # keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (DepictError, OSError)
+
+
+def warn(message: str) -> None:
+    """A warning on the console (the message's brackets are text, not markup)."""
+    console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
 def fail(message: str, code: int = 2) -> None:

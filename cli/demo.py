@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from depict_analysis.cli.common import (
@@ -24,6 +25,7 @@ from depict_analysis.cli.common import (
     image_source_options,
     open_models,
     user_errors,
+    warn,
 )
 from depict_analysis.cli.options import LevelOption, ResamplesOption
 
@@ -43,11 +45,12 @@ def findings_table(result: SuiteResult, kind: str) -> Table:
     table.add_column("verdict", justify="center")
     table.add_column("values [interval]", justify="right")
     table.add_column("difference", justify="right")
-    for finding in (f for f in result.findings if f.kind == kind):
-        statement = finding.statement + "".join(f"\n[dim]{note}[/]" for note in finding.notes)
+    for finding in (f for f in result.findings if f.kind == kind):  # escaped: "[central 95 %]" is no markup
+        statement = escape(finding.statement) + "".join(f"\n[dim]{escape(note)}[/]" for note in finding.notes)
         values = "\n".join(f"{label} {value.text()}" for label, value in finding.values.items())
         style = VERDICT_STYLE[finding.verdict]
-        table.add_row(statement, f"[{style}]{finding.verdict}", values, finding.difference.text() if finding.difference else "exact")
+        difference = finding.difference.text() if finding.difference else "exact"
+        table.add_row(statement, f"[{style}]{finding.verdict}", escape(values), escape(difference))
     return table
 
 
@@ -56,7 +59,7 @@ def print_findings(result: SuiteResult) -> None:
     if any(f.kind == "observation" for f in result.findings):
         console.print(findings_table(result, "observation"))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        warn(warning)
 
 
 @user_errors

@@ -24,7 +24,7 @@ from depict_analysis.cli.common import (
     image_source_options,
     user_errors,
 )
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, compare_runs, runs
+from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, checkpoints_argument, compare_runs, runs
 from depict_analysis.models.pretrained import DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
@@ -63,10 +63,7 @@ def summary_table(labels: list[str], results: list[Orthogonality]) -> Table:
 
 @user_errors
 def orthogonality(
-    checkpoints: Optional[list[str]] = typer.Argument(
-        None, help="Checkpoints side by side, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, "
-        "zoo:NAME; default: the built-in DEPICT-SA, DEPICT-CA and Segmenter.",
-    ),
+    checkpoints: Optional[list[str]] = checkpoints_argument("the built-in DEPICT-SA, DEPICT-CA and Segmenter"),
     label: Optional[list[str]] = LabelOption,
     trace_files: Optional[list[str]] = TraceOption,
     save_trace: Optional[Path] = SaveTraceOption,

@@ -30,6 +30,7 @@ from depict_analysis.cli.common import (
     image_source_options,
     open_models,
     user_errors,
+    warn,
 )
 from depict_analysis.cli.options import LevelOption, ResamplesOption
 from depict_analysis.perturbations import NOISES, TARGETS, draws_per_sigma, parse_sigmas, resolve_perturbation
@@ -145,5 +146,5 @@ def robustness(
         fail(f"interrupted after {len(result.evaluations)} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
     console.print(summary_table(result))
     for warning in result.warnings():
-        console.print(f"[yellow]warning:[/] {warning}")
+        warn(warning)
     console.print(f"wrote {out}/{NAME}.png, .pdf, .json, .csv, .npz")

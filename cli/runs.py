@@ -37,6 +37,14 @@ LabelOption = typer.Option(None, "--label", help="NAME=SOURCE: name a checkpoint
 TraceOption = typer.Option(
     None, "--trace", help="A trace written by --save-trace, analysed instead of checkpoint + images (repeatable; NAME=FILE)."
 )
+
+
+def checkpoints_argument(default: str = "the built-in DEPICT-SA"):
+    """The positional checkpoints of a trace-based command."""
+    return typer.Argument(None, help="Checkpoints, [NAME=]SOURCE: our .pt files, official release folders, builtin:NAME, "
+                          f"zoo:NAME; default: {default}.")
+
+
 SaveTraceOption = typer.Option(
     None, "--save-trace", help="Write each model's traces to FILE (several models: FILE_<label>), for --trace later."
 )

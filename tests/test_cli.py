@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,22 @@ def test_retrain_writes_only_into_a_folder_the_user_names(tmp_path, capsys):
         pretrained_main(["pack", "--runs", str(tmp_path / "runs"), "--weights", str(WEIGHTS_DIR)])
     assert exit_info.value.code == 2 and "installed package's weights folder" in capsys.readouterr().err
     assert json.loads((WEIGHTS_DIR / "manifest.json").read_text())["models"]  # untouched
+
+
+def test_brackets_in_warnings_and_findings_are_text_not_markup(capsys):
+    from rich.console import Console
+
+    from depict_analysis.claims import Finding
+    from depict_analysis.cli.common import warn
+    from depict_analysis.cli.demo import findings_table
+    from depict_analysis.uncertainty import Interval
+
+    warn("σ½ beyond the grid [central 95 %] for [bold]")
+    assert "σ½ beyond the grid [central 95 %] for [bold]" in capsys.readouterr().out
+    finding = Finding("claim", "P [raw] is closer", "statistic", "data", "holds", {"A": Interval(0.1, 0.1, 0.1, 1.0)},
+                      notes=("initialisation: mean [central 95 %] of 5 draws",))
+    result = types.SimpleNamespace(findings=[finding], settings=types.SimpleNamespace(level=0.95))
+    console = Console(record=True, width=300)
+    console.print(findings_table(result, "claim"))
+    text = console.export_text()
+    assert "P [raw] is closer" in text and "initialisation: mean [central 95 %] of 5 draws" in text

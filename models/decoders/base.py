@@ -174,7 +174,8 @@ class JointDecoder(Decoder):
     stage: ClassVar[str] = "layer"  # layer l is called f"{stage}{l}", l from 1
 
     def token_layers(self) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        """The L layers, in order (``self.layers`` unless a subclass names them otherwise)."""
+        return self.layers
 
     def layer_step(self, layer: nn.Module, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
         """One layer on the joint sequence x: (B, N + K, d)."""

@@ -93,9 +93,6 @@ class CBT(JointDecoder):
         self.apply(init_weights)  # trunc-normal (std 0.02) Linear weights, zero biases, as the official code
         nn.init.trunc_normal_(self.cls_emb, std=0.02)
 
-    def token_layers(self) -> nn.ModuleList:
-        return self.layers
-
     def layer_step(self, layer: CBSA, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
         out, representatives, contract = layer(x, grid, details=True)
         return Step(out, contract if attention else None, representatives)

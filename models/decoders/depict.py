@@ -116,9 +116,6 @@ class DepictSA(JointDecoder):
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
 
-    def token_layers(self) -> nn.ModuleList:
-        return self.layers
-
     def layer_step(self, layer: MSSA, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
         # The map comes from the explicit path; the output from the fused one, as in forward.
         return Step(layer(x), layer(x, return_attention=True)[1] if attention else None)

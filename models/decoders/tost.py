@@ -82,9 +82,6 @@ class ToST(JointDecoder):
         """The class embeddings and every layer's temperature, as ToST's own ``no_weight_decay``."""
         return super().no_weight_decay() | {f"layers.{l}.temp" for l in range(len(self.layers))}
 
-    def token_layers(self) -> nn.ModuleList:
-        return self.layers
-
     def layer_step(self, layer: TSSA, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
         out, membership = layer(x, details=True)
         return Step(out, membership if attention else None)
