@@ -145,6 +145,29 @@ def train(
         raise typer.Exit(code)
 
 
+@app.command()
+@user_errors
+def curves(
+    runs: list[str] = typer.Argument(..., help="Training run folders (depict train --out), [NAME=]RUN."),
+    out: Path = typer.Option(Path("figures/training"), "--out", help="Output folder."),
+    caption: str = typer.Option("", "--caption", help="A line above the figure.", show_default="none"),
+):
+    """Learning curves of training runs: loss and validation mIoU against the step, one colour per run.
+
+    Writes training_curves.png / .pdf, training_curves.json (with each run's steps, last and best mIoU and
+    training seconds) and training_curves.csv (one row per log record).
+    """
+    from depict_analysis.curves import read_curves
+
+    check_out_dir(out)
+    result = read_curves(runs, caption)
+    rows = [(label, f"{s['steps']} steps, mIoU {100 * s['last_miou']:.2f} % (best {100 * s['best_miou']:.2f} %), "
+                    f"{s['training_seconds'] / 60:.0f} min" if s["last_miou"] is not None else f"{s['steps']} steps")
+            for label, s in result.summary().items()]
+    print_table("depict curves", rows)
+    console.print("wrote " + ", ".join(map(str, result.save(out))))
+
+
 def _trained_dataset(meta: dict) -> tuple[str | None, str | None, dict]:
     """(name, root, extra arguments) of the dataset a checkpoint was trained on, as far as it says."""
     from depict_analysis.models.evaluate import trained_dataset

@@ -645,3 +645,27 @@ def plot_robustness_bars(curves: list[RobustnessCurve], colours: dict, caption: 
     ax.legend(handles=keys, loc="lower right", frameon=True, fontsize="small")
     ax.set_title(caption, fontsize="small")
     return fig
+
+
+# ------------------------------------------------------------------- training of the built-in models
+
+
+@styled
+@styled
+def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption: str = "") -> plt.Figure:
+    """Training loss (left) and validation mIoU (right) against the optimizer step, one colour per run.
+
+    ``runs``: {label: (train records {"iter", "loss"}, eval records {"iter", "miou"})}.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 3.0), sharex=True, layout="constrained")
+    colours = model_colours(list(runs))
+    for label, (train, evals) in runs.items():
+        left.plot([r["iter"] for r in train], [r["loss"] for r in train], color=colours[label], label=label)
+        right.plot([r["iter"] for r in evals], [100 * r["miou"] for r in evals], color=colours[label], marker="o",
+                   markersize=3, label=label)
+    left.set(title="Training loss", xlabel="step", ylabel="cross-entropy (mean of the log window)", yscale="log")
+    right.set(title="Validation mIoU", xlabel="step", ylabel="mIoU (%)", ylim=(0, None))
+    right.legend(loc="lower right", frameon=True, fontsize="small")
+    if caption:
+        fig.suptitle(caption, fontsize="small")
+    return fig

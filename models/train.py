@@ -96,6 +96,7 @@ class TrainConfig:
     crop_size: int | None = None  # training crop, made the backbone's image size; None: the variant's (ViT-L: 640)
     base_size: int | None = None  # short side images are scaled to (x U(0.5, 2) in training); None: crop
     max_ratio: int = 4  # long-side cap of that resize in base sizes (mmseg img_scale = (max_ratio x base, base))
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # the resize ratio's range (mmseg's)
     batch_size: int = 8  # images per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: int = 64  # the budget when iterations is None: epochs x ceil(len(train set) / batch_size) steps
@@ -137,6 +138,9 @@ class TrainConfig:
             raise ConfigError(f"training option 'momentum' must be at most 1, got {self.momentum}")
         if self.min_lr > self.lr:
             raise ConfigError(f"training option 'min_lr' ({self.min_lr}) must not exceed 'lr' ({self.lr})")
+        low, high = self.ratio_range
+        if not 0 < low <= high:
+            raise ConfigError(f"training option 'ratio_range' must be [low, high] with 0 < low <= high, got {self.ratio_range}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"training option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.iterations is not None and self.warmup_iters >= self.iterations:
@@ -157,7 +161,11 @@ class TrainConfig:
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against a field type such as ``int | None`` (ints and numeric strings pass as floats:
-    YAML reads ``1e-3`` as a string; a float must be finite)."""
+    YAML reads ``1e-3`` as a string; a float must be finite); ``list[float]`` is a pair of numbers."""
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ConfigError(f"training option {name!r} must be a pair [low, high], got {value!r}")
+        return [_typed(name, item, typing.get_args(hint)[0]) for item in value]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for kind in options:
         if kind is type(None) and value is None:
@@ -399,7 +407,8 @@ def train_loader(
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of ranks x grad_accum = {env.world_size * config.grad_accum}")
     crop = model_config.backbone.image_size
     mean, std = normalization_stats(model_config.backbone.normalization)
-    transform = TrainTransform(crop, mean, std, base_size=config.base_size or crop[0], max_ratio=config.max_ratio)
+    transform = TrainTransform(crop, mean, std, ratio_range=tuple(config.ratio_range), base_size=config.base_size or crop[0],
+                               max_ratio=config.max_ratio)
     items = AugmentedItems(dataset, transform, config.seed)
     return DataLoader(
         items,

@@ -102,7 +102,7 @@ def test_version(program):
 
 
 @pytest.mark.parametrize("module, commands", [
-    ("main", ["predict", "train", "eval", "info", "zoo"]),
+    ("main", ["predict", "train", "eval", "info", "curves", "zoo"]),
     ("analyze", ["coding-rate", "pca-seg", "orthogonality", "robustness", "class-rates", "attention", "demo", "report"]),
 ])
 def test_help_imports_no_heavy_module(module, commands):

@@ -140,7 +140,7 @@ def test_preset_iteration_counts_are_segmenters(preset):
 
 
 def test_synthetic_presets_keep_their_iteration_counts():
-    assert resolve_iterations(build_config(config_file="synthetic-mini"), 20_000).iterations == 12_000
+    assert resolve_iterations(build_config(config_file="synthetic-mini"), 128_000).iterations == 8_000
     assert resolve_iterations(build_config(config_file="synthetic-tiny"), 1_000).iterations == 40_000
 
 
@@ -171,6 +171,23 @@ def test_preset_sizes(preset, variant, crop, base, max_ratio):
     model_config = model_config_for(config, n_cls=10)
     assert model_config.backbone.image_size == (crop, crop)  # training crop and evaluation window
     assert (config.base_size or crop, config.max_ratio) == (base, max_ratio)
+
+
+def test_the_resize_ratio_range_is_a_training_option():
+    assert build_config(config_file="ade20k").ratio_range == [0.5, 2.0]  # mmseg's, the official recipe's
+    data = build_dataset("synthetic", None, "train", size=32, length=6)
+    model_config = ModelConfig.from_dict(variant_config("depict-sa-tiny", 8).to_dict())  # a 32-px crop
+    for ratio_range, unchanged in (([1, 1], 6), ([2, 2], 0)):
+        config = TrainConfig(ratio_range=ratio_range, batch_size=6, num_workers=0)
+        loader = train_loader(data, model_config, config, DistEnv(), pin_memory=False)
+        loader.sampler.set_epoch(0)
+        keys, (_, labels) = next(iter(loader.batch_sampler)), next(iter(loader))
+        scenes = [torch.from_numpy(data.load_raw(index)[1]) for _, index in keys]
+        # ratio 1 crops the whole scene (flipped or not); ratio 2 crops a quarter of it, enlarged
+        assert sum(torch.equal(y, s) or torch.equal(y, s.flip(-1)) for y, s in zip(labels, scenes)) == unchanged
+    for bad, fragment in (([0, 1], "0 < low <= high"), ([2, 1], "0 < low <= high"), ([1], "a pair"), (1.0, "a pair")):
+        with pytest.raises(ValueError, match=f"'ratio_range' must be .*{fragment}"):
+            TrainConfig(ratio_range=bad)
 
 
 def test_pascal_context_preset_trains_the_60_class_dataset():
