@@ -95,7 +95,8 @@ from benchmarks.inference import InMemorySet, analysis_batches, synthetic_scenes
 from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E402
 from depict_analysis.outputs import save_json  # noqa: E402
 from depict_analysis.pca_analysis import analyze_pca  # noqa: E402
-from depict_analysis.robustness import resolve_perturbation, robustness_records  # noqa: E402
+from depict_analysis.perturbations import resolve_perturbation  # noqa: E402
+from depict_analysis.robustness import robustness_records  # noqa: E402
 from depict_analysis.tracing import trace_batches  # noqa: E402
 from depict_analysis.models import create_model, variant_config  # noqa: E402
 from depict_analysis.models.data import IGNORE_INDEX  # noqa: E402

@@ -30,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.coding_rate import time_interleaved  # noqa: E402
 from depict_analysis.inputs import Batch  # noqa: E402
-from depict_analysis.robustness import resolve_perturbation, robustness_records  # noqa: E402
+from depict_analysis.perturbations import resolve_perturbation  # noqa: E402
+from depict_analysis.robustness import robustness_records  # noqa: E402
 from depict_analysis.models import create_model  # noqa: E402
 
 

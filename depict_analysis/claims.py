@@ -104,9 +104,8 @@ def compare_to_sample(
     better side, does not hold when beyond it on the other, else not decided."""
     (label_a, value_a), (label_s, values) = a, sample
     values = np.asarray(values, dtype=np.float64)
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, tail, method="lower"), np.quantile(values, 1 - tail, method="higher")
-    range_ = Interval(float(values.mean()), float(low), float(high), level)
+    range_ = percentile_interval(values, float(values.mean()), level)  # the sample's central range
+    low, high = range_.low, range_.high
     if better == "smaller":
         verdict = "holds" if value_a < low else "does not hold" if value_a > high else "not decided"
     else:

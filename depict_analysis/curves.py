@@ -84,19 +84,18 @@ def read_run(run: str | Path) -> RunCurve:
     if not (run / "log.jsonl").is_file() or not (run / "config.yaml").is_file():
         raise InputError(f"{run}: not a training run (no log.jsonl and config.yaml)")
     config = yaml.safe_load((run / "config.yaml").read_text())
-    train, evals = [], []
+    records: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}  # other record types are skipped
+    keys = {"train": TRAIN_KEYS, "eval": EVAL_KEYS}
     for number, line in enumerate((run / "log.jsonl").read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            kind = record["type"]
-            keys = TRAIN_KEYS if kind == "train" else EVAL_KEYS
-            if kind in ("train", "eval"):
-                (train if kind == "train" else evals).append({k: record[k] for k in keys})
+            if record["type"] in records:
+                records[record["type"]].append({k: record[k] for k in keys[record["type"]]})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{run / 'log.jsonl'}, line {number}: not a training log record ({e})") from None
-    return RunCurve(str(config.get("model")), int(config.get("batch_size") or 1), train, evals)
+    return RunCurve(str(config.get("model")), int(config.get("batch_size") or 1), records["train"], records["eval"])
 
 
 def read_curves(runs: Sequence[str | Path], caption: str = "") -> LearningCurves:

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import numpy as np
 
 from depict_analysis.claims import Finding
 from depict_analysis.outputs import atomic_write_text
 from depict_analysis.suite import SuiteResult, p_cosine, q_offdiag, token_rates
-from depict_analysis.uncertainty import Interval, intervals, mean_interval
+from depict_analysis.uncertainty import Interval, intervals, mean_interval, percentile_interval
 
 # How to read each figure: the same words as the README's gallery.
 READING = {
@@ -103,15 +102,10 @@ def _orthogonality_table(result: SuiteResult) -> dict:
         q, centred = (mean_interval(q_offdiag(numbers, c), bootstrap) for c in (False, True))
         p, init = p_cosine(numbers)
         rows.append([model.label, q, centred, "—" if p is None else f"{p:.3g}",
-                     "—" if init is None else _sample_range(init, level)])
+                     "—" if init is None else percentile_interval(init, float(init.mean()), level)])
     header = ["model", "Q̂ mean |cos|, per image", "class mean removed", "P mean |cos| across heads (exact)",
               "P at initialisation"]
     return _table(header, rows, "Q̂: mean over images [interval]; initialisation: mean [central range] of fresh decoders")
-
-
-def _sample_range(values: np.ndarray, level: float) -> str:
-    low, high = np.quantile(values, (1 - level) / 2, method="lower"), np.quantile(values, (1 + level) / 2, method="higher")
-    return f"{values.mean():.3g} [{low:.3g}, {high:.3g}]"
 
 
 def _robustness_table(result: SuiteResult) -> dict:

@@ -56,20 +56,7 @@ from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.models.errors import ConfigError, InputError
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 from depict_analysis.outputs import save_csv, save_json
-from depict_analysis.perturbations import (  # noqa: F401  (the vocabulary of sweeps, re-exported)
-    DEFAULT_SIGMAS,
-    NOISES,
-    PARAMETER_NOISES,
-    PARAMETER_SIGMAS,
-    PARAMETER_TARGETS,
-    PIXEL_NOISES,
-    STRUCTURED,
-    TARGETS,
-    Perturbation,
-    draws_per_sigma,
-    parse_sigmas,
-    resolve_perturbation,
-)
+from depict_analysis.perturbations import Perturbation, draws_per_sigma, resolve_perturbation
 from depict_analysis.results import Result
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import (

@@ -215,7 +215,7 @@ def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteM
     settings, bootstrap = result.settings, result.settings.bootstrap
     a, b = result.orthogonality[white.label], result.orthogonality[black.label]
     blockers = class_prior_blockers(result, [white.label, black.label])
-    images = settings.images(len(q_offdiag(a)))
+    images = settings.images(len(a.images))
     findings = [
         compare_per_image("claim", f"{white.label}'s class embeddings Q̂ are closer to orthogonal than {black.label}'s ({what})",
                           f"mean |cosine| between distinct rows of the final Q̂{how}, per image then averaged; "

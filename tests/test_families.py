@@ -23,7 +23,8 @@ from depict_analysis.models.errors import ConfigError
 from depict_analysis.models.registry import BACKBONES
 from depict_analysis.orthogonality_analysis import analyze_orthogonality
 from depict_analysis.pca_analysis import analyze_pca
-from depict_analysis.robustness import STRUCTURED, resolve_perturbation, robustness_records
+from depict_analysis.perturbations import STRUCTURED, resolve_perturbation
+from depict_analysis.robustness import robustness_records
 from depict_analysis.tracing import trace
 
 FAMILIES = families()

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import gpu_check
 from depict_analysis.models import create_model
-from depict_analysis.robustness import PARAMETER_SIGMAS
+from depict_analysis.perturbations import PARAMETER_SIGMAS
 
 CPU = torch.device("cpu")
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import depict_analysis.robustness as rob
 from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
+from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.plots import log_ticks
 from depict_analysis.robustness import (
     Evaluation,
@@ -23,7 +24,6 @@ from depict_analysis.robustness import (
     draw_generator,
     noisy_parameters,
     perturbed_images,
-    resolve_perturbation,
     robustness_records,
     sigma_half,
     structured_parameters,
