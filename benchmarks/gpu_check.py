@@ -100,7 +100,7 @@ from depict_analysis.robustness import robustness_records  # noqa: E402
 from depict_analysis.tracing import trace_batches  # noqa: E402
 from depict_analysis.models import create_model, variant_config  # noqa: E402
 from depict_analysis.models.data import IGNORE_INDEX  # noqa: E402
-from depict_analysis.models.device import resolve_device  # noqa: E402
+from depict_analysis.foundation.device import resolve_device  # noqa: E402
 from depict_analysis.models.evaluate import MULTISCALE_RATIOS, evaluate  # noqa: E402
 from depict_analysis.models.segmentor import Segmentor  # noqa: E402
 from depict_analysis.models.train import TrainConfig, build_optimizer, train  # noqa: E402

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from depict_analysis.models.errors import DepictError
-from depict_analysis.models.files import check_out_dir, check_out_file  # noqa: F401 (every command's --out check)
+from depict_analysis.foundation.errors import DepictError
+from depict_analysis.foundation.files import check_out_dir, check_out_file  # noqa: F401 (every command's --out check)
 from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS
 
 if TYPE_CHECKING:  # the heavy stack is imported inside the commands: `--help` stays fast
@@ -135,7 +135,7 @@ def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool 
     """(model, metadata) from a checkpoint path, ``builtin:NAME`` or ``zoo:NAME`` (downloaded if not
     cached); the built-in DEPICT-SA when none is given."""
     from depict_analysis.models.checkpoint import load_model
-    from depict_analysis.models.device import resolve_device
+    from depict_analysis.foundation.device import resolve_device
     from depict_analysis.models.pretrained import load_default
     from depict_analysis.models.zoo import zoo_path
 

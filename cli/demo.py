@@ -79,7 +79,7 @@ def demo(
     compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json (and with
     --report the HTML page of `depict-analyze report`).
     """
-    from depict_analysis.models.device import resolve_device
+    from depict_analysis.foundation.device import resolve_device
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_demo
 

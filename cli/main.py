@@ -22,7 +22,7 @@ from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetO
                                         checkpoint_name, console, fail, new_app, open_model, print_table, split_checkpoint,
                                         user_errors)
 from depict_analysis.cli.zoo import app as zoo_app
-from depict_analysis.models.files import check_out_dir, check_out_file
+from depict_analysis.foundation.files import check_out_dir, check_out_file
 
 PRESETS = sorted(p.stem for p in (Path(depict_analysis.models.__file__).parent / "configs").glob("*.yaml"))
 
@@ -205,7 +205,7 @@ def evaluate_command(
     mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU."""
     from depict_analysis.models.data import build_dataset
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
-    from depict_analysis.models.files import atomic_write_text
+    from depict_analysis.foundation.files import atomic_write_text
 
     if out is not None:
         check_out_file(out)
@@ -267,7 +267,7 @@ def predict(
     from depict_analysis.inputs import image_files
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, predict_protocol
     from depict_analysis.models.predict import classes_for, output_paths, predict_files
-    from depict_analysis.models.files import refuse_overwrite
+    from depict_analysis.foundation.files import refuse_overwrite
 
     checkpoint, sources = split_checkpoint(paths)
     if not sources:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 if TYPE_CHECKING:  # the model stack is imported where a run starts: `--help` stays fast
     from torch import nn
@@ -114,7 +114,7 @@ def model_runs(
     """A ``Run`` per (label, source), its model loaded when reached; its traces are ``trace_batches`` over
     ``batches_for(model)`` (number of images, batches), with a progress bar (and the attention maps with
     ``attention``)."""
-    from depict_analysis.models.device import resolve_device
+    from depict_analysis.foundation.device import resolve_device
     from depict_analysis.models.sources import open_checkpoint
     from depict_analysis.tracing import trace_batches
 
@@ -128,7 +128,7 @@ def model_runs(
 
 def trace_runs(sources: Sequence[tuple[str, str]], device: str = "auto") -> Iterator[Run]:
     """A ``Run`` per saved trace (label, file), moved to ``device``."""
-    from depict_analysis.models.device import resolve_device
+    from depict_analysis.foundation.device import resolve_device
     from depict_analysis.tracing import Trace
 
     torch_device = resolve_device(device)

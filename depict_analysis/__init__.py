@@ -17,11 +17,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DepictError": "depict_analysis.models.errors",
-    "CheckpointError": "depict_analysis.models.errors",
-    "DatasetError": "depict_analysis.models.errors",
-    "ConfigError": "depict_analysis.models.errors",
-    "InputError": "depict_analysis.models.errors",
+    "DepictError": "depict_analysis.foundation.errors",
+    "CheckpointError": "depict_analysis.foundation.errors",
+    "DatasetError": "depict_analysis.foundation.errors",
+    "ConfigError": "depict_analysis.foundation.errors",
+    "InputError": "depict_analysis.foundation.errors",
     "load_model": "depict_analysis.models.sources",
     "CheckpointInfo": "depict_analysis.models.sources",
     "load_images": "depict_analysis.inputs",

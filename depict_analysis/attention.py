@@ -40,7 +40,7 @@ from torch import Tensor
 
 from depict_analysis import plots
 from depict_analysis.class_rates import patch_classes
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.results import Result
 from depict_analysis.tracing import Trace, as_traces
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, warn_sample_size

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.errors import InputError
 from depict_analysis.uncertainty import Bootstrap, Interval, decide, mean_replicates, percentile_interval
 
 KINDS = ("claim", "observation")

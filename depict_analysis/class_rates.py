@@ -31,7 +31,7 @@ from depict_analysis import plots
 from depict_analysis.choices import CLASS_BY
 from depict_analysis.coding_rate import coding_rate, normalize_tokens
 from depict_analysis.models.data import IGNORE_INDEX
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.results import Result
 from depict_analysis.tracing import Trace, as_traces
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, quiet_nan_mean, warn_sample_size

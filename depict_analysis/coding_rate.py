@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from depict_analysis.choices import NORMALIZE_MODES
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 
 __all__ = [
     "NORMALIZE_MODES",

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from depict_analysis import plots
 from depict_analysis.choices import VIEWS
 from depict_analysis.coding_rate import NORMALIZE_MODES, RateTable, class_rate, rate_table
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.results import Result, Stat
 from depict_analysis.tracing import Trace, as_traces
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from matplotlib.figure import Figure
 
 from depict_analysis import plots
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.errors import InputError
 from depict_analysis.models.sources import parse_labelled
 from depict_analysis.results import Result
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch.nn.functional as F
 from torch import Tensor
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.data import DatasetError, build_dataset, load_image, load_label
 from depict_analysis.models.data.base import image_to_tensor
 

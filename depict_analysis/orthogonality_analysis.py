@@ -33,7 +33,7 @@ from torch import Tensor
 
 from depict_analysis import plots
 from depict_analysis.models.decoders.base import Decoder, build_decoder
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.registry import ModelConfig
 from depict_analysis.orthogonality import class_summary, random_cosine_level, subspace_summary
 from depict_analysis.results import Result, Stat

@@ -1,6 +1,6 @@
 """Writing an analysis's results: the figure (PNG + PDF) and the numbers behind it (JSON, CSV).
 
-Every file is written atomically (``depict_analysis.models.files.atomic_write``): a reader polling
+Every file is written atomically (``depict_analysis.foundation.files.atomic_write``): a reader polling
 a result never finds it empty or half written. ``check_out_dir`` / ``check_out_file`` check an
 output path before a command starts computing.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from depict_analysis.models.files import atomic_write, atomic_write_text, check_out_dir, check_out_file  # noqa: F401
+from depict_analysis.foundation.files import atomic_write, atomic_write_text, check_out_dir, check_out_file  # noqa: F401
 
 
 def _jsonable(x: Any) -> Any:

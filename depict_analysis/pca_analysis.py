@@ -34,7 +34,7 @@ from depict_analysis.inputs import Batch
 from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, load_label, make_palette
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.pca import (
     METHODS,
     choose_k,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 PARAMETER_NOISES = ("gaussian", "uniform")
 PIXEL_NOISES = ("salt-pepper", "blur")  # input-only

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 from matplotlib.figure import Figure
 
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.errors import InputError
 from depict_analysis.outputs import save_csv, save_figure, save_json
 
 

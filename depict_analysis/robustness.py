@@ -53,7 +53,7 @@ from torch.func import functional_call
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.models.data import IGNORE_INDEX
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 from depict_analysis.outputs import save_csv, save_json
 from depict_analysis.perturbations import Perturbation, draws_per_sigma, resolve_perturbation

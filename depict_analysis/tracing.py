@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.models.decoders.base import Subspace
-from depict_analysis.models.device import autocast
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.device import autocast
+from depict_analysis.foundation.errors import InputError
 
 __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 RESAMPLES = 1000
 LEVEL = 0.95

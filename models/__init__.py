@@ -1,7 +1,8 @@
 """The segmentation stack: ViT backbones, decoder families (DEPICT, CBT, ToST, Segmenter, linear), checkpoints.
 
-Names below are imported on first use, so importing a light submodule (``errors``, ``files``) does
-not load torch.
+Names below are imported on first use, so importing a light submodule (``registry``) does not
+load the whole stack. The error hierarchy, atomic files, the device and progress bars live in
+``depict_analysis.foundation``, which both this stack and the analyses import.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 # public name -> module that defines it
 _EXPORTS = {
     "BackboneConfig": "depict_analysis.models.backbone",
-    "CheckpointError": "depict_analysis.models.errors",
+    "CheckpointError": "depict_analysis.foundation.errors",
     "DecoderConfig": "depict_analysis.models.registry",
     "ModelConfig": "depict_analysis.models.registry",
     "Segmentor": "depict_analysis.models.segmentor",

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from depict_analysis.models import serialization
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 # Image normalisation of each backbone family, (mean, std) in [0, 1] units, as Segmenter applies it:
 # it rounds 255 x the pre-training statistics to two decimals (segm/data/base.py), so DeiT's ImageNet

@@ -20,10 +20,10 @@ import yaml
 from torch import Tensor
 
 from depict_analysis.models.backbone import BackboneConfig, vit_state
-from depict_analysis.models.errors import CheckpointError, ConfigError
+from depict_analysis.foundation.errors import CheckpointError, ConfigError
 from depict_analysis.models.decoders.base import DecoderConfig, Family, families
 from depict_analysis.models import serialization
-from depict_analysis.models.files import atomic_write
+from depict_analysis.foundation.files import atomic_write
 from depict_analysis.models.registry import ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
 

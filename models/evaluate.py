@@ -22,9 +22,9 @@ from torch import Tensor
 from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset, test_scale
 from depict_analysis.models.data.base import MAX_PIXELS, image_array, image_to_tensor
 from depict_analysis.models.data.transforms import eval_view, img_scale_for, multiscale_views, rescale_size
-from depict_analysis.models.device import autocast
-from depict_analysis.models.errors import ConfigError, DatasetError, InputError
-from depict_analysis.models.progress import track
+from depict_analysis.foundation.device import autocast
+from depict_analysis.foundation.errors import ConfigError, DatasetError, InputError
+from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import Segmentor, inference, inference_labels, window_size
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

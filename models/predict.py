@@ -16,10 +16,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from depict_analysis.models.data import DatasetError, class_info, load_image, make_palette
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.evaluate import image_labels, require_positive, trained_dataset
-from depict_analysis.models.files import atomic_write, refuse_overwrite
-from depict_analysis.models.progress import track
+from depict_analysis.foundation.files import atomic_write, refuse_overwrite
+from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import Segmentor
 
 BAND_PIXELS = 1 << 20  # pixels blended or counted at a time: a large image is never copied whole

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from depict_analysis.models.errors import CheckpointError, ConfigError, DepictError
-from depict_analysis.models.files import atomic_write_text
+from depict_analysis.foundation.errors import CheckpointError, ConfigError, DepictError
+from depict_analysis.foundation.files import atomic_write_text
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from depict_analysis.models.backbone import BackboneConfig, ViTBackbone
 from depict_analysis.models.decoders.base import DecoderConfig, build_decoder, decoder_config_from_dict, families
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.segmentor import Segmentor
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from depict_analysis.models.backbone import NORMALIZATION, ViTBackbone
-from depict_analysis.models.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 
 # Memory bounds of ``inference_labels``: class-map values held at an image's full size (1 GiB of
 # float32; larger outputs go in strips of about STRIP_VALUES values), and values of the views'

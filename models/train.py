@@ -63,11 +63,11 @@ from depict_analysis.models.backbone import load_pretrained
 from depict_analysis.models.checkpoint import FORMAT, CheckpointError, model_from, read_checkpoint, save_checkpoint
 from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
-from depict_analysis.models.device import autocast, resolve_device
-from depict_analysis.models.errors import ConfigError, DepictError
+from depict_analysis.foundation.device import autocast, resolve_device
+from depict_analysis.foundation.errors import ConfigError, DepictError
 from depict_analysis.models.evaluate import eval_protocol, evaluate, jsonable
-from depict_analysis.models.files import atomic_write_text, check_out_dir
-from depict_analysis.models.progress import progress_bar
+from depict_analysis.foundation.files import atomic_write_text, check_out_dir
+from depict_analysis.foundation.progress import progress_bar
 from depict_analysis.models.registry import ModelConfig, create_model, variant_config
 from depict_analysis.models.segmentor import Segmentor
 

@@ -26,7 +26,7 @@ from depict_analysis.models.data import load_image, make_palette
 from depict_analysis.models.evaluate import image_labels
 from depict_analysis.models.predict import legend_canvas, overlay
 from depict_analysis.models.pretrained import WEIGHTS_DIR, main as pretrained_main
-from depict_analysis.models.progress import track
+from depict_analysis.foundation.progress import track
 from depict_analysis.models.train import TrainConfig
 
 APPS = {"depict": depict_analysis.cli.main.app, "depict-analyze": depict_analysis.cli.analyze.app}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
 from depict_analysis.curves import read_curves
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.errors import InputError
 
 
 def write_run(folder, variant: str, records: list[dict], batch_size: int = 16):

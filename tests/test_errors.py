@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import depict_analysis.coding_rate_analysis as coding_rate_analysis
 from depict_analysis.cli.analyze import app
-from depict_analysis.models.errors import CheckpointError, ConfigError, DatasetError, DepictError, InputError
+from depict_analysis.foundation.errors import CheckpointError, ConfigError, DatasetError, DepictError, InputError
 
 
 def raising(error: BaseException):

@@ -19,7 +19,7 @@ from depict_analysis.coding_rate_analysis import analyze_coding_rates
 from depict_analysis.inputs import Batch
 from depict_analysis.models import create_model, load_model, save_checkpoint, variant_config
 from depict_analysis.models.decoders.base import ROLES, build_decoder, families
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.registry import BACKBONES
 from depict_analysis.orthogonality_analysis import analyze_orthogonality
 from depict_analysis.pca_analysis import analyze_pca

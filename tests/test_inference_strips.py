@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import depict_analysis.models.segmentor as segmentor
 from depict_analysis.cli.main import app
 from depict_analysis.models import create_model, save_checkpoint
-from depict_analysis.models.errors import InputError
+from depict_analysis.foundation.errors import InputError
 from depict_analysis.models.evaluate import MULTISCALE_RATIOS, image_labels, image_probs
 from depict_analysis.models.segmentor import inference, inference_labels, resize_rows
 

@@ -96,3 +96,18 @@ def test_the_analyses_are_at_the_front_door():
         assert callable(getattr(da, analysis)) and issubclass(getattr(da, result), Result)
         assert analysis in da.__all__ and result in da.__all__
     assert issubclass(da.Comparison, Result) and da.Stat is not None
+
+
+def test_the_foundation_imports_nothing_of_the_project_and_the_maths_no_model_stack():
+    code = """
+import json, sys
+import depict_analysis.foundation.errors, depict_analysis.foundation.files
+foundation = sorted(m for m in sys.modules if m.startswith("depict_analysis.") and not m.startswith("depict_analysis.foundation"))
+import depict_analysis.coding_rate, depict_analysis.pca, depict_analysis.orthogonality, depict_analysis.uncertainty
+maths = sorted(m for m in sys.modules if m.startswith("depict_analysis.models"))
+print(json.dumps([foundation, maths, "torch" in sys.modules]))
+"""
+    foundation, maths, _ = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                     check=True).stdout)
+    assert foundation == []  # errors and files load without the analyses or the model stack
+    assert maths == []  # the pure maths raise DepictError without importing depict_analysis.models

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.uncertainty import (
     Bootstrap,
     Interval,

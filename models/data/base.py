@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import DatasetError
+from depict_analysis.foundation.errors import DatasetError
 
 IGNORE_INDEX = 255
 # Images (and labels) above this many pixels are refused before they are decoded: 100 megapixels

@@ -11,7 +11,7 @@ import colorsys
 
 import numpy as np
 
-from ..errors import DatasetError
+from depict_analysis.foundation.errors import DatasetError
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from depict_analysis.models.backbone import NORMALIZATION
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 from .base import IGNORE_INDEX, DatasetError
 

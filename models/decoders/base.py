@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from depict_analysis.models.decoders.mask_head import class_masks
-from depict_analysis.models.errors import CheckpointError, ConfigError
+from depict_analysis.foundation.errors import CheckpointError, ConfigError
 
 ROLES = ("white-box", "black-box", "linear")
 

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from depict_analysis.models.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
