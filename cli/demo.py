@@ -22,12 +22,12 @@ from depict_analysis.cli.common import (
     check_out_dir,
     check_out_file,
     console,
-    image_source_options,
-    open_models,
+    image_source,
     user_errors,
     warn,
 )
 from depict_analysis.cli.options import LevelOption, ResamplesOption
+from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the commands: `--help` stays fast
     from depict_analysis.suite import SuiteResult
@@ -79,7 +79,6 @@ def demo(
     compare DEPICT-SA, DEPICT-CA and Segmenter. Writes every figure and summary.json (and with
     --report the HTML page of `depict-analyze report`).
     """
-    from depict_analysis.foundation.device import resolve_device
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_demo
 
@@ -87,7 +86,7 @@ def demo(
     if page is not None:
         check_out_file(page)
     settings = SuiteSettings(num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
-    result = run_demo(out, resolve_device(device), settings)
+    result = run_demo(out, device, settings)
     print_findings(result)
     if page is not None:
         console.print(f"wrote {write_report(result, out, page, 'depict-analysis demo: the built-in models')}")
@@ -119,19 +118,17 @@ def report(
 ):
     """One self-contained HTML page (figures embedded) with every analysis of a checkpoint, its numbers with
     intervals, and the paper's claims judged on them."""
-    from depict_analysis.models.pretrained import DEFAULT_MODELS
     from depict_analysis.report import write_report
-    from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
+    from depict_analysis.suite import SuiteSettings, run_suite
 
     check_out_file(out)
-    check_out_dir(data or out.with_name(f"{out.stem}_data"))
-    paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
-    models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
-    source = image_source_options(images, dataset, data_root, split, num_images)
-    images_from = {k: v for k, v in source.items() if k != "num_images" and v is not None}
-    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
     folder = data or out.with_name(f"{out.stem}_data")
-    result = run_suite(models, folder, settings)
-    written = write_report(result, folder, out, f"depict-analysis report: {models[0].label}")
+    check_out_dir(folder)
+    source = image_source(images, dataset, data_root, split, num_images).describe()
+    images_from = {key: value for key, value in source.items() if key != "num_images"}
+    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
+    result = run_suite([checkpoint or f"{BUILTIN}{DEFAULT_MODELS[0]}", *(compare or [])], folder, settings, device=device,
+                       trust=trust)
+    written = write_report(result, folder, out, f"depict-analysis report: {result.primary.label}")
     print_findings(result)
     console.print(f"wrote {written} (figures and numbers in {folder}/)")

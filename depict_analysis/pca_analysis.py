@@ -30,10 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from depict_analysis import plots
-from depict_analysis.inputs import Batch
-from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, load_label, make_palette
-from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.data.transforms import resize_image, resize_label
+from depict_analysis.models.data import IGNORE_INDEX, make_palette
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.pca import (
     METHODS,
@@ -314,42 +311,6 @@ def analyze_pca(
         class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
         palette=np.asarray(palette) if palette is not None else make_palette(n_cls), score_figure=score_figure,
     )
-
-
-# ------------------------------------------------------------------------------------------ inputs
-
-
-def image_at_scale(path: str | Path, max_short_side: int, gt: str | Path | None = None) -> Batch:
-    """One image (any size and mode) as a Batch of one, with its ground truth when given.
-
-    Images whose short side exceeds ``max_short_side`` are resized (aspect kept) so that it equals it
-    — the short-side resize of the evaluation protocol, and a bound on the token count; smaller
-    images keep their size. The label map must have the image's size (nearest-neighbour resize).
-    """
-    image = np.array(load_image(path))
-    label = load_label(gt) if gt is not None else None
-    if label is not None and label.shape != image.shape[:2]:
-        raise DatasetError(f"ground truth {gt} is {label.shape[1]}x{label.shape[0]} but image {path} "
-                           f"is {image.shape[1]}x{image.shape[0]}")
-    H, W = image.shape[:2]
-    if min(H, W) > max_short_side:
-        scale = max_short_side / min(H, W)
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        image = resize_image(image, size)
-        label = resize_label(label, size) if label is not None else None
-    pixels = image_to_tensor(image)[None]
-    labels = torch.from_numpy(label)[None] if label is not None else None
-    return Batch(pixels, labels, [str(path)])
-
-
-def single_images(
-    paths: Sequence[str | Path], max_short_side: int, gts: Sequence[str | Path] | None = None
-) -> tuple[int, Iterator[Batch]]:
-    """(number of images, iterator of one-image Batches at their own scale), like ``image_batches``."""
-    if gts and len(gts) != len(paths):
-        raise InputError(f"got {len(gts)} ground-truth maps for {len(paths)} images; give one --gt per image, in order")
-    pairs = list(zip(paths, gts or [None] * len(paths)))
-    return len(pairs), (image_at_scale(p, max_short_side, g) for p, g in pairs)
 
 
 # ------------------------------------------------------------------------------------------ figures

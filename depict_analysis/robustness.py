@@ -19,7 +19,8 @@ What a sweep perturbs (``depict_analysis.perturbations``: ``Perturbation``, ``re
 ``Evaluation`` per (σ, draw): the dataset-level mIoU, pixel and mean accuracy, and the per-image
 counts behind them (true positives, label and predicted pixels per class). σ = 0 is the clean
 model, evaluated once; deterministic perturbations (blur, head-orthonormalize) get one draw.
-``run_robustness`` sweeps several models into a ``Robustness``: per model and σ the mean
+``run_robustness(models, images, perturbation, sigmas, out)`` sweeps several models (sources or loaded
+models, as ``compare`` takes them) on an ``ImageSource`` into a ``Robustness``: per model and σ the mean
 mIoU over draws with a bootstrap interval over images and draws (``depict_analysis.uncertainty``),
 σ½ (where the mIoU falls to half its clean value) with its interval, and sanity warnings (a model
 at its class prior; too few images or draws for the intervals).
@@ -51,13 +52,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from depict_analysis import plots
-from depict_analysis.inputs import Batch
+from depict_analysis.inputs import Batch, ImageSource, image_progress
 from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
 from depict_analysis.outputs import save_csv, save_json
 from depict_analysis.perturbations import Perturbation, draws_per_sigma, resolve_perturbation
 from depict_analysis.results import Result
+from depict_analysis.runs import ModelSource, loaded_models
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import (
     Bootstrap,
@@ -435,6 +437,7 @@ class Robustness(Result):
     evaluations: list[Evaluation]
     complete: bool = True
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    planned: int = 0  # evaluations the sweep was to run (``len(evaluations)`` when complete)
 
     def __post_init__(self) -> None:
         self._curves: dict[str, Curve] = {}  # computed on first use
@@ -607,49 +610,68 @@ def write_progress(out: str | Path, settings: dict, checkpoints: list[dict], eva
     save_csv(out / f"{NAME}.csv", records)
 
 
+def default_models(perturbation: Perturbation) -> list[str]:
+    """The built-in models a sweep compares when given none: all of them, or for a structured transform
+    those whose decoders own subspace projections."""
+    from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS, load_default
+
+    if perturbation.kind != "structured":
+        return [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
+    return [f"{BUILTIN}{name}" for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
+
+
 def run_robustness(
-    models: Iterable[tuple[str, str, nn.Module]],
-    batches_for: Callable[[int], tuple[int, Iterable[Batch]]],
+    models: Sequence[ModelSource] | None,
+    images: ImageSource,
     perturbation: Perturbation,
     sigmas: Sequence[float],
     out: str | Path | None,
     *,
     draws: int = 3,
     seed: int = 0,
-    size: int | None = None,
     settings: dict | None = None,
     bootstrap: Bootstrap | None = None,
-    advance: Callable[[int], None] | None = None,
+    device: str | torch.device = "auto",
+    trust: bool = False,
+    progress: bool = True,
 ) -> Robustness:
-    """Sweep every ``(label, source, model)`` of ``models``; with ``out``, write the result there.
+    """Sweep every model of ``models`` (sources or ``LoadedModel``s, one in memory at a time; default
+    ``default_models``) on ``images``, which must carry labels; with ``out``, write the result there.
 
-    ``batches_for(side)`` gives (number of images, batches of ``side``-pixel crops); ``side`` is
-    ``size`` or each model's training size. With ``out`` the records are rewritten after every
-    evaluation (``write_progress``) and the whole result (``Robustness.save``) at the end. A
+    Each model sees the images as ``images`` views them (its training size unless ``images.size``) and
+    must predict the classes of a dataset it is scored on. With ``out`` the records are rewritten after
+    every evaluation (``write_progress``) and the whole result (``Robustness.save``) at the end. A
     KeyboardInterrupt ends the sweep with what is done: the result has ``complete = False``.
-    ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
+    ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals; ``progress`` shows a bar over
+    the evaluations on stderr.
     """
     if 0 not in sigmas:
         raise ConfigError("a sweep needs σ = 0, the clean model every other σ is compared with")
-    settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {"size": size}
+    models = list(models or default_models(perturbation))
+    settings = sweep_settings(perturbation, sigmas, draws, seed) | {"input": images.describe(), "batch_size": images.batch_size} \
+        | (settings or {}) | {"size": images.size}
+    n_evaluations = len(models) * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in sigmas)
     described: list[dict] = []
     evaluations: list[Evaluation] = []
     complete = False
-    try:
-        for label, source, model in models:
-            side = size or max(model.config.backbone.image_size)
-            total, batches = batches_for(side)
-            settings["num_images"] = total
-            described.append({"label": label, "path": source, "size": side, "model": describe_model(model)})
-            for evaluation in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
-                evaluations.append(evaluation)
-                if out is not None:
-                    write_progress(out, settings, described, evaluations)
-            del model  # before the next one loads
-        complete = True
-    except KeyboardInterrupt:
-        pass
-    result = Robustness(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
+    with image_progress(n_evaluations, NAME, progress, unit="evaluations") as advance:
+        try:
+            for loaded in loaded_models(models, device, trust):
+                images.require_classes(loaded.model)
+                total, batches = images.batches(loaded.model)
+                settings["num_images"] = total
+                described.append({"label": loaded.label, "path": loaded.source, "size": images.side(loaded.model),
+                                  "model": describe_model(loaded.model)})
+                for evaluation in robustness_records(loaded.model, loaded.label, batches, perturbation, sigmas, draws, seed,
+                                                     advance=advance):
+                    evaluations.append(evaluation)
+                    if out is not None:
+                        write_progress(out, settings, described, evaluations)
+                del loaded  # before the next one loads
+            complete = True
+        except KeyboardInterrupt:
+            pass
+    result = Robustness(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed), n_evaluations)
     if evaluations and out is not None:
         result.save(out)
     return result

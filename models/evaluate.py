@@ -26,6 +26,7 @@ from depict_analysis.foundation.device import autocast
 from depict_analysis.foundation.errors import ConfigError, DatasetError, InputError
 from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import Segmentor, inference, inference_labels, window_size
+from depict_analysis.models.sources import trained_dataset
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -85,14 +86,6 @@ def miou(confusion: ConfusionMatrix | Tensor) -> dict[str, Any]:
 def default_stride(window: int) -> int:
     """Segmenter's ``window - 32``, but at least half a window (tiny test models train on 32-px crops)."""
     return max(window - 32, window // 2)
-
-
-def trained_dataset(meta: dict | None) -> str | None:
-    """The name of the dataset a checkpoint was trained on, as far as its metadata says (ours:
-    ``train_config``; official: variant.yml's ``dataset_kwargs``)."""
-    meta = meta or {}
-    official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
-    return (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
 
 
 def default_short_side(base_size: int | None, train_config: dict | None, window: int) -> int:

@@ -15,8 +15,9 @@ from depict_analysis import __version__
 from depict_analysis.cli.analyze import app
 from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.models.pretrained import load_default
+from depict_analysis.models.sources import CheckpointInfo, LoadedModel, open_checkpoint
 from depict_analysis.report import write_report
-from depict_analysis.suite import SuiteModel, SuiteSettings, p_cosine, q_offdiag, run_suite
+from depict_analysis.suite import SuiteSettings, p_cosine, q_offdiag, run_suite
 from depict_analysis.uncertainty import VERDICTS
 
 K = 8  # the synthetic dataset's classes
@@ -43,9 +44,8 @@ def suite(tmp_path_factory):
     (out / "pca-seg").mkdir()
     (out / "pca-seg" / "pca-seg_from_another_run.png").write_bytes(b"\x89PNG\r\n\x1a\nstale")  # an earlier run's figure
     # trained models (the built-in ones: an untrained model is itself at its class prior) and a stuck one
-    models = [SuiteModel("SA", "builtin:depict-sa", load_default("depict-sa")[0]),
-              SuiteModel("Seg", "builtin:segmenter", load_default("segmenter")[0]),
-              SuiteModel("Stuck", "stuck", stuck_on_background())]
+    models = [open_checkpoint("builtin:depict-sa", label="SA"), open_checkpoint("builtin:segmenter", label="Seg"),
+              LoadedModel(stuck_on_background(), CheckpointInfo("Stuck", "stuck", "python", K))]
     return out, run_suite(models, out, FAST, progress=False, command="pytest suite")
 
 
