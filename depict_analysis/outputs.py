@@ -20,24 +20,27 @@ import matplotlib.pyplot as plt
 from depict_analysis.foundation.files import atomic_write, atomic_write_text, check_out_dir, check_out_file  # noqa: F401
 
 
-def _jsonable(x: Any) -> Any:
-    """Tensors, numpy values and non-finite floats -> plain JSON (NaN / inf become null)."""
+def plain_json(x: Any) -> Any:
+    """Tensors, numpy values, tuples, paths and non-finite floats -> plain JSON types (NaN / inf become
+    None), so that ``json.dumps`` takes the value as it is."""
     if hasattr(x, "tolist"):
         x = x.tolist()
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): plain_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [plain_json(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, Path):
         return str(x)
+    if hasattr(x, "to_json"):  # an Interval, a Finding, ...
+        return plain_json(x.to_json())
     return x
 
 
 def save_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(plain_json(data), indent=2) + "\n")
     return path
 
 
@@ -48,7 +51,7 @@ def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
-    writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    writer.writerows({k: plain_json(v) for k, v in row.items()} for row in rows)
     atomic_write_text(path, text.getvalue())
     return path
 

@@ -582,7 +582,7 @@ class Robustness(Result):
     def files(self, out: str | Path) -> list[Path]:
         """The files ``save(out)`` writes."""
         out = Path(out)
-        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz")]
+        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz", ".result.npz")]
 
 
 NAME = Robustness.name
