@@ -56,13 +56,27 @@ def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     return path
 
 
+FIGURE_DPI = 150  # of every PNG we write
+MIN_FONT_KEY = "depict:min_font_pt"  # PNG text field: the smallest font size (points) of the figure's text
+
+
+def min_font_size(fig: plt.Figure) -> float:
+    """The smallest font size, in points, of any visible text in ``fig`` (what decides its legibility)."""
+    import matplotlib.text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    return float(min(sizes, default=plt.rcParams["font.size"]))
+
+
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """Write ``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, close the figure, return both paths."""
+    """Write ``<out_dir>/<name>.png`` (150 dpi; its smallest font size recorded as the PNG text field
+    ``depict:min_font_pt``, which the HTML report sizes it by) and ``.pdf``, close the figure, return both paths."""
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     try:
-        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
         atomic_write(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"))
+        metadata = {MIN_FONT_KEY: f"{min_font_size(fig):.2f}"}  # after a draw: tick labels exist only once drawn
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight", metadata=metadata))
     finally:
         plt.close(fig)
     return paths

@@ -95,7 +95,7 @@ def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
     so their rows compare by eye.
     """
     colours = model_colours(labels)
-    fig = plt.figure(figsize=(12.0, 2.9 * len(results) + 0.3), layout="constrained")
+    fig = plt.figure(figsize=(11.2, 2.9 * len(results) + 0.3), layout="constrained")  # 11.2 in: fits the report's page
     rows = np.atleast_1d(fig.subfigures(len(results), 1))
     columns: list[list[plt.Axes]] = [[] for _ in SUBSPACE_PANELS]
     for row, label, result in zip(rows, labels, results):
@@ -376,11 +376,11 @@ def _show(ax: plt.Axes, image: np.ndarray, title: str, caption: str = "") -> Non
 def pca_segmentation_figure(rows: list[PCARow], legend: list[tuple[str, np.ndarray]], title: str, note: str) -> plt.Figure:
     """One row per model: image | for each source its PCA segmentation and its first three PCA
     components as RGB | model prediction | ground truth (when any row has one); a legend of the classes
-    shown (name, RGB uint8) on the right, and ``note`` on how to read it below."""
+    shown (name, RGB uint8) and ``note`` on how to read it below."""
     has_truth = any(row.ground_truth is not None for row in rows)
     cols = 2 + 2 * max(len(row.panels) for row in rows) + has_truth
     H, W = rows[0].image.shape[:2]
-    side = 2.0
+    side = 1.6  # seven panels (two sources) fit the report's page
     height = side * float(np.clip(H / W, 0.5, 2.0))
     fig, axes = plt.subplots(len(rows), cols, figsize=(side * cols, (height + 0.75) * len(rows) + 1.2),
                              layout="constrained", squeeze=False)
@@ -398,8 +398,8 @@ def pca_segmentation_figure(rows: list[PCARow], legend: list[tuple[str, np.ndarr
                 ax.set_axis_off()
     handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor="0.3", label=n) for n, c in legend]
     if handles:
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize="small",
-                   ncol=1 + len(handles) // 16, title="classes shown")
+        fig.legend(handles=handles, loc="outside lower center", frameon=False, fontsize="small",
+                   ncol=min(len(handles), 8), title="classes shown")
     fig.suptitle(title)
     fig.supxlabel(note, fontsize="x-small")
     return fig
