@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import depict_analysis.robustness as rob
 from depict_analysis.models import create_model
@@ -21,6 +20,7 @@ from depict_analysis.models.data import build_dataset
 from depict_analysis.models.evaluate import decode_labels, encode_image, evaluate, image_labels
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.robustness import EvaluationImages, ModelSweep, draw_generator, robustness_records
+from tests.test_evaluate import _folder
 
 K = 4
 WINDOW = 32  # the tiny models' training size
@@ -31,16 +31,7 @@ SIZES = [(40, 70), (75, 36), (20, 26)]
 
 def folder_dataset(root: Path, sizes=SIZES):
     """A folder dataset of random images and labels (a quarter of each label ignored)."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.yaml").write_text("classes: [" + ", ".join(f"{{name: c{i}}}" for i in range(K)) + "]\n")
-    rng = np.random.default_rng(3)
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-        mask = rng.integers(0, K, (h, w)).astype(np.uint8)
-        mask[: h // 4] = 255
-        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
-    return build_dataset("folder", root, "val")
+    return build_dataset("folder", _folder(root, sizes, K), "val")
 
 
 def tiny(name: str):
