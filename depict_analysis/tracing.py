@@ -26,7 +26,7 @@ nothing here knows about families.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.models.decoders.base import Subspace
 from depict_analysis.foundation.device import autocast
-from depict_analysis.foundation.errors import InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.data.base import IGNORE_INDEX
 
 __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
@@ -196,6 +196,19 @@ class Trace:
         return validate_trace(loaded, str(path))
 
 
+def class_labels(class_names: Any, n_cls: int) -> list[str]:
+    """The K names of a model's classes for figures and tables: ``class_names`` checked (a sequence of
+    ``n_cls`` strings), or ``class i`` when None."""
+    if class_names is None:
+        return [f"class {i}" for i in range(n_cls)]
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence) \
+            or not all(isinstance(name, str) for name in class_names):
+        raise ConfigError(f"class_names must be a list of strings, got {type(class_names).__name__}")
+    if len(class_names) != n_cls:
+        raise ConfigError(f"{len(class_names)} class names for a model of {n_cls} classes")
+    return list(class_names)
+
+
 def _model_text(tr: Trace) -> str:
     return f"{tr.model.get('variant')} with {tr.model.get('n_cls')} classes"
 
@@ -244,7 +257,7 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
         attention=dict(zip(out.attention, _float(out.attention.values()))),
         representatives=_float(out.representatives),
         pixels=batch.pixels if batch is not None else None,
-        labels=batch.labels if batch is not None else None,
+        labels=_labels_of(batch, model.n_cls) if batch is not None else None,
         paths=list(batch.paths) if batch is not None else [],
         config=model.config.to_dict() if model.config is not None else None,
     )
@@ -268,7 +281,7 @@ def _check_inputs(model: Any, images: Any) -> torch.device:
     bad = int((~torch.isfinite(pixels)).sum())
     if bad:
         raise InputError(f"images hold {bad} NaN / Inf value(s); every pixel must be a finite number")
-    labels = images.labels if isinstance(images, Batch) else None
+    labels = _labels_of(images, model.n_cls) if isinstance(images, Batch) else None
     if labels is not None:
         wrong = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= model.n_cls))
         if wrong.any():
@@ -277,6 +290,15 @@ def _check_inputs(model: Any, images: Any) -> torch.device:
             raise InputError(f"the label map of {name} holds the value {int(labels[b][wrong[b]][0])}, no class of "
                              f"this model (classes 0..{model.n_cls - 1}, {IGNORE_INDEX} = ignore)")
     return device
+
+
+def _labels_of(batch: Batch, n_cls: int) -> Tensor | None:
+    """The labels a trace of a model of ``n_cls`` classes keeps: a dataset's labels of another class set
+    are not this model's ground truth (an analysis that reads none may still run on its images), so
+    none; label files of the user's are kept, and checked by ``_check_inputs``."""
+    if batch.labels is None or batch.label_classes is not None and batch.label_classes != n_cls:
+        return None
+    return batch.labels
 
 
 def _copy(space: Subspace, norm: nn.LayerNorm | None) -> Subspace:
