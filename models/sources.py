@@ -90,14 +90,16 @@ def source_label(source: str | os.PathLike) -> str:
     return path.name if path.is_dir() else path.stem
 
 
-PLAIN_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a name for figures and tables, never a path
+# a name for figures and tables ("baseline", "black box"), never a path: a letter, digit or _ first, then no
+# separator, colon or control character
+PLAIN_LABEL = re.compile(r"\w[^/\\:\x00-\x1f\x7f]*")
 
 
 def parse_labelled(text: str) -> tuple[str | None, str]:
     """``NAME=SOURCE`` -> (NAME, SOURCE); a plain source -> (None, source). How the CLI reads
     ``--label`` and labelled checkpoint arguments, e.g. ``baseline=runs/seg/checkpoint.pt``.
 
-    ``text`` is labelled only when NAME is a plain label (letters, digits, ``_ . + -``) and SOURCE
+    ``text`` is labelled only when NAME is a plain label (``PLAIN_LABEL``) and SOURCE
     exists (a file or folder, or a ``builtin:`` / ``zoo:`` name), and ``text`` itself is no existing
     file: a checkpoint named ``lr=0.1.pt`` is that file."""
     label, sep, source = text.partition("=")
