@@ -117,15 +117,16 @@ class Result:
         return pandas.DataFrame(self.rows())
 
     def save(self, out: str | Path) -> list[Path]:
-        """Write ``figures()`` (PNG + PDF), ``<name>.json``, ``<name>.csv`` (and ``<name>.npz``) and the
-        result as data (``<name>.result.npz``, for ``Result.load``) into ``out``; returns the paths."""
+        """Write ``<name>.json``, ``<name>.csv`` (and ``<name>.npz``), the result as data
+        (``<name>.result.npz``, for ``Result.load``), then ``figures()`` (PNG + PDF) into ``out``; returns
+        the paths. The numbers come first: a run stopped while drawing leaves its data complete (each
+        file is atomic), and a figure never exists without the numbers behind it."""
         out = Path(out)
-        paths = [path for name, figure in self.figures().items() for path in save_figure(figure, out, name)]
-        paths.append(save_json(out / f"{self.name}.json", self.to_json()))
-        paths.append(save_csv(out / f"{self.name}.csv", self.rows()))
+        paths = [save_json(out / f"{self.name}.json", self.to_json()), save_csv(out / f"{self.name}.csv", self.rows())]
         if arrays := self.arrays():
             paths.append(atomic_write(out / f"{self.name}.npz", lambda f: np.savez_compressed(f, **arrays)))
         paths.append(write_state(out / f"{self.name}{SUFFIX}", self))
+        paths += [path for name, figure in self.figures().items() for path in save_figure(figure, out, name)]
         return paths
 
     @classmethod
@@ -193,4 +194,3 @@ class Comparison(Result):
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"{label}/{key}": array for label, result in zip(self.labels, self.results)
                 for key, array in result.arrays().items()}
-
