@@ -197,7 +197,7 @@ def evaluate_command(
     from depict_analysis.models.sources import open_checkpoint
 
     if out is not None:
-        check_out_file(out)
+        check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
     model, info = open_checkpoint(checkpoint, device, trust)
     trained_name, trained_root, trained_kwargs = info.evaluation_dataset()
     name = dataset or trained_name

@@ -127,8 +127,7 @@ def robustness(
         result = run_robustness(checkpoints, source, perturbation, grid, out, draws=draws, seed=seed,
                                 bootstrap=Bootstrap(resamples, level, seed), device=device, trust=trust)
     if not result.complete:
-        fail(f"interrupted after {len(result.evaluations)} of {result.planned} evaluations; partial results in {out}/",
-             INTERRUPTED)
+        fail(f"interrupted: partial results on {result.num_images} images in {out}/", INTERRUPTED)
     console.print(summary_table(result))
     for warning in result.warnings():
         warn(warning)

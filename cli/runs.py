@@ -7,7 +7,9 @@
 - ``--trace FILE`` (repeatable, ``NAME=FILE`` too) analyses traces written by ``--save-trace`` instead
   of running a model: no checkpoint, no images, no forward pass.
 - ``--save-trace FILE`` writes each model's traces, joined (``Trace.cat``), to FILE; with several
-  models to ``<stem>_<label><suffix>``, one file each.
+  models to ``<stem>_<label><suffix>``, one file each (the label reduced to a safe file name). Every
+  such file is checked before the first model is loaded: not a folder nor a special file, in a
+  writable folder, and never one of the run's inputs (a checkpoint, an image, a label map, a trace).
 
 ``trace_command`` gives a command these options: the command receives them as one ``RunOptions``.
 """

@@ -31,6 +31,7 @@ import torch
 
 from depict_analysis.foundation.device import resolve_device
 from depict_analysis.foundation.errors import ConfigError
+from depict_analysis.foundation.files import check_out_file, safe_name
 from depict_analysis.inputs import ImageSource
 from depict_analysis.models.pretrained import DEFAULT_MODELS
 from depict_analysis.models.sources import BUILTIN, LoadedModel, labelled_sources, open_checkpoint
@@ -90,6 +91,25 @@ class _Kept:
         return path
 
 
+def _input_files(sources: Sequence[str], images: ImageSource | None) -> list[Path]:
+    """Every file a run reads: its checkpoints or trace files (a release folder's files), its image and label files."""
+    named = [Path(s) for s in sources] + ([*images.images, *images.labels] if images is not None else [])
+    return [f for path in named for f in ([p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path])]
+
+
+def _trace_targets(path: str | os.PathLike, labels: Sequence[str], sources: Sequence[str],
+                   images: ImageSource | None) -> list[Path]:
+    """The ``save_trace`` file of each model (``<stem>_<label><suffix>`` when several, the label made a safe
+    file name), each checked as an output before any work: never an input of the run."""
+    path = Path(path)
+    targets = [path.with_name(f"{path.stem}_{safe_name(label)}{path.suffix}") for label in labels] if len(labels) > 1 \
+        else [path] * len(labels)
+    read = _input_files(sources, images)
+    for target in targets:
+        check_out_file(target, "--save-trace", inputs=read)
+    return targets
+
+
 def compare(
     models: Sequence[ModelSource] | None = None,
     images: ImageSource | None = None,
@@ -112,49 +132,55 @@ def compare(
     ``models``: sources or ``LoadedModel``s (default: the built-in DEPICT-SA); ``traces``: files written
     with ``save_trace`` (``[NAME=]FILE``), analysed instead of models and images. ``out``: write the
     comparison there (``Comparison.files``). ``save_trace``: a file for each model's traces, joined
-    (several models: ``<stem>_<label><suffix>``; ``Comparison.trace_files``). ``attention``: record the
-    attention maps (``analyze_attention`` reads them). ``scored``: the analysis scores the models against
-    the images' labels, so each must predict the dataset's classes. ``record``: the comparison's
-    ``settings`` (default: the input, ``ImageSource.describe()``, or the trace files).
+    (several models: ``<stem>_<label><suffix>``; ``Comparison.trace_files``), checked before any work.
+    ``attention``: record the attention maps (``analyze_attention`` reads them). ``scored``: the analysis
+    scores the models against the images' labels, so each must predict the dataset's classes.
+    ``record``: the comparison's ``settings`` (default: the input, ``ImageSource.describe()``, or the
+    trace files).
     """
     if analysis is None:
         raise ConfigError("compare needs an analysis, e.g. analyze_coding_rates")
     if traces and (models or images is not None):
         raise ConfigError("give traces, or models and images, not both: a saved trace holds its images")
-    if traces:
-        return _compare_traces(list(traces), analysis, device, out, settings)
-    if images is None:
+    if not traces and images is None:
         raise ConfigError("compare needs images (an ImageSource) or traces")
-    models = list(models or DEFAULT)
-    several = len(models) > 1
-    labels, sources, results, saved = [], [], [], []
-    for loaded in loaded_models(models, device, trust):
-        if scored:
-            images.require_classes(loaded.model)
-        total, batches = images.batches(loaded.model)
-        stream = trace_batches(loaded.model, batches, attention=attention, total=total, progress=progress,
-                               description=f"{description or analysis.__name__}: {loaded.label}", source=loaded.label)
-        kept = _Kept(stream, save_trace is not None)
-        results.append(analysis(kept, **(_model_arguments(analysis, loaded, images) | settings)))
-        labels.append(loaded.label)
-        sources.append(loaded.source)
-        if save_trace is not None:
-            path = Path(save_trace)
-            saved.append(kept.save(path.with_name(f"{path.stem}_{loaded.label}{path.suffix}") if several else path))
-    comparison = Comparison(labels, sources, results, record if record is not None else {"input": images.describe()})
+    if traces:
+        pairs = labelled_sources(traces)
+        runs = _saved_runs(pairs, device)
+    else:
+        models = list(models or DEFAULT)
+        pairs = [(label, _labelled(m)[1] or m.source) for label, m in zip(model_labels(models), models)]
+        runs = _model_runs(models, images, analysis, device, trust, attention, scored, progress, description)
+    labels, sources = [label for label, _ in pairs], [source for _, source in pairs]
+    targets = _trace_targets(save_trace, labels, sources, images) if save_trace is not None else [None] * len(pairs)
+    results, saved = [], []
+    for (source, stream, arguments), target in zip(runs, targets):
+        kept = _Kept(stream, target is not None)
+        results.append(analysis(kept, **(arguments | settings)))
+        if target is not None:
+            saved.append(kept.save(target))
+    if record is None:
+        record = {"traces": sources} if traces else {"input": images.describe()}
+    comparison = Comparison(labels, sources, results, record)
     comparison.trace_files = saved
     if out is not None:
         comparison.files = comparison.save(out)
     return comparison
 
 
-def _compare_traces(files: list, analysis: Callable[..., Result], device, out, settings: dict) -> Comparison:
-    """The comparison of saved traces, one model per file."""
+def _model_runs(models, images: ImageSource, analysis, device, trust, attention, scored, progress, description) -> Iterator:
+    """(source, traces, the model's own arguments of the analysis) of each model, loaded when reached."""
+    for loaded in loaded_models(models, device, trust):
+        if scored:
+            images.require_classes(loaded.model)
+        total, batches = images.batches(loaded.model)
+        stream = trace_batches(loaded.model, batches, attention=attention, total=total, progress=progress,
+                               description=f"{description or analysis.__name__}: {loaded.label}", source=loaded.label)
+        yield loaded.source, stream, _model_arguments(analysis, loaded, images)
+
+
+def _saved_runs(pairs: Sequence[tuple[str, str]], device) -> Iterator:
+    """(file, its trace on ``device``, no arguments) of each saved trace."""
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    pairs = labelled_sources(files)
-    results = [analysis([Trace.load(source).to(torch_device)], **settings) for _, source in pairs]
-    sources = [source for _, source in pairs]
-    comparison = Comparison([label for label, _ in pairs], sources, results, {"traces": sources})
-    if out is not None:
-        comparison.files = comparison.save(out)
-    return comparison
+    for _, source in pairs:
+        yield source, [Trace.load(source).to(torch_device)], {}
