@@ -37,7 +37,7 @@ def ablation_table(result: Ablation) -> Table:
     table = Table(title=f"{result.settings['mode']}-ablation of each {result.settings['unit']}: mIoU change (points) "
                         f"[{100 * level:g} % paired bootstrap interval]")
     for column in ("model", "unit", "mIoU (%)", "change (points)", "class concentration"):
-        table.add_column(column, justify="left" if column in ("model", "unit") else "right", no_wrap=True)
+        table.add_column(column, justify="left" if column in ("model", "unit") else "right", overflow="fold")
     for label in result.labels:
         table.add_row(label, "clean", result.clean(label).text(100), "", result.model_concentration(label).text())
         for row in result.unit_rows(label):
