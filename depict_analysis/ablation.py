@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from depict_analysis import plots
+from depict_analysis.claims import Finding, compare_replicates
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.interventions import (
     ClassAblation,
@@ -376,6 +377,23 @@ class Ablation(Result):
 
 
 NAME = Ablation.name
+CONCENTRATION = ("class concentration of a head's zero-ablation: the Herfindahl index Σ d_c² / (Σ d_c)² of the per-class "
+                 "IoU losses d_c = max(0, IoU_c(clean) − IoU_c(head removed)) (1: one class bears the whole loss, 1/K: all "
+                 "classes alike), averaged over the model's heads weighted by each head's total loss Σ d_c; dataset-level "
+                 "IoUs, paired bootstrap over images")
+
+
+def concentration_finding(result: Ablation, white: str, black: str, data: str, blockers: list[str] | None = None) -> Finding:
+    """Observation: removing one of ``white``'s heads (what its layer writes into one subspace P_k) costs fewer
+    classes than removing one of ``black``'s attention heads (``CONCENTRATION``, paired by image)."""
+    if (result.settings["unit"], result.settings["mode"]) != ("head", "zero"):
+        raise ConfigError("the concentration finding reads a zero-ablation of heads (unit='head', mode='zero')")
+    return compare_replicates(
+        "observation", f"Each of {white}'s subspaces serves fewer classes than each of {black}'s attention heads: "
+        "removing one costs IoU on fewer classes",
+        f"{CONCENTRATION}; difference {white} − {black}", data, "larger", result.bootstrap.level,
+        (white, *result.concentration_replicates(white)), (black, *result.concentration_replicates(black)), blockers,
+    )
 
 
 def _listed(values: np.ndarray) -> list[float | None]:

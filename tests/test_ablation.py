@@ -9,6 +9,7 @@ import torch
 from depict_analysis.ablation import (
     ablation_units,
     class_iou,
+    concentration_finding,
     concentration,
     resample_weights,
     run_ablation,
@@ -143,3 +144,14 @@ def test_the_command_writes_the_table_the_json_and_the_figure(tmp_path):
     (model,) = saved["checkpoints"]
     assert model["source"] == "builtin:segmenter" and [u["name"] for u in model["units"]] == ["block1[0]", "block1[1]", "block2[0]", "block2[1]"]
     assert "clean_miou" in model and "block2[1]" in result.output
+
+
+def test_the_concentration_finding_compares_the_models_on_paired_resamples(heads):
+    finding = concentration_finding(heads, "DEPICT-SA", "Segmenter", "6 images")
+    a, a_reps = heads.concentration_replicates("DEPICT-SA")
+    b, b_reps = heads.concentration_replicates("Segmenter")
+    assert finding.kind == "observation" and finding.verdict in ("holds", "does not hold", "not decided")
+    assert finding.values["DEPICT-SA"].estimate == a and finding.difference.estimate == pytest.approx(a - b)
+    wins = np.mean(a_reps > b_reps)
+    assert (finding.verdict == "holds") == (wins >= 0.975)
+    assert concentration_finding(heads, "DEPICT-SA", "Segmenter", "", ["at its class prior"]).verdict == "not decided"
