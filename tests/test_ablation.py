@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from depict_analysis.ablation import (
+    Ablation,
     ablation_units,
     class_iou,
     concentration_finding,
@@ -131,6 +132,10 @@ def test_subspace_units_project_each_heads_span_out_after_its_layer(builtin, dat
     torch.testing.assert_close(U @ U.T, P.T @ torch.linalg.inv(P @ P.T) @ P, rtol=0, atol=1e-5)
 
 
+def saved_clean(out):
+    return json.loads((out / "ablation.json").read_text())["checkpoints"][0]["clean_miou"]["estimate"]
+
+
 def test_the_command_writes_the_table_the_json_and_the_figure(tmp_path):
     from typer.testing import CliRunner
 
@@ -139,7 +144,9 @@ def test_the_command_writes_the_table_the_json_and_the_figure(tmp_path):
     out = tmp_path / "ablation"
     result = CliRunner().invoke(app, ["ablate", "builtin:segmenter", "--num-images", "3", "--resamples", "50", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {f"ablation.{s}" for s in ("png", "pdf", "json", "csv", "npz")}
+    assert {p.name for p in out.iterdir()} == {f"ablation.{s}" for s in ("png", "pdf", "json", "csv", "npz", "result.npz")}
+    loaded = Ablation.load(out)  # the whole result, read back as data
+    assert loaded.clean("Segmenter").estimate == saved_clean(out)
     saved = json.loads((out / "ablation.json").read_text())
     (model,) = saved["checkpoints"]
     assert model["source"] == "builtin:segmenter" and [u["name"] for u in model["units"]] == ["block1[0]", "block1[1]", "block2[0]", "block2[1]"]
