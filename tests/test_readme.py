@@ -62,3 +62,16 @@ def test_compare_example_runs_two_checkpoints_on_the_same_images(tmp_path, monke
         np.testing.assert_allclose(got.token_rate.per_image, by_hand.token_rate.per_image, rtol=1e-6)
     assert (tmp_path / "rates" / "coding_rate.json").is_file() and (tmp_path / "rates" / "coding_rate.png").is_file()
     assert str(result.labels) in capsys.readouterr().out
+
+
+def test_the_intervention_example_runs_and_changes_the_prediction(tmp_path, monkeypatch, capsys):
+    section = README.read_text(encoding="utf-8").split("### `ablate`", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    image, _ = render_scene(np.random.default_rng(0), 96)
+    Image.fromarray(image).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert capsys.readouterr().out.endswith("of the pixels change class\n")
+    assert scope["edited_masks"].shape == scope["clean"].masks.shape
+    assert not any("edits" in m.__dict__ for m in scope["model"].modules())
