@@ -167,8 +167,8 @@ class Comparison(Result):
     sources: list[str]
     results: list[Result]
     settings: dict[str, Any] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list, repr=False, compare=False)
-    trace_files: list[Path] = field(default_factory=list, repr=False, compare=False)
+    files: list[Path] = field(default_factory=list, init=False, repr=False, compare=False)  # not part of the result's data
+    trace_files: list[Path] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.results or len({type(r) for r in self.results}) != 1:

@@ -111,6 +111,12 @@ class LoadedModel(NamedTuple):
     model: Segmentor
     info: CheckpointInfo
 
+    @staticmethod
+    def of(model: Segmentor, label: str, source: str | None = None) -> "LoadedModel":
+        """A model built in Python (no checkpoint metadata), named ``label``; ``source`` (default ``label``)
+        is what results record as where it came from."""
+        return LoadedModel(model, CheckpointInfo(label, source or label, "python", model.n_cls))
+
     @property
     def label(self) -> str:
         return self.info.label

@@ -18,6 +18,7 @@ import depict_analysis.robustness as rob
 from depict_analysis.models import create_model
 from depict_analysis.models.data import build_dataset
 from depict_analysis.models.evaluate import decode_labels, encode_image, evaluate, image_labels
+from depict_analysis.models.sources import LoadedModel
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.robustness import EvaluationImages, ModelSweep, draw_generator, robustness_records
 from tests.test_evaluate import _folder
@@ -139,7 +140,7 @@ def test_parameter_sets_are_drawn_once_per_sigma_and_draw(dataset, monkeypatch):
 
 def test_an_interrupted_sweep_keeps_the_images_scored(dataset, monkeypatch):
     """Ctrl-C during the second model: both models on the images it finished, ``complete`` False."""
-    models = [("a", "a", tiny("depict-sa-tiny")), ("b", "b", tiny("segmenter-tiny"))]
+    models = [LoadedModel.of(tiny("depict-sa-tiny"), "a"), LoadedModel.of(tiny("segmenter-tiny"), "b")]
     scored = []
     original = ModelSweep.score_image
 
@@ -153,7 +154,7 @@ def test_an_interrupted_sweep_keeps_the_images_scored(dataset, monkeypatch):
     noise = resolve_perturbation("gaussian", "decoder")
     result = rob.run_robustness(models, EvaluationImages(dataset), noise, (0, 0.1), None, draws=1)
     assert not result.complete and result.num_images == 2 and result.labels == ["a", "b"]
-    full = robustness_records(models[0][2], "a", EvaluationImages(dataset, num_images=2), noise, (0, 0.1), draws=1)
+    full = robustness_records(models[0].model, "a", EvaluationImages(dataset, num_images=2), noise, (0, 0.1), draws=1)
     assert [e.miou for e in result.evaluations[:2]] == [e.miou for e in full]
     assert result.settings["protocol"] == "evaluation"
 
@@ -164,6 +165,7 @@ SHARDED = textwrap.dedent('''
     from depict_analysis.foundation.distributed import process_group, rank_and_world
     from depict_analysis.models import create_model
     from depict_analysis.models.data import build_dataset
+    from depict_analysis.models.sources import LoadedModel
     from depict_analysis.perturbations import resolve_perturbation
     from depict_analysis.robustness import EvaluationImages, ModelSweep, run_robustness
 
@@ -174,7 +176,7 @@ SHARDED = textwrap.dedent('''
     ModelSweep.score_image = lambda self, image, label, i, p: scored.append(i) or score(self, image, label, i, p)
     with process_group(torch.device("cpu")):
         torch.manual_seed(0)
-        models = [("sa", "sa", create_model("depict-sa-tiny", n_cls=4).eval())]
+        models = [LoadedModel.of(create_model("depict-sa-tiny", n_cls=4).eval(), "sa")]
         result = run_robustness(models, EvaluationImages(build_dataset("folder", root, "val")),
                                 resolve_perturbation("gaussian", "input"), (0, 0.2), out, draws=2)
         rank, world = rank_and_world()

@@ -36,7 +36,7 @@ def test_an_analysis_refuses_to_pool_traces_of_two_models():
     for analysis in (analyze_coding_rates, analyze_pca, analyze_orthogonality):
         with pytest.raises(DepictError, match=f"two models.*weights {a.weights[:8]}.*weights {b.weights[:8]}"):
             analysis([a, b])
-    with pytest.raises(InputError, match="two models"):
+    with pytest.raises(InputError, match="different models cannot be concatenated"):
         Trace.cat([a, b])
     named = [trace(tiny(0), images, source="baseline"), trace(tiny(1), images, source="retrained")]
     with pytest.raises(InputError, match="baseline and retrained"):
