@@ -123,9 +123,9 @@ def report(
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteModel, SuiteSettings, run_suite
 
-    check_out_file(out)
-    check_out_dir(data or out.with_name(f"{out.stem}_data"))
     paths = [checkpoint or Path(f"{BUILTIN}{DEFAULT_MODELS[0]}"), *(compare or [])]
+    check_out_file(out, inputs=[*paths, *(images or [])])
+    check_out_dir(data or out.with_name(f"{out.stem}_data"))
     models = [SuiteModel(label, source, model, meta) for label, source, model, meta in open_models(paths, device, trust)]
     source = image_source_options(images, dataset, data_root, split, num_images)
     images_from = {k: v for k, v in source.items() if k != "num_images" and v is not None}

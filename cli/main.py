@@ -211,7 +211,7 @@ def evaluate_command(
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
 
     if out is not None:
-        check_out_file(out)
+        check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
     with process_group(resolve_device(device)) as run_device:  # one process, or this one's share under torchrun
         model, meta = open_model(checkpoint, str(run_device), trust)
         trained_name, trained_root, trained_kwargs = _trained_dataset(meta)

@@ -37,7 +37,7 @@ from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.registry import ModelConfig
 from depict_analysis.orthogonality import class_summary, random_cosine_level, subspace_summary
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Subspace, Trace, as_traces
+from depict_analysis.tracing import Subspace, Trace, as_traces, class_labels
 
 FINAL_Q = "final_Q"
 LEARNED_Q = "cls_emb"
@@ -290,7 +290,7 @@ def analyze_orthogonality(
     n_cls = first.model["n_cls"]
     return Orthogonality(
         model=first.model, settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
-        class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
+        class_names=class_labels(class_names, n_cls),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from depict_analysis.foundation.files import atomic_write, atomic_write_text, check_out_dir, check_out_file  # noqa: F401
+from depict_analysis.foundation.files import atomic_write, atomic_write_text, check_out_dir, check_out_file, safe_name  # noqa: F401
 
 
 def _jsonable(x: Any) -> Any:
@@ -54,8 +54,12 @@ def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """Write ``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, close the figure, return both paths."""
+    """Write ``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, close the figure, return both paths.
+
+    ``name`` often holds names read from a model or a saved trace (a layer, a label): it is reduced to
+    one plain file name (``safe_name``), so the figure lands in ``out_dir`` whatever it says."""
     out_dir = Path(out_dir)
+    name = safe_name(name)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     try:
         atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))

@@ -18,8 +18,6 @@ checkpoints, one colour per model in every figure.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from depict_analysis.foundation.errors import InputError
+from depict_analysis.foundation.files import atomic_write
 from depict_analysis.outputs import save_csv, save_figure, save_json
 
 
@@ -78,14 +77,14 @@ class Result:
         raise NotImplementedError(f"{cls.__name__} has no figures comparing models")
 
     def save(self, out: str | Path) -> list[Path]:
-        """Write ``figures()`` (PNG + PDF), ``<name>.json``, ``<name>.csv`` (and ``<name>.npz``) into ``out``;
-        returns the paths."""
+        """Write ``<name>.json``, ``<name>.csv`` (and ``<name>.npz``), then ``figures()`` (PNG + PDF) into
+        ``out``; returns the paths. The numbers come first: a run stopped while drawing leaves its data
+        complete (each file is atomic), and a figure never exists without the numbers behind it."""
         out = Path(out)
-        paths = [path for name, figure in self.figures().items() for path in save_figure(figure, out, name)]
-        paths.append(save_json(out / f"{self.name}.json", self.to_json()))
-        paths.append(save_csv(out / f"{self.name}.csv", self.rows()))
+        paths = [save_json(out / f"{self.name}.json", self.to_json()), save_csv(out / f"{self.name}.csv", self.rows())]
         if arrays := self.arrays():
-            paths.append(_save_npz(out / f"{self.name}.npz", arrays))
+            paths.append(atomic_write(out / f"{self.name}.npz", lambda f: np.savez_compressed(f, **arrays)))
+        paths += [path for name, figure in self.figures().items() for path in save_figure(figure, out, name)]
         return paths
 
 
@@ -132,14 +131,3 @@ class Comparison(Result):
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"{label}/{key}": array for label, result in zip(self.labels, self.results)
                 for key, array in result.arrays().items()}
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """``numpy.savez_compressed`` of ``arrays``, written atomically (a temporary file, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path

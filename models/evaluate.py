@@ -344,6 +344,10 @@ def evaluate(
     protocol = eval_protocol(model, dataset, window=window, stride=stride, short_side=short_side)
     img_scale = img_scale_for(protocol["short_side"], dataset.max_ratio)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    samples = getattr(dataset, "samples", None)  # (image, label file or None) of a dataset of files
+    if samples is not None and all(label is None for _, label in samples[:n]):
+        raise DatasetError(f"none of the {n} images of {dataset.name} has a label map (no mask matches an image by name); "
+                           "nothing to score")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     confusion = ConfusionMatrix(model.n_cls, device)
@@ -361,8 +365,10 @@ def evaluate(
                 confusion.update(labels, torch.from_numpy(label).to(device))
     finally:
         model.train(was_training)
+    if int(confusion.all_reduce().counts.sum()) == 0:
+        raise DatasetError(f"the labels of the {n} images of {dataset.name} are all 255 (ignore): nothing to score")
     settings = {**protocol, "img_scale": img_scale and list(img_scale), "scales": list(scales), "flip": flip, "amp": amp}
-    return {**miou(confusion.all_reduce()), **settings, "n_images": n}
+    return {**miou(confusion), **settings, "n_images": n}
 
 
 def jsonable(value: Any) -> Any:

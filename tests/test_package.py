@@ -74,11 +74,15 @@ def test_load_images_crops_every_image_to_the_models_grid(tmp_path):
     assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 64, 64) and t.grid == (16, 16)
 
 
-def test_labelled_sources_and_one_colour_per_model():
+def test_labelled_sources_and_one_colour_per_model(tmp_path, monkeypatch):
     from depict_analysis.models.sources import parse_labelled
     from depict_analysis.plots import LINE_COLORS, model_colours
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoint.pt").write_bytes(b"")
     assert parse_labelled("base=runs/a/checkpoint.pt") == ("base", "runs/a/checkpoint.pt")
+    assert parse_labelled("base=runs/b/checkpoint.pt") == (None, "base=runs/b/checkpoint.pt")  # no such source
     assert parse_labelled("runs/a=b/checkpoint.pt") == (None, "runs/a=b/checkpoint.pt")  # a path with "="
     assert parse_labelled("builtin:segmenter") == (None, "builtin:segmenter")
     assert parse_labelled("sa=builtin:depict-sa") == ("sa", "builtin:depict-sa")
