@@ -228,3 +228,15 @@ def test_depict_eval_under_torchrun_scores_each_image_once_and_writes_once(tmp_p
         assert done.stdout.count("pixel accuracy") == 1  # one table, from rank 0
         scores[world] = json.loads(out.read_text())
     assert scores[2] == scores[1] and scores[1]["n_images"] == len(SIZES)
+
+
+def test_the_paper_grid_is_the_depict_noise_plots():
+    """``--sigmas paper``: 0, {1..5}·1e-3, {1..5}·1e-2, 0.1..0.8, 1.0; parameter noise only."""
+    from depict_analysis.foundation.errors import ConfigError
+    from depict_analysis.perturbations import parse_sigmas
+
+    expected = [0.0] + [k * 1e-3 for k in range(1, 6)] + [k * 1e-2 for k in range(1, 6)] + [k / 10 for k in range(1, 9)] + [1.0]
+    grid = parse_sigmas("paper", resolve_perturbation("gaussian", "decoder"))
+    assert grid == pytest.approx(expected, rel=1e-12) and len(grid) == 20
+    with pytest.raises(ConfigError, match="parameter noise"):
+        parse_sigmas("paper", resolve_perturbation("gaussian", "input"))
