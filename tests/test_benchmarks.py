@@ -63,6 +63,6 @@ def test_robustness_benchmark_compares_equal_records(capsys):
 
     args = bench_robustness.argparse.Namespace(
         variant="depict-sa-tiny", n_cls=4, height=40, width=60, short_side=0, images=2, batch=4, sigmas="0,0.1",
-        draws=2, seed=0)
+        draws=2, seed=0, repeats=1)
     result = bench_robustness.speed(args, torch.device("cpu"))
     assert result["max_miou_diff"] <= 1e-12 and "window 32, stride 16" in capsys.readouterr().out
