@@ -287,7 +287,9 @@ def analyze_orthogonality(
     d = first.class_embeddings.shape[-1]
     settings = {"num_images": len(paths), "baseline_seeds": list(baseline_seeds), "d": d,
                 "at_init": "fresh decoders of the same config, one per seed, on the same Z_0"}
-    n_cls = first.model["n_cls"]
+    n_cls, rows = first.model["n_cls"], first.class_embeddings.shape[-2]
+    if rows != n_cls:  # the class side of a query decoder (MaskFormer) is its queries
+        class_names = [f"query {i}" for i in range(rows)]
     return Orthogonality(
         model=first.model, settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
         class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],

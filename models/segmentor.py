@@ -69,9 +69,15 @@ class Segmentor(nn.Module):
         masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         return masks[..., : size[0], : size[1]]
 
-    def forward(self, images: Tensor, memory_format=torch.contiguous_format) -> Tensor:
-        """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``)."""
+    def forward(self, images: Tensor, memory_format=torch.contiguous_format, predictions: bool = False):
+        """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``).
+
+        ``predictions``: the decoder's ``predictions`` instead (MaskFormer's per-layer class and mask
+        logits, what its loss reads), through ``forward`` so that DDP sees the call.
+        """
         z, grid = self.encode(images)
+        if predictions:
+            return self.decoder.predictions(z, grid)
         return self.decode(z, grid, images.shape[-2:], memory_format)
 
 
@@ -94,6 +100,20 @@ def _softmax_classes(logits: Tensor) -> Tensor:
     if _classes_innermost(logits):  # a contiguous last-dimension softmax on the permuted view
         return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
     return logits.softmax(dim=1)
+
+
+def _class_probabilities(model: nn.Module, maps: Tensor) -> Tensor:
+    """A view's per-class maps (B, K, H, W) -> the probabilities the protocol averages over views.
+
+    Logits are soft-maxed over classes (Segmenter). A decoder whose ``outputs`` are "probabilities"
+    (MaskFormer's semantic scores S, each in [0, Q]) is taken as it is, as mmseg's MaskFormer head
+    runs the sliding window: the windows' S averaged, then the arg-max. A softmax of S would
+    reorder nothing within one view, but would flatten S's differences and so weigh views unlike
+    the official scores do.
+    """
+    if getattr(getattr(model, "decoder", None), "outputs", "logits") == "probabilities":
+        return maps
+    return _softmax_classes(maps)
 
 
 def window_size(h: int, w: int, window: int) -> tuple[int, int]:
@@ -167,7 +187,8 @@ def inference(
 
     ``views``: ``(images, flipped)`` pairs, normalised images (B, 3, h, w) of any size, already
     flipped horizontally when ``flipped``. Each view is ``window_resize``d, its sliding-window
-    logits are resized (bilinear) to ``size``, un-flipped and soft-maxed over classes; the views'
+    logits are resized (bilinear) to ``size``, un-flipped and soft-maxed over classes (kept as they
+    are for a decoder whose outputs are probabilities: ``_class_probabilities``); the views'
     probabilities are averaged. For a ``Segmentor`` the result has channels-last strides.
     """
     total, n_views = None, 0
@@ -175,7 +196,7 @@ def inference(
         logits = sliding_window_logits(model, window_resize(images, window), window, stride, batch_size)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        probs = _softmax_classes(logits.flip(-1) if flipped else logits)
+        probs = _class_probabilities(model, logits.flip(-1) if flipped else logits)
         total = probs if total is None else total.add_(probs)
         n_views += 1
     if total is None:
@@ -248,7 +269,7 @@ def inference_labels(
         total = None
         for view, flipped in logits:
             strip = view[..., top:bottom, :] if tuple(view.shape[-2:]) == tuple(size) else resize_rows(view, size, top, bottom)
-            probs = _softmax_classes(strip.flip(-1) if flipped else strip)
+            probs = _class_probabilities(model, strip.flip(-1) if flipped else strip)
             total = probs if total is None else total.add_(probs)
         labels[:, top:bottom] = total.div_(len(logits)).argmax(1)
     return labels
