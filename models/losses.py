@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from depict_analysis.models.data import IGNORE_INDEX
-from depict_analysis.models.decoders.maskformer import MaskFormer, MaskPredictions
+from depict_analysis.models.decoders.maskformer import MaskFormerConfig, MaskPredictions
 
 MicroLoss = Callable[[Callable, Tensor, Tensor], Tensor]  # (forward, images, labels) -> loss
 
@@ -128,21 +128,21 @@ def dice_loss(mask_logits: Tensor, masks: Tensor) -> Tensor:
     return 1 - (2 * (prob * masks).sum(-1) + 1) / (prob.sum(-1) + masks.sum(-1) + 1)
 
 
-def layer_loss(decoder: MaskFormer, class_logits: Tensor, mask_logits: Tensor, targets: list[tuple[Tensor, Tensor]],
+def layer_loss(config: MaskFormerConfig, class_logits: Tensor, mask_logits: Tensor, targets: list[tuple[Tensor, Tensor]],
                norms: SetNormalizers) -> Tensor:
     """One layer's loss: class_logits (B, Q, K + 1), mask_logits (B, Q, h, w), ``class_targets``."""
     B, Q, K1 = class_logits.shape
     target_classes = torch.full((B, Q), K1 - 1, dtype=torch.long, device=class_logits.device)
     matched, target_masks = [], []
     for b, (classes, masks) in enumerate(targets):
-        queries, order = match(class_logits[b], mask_logits[b], classes, masks, decoder.mask_weight, decoder.dice_weight)
+        queries, order = match(class_logits[b], mask_logits[b], classes, masks, config.mask_weight, config.dice_weight)
         queries, order = queries.to(classes.device), order.to(classes.device)
         target_classes[b, queries] = classes[order]
         matched.append(mask_logits[b, queries])
         target_masks.append(masks[order])
     class_logits = _precise(class_logits)
     weight = torch.ones(K1, dtype=class_logits.dtype, device=class_logits.device)
-    weight[-1] = decoder.no_object_weight
+    weight[-1] = config.no_object_weight
     ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight, reduction="sum") / norms.class_weight
     predicted, truth = _precise(torch.cat(matched)), torch.cat(target_masks)
     truth = truth.to(predicted.dtype)
@@ -150,26 +150,29 @@ def layer_loss(decoder: MaskFormer, class_logits: Tensor, mask_logits: Tensor, t
     predicted, truth = predicted.flatten(1), truth.flatten(1)
     focal = sigmoid_focal(predicted, truth).sum() / norms.masks
     dice = dice_loss(predicted, truth).sum() / norms.masks
-    return ce + decoder.mask_weight * focal + decoder.dice_weight * dice
+    return ce + config.mask_weight * focal + config.dice_weight * dice
 
 
-def set_loss(decoder: MaskFormer, predictions: MaskPredictions, labels: Tensor, norms: SetNormalizers | None = None) -> Tensor:
+def set_loss(config: MaskFormerConfig, predictions: MaskPredictions, labels: Tensor,
+             norms: SetNormalizers | None = None) -> Tensor:
     """MaskFormer's loss of ``predictions`` (every layer's) against label maps (B, H, W), summed over
-    layers; ``norms`` default to those of ``labels`` (the official loss of one batch)."""
-    norms = norms or SetNormalizers.of(labels, decoder.n_queries, decoder.no_object_weight)
+    layers, with ``config``'s weights; ``norms`` default to those of ``labels`` (the official loss of one batch)."""
+    norms = norms or SetNormalizers.of(labels, config.n_queries, config.no_object_weight)
     targets = class_targets(labels)
-    return sum(layer_loss(decoder, c, m, targets, norms) for c, m in zip(predictions.class_logits, predictions.mask_logits))
+    return sum(layer_loss(config, c, m, targets, norms) for c, m in zip(predictions.class_logits, predictions.mask_logits))
 
 
 def step_loss(decoder: nn.Module, labels: Tensor) -> MicroLoss:
     """The training loss of a rank's share of a step whose labels are ``labels`` (B, H, W), as a
     function ``(forward, images, labels) -> loss`` of each micro-batch (``forward``: the model's, DDP-wrapped).
 
-    A decoder with ``predictions`` (MaskFormer) trains with ``set_loss``; every other decoder with the
-    cross-entropy over the labelled pixels (label != ``IGNORE_INDEX``) of the share, as Segmenter.
+    A decoder with ``predictions`` (MaskFormer) trains with ``set_loss`` and its config's weights;
+    every other decoder with the cross-entropy over the labelled pixels (label != ``IGNORE_INDEX``)
+    of the share, as Segmenter.
     """
     if hasattr(decoder, "predictions"):
-        norms = SetNormalizers.of(labels, decoder.n_queries, decoder.no_object_weight)
-        return lambda forward, x, y: set_loss(decoder, forward(x, predictions=True), y, norms)
+        config = decoder.config
+        norms = SetNormalizers.of(labels, config.n_queries, config.no_object_weight)
+        return lambda forward, x, y: set_loss(config, forward(x, predictions=True), y, norms)
     labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return lambda forward, x, y: F.cross_entropy(forward(x), y, ignore_index=IGNORE_INDEX, reduction="sum") / labelled

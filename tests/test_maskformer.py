@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models import create_model
-from depict_analysis.models.decoders.maskformer import MaskPredictions, semantic_inference, sine_position
+from depict_analysis.models.decoders.maskformer import MaskFormerConfig, MaskPredictions, semantic_inference, sine_position
 from depict_analysis.models.losses import SetNormalizers, dice_cost, focal_cost, match, set_loss, step_loss
 from depict_analysis.models.segmentor import inference_labels, predict_probs
 from depict_analysis.models.train import TrainConfig, train
@@ -235,7 +235,7 @@ def ref_set_loss(layers, labels, n_classes, eos=0.1, mask_weight=20.0, dice_weig
     return total
 
 
-LOSS_DECODER = SimpleNamespace(n_queries=3, no_object_weight=0.1, mask_weight=20.0, dice_weight=1.0)
+LOSS_CONFIG = MaskFormerConfig(n_queries=3)  # the official weights: no object 0.1, mask 20, dice 1
 
 
 def hand_made_case(seed=3, L=2, B=2, Q=3, K=3, size=(3, 4)):
@@ -290,14 +290,13 @@ def test_matching_brings_the_targets_to_the_prediction_grid_by_nearest():
 
 def test_set_loss_on_hand_made_images():
     predictions, labels = hand_made_case()
-    loss = set_loss(LOSS_DECODER, predictions, labels)
+    loss = set_loss(LOSS_CONFIG, predictions, labels)
     layers = list(zip(n(predictions.class_logits), n(predictions.mask_logits)))
     assert loss.item() == pytest.approx(ref_set_loss(layers, labels.numpy(), 3), rel=1e-10)
     # more classes than queries: the unmatched target still counts in the number of masks
     predictions, labels = hand_made_case(Q=2)
-    decoder = SimpleNamespace(**{**vars(LOSS_DECODER), "n_queries": 2})
     layers = list(zip(n(predictions.class_logits), n(predictions.mask_logits)))
-    assert set_loss(decoder, predictions, labels).item() == pytest.approx(ref_set_loss(layers, labels.numpy(), 3), rel=1e-10)
+    assert set_loss(MaskFormerConfig(n_queries=2), predictions, labels).item() == pytest.approx(ref_set_loss(layers, labels.numpy(), 3), rel=1e-10)
 
 
 def test_an_image_without_labelled_pixels_is_all_no_object():
@@ -307,7 +306,7 @@ def test_an_image_without_labelled_pixels_is_all_no_object():
     assert (norms.masks, norms.class_weight) == (1, pytest.approx(0.3))
     logits = n(predictions.class_logits)
     expected = sum(-np.log(ref_softmax(layer[0])[:, 3]).mean() for layer in logits)  # every query "no object", equal weights
-    assert set_loss(LOSS_DECODER, predictions, labels).item() == pytest.approx(expected, rel=1e-10)
+    assert set_loss(LOSS_CONFIG, predictions, labels).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_micro_batches_sum_to_the_loss_of_the_share():
@@ -317,7 +316,7 @@ def test_micro_batches_sum_to_the_loss_of_the_share():
     labels[1, :20] = 255
     labels[2] = labels[2] % 2  # two classes
     share = step_loss(model.decoder, labels)
-    whole = set_loss(model.decoder, model(images, predictions=True), labels)
+    whole = set_loss(model.decoder.config, model(images, predictions=True), labels)
     parts = share(model, images[:1], labels[:1]) + share(model, images[1:], labels[1:])
     torch.testing.assert_close(parts, whole, atol=1e-12, rtol=0)
 
@@ -348,3 +347,10 @@ def test_training_runs_with_the_set_loss(tmp_path):
                          batch_size=4, grad_accum=2, iterations=3, num_workers=0, eval_images=2, out_dir=str(tmp_path))
     result = train(config, progress=False)
     assert result["completed"] and math.isfinite(result["loss"]) and result["loss"] > 0
+
+
+def test_config_rejects_sizes_the_modules_cannot_take():
+    with pytest.raises(ConfigError, match="n_heads"):
+        MaskFormerConfig(hidden=64, n_heads=3)
+    with pytest.raises(ConfigError, match="norm_groups"):
+        MaskFormerConfig(conv_dim=48, norm_groups=32)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.decoders.base import Decoder, DecoderConfig, Family, Intermediates, register_family
 
 
@@ -141,45 +142,55 @@ def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())
 
 
+@dataclass
+class MaskFormerConfig(DecoderConfig):
+    """The official semantic-segmentation defaults (``configs/ade20k-150/maskformer_R50_bs16_160k.yaml``)."""
+
+    name: ClassVar[str] = "maskformer"
+    n_layers: int = 6  # DEC_LAYERS
+    n_queries: int = 100  # NUM_OBJECT_QUERIES
+    hidden: int = 256  # HIDDEN_DIM
+    n_heads: int = 8  # NHEADS
+    ffn: int = 2048  # DIM_FEEDFORWARD
+    mask_dim: int = 256  # SEM_SEG_HEAD.MASK_DIM
+    conv_dim: int = 256  # SEM_SEG_HEAD.CONVS_DIM
+    norm_groups: int = 32  # SEM_SEG_HEAD.NORM "GN": detectron2's GroupNorm(32, ·)
+    dropout: float = 0.1
+    # The loss (MASK_FORMER.*): "no object" class weight, mask (focal) and dice weights; the class weight is 1.
+    no_object_weight: float = 0.1
+    mask_weight: float = 20.0
+    dice_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden % self.n_heads or self.conv_dim % self.norm_groups:
+            raise ConfigError(f"decoder maskformer needs n_heads dividing hidden and norm_groups dividing conv_dim, got "
+                              f"{self.n_heads} / {self.hidden} and {self.norm_groups} / {self.conv_dim}")
+
+
 class MaskFormer(Decoder):
     """MaskFormer's pixel decoder, transformer decoder and mask-classification head (module docstring)."""
 
     family, role = "maskformer", "black-box"
     outputs = "probabilities"
 
-    def __init__(
-        self,
-        dim_encoder: int,
-        n_cls: int,
-        hidden: int = 256,
-        n_queries: int = 100,
-        n_layers: int = 6,
-        heads: int = 8,
-        ffn: int = 2048,
-        mask_dim: int = 256,
-        conv_dim: int = 256,
-        norm_groups: int = 32,
-        dropout: float = 0.1,
-        no_object_weight: float = 0.1,
-        mask_weight: float = 20.0,
-        dice_weight: float = 1.0,
-    ):
+    def __init__(self, dim_encoder: int, n_cls: int, config: MaskFormerConfig | None = None):
         super().__init__()
-        self.n_cls, self.n_queries = n_cls, n_queries
-        # the loss's weights, read by models/losses.py (the class term weighs 1)
-        self.no_object_weight, self.mask_weight, self.dice_weight = no_object_weight, mask_weight, dice_weight
+        self.config = c = config or MaskFormerConfig()  # the loss (models/losses.py) reads its weights here
+        self.n_cls, self.n_queries = n_cls, c.n_queries
+        hidden = c.hidden
         # pixel decoder: BasePixelDecoder on one level
-        self.pixel_conv = nn.Conv2d(dim_encoder, conv_dim, 3, padding=1, bias=False)
-        self.pixel_norm = nn.GroupNorm(norm_groups, conv_dim)
-        self.mask_features = nn.Conv2d(conv_dim, mask_dim, 3, padding=1)
+        self.pixel_conv = nn.Conv2d(dim_encoder, c.conv_dim, 3, padding=1, bias=False)
+        self.pixel_norm = nn.GroupNorm(c.norm_groups, c.conv_dim)
+        self.mask_features = nn.Conv2d(c.conv_dim, c.mask_dim, 3, padding=1)
         # transformer decoder
         self.input_proj = nn.Conv2d(dim_encoder, hidden, 1) if dim_encoder != hidden else nn.Identity()
-        self.query_embed = nn.Embedding(n_queries, hidden)
-        self.layers = nn.ModuleList(QueryLayer(hidden, heads, ffn, dropout) for _ in range(n_layers))
+        self.query_embed = nn.Embedding(c.n_queries, hidden)
+        self.layers = nn.ModuleList(QueryLayer(hidden, c.n_heads, c.ffn, c.dropout) for _ in range(c.n_layers))
         self.decoder_norm = nn.LayerNorm(hidden)
         # mask-classification head
         self.class_embed = nn.Linear(hidden, n_cls + 1)
-        self.mask_embed = MLP(hidden, hidden, mask_dim, 3)
+        self.mask_embed = MLP(hidden, hidden, c.mask_dim, 3)
         for conv in (self.pixel_conv, self.mask_features, self.input_proj):
             if isinstance(conv, nn.Conv2d):
                 c2_xavier_fill(conv)
@@ -250,36 +261,11 @@ class MaskFormer(Decoder):
 # ---------------------------------------------------------------------------------------- registration
 
 
-@dataclass
-class MaskFormerConfig(DecoderConfig):
-    """The official semantic-segmentation defaults (``configs/ade20k-150/maskformer_R50_bs16_160k.yaml``)."""
-
-    name: ClassVar[str] = "maskformer"
-    n_layers: int = 6  # DEC_LAYERS
-    n_queries: int = 100  # NUM_OBJECT_QUERIES
-    hidden: int = 256  # HIDDEN_DIM
-    n_heads: int = 8  # NHEADS
-    ffn: int = 2048  # DIM_FEEDFORWARD
-    mask_dim: int = 256  # SEM_SEG_HEAD.MASK_DIM
-    conv_dim: int = 256  # SEM_SEG_HEAD.CONVS_DIM
-    norm_groups: int = 32  # SEM_SEG_HEAD.NORM "GN": detectron2's GroupNorm(32, ·)
-    dropout: float = 0.1
-    # The loss (MASK_FORMER.*): "no object" class weight, mask (focal) and dice weights; the class weight is 1.
-    no_object_weight: float = 0.1
-    mask_weight: float = 20.0
-    dice_weight: float = 1.0
-
-
-def _build(c: MaskFormerConfig, dim_encoder: int, n_cls: int) -> MaskFormer:
-    return MaskFormer(dim_encoder, n_cls, c.hidden, c.n_queries, c.n_layers, c.n_heads, c.ffn, c.mask_dim, c.conv_dim,
-                      c.norm_groups, c.dropout, c.no_object_weight, c.mask_weight, c.dice_weight)
-
-
 # Every ViT gets the official decoder; the small sizes keep its shape at the widths of our tiny / mini
 # backbones, with more queries than the synthetic sets' 8 classes and, as their other families, no dropout.
 register_family(Family(
     MaskFormerConfig,
-    _build,
+    lambda config, dim_encoder, n_cls: MaskFormer(dim_encoder, n_cls, config),
     variant="maskformer",
     sizes={
         "vit": MaskFormerConfig(),
