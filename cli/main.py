@@ -208,7 +208,7 @@ def evaluate_command(
     from depict_analysis.foundation.files import atomic_write_text
 
     if out is not None:
-        check_out_file(out)
+        check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
     model, meta = open_model(checkpoint, device, trust)
     trained_name, trained_root, trained_kwargs = _trained_dataset(meta)
     name = dataset or trained_name

@@ -33,7 +33,7 @@ from depict_analysis.cli.common import (
     warn,
 )
 from depict_analysis.cli.options import LevelOption, ResamplesOption
-from depict_analysis.perturbations import NOISES, TARGETS, draws_per_sigma, parse_sigmas, resolve_perturbation
+from depict_analysis.perturbations import NOISES, TARGETS, parse_sigmas, resolve_perturbation
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
     from depict_analysis.robustness import Robustness
@@ -133,17 +133,15 @@ def robustness(
     builtins = DEFAULT_MODELS
     if perturbation.kind == "structured":  # without checkpoints: the built-in models whose decoders own subspaces
         builtins = [name for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
-    n_models = len(checkpoints) if checkpoints else len(builtins)
-    n_evaluations = n_models * sum(draws_per_sigma(perturbation, sigma, draws) for sigma in grid)
     models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins, scored_on=source))
     settings = {"input": {key: value for key, value in source.items() if value}, "batch_size": batch_size}
-    with sigterm_as_interrupt(), image_progress(n_evaluations, NAME, unit="evaluations") as advance:
+    with sigterm_as_interrupt(), image_progress(None, NAME) as advance:
         result = run_robustness(
             models, lambda side: image_batches(side, **source, batch_size=batch_size), perturbation, grid, out,
             draws=draws, seed=seed, size=size, settings=settings, bootstrap=Bootstrap(resamples, level, seed), advance=advance,
         )
     if not result.complete:
-        fail(f"interrupted after {len(result.evaluations)} of {n_evaluations} evaluations; partial results in {out}/", INTERRUPTED)
+        fail(f"interrupted: partial results on {result.num_images} images in {out}/", INTERRUPTED)
     console.print(summary_table(result))
     for warning in result.warnings():
         warn(warning)

@@ -7,7 +7,9 @@ run, each named, and its traces, from checkpoints or from saved traces.
 - ``--trace FILE`` (repeatable, ``NAME=FILE`` too) analyses traces written by ``--save-trace`` instead
   of running a model: no checkpoint, no images, no forward pass.
 - ``--save-trace FILE`` writes each model's traces, joined (``Trace.cat``), to FILE; with several
-  models to ``<stem>_<label><suffix>``, one file each.
+  models to ``<stem>_<label><suffix>``, one file each (the label reduced to a safe file name). Every
+  such file is checked before the first model is loaded: not a folder nor a special file, in a
+  writable folder, and never one of the run's inputs (a checkpoint, an image, a label map, a trace).
 
 One model is in memory at a time; its forward passes run as the analysis reads the traces.
 """
@@ -136,6 +138,18 @@ def trace_runs(sources: Sequence[tuple[str, str]], device: str = "auto") -> Iter
         yield Run(label, source, None, [Trace.load(source).to(torch_device)])
 
 
+@dataclass
+class Runs:
+    """The models of a run: (label, source) of each, known at once, and their ``Run``s, produced
+    (each model loaded) only as they are iterated."""
+
+    sources: list[tuple[str, str]]
+    produce: Iterator[Run]
+
+    def __iter__(self) -> Iterator[Run]:
+        return self.produce
+
+
 def runs(
     checkpoints: Sequence[str] | None,
     labels: Sequence[str] | None,
@@ -144,24 +158,50 @@ def runs(
     *,
     default: Sequence[str],
     **options,
-) -> tuple[int, Iterator[Run]]:
-    """(number of models, their ``Run``s): of the ``--trace`` files, else of the checkpoints (``default``
+) -> tuple[int, Runs]:
+    """(number of models, their ``Runs``): of the ``--trace`` files, else of the checkpoints (``default``
     when none is given; see ``model_runs`` for ``options``)."""
     if traces and (checkpoints or labels):
         raise ConfigError("give checkpoints or --trace files, not both")
     if traces:
         sources = labelled_sources(traces)
-        return len(sources), trace_runs(sources, options.get("device", "auto"))
+        return len(sources), Runs(sources, trace_runs(sources, options.get("device", "auto")))
     sources = labelled_sources(list(checkpoints or []) or list(default), labels)
-    return len(sources), model_runs(sources, batches_for, **options)
+    return len(sources), Runs(sources, model_runs(sources, batches_for, **options))
 
 
-def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace], Callable[[], Path | None]]:
-    """The run's traces, and a function that writes them (joined) to ``path`` once they have been read
-    (``<stem>_<label><suffix>`` when ``several``); without ``path`` the traces are not kept."""
+def _input_files(sources: Sequence[tuple[str, str]], inputs: dict | None) -> list[Path]:
+    """Every file a run reads: its checkpoints or trace files (a release folder's files), and its image
+    and label files (those inside folders named)."""
+    named = [Path(source) for _, source in sources]
+    for value in (inputs or {}).get("input", {}).values():
+        if isinstance(value, (list, tuple)):
+            named += [Path(v) for v in value if isinstance(v, (str, Path))]
+    files = []
+    for path in named:
+        files += [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+    return files
+
+
+def trace_targets(path: Path, models: Runs, inputs: dict | None) -> dict[str, Path]:
+    """``--save-trace`` file of each model (by label), each checked as an output before any work."""
+    from depict_analysis.foundation.files import check_out_file, safe_name
+
+    labels = [label for label, _ in models.sources]
+    targets = ({label: path.with_name(f"{path.stem}_{safe_name(label)}{path.suffix}") for label in labels} if len(labels) > 1
+               else {label: path for label in labels})
+    read = _input_files(models.sources, inputs)
+    for target in targets.values():
+        check_out_file(target, "--save-trace", inputs=read)
+    return targets
+
+
+def saving(run: Run, target: Path | None) -> tuple[Iterable[Trace], Callable[[], Path | None]]:
+    """The run's traces, and a function that writes them (joined) to ``target`` once they have been
+    read; without ``target`` the traces are not kept."""
     from depict_analysis.tracing import Trace
 
-    if path is None:
+    if target is None:
         return run.traces, lambda: None
     kept: list[Trace] = []
 
@@ -169,8 +209,6 @@ def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace],
         for tr in run.traces:
             kept.append(tr.to("cpu"))
             yield tr
-
-    target = path.with_name(f"{path.stem}_{run.label}{path.suffix}") if several else path
 
     def save() -> Path:
         Trace.cat(kept).save(target)
@@ -181,7 +219,7 @@ def saving(run: Run, path: Path | None, several: bool) -> tuple[Iterable[Trace],
 
 def compare_runs(
     count: int,
-    models: Iterable[Run],
+    models: Runs,
     analyze: Callable[[Iterable[Trace], Run], Result],
     *,
     save_trace: Path | None,
@@ -193,9 +231,10 @@ def compare_runs(
     images came from (None: the ``--trace`` files)."""
     from depict_analysis.results import Comparison
 
+    targets = trace_targets(save_trace, models, inputs) if save_trace is not None else {}
     labels, sources, results, saved = [], [], [], []
     for run in models:
-        traces, save = saving(run, save_trace, count > 1)
+        traces, save = saving(run, targets.get(run.label))
         results.append(analyze(traces, run))
         labels.append(run.label)
         sources.append(run.source)

@@ -42,7 +42,7 @@ from depict_analysis import plots
 from depict_analysis.class_rates import patch_classes
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.results import Result
-from depict_analysis.tracing import Trace, as_traces
+from depict_analysis.tracing import Trace, as_traces, class_labels
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, warn_sample_size
 
 READINGS = ("joint", "patch", "cross", "contract", "membership")
@@ -382,9 +382,7 @@ def analyze_attention(
     if first is None:
         raise InputError("no images to analyse")
     K = first.model["n_cls"]
-    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(K)]
-    if len(names) != K:
-        raise ConfigError(f"{len(names)} class names for a model of {K} classes")
+    names = class_labels(class_names, K)
     settings = {"layers": list(readings), "heads": used, "pixel": list(pixel) if pixel is not None else None,
                 "examples": len(drawn), "classes_by": "ground_truth" if first.labels is not None else "prediction",
                 "num_images": len(paths), "bootstrap": bootstrap.describe()}

@@ -33,7 +33,7 @@ from depict_analysis.coding_rate import coding_rate, normalize_tokens
 from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.results import Result
-from depict_analysis.tracing import Trace, as_traces
+from depict_analysis.tracing import Trace, as_traces, class_labels
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, quiet_nan_mean, warn_sample_size
 
 NORMALIZE = ("l2", "none")  # "crate" normalises inside heads: there are no heads here
@@ -226,9 +226,7 @@ def analyze_class_rates(
         raise InputError("no images to analyse")
     values = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     K = first.model["n_cls"]
-    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(K)]
-    if len(names) != K:
-        raise ConfigError(f"{len(names)} class names for a model of {K} classes")
+    names = class_labels(class_names, K)
     settings = {"by": by, "eps": eps, "normalize": normalize, "num_images": len(paths),
                 "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats", "bootstrap": bootstrap.describe()}
     return ClassRates(first.model, settings, paths, first.token_names, names, values["total"], values["per_class"],

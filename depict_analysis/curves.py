@@ -78,12 +78,12 @@ class LearningCurves(Result):
 
 def read_run(run: str | Path) -> RunCurve:
     """The ``RunCurve`` of one training run folder (``depict train --out``)."""
-    import yaml
+    from depict_analysis.foundation.yaml_text import load_yaml
 
     run = Path(run)
     if not (run / "log.jsonl").is_file() or not (run / "config.yaml").is_file():
         raise InputError(f"{run}: not a training run (no log.jsonl and config.yaml)")
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = load_yaml((run / "config.yaml").read_text(), str(run / "config.yaml"))
     records: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}  # other record types are skipped
     keys = {"train": TRAIN_KEYS, "eval": EVAL_KEYS}
     for number, line in enumerate((run / "log.jsonl").read_text().splitlines(), 1):

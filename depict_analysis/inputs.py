@@ -27,6 +27,9 @@ class Batch:
     pixels: Tensor  # (B, 3, S, S) in [0, 1], for figures
     labels: Tensor | None  # (B, S, S) with 255 = ignore, None without ground truth
     paths: list[str]
+    # the classes of the dataset the labels come from (checked against them when read); None: label
+    # files given by the user, which ``trace`` checks against the model's classes
+    label_classes: int | None = None
 
 
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
@@ -109,10 +112,10 @@ def image_batches(
         files = image_files(images)[:num_images]
         label_paths = matching_labels(files, labels) if labels is not None else [None] * len(files)
         items = (_read(f, l) for f, l in zip(files, label_paths))
-        total = len(files)
+        total, label_classes = len(files), None
     else:
         ds = build_dataset(dataset, data_root, split)
-        total = min(len(ds), num_images or len(ds))
+        total, label_classes = min(len(ds), num_images or len(ds)), ds.n_cls
         items = ((it["image"], it["label"], it["path"]) for it in (ds[i] for i in range(total)))
 
     def batches() -> Iterator[Batch]:
@@ -120,10 +123,10 @@ def image_batches(
         for pixels, label, path in items:
             chunk.append((*square_crop(pixels, size, label), path))
             if len(chunk) == batch_size:
-                yield _collate(chunk)
+                yield _collate(chunk, label_classes)
                 chunk = []
         if chunk:
-            yield _collate(chunk)
+            yield _collate(chunk, label_classes)
 
     return total, batches()
 
@@ -150,11 +153,11 @@ def load_images(
     return next(batches)
 
 
-def _collate(chunk: list) -> Batch:
+def _collate(chunk: list, label_classes: int | None) -> Batch:
     pixels = torch.stack([c[0] for c in chunk])
     has_labels = chunk[0][1] is not None
     labels = torch.stack([c[1] for c in chunk]) if has_labels else None
-    return Batch(pixels, labels, [c[2] for c in chunk])
+    return Batch(pixels, labels, [c[2] for c in chunk], label_classes)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.registry import ModelConfig
 from depict_analysis.orthogonality import class_summary, random_cosine_level, subspace_summary
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Subspace, Trace, as_traces
+from depict_analysis.tracing import Subspace, Trace, as_traces, class_labels
 
 FINAL_Q = "final_Q"
 LEARNED_Q = "cls_emb"
@@ -288,11 +288,11 @@ def analyze_orthogonality(
     settings = {"num_images": len(paths), "baseline_seeds": list(baseline_seeds), "d": d,
                 "at_init": "fresh decoders of the same config, one per seed, on the same Z_0"}
     n_cls, rows = first.model["n_cls"], first.class_embeddings.shape[-2]
-    if rows != n_cls:  # the class side of a query decoder (MaskFormer) is its queries
-        class_names = [f"query {i}" for i in range(rows)]
+    # the class side of a query decoder (MaskFormer) is its queries, not the K classes
+    names = class_labels(class_names, n_cls) if rows == n_cls else [f"query {i}" for i in range(rows)]
     return Orthogonality(
         model=first.model, settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
-        class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
+        class_names=names,
     )
 
 

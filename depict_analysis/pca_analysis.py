@@ -45,7 +45,7 @@ from depict_analysis.pca import (
     upsample_labels,
 )
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Trace, as_traces
+from depict_analysis.tracing import Trace, as_traces, class_labels
 
 SCORES = ("ari", "nmi", "miou")
 REFERENCES = ("prediction", "ground_truth")
@@ -279,8 +279,8 @@ def analyze_pca(
 ) -> PCASegmentation:
     """PCA-segment every traced image's tokens at ``layers`` (see the module docstring) and score them.
 
-    ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for every
-    source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
+    ``k`` defaults per image to ``choose_k`` of the model's prediction: the classes it predicts on at
+    least 1 % of the image, clamped to 2..8, the same k for every source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
     segmentations for figures, drawn with ``class_names`` and ``palette`` (K, 3) uint8 (default:
     ``class i`` and ``make_palette``); ``score_figure`` adds the box plot of every image's scores.
     """
@@ -311,9 +311,19 @@ def analyze_pca(
     return PCASegmentation(
         model=first.model, settings=settings, sources=sources, token_names=first.token_names, images=paths,
         k=np.array(ks), scored=scored, scores=scores, examples=kept,
-        class_names=list(class_names) if class_names is not None else [f"class {i}" for i in range(n_cls)],
-        palette=np.asarray(palette) if palette is not None else make_palette(n_cls), score_figure=score_figure,
+        class_names=class_labels(class_names, n_cls),
+        palette=_palette(palette, n_cls), score_figure=score_figure,
     )
+
+
+def _palette(palette: Any, n_cls: int) -> np.ndarray:
+    """``palette`` as (K, 3) uint8 class colours, checked; ``make_palette(K)`` when None."""
+    if palette is None:
+        return make_palette(n_cls)
+    colours = np.asarray(palette)
+    if colours.shape != (n_cls, 3) or not np.issubdtype(colours.dtype, np.integer) or colours.min() < 0 or colours.max() > 255:
+        raise ConfigError(f"palette must be ({n_cls}, 3) integers in 0..255 (one colour per class), got shape {colours.shape}")
+    return colours.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -47,14 +47,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from depict_analysis import plots
+from depict_analysis.foundation.distributed import active, is_writer, rank_and_world, shard, sum_over_processes
+from depict_analysis.foundation.errors import ConfigError, DatasetError, InputError
 from depict_analysis.inputs import Batch
-from depict_analysis.models.data import IGNORE_INDEX
-from depict_analysis.foundation.errors import ConfigError, InputError
-from depict_analysis.models.evaluate import ConfusionMatrix, miou
+from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset
+from depict_analysis.models.data.transforms import img_scale_for
+from depict_analysis.models.evaluate import check_classes, decode_labels, encode_image, eval_protocol, image_labels
 from depict_analysis.outputs import save_csv, save_json
 from depict_analysis.perturbations import Perturbation, draws_per_sigma, resolve_perturbation
 from depict_analysis.results import Result
@@ -68,16 +71,21 @@ from depict_analysis.uncertainty import (
     miou_from_counts,
     miou_replicates,
     percentile_interval,
+    quiet_nan_mean,
     warn_sample_size,
 )
+
+# Perturbed parameter sets kept on the device for reuse over all the images (ParameterSets).
+PARAMETER_BUDGET = 2**30
 # "At the class prior": the clean mIoU is at most 25 % above the mIoU of predicting the most frequent
 # label everywhere, at the upper end of its interval (a model stuck on its background class scores 1×).
 PRIOR_MARGIN = 1.25
 
 
-def draw_generator(seed: int, checkpoint: str, sigma: float, draw: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, checkpoint, σ, draw) alone (a stable hash, not Python's)."""
-    key = f"{seed}|{checkpoint}|{float(sigma)!r}|{draw}".encode()
+def draw_generator(seed: int, checkpoint: str, sigma: float, draw: int, image: int | None = None) -> torch.Generator:
+    """A CPU generator seeded from (seed, checkpoint, σ, draw) alone (a stable hash, not Python's);
+    with ``image``, one per image of that draw (input noise)."""
+    key = f"{seed}|{checkpoint}|{float(sigma)!r}|{draw}{'' if image is None else f'|{image}'}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
 
@@ -179,9 +187,10 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
 def perturbed_images(
     model: nn.Module, pixels: Tensor, perturbation: Perturbation, sigma: float, generator: torch.Generator
 ) -> Tensor:
-    """Pixels (B, 3, S, S) in [0, 1] -> normalised model input, with input noise of level σ applied.
+    """Pixels (B, 3, h, w) in [0, 1] -> normalised model input, with input noise of level σ applied.
 
-    Noise is drawn on the CPU from ``generator`` (one call per batch, in batch order).
+    Noise is drawn on the CPU from ``generator`` (one call per batch, in batch order; a sweep calls
+    it once per image and view, with the image's own generator).
     """
     if perturbation.kind != "input" or sigma == 0:
         return model.normalize(pixels)
@@ -198,25 +207,51 @@ def perturbed_images(
 # ------------------------------------------------------------------------------------- evaluation
 
 
-class _Method(nn.Module):
-    """Calls one method of ``model``, so that ``functional_call`` can swap parameters for any entry point."""
+class _Call(nn.Module):
+    """Runs ``fn(*args)`` as its forward, so that ``functional_call`` swaps ``model``'s parameters for
+    the whole call (``fn`` may call the model many times: every window of an image)."""
 
-    def __init__(self, model: nn.Module, method: str):
+    def __init__(self, model: nn.Module, fn: Callable[..., Tensor]):
         super().__init__()
-        self.model, self.method = model, method
+        self.model = model
+        self.fn = (fn,)  # in a tuple: a module passed as ``fn`` must not register as a second path to the parameters
 
     def forward(self, *args):
-        return getattr(self.model, self.method)(*args)
+        return self.fn[0](*args)
 
 
-@dataclass
-class _Item:
-    """One image batch kept for the whole sweep: pixels (B, 3, S, S) or cached Z_0 (B, N, d); labels (B, S, S)."""
+def with_parameters(model: nn.Module, parameters: dict[str, Tensor], fn: Callable[..., Tensor], *args) -> Tensor:
+    """``fn(*args)`` with ``parameters`` (names as in ``model``) in place of the model's own, which
+    are never modified (``torch.func.functional_call``), also when ``fn`` raises."""
+    if not parameters:
+        return fn(*args)
+    return functional_call(_Call(model, fn), {f"model.{name}": value for name, value in parameters.items()}, args)
 
-    pixels: Tensor | None
-    z0: Tensor | None
-    grid: tuple[int, int] | None
-    labels: Tensor
+
+class ParameterSets:
+    """The parameter replacements of every (σ, draw) of a sweep, each drawn once from its own
+    ``draw_generator`` and kept on the model's device for all the images while the kept sets fit in
+    ``budget`` bytes (decoder noise: every set; noise on a whole ViT may not fit); a set beyond it is
+    drawn again for each image batch, with the same values."""
+
+    def __init__(self, model: nn.Module, perturbation: Perturbation, label: str, seed: int, budget: int):
+        self.model, self.perturbation, self.label, self.seed, self.budget = model, perturbation, label, seed, budget
+        self.device = next(model.parameters()).device
+        self.kept: dict[tuple[float, int], dict[str, Tensor]] = {}
+        self.held = 0
+
+    @torch.inference_mode()
+    def __call__(self, sigma: float, draw: int) -> dict[str, Tensor]:
+        if (sigma, draw) in self.kept:
+            return self.kept[sigma, draw]
+        generator = draw_generator(self.seed, self.label, sigma, draw)
+        drawn = perturbed_parameters(self.model, self.perturbation, sigma, generator)
+        drawn = {name: value.to(self.device) for name, value in drawn.items()}
+        size = sum(value.numel() * value.element_size() for value in drawn.values())
+        if self.held + size <= self.budget:
+            self.kept[sigma, draw] = drawn
+            self.held += size
+        return drawn
 
 
 def per_image_counts(pred: Tensor, target: Tensor, n_cls: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -224,16 +259,28 @@ def per_image_counts(pred: Tensor, target: Tensor, n_cls: int, ignore_index: int
 
     Pixels labelled ``ignore_index`` are left out, as in ``ConfusionMatrix``: summed over images these
     are its diagonal, row sums and column sums, all that the mIoU needs (``uncertainty.miou_from_counts``).
+    A label outside 0..K-1 (other than ``ignore_index``) is refused, as ``ConfusionMatrix`` refuses it.
     """
     B, K = pred.shape[0], n_cls
     valid = target != ignore_index
     image = torch.arange(B, device=target.device).view(B, *([1] * (target.ndim - 1))).expand_as(target)[valid] * K
     t, p = target[valid].long(), pred.to(target.device)[valid].long()
+    bad = t[(t < 0) | (t >= K)]
+    if bad.numel():
+        raise DatasetError(f"label value {int(bad[0])} is not a class index 0..{K - 1} (or {ignore_index} = ignore)")
 
     def count(index: Tensor) -> Tensor:
         return torch.bincount(index, minlength=B * K).view(B, K)
 
     return torch.stack([count((image + t)[t == p]), count(image + t), count(image + p)], dim=1)
+
+
+def scores_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """``models.evaluate.miou``'s mIoU, pixel and mean accuracy from summed counts (3, K) (TP, label, predicted)."""
+    tp, label = counts[0].astype(np.float64), counts[1].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"), quiet_nan_mean():
+        mean_acc = float(np.nanmean(tp / label))
+    return {"miou": float(miou_from_counts(counts)), "pixel_acc": float(tp.sum() / label.sum()), "mean_acc": mean_acc}
 
 
 @dataclass(frozen=True)
@@ -252,116 +299,204 @@ class Evaluation:
     mean_acc: float
     counts: np.ndarray = field(compare=False, repr=False)
 
+    @staticmethod
+    def of(checkpoint: str, sigma: float, draw: int, counts: np.ndarray) -> "Evaluation":
+        """The evaluation whose per-image counts (n, 3, K) are ``counts``."""
+        return Evaluation(checkpoint, float(sigma), draw, **scores_from_counts(counts.sum(axis=0)), counts=counts)
+
     def record(self) -> dict:
         """The row of ``robustness.csv``: checkpoint, sigma, draw, miou, pixel_acc, mean_acc."""
         return {key: getattr(self, key) for key in ("checkpoint", "sigma", "draw", "miou", "pixel_acc", "mean_acc")}
 
 
-class SweepEvaluator:
-    """mIoU of one model under any parameter replacement / input perturbation, over fixed image batches.
-
-    With ``cache_z0`` the backbone runs once per batch here; ``evaluate`` then only decodes (valid only
-    when the replacements touch decoder parameters alone). Batches live on the model's device.
-    Logits are upsampled in channels-last memory (``Segmentor.decode``): the same argmax, and the
-    upsampling + argmax over K (most of a decode for many classes) run several times faster.
+@dataclass(frozen=True)
+class EvaluationImages:
+    """Images scored with the evaluation protocol (SPEC §1.5) exactly as ``models.evaluate.evaluate``
+    scores them: the first ``num_images`` items of ``dataset`` (all by default) at their own size,
+    the dataset's test resize, sliding windows (``batch_size`` at a time) with the window, stride
+    and short side of ``eval_protocol`` (explicit values win; ``train_config`` of a run as ``depict
+    eval`` reads it), logits merged, labels scored at the label's resolution. Single scale, no flip.
     """
 
-    @torch.inference_mode()
-    def __init__(self, model: nn.Module, batches: Iterable[Batch], cache_z0: bool):
-        self.model, self.cache_z0 = model, cache_z0
+    dataset: SegmentationDataset
+    num_images: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    short_side: int | None = None
+    batch_size: int = 8
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.num_images is None else min(self.num_images, len(self.dataset))
+
+    def protocol(self, model: nn.Module, train_config: dict | None = None) -> dict[str, Any]:
+        """``window``, ``stride``, ``img_scale`` and ``batch_size`` of ``image_labels`` for ``model``."""
+        check_classes(model, self.dataset)
+        protocol = eval_protocol(model, self.dataset, train_config, window=self.window, stride=self.stride,
+                                 short_side=self.short_side)
+        return {"window": protocol["window"], "stride": protocol["stride"], "batch_size": self.batch_size,
+                "img_scale": img_scale_for(protocol["short_side"], self.dataset.max_ratio)}
+
+    def describe(self, model: nn.Module, train_config: dict | None = None) -> dict[str, Any]:
+        """What a result records about the protocol: its name and settings for ``model``."""
+        protocol = self.protocol(model, train_config)
+        return {"name": "evaluation", "window": protocol["window"], "stride": protocol["stride"],
+                "img_scale": protocol["img_scale"] and list(protocol["img_scale"]), "scales": [1.0], "flip": False}
+
+
+#: ``crops(side)`` -> (number of images, batches of ``side``-pixel square crops): the faster protocol.
+CropImages = Callable[[int], tuple[int, Iterable[Batch]]]
+SweepImages = EvaluationImages | CropImages
+
+
+class ModelSweep:
+    """One model's sweep, images outer and every (σ, draw) inner.
+
+    Each image (or batch of square crops) is read once and, for a decoder-only perturbation, encoded
+    once (every window of every view); every (σ, draw) is then decoded from those tokens before the
+    next image is read, so memory is bounded by one image (or batch) whatever the number of images.
+    Parameter sets come from one ``ParameterSets``; input noise is drawn per image from
+    ``draw_generator(seed, label, σ, draw, image index)``, so no number depends on the batch size,
+    the order of the images or how they are split across processes. ``counts[i]`` (E, 3, K) holds
+    image i's counts under each of ``draws`` once scored.
+    """
+
+    def __init__(self, model: nn.Module, label: str, perturbation: Perturbation, sigmas: Sequence[float], draws: int,
+                 seed: int, cache_z0: bool | None = None, parameter_budget: int = PARAMETER_BUDGET):
+        if perturbation.kind == "structured":
+            transformable_subspaces(model)  # a clear error before any work for a decoder without subspaces
+        if draws < 1:
+            raise ConfigError(f"draws must be ≥ 1, got {draws}")
+        cache_z0 = perturbation.decoder_only if cache_z0 is None else cache_z0
+        if cache_z0 and not perturbation.decoder_only:
+            raise ConfigError(f"cannot cache Z_0 when the {perturbation.target} is perturbed")
+        self.model, self.label, self.perturbation, self.seed, self.cache_z0 = model, label, perturbation, seed, cache_z0
+        self.draws = [(float(s), d) for s in sigmas for d in range(draws_per_sigma(perturbation, s, draws))]
+        self.parameters = ParameterSets(model, perturbation, label, seed, parameter_budget)
         self.device = next(model.parameters()).device
-        self.items: list[_Item] = []
-        self._forward, self._decode = _Method(model, "forward"), _Method(model, "decode")
-        for batch in batches:
-            if batch.labels is None:
-                raise InputError("robustness needs ground-truth labels: give --labels with --images, or a --dataset")
-            pixels, labels = batch.pixels.to(self.device), batch.labels.to(self.device)
-            if cache_z0:
-                z0, grid = model.encode(model.normalize(pixels))
-                self.items.append(_Item(None, z0, grid, labels))
-            else:
-                self.items.append(_Item(pixels, None, None, labels))
-        if not self.items:
-            raise InputError("no images to evaluate")
+        self.counts: dict[int, np.ndarray] = {}
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(item.labels) for item in self.items)
+    def _inputs(self, sigma: float, draw: int, index: int) -> Callable[[Tensor], Tensor] | None:
+        """Pixels (B, 3, h, w) in [0, 1] -> the perturbed model input of image ``index`` (None: clean)."""
+        if self.perturbation.kind != "input" or sigma == 0:
+            return None
+        generator = draw_generator(self.seed, self.label, sigma, draw, index)
+        return partial(perturbed_images, self.model, perturbation=self.perturbation, sigma=sigma, generator=generator)
 
     @torch.inference_mode()
-    def evaluate(
-        self,
-        parameters: dict[str, Tensor],
-        inputs: Callable[[Tensor], Tensor] | None = None,
-    ) -> tuple[dict, np.ndarray]:
-        """``models.evaluate.miou`` of the model with ``parameters`` swapped in (names as in the model),
-        and the per-image counts (n, 3, K) behind it (``per_image_counts``).
-
-        ``inputs`` maps a pixel batch (B, 3, S, S) in [0, 1] to the normalised model input
-        (default ``model.normalize``); it needs uncached batches.
-        """
-        swapped = {f"model.{name}": value.to(self.device) for name, value in parameters.items()}
-        confusion = ConfusionMatrix(self.model.n_cls, self.device)
-        counts = []
-        for item in self.items:
-            size = item.labels.shape[-2:]
+    def score_crops(self, batch: Batch, indices: Sequence[int]) -> None:
+        """Score a batch of square crops (pixels (B, 3, S, S), labels (B, S, S)), image i = ``indices[i]``."""
+        model, pixels, labels = self.model, batch.pixels.to(self.device), batch.labels.to(self.device)
+        size, counts = labels.shape[-2:], []
+        if self.cache_z0:
+            z0, grid = model.encode(model.normalize(pixels))
+        for sigma, draw in self.draws:
+            parameters = self.parameters(sigma, draw)
             if self.cache_z0:
-                if inputs is not None:
-                    raise ConfigError("input perturbations need the backbone: Z_0 cannot be cached")
-                logits = functional_call(self._decode, swapped, (item.z0, item.grid, size, torch.channels_last))
+                logits = with_parameters(model, parameters, model.decode, z0, grid, size, torch.channels_last)
             else:
-                x = (inputs or self.model.normalize)(item.pixels)
-                logits = functional_call(self._forward, swapped, (x, torch.channels_last))
-            prediction = logits.argmax(1)
-            confusion.update(prediction, item.labels)
-            counts.append(per_image_counts(prediction, item.labels, self.model.n_cls))
-        return miou(confusion), torch.cat(counts).cpu().numpy()
+                x = torch.cat([(self._inputs(sigma, draw, i) or model.normalize)(pixels[j : j + 1])
+                               for j, i in enumerate(indices)])
+                logits = with_parameters(model, parameters, model, x, torch.channels_last)
+            counts.append(per_image_counts(logits.argmax(1), labels, model.n_cls))
+        for j, image_counts in enumerate(torch.stack(counts, dim=1).cpu().numpy()):  # (B, E, 3, K)
+            self.counts[indices[j]] = image_counts
+
+    @torch.inference_mode()
+    def score_image(self, image: Image.Image, label: np.ndarray, index: int, protocol: dict[str, Any]) -> None:
+        """Score one image with the evaluation protocol (``EvaluationImages.protocol``) under every draw."""
+        model, target = self.model, torch.from_numpy(label).to(self.device)[None]
+        encoded = encode_image(model, image, **protocol) if self.cache_z0 else None
+        counts = []
+        for sigma, draw in self.draws:
+            parameters = self.parameters(sigma, draw)
+            if encoded is not None:
+                labels = with_parameters(model, parameters, decode_labels, model, encoded)
+            else:
+                labels = with_parameters(model, parameters, partial(image_labels, model, image, inputs=self._inputs(
+                    sigma, draw, index), **protocol))
+            counts.append(per_image_counts(labels[None], target, model.n_cls)[0])
+        self.counts[index] = torch.stack(counts).cpu().numpy()
+
+    def run(self, images: SweepImages, train_config: dict | None = None,
+            advance: Callable[[int], None] | None = None) -> int:
+        """Score this process's share of ``images`` (``foundation.distributed.shard``); returns the
+        number of images in all. ``advance(n)`` after every n images scored here."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if isinstance(images, EvaluationImages):
+                protocol = images.protocol(self.model, train_config)
+                for i in shard(len(images)):
+                    image, label = images.dataset.load_raw(i)
+                    self.score_image(image, label, i, protocol)
+                    if advance is not None:
+                        advance(1)
+                return len(images)
+            side = max(self.model.config.backbone.image_size)
+            _, batches = images(side)
+            rank, world = rank_and_world()
+            total = 0
+            for b, batch in enumerate(batches):
+                if batch.labels is None:
+                    raise InputError("robustness needs ground-truth labels: give --labels with --images, or a --dataset")
+                indices = range(total, total + len(batch.labels))
+                total += len(indices)
+                if b % world == rank:
+                    self.score_crops(batch, indices)
+                    if advance is not None:
+                        advance(len(indices))
+            return total
+        finally:
+            self.model.train(was_training)
+
+    def evaluations(self, n: int) -> tuple[list[Evaluation], np.ndarray]:
+        """One ``Evaluation`` per draw over the images scored by any process, and their indices (sorted).
+
+        Under ``torchrun`` a collective call: every process's counts are summed into each."""
+        if not self.counts and not active():
+            raise InputError("no images to evaluate")
+        E, K = len(self.draws), self.model.n_cls
+        counts = torch.zeros(n, E, 3, K, dtype=torch.int64)
+        scored = torch.zeros(n, dtype=torch.int64)
+        for i, image_counts in self.counts.items():
+            counts[i], scored[i] = torch.from_numpy(image_counts), 1
+        sum_over_processes(counts), sum_over_processes(scored)
+        done = scored.nonzero()[:, 0].numpy()
+        if not len(done):
+            raise InputError("no images to evaluate")
+        per_draw = counts[done].numpy().transpose(1, 0, 2, 3)  # (E, n, 3, K)
+        return [Evaluation.of(self.label, sigma, draw, c) for (sigma, draw), c in zip(self.draws, per_draw)], done
 
 
 def robustness_records(
     model: nn.Module,
     label: str,
-    batches: Iterable[Batch],
+    images: SweepImages | Iterable[Batch],
     perturbation: Perturbation,
     sigmas: Sequence[float],
     draws: int = 3,
     seed: int = 0,
     *,
     cache_z0: bool | None = None,
+    train_config: dict | None = None,
     advance: Callable[[int], None] | None = None,
-) -> Iterator[Evaluation]:
+) -> list[Evaluation]:
     """One ``Evaluation`` per (σ, draw) of ``model`` (called ``label``) under ``perturbation``, σ in the given order.
 
-    ``batches`` yield ``Batch(pixels (B, 3, S, S) in [0, 1], labels (B, S, S))``; they are read once
-    (and encoded once when ``cache_z0``, by default whenever the perturbation is decoder-only).
-    ``advance(1)`` is called after each evaluation. The model is left untouched (its train/eval mode
-    is set to eval while the generator runs and restored after).
+    ``images``: ``EvaluationImages`` (the evaluation protocol: σ = 0 equals ``evaluate``), a
+    ``CropImages`` callable, or the square-crop ``Batch``es themselves (pixels (B, 3, S, S) in
+    [0, 1], labels (B, S, S)). With ``cache_z0`` (by default whenever the perturbation is
+    decoder-only) the backbone runs once per image. σ = 0 is the clean model, evaluated once;
+    deterministic perturbations get one draw. ``advance(n)`` after every n images. The model is left
+    untouched (its train / eval mode is restored). Under ``torchrun`` each process scores its share
+    and every process returns all the records.
     """
-    if perturbation.kind == "structured":
-        transformable_subspaces(model)  # a clear error before any work for a decoder without subspaces
-    if draws < 1:
-        raise ConfigError(f"draws must be ≥ 1, got {draws}")
-    cache_z0 = perturbation.decoder_only if cache_z0 is None else cache_z0
-    if cache_z0 and not perturbation.decoder_only:
-        raise ConfigError(f"cannot cache Z_0 when the {perturbation.target} is perturbed")
-    was_training = model.training
-    model.eval()
-    try:
-        evaluator = SweepEvaluator(model, batches, cache_z0)
-        for sigma in sigmas:
-            for draw in range(draws_per_sigma(perturbation, sigma, draws)):
-                g = draw_generator(seed, label, sigma, draw)
-                with torch.inference_mode():
-                    parameters = perturbed_parameters(model, perturbation, sigma, g)
-                inputs = None
-                if perturbation.kind == "input" and sigma > 0:
-                    inputs = partial(perturbed_images, model, perturbation=perturbation, sigma=sigma, generator=g)
-                scores, counts = evaluator.evaluate(parameters, inputs)
-                yield Evaluation(label, float(sigma), draw, scores["miou"], scores["pixel_acc"], scores["mean_acc"], counts)
-                if advance is not None:
-                    advance(1)
-    finally:
-        model.train(was_training)
+    sweep = ModelSweep(model, label, perturbation, sigmas, draws, seed, cache_z0)
+    if not isinstance(images, EvaluationImages) and not callable(images):
+        batches = list(images)
+        images = lambda side: (None, batches)  # noqa: E731
+    n = sweep.run(images, train_config, advance)
+    return sweep.evaluations(n)[0]
 
 
 # --------------------------------------------------------------------------------- the typed result
@@ -562,13 +697,16 @@ class Robustness(Result):
         for label in self.labels:
             curve = self.curve(label)
             name = f"{label} ({families[label]})" if label in families else label
+            half = curve.sigma_half(self.bootstrap.level) if len(curve.sigma) > 1 else None
             curves.append(plots.RobustnessCurve(name, curve.sigma, 100 * curve.mean,
                                                 100 * np.array([i.low for i in curve.interval]),
-                                                100 * np.array([i.high for i in curve.interval])))
+                                                100 * np.array([i.high for i in curve.interval]),
+                                                None if half is None else (half.estimate, half.low, half.high)))
         colours = plots.model_colours([c.name for c in curves])
         s = self.settings
         draws = f"{s['draws']} draws" if s["draws"] > 1 and not self.deterministic else "one draw"
-        caption = (f"{s['description']}\n{self.num_images} images, {draws}; band: {100 * self.bootstrap.level:g} % "
+        protocol = PROTOCOLS.get(s.get("protocol", "crops"))
+        caption = (f"{s['description']}\n{self.num_images} images, {protocol}; {draws}; band: {100 * self.bootstrap.level:g} % "
                    f"bootstrap interval over images{' and draws' if draws != 'one draw' else ''}; seed {s['seed']}"
                    f"{'  [interrupted: partial results]' if not self.complete else ''}")
         if s["kind"] == "structured":
@@ -582,7 +720,7 @@ class Robustness(Result):
     def files(self, out: str | Path) -> list[Path]:
         """The files ``save(out)`` writes."""
         out = Path(out)
-        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz")]
+        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz", ".result.npz")]
 
 
 NAME = Robustness.name
@@ -607,9 +745,15 @@ def write_progress(out: str | Path, settings: dict, checkpoints: list[dict], eva
     save_csv(out / f"{NAME}.csv", records)
 
 
+PROTOCOLS = {
+    "evaluation": "evaluation protocol (test resize, sliding windows, merged logits), as depict eval",
+    "crops": "square crops at the training size (faster; not the evaluation protocol)",
+}
+
+
 def run_robustness(
-    models: Iterable[tuple[str, str, nn.Module]],
-    batches_for: Callable[[int], tuple[int, Iterable[Batch]]],
+    models: Iterable[tuple[str, str, nn.Module] | tuple[str, str, nn.Module, dict | None]],
+    images: SweepImages,
     perturbation: Perturbation,
     sigmas: Sequence[float],
     out: str | Path | None,
@@ -621,35 +765,52 @@ def run_robustness(
     bootstrap: Bootstrap | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> Robustness:
-    """Sweep every ``(label, source, model)`` of ``models``; with ``out``, write the result there.
+    """Sweep every ``(label, source, model[, train_config])`` of ``models``; with ``out``, write the result there.
 
-    ``batches_for(side)`` gives (number of images, batches of ``side``-pixel crops); ``side`` is
-    ``size`` or each model's training size. With ``out`` the records are rewritten after every
-    evaluation (``write_progress``) and the whole result (``Robustness.save``) at the end. A
-    KeyboardInterrupt ends the sweep with what is done: the result has ``complete = False``.
-    ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
+    ``images``: ``EvaluationImages`` (the evaluation protocol, each model's window and stride as
+    ``depict eval`` takes them from its ``train_config``), or ``crops(side)`` -> (number of images,
+    batches of ``side``-pixel square crops), ``side`` = ``size`` or each model's training size.
+    Images are outer and (σ, draw) inner (``ModelSweep``). With ``out`` the records are rewritten
+    after every model (``write_progress``) and the whole result (``Robustness.save``) at the end.
+    A KeyboardInterrupt ends the sweep with what is done (``complete = False``): the models swept,
+    and in one process the images the interrupted model scored, every model restricted to those.
+    Under ``torchrun`` every process scores its share of the images, every process returns the
+    whole result and only rank 0 writes. ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
     """
     if 0 not in sigmas:
         raise ConfigError("a sweep needs σ = 0, the clean model every other σ is compared with")
-    settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {"size": size}
+    crops = not isinstance(images, EvaluationImages)
+    protocol = "crops" if crops else "evaluation"
+    settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {
+        "size": size, "protocol": protocol, "protocol_description": PROTOCOLS[protocol]}
+    writes = out is not None and is_writer()
     described: list[dict] = []
     evaluations: list[Evaluation] = []
-    complete = False
+    sweep, complete = None, False
     try:
-        for label, source, model in models:
+        for label, source, model, *config in models:
+            train_config = config[0] if config else None
             side = size or max(model.config.backbone.image_size)
-            total, batches = batches_for(side)
-            settings["num_images"] = total
-            described.append({"label": label, "path": source, "size": side, "model": describe_model(model)})
-            for evaluation in robustness_records(model, label, batches, perturbation, sigmas, draws, seed, advance=advance):
-                evaluations.append(evaluation)
-                if out is not None:
-                    write_progress(out, settings, described, evaluations)
+            sweep_images = (lambda _, side=side: images(side)) if crops else images
+            described.append({"label": label, "path": source, "size": side, "model": describe_model(model),
+                              "protocol": {"name": "crops", "size": side} if crops else images.describe(model, train_config)})
+            sweep = ModelSweep(model, label, perturbation, sigmas, draws, seed)
+            n = sweep.run(sweep_images, train_config, advance)
+            evaluations += sweep.evaluations(n)[0]
+            settings["num_images"], sweep = n, None
+            if writes:
+                write_progress(out, settings, described, evaluations)
             del model  # before the next one loads
         complete = True
     except KeyboardInterrupt:
-        pass
+        if sweep is not None and sweep.counts and not active():  # keep the images the interrupted model scored
+            done = np.array(sorted(sweep.counts))
+            evaluations = [Evaluation.of(e.checkpoint, e.sigma, e.draw, e.counts[done]) for e in evaluations]
+            evaluations += sweep.evaluations(int(done[-1]) + 1)[0]
+            settings["num_images"] = len(done)
+        elif sweep is not None:
+            described.pop()
     result = Robustness(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
-    if evaluations and out is not None:
+    if evaluations and writes:
         result.save(out)
     return result

@@ -26,7 +26,7 @@ nothing here knows about families.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -36,16 +36,20 @@ from torch import Tensor, nn
 from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.models.decoders.base import Subspace
 from depict_analysis.foundation.device import autocast
-from depict_analysis.foundation.errors import InputError
+from depict_analysis.foundation.errors import ConfigError, InputError
+from depict_analysis.foundation.reprs import dataclass_repr
+from depict_analysis.models.data.base import IGNORE_INDEX
 
 __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
 
 TRACE_FORMAT = "depict-analysis-trace/1"
 
 
-@dataclass
+@dataclass(repr=False)
 class Trace:
     """The decoder internals of one batch of images (see the module docstring for every field)."""
+
+    __repr__ = dataclass_repr  # model, layers and shapes, not the tensors' values
 
     model: dict[str, Any]  # what the model is (outputs.describe_model): variant, decoder, role, d, patch, K
     grid: tuple[int, int]
@@ -133,9 +137,20 @@ class Trace:
         traces = list(traces)
         if not traces:
             raise InputError("no traces to concatenate")
+        if not all(isinstance(t, Trace) for t in traces):
+            raise InputError(f"Trace.cat joins Trace objects, got {', '.join(sorted({type(t).__name__ for t in traces}))}")
         first = traces[0]
-        if any(t.grid != first.grid or t.layer_names != first.layer_names for t in traces):
-            raise InputError("traces of different models or image sizes cannot be concatenated")
+        for t in traces[1:]:
+            if t.model != first.model or t.config != first.config or t.layer_names != first.layer_names:
+                raise InputError(f"traces of different models cannot be concatenated ({_model_text(first)} and {_model_text(t)})")
+            if t.grid != first.grid or t.masks.shape[1:] != first.masks.shape[1:]:
+                raise InputError(f"traces of different image sizes cannot be concatenated ({tuple(first.masks.shape[-2:])} "
+                                 f"and {tuple(t.masks.shape[-2:])} pixels)")
+            if any(not torch.equal(a.proj.cpu(), b.proj.cpu()) for a, b in zip(t.subspaces, first.subspaces)):
+                raise InputError(f"traces of different models cannot be concatenated (two {_model_text(t)} with different weights)")
+            if (t.pixels is None) != (first.pixels is None) or (t.labels is None) != (first.labels is None) \
+                    or set(t.attention) != set(first.attention):
+                raise InputError("traces with and without images, labels or attention maps cannot be concatenated")
         cat = lambda get: torch.cat([get(t) for t in traces])  # noqa: E731
         optional = lambda get: None if get(first) is None else cat(get)  # noqa: E731
         return replace(
@@ -166,8 +181,11 @@ class Trace:
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Trace":
-        """A trace written by ``Trace.save`` (no code is run from the file)."""
+        """A trace written by ``Trace.save`` (no code is run from the file), checked as untrusted input:
+        finite, its shapes consistent with each other and its model, its names the model's own
+        (``depict_analysis.trace_validation``); anything else is an ``InputError``."""
         from depict_analysis.models.checkpoint import read_checkpoint
+        from depict_analysis.trace_validation import validate_trace
 
         state = read_checkpoint(path)
         if state.pop("format", None) != TRACE_FORMAT:
@@ -175,9 +193,27 @@ class Trace:
         try:
             state["subspaces"] = [Subspace(**space) for space in state["subspaces"]]
             state["grid"] = tuple(state["grid"])
-            return Trace(**state)
+            loaded = Trace(**state)
         except (KeyError, TypeError) as e:
             raise InputError(f"{path}: a saved trace with missing or unknown entries ({e})") from None
+        return validate_trace(loaded, str(path))
+
+
+def class_labels(class_names: Any, n_cls: int) -> list[str]:
+    """The K names of a model's classes for figures and tables: ``class_names`` checked (a sequence of
+    ``n_cls`` strings), or ``class i`` when None."""
+    if class_names is None:
+        return [f"class {i}" for i in range(n_cls)]
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence) \
+            or not all(isinstance(name, str) for name in class_names):
+        raise ConfigError(f"class_names must be a list of strings, got {type(class_names).__name__}")
+    if len(class_names) != n_cls:
+        raise ConfigError(f"{len(class_names)} class names for a model of {n_cls} classes")
+    return list(class_names)
+
+
+def _model_text(tr: Trace) -> str:
+    return f"{tr.model.get('variant')} with {tr.model.get('n_cls')} classes"
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:
@@ -202,7 +238,7 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
     ``torch.inference_mode``, in float32 unless ``amp`` (bf16 autocast on CUDA); the subspaces are
     copies, independent of later changes to the model.
     """
-    device = next(model.parameters()).device
+    device = _check_inputs(model, images)
     batch = images if isinstance(images, Batch) else None
     x = model.normalize(batch.pixels.to(device)) if batch is not None else images
     with torch.inference_mode(), autocast(device, amp):
@@ -224,10 +260,48 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
         attention=dict(zip(out.attention, _float(out.attention.values()))),
         representatives=_float(out.representatives),
         pixels=batch.pixels if batch is not None else None,
-        labels=batch.labels if batch is not None else None,
+        labels=_labels_of(batch, model.n_cls) if batch is not None else None,
         paths=list(batch.paths) if batch is not None else [],
         config=model.config.to_dict() if model.config is not None else None,
     )
+
+
+def _check_inputs(model: Any, images: Any) -> torch.device:
+    """The front door of ``trace``: a segmentation model, and finite images (B, 3, H, W) of floats on its
+    device (an ``Images`` batch: its labels in the model's classes or 255); returns the model's device."""
+    if not isinstance(model, nn.Module) or not all(hasattr(model, a) for a in ("encode", "decoder", "normalize", "n_cls")):
+        raise InputError(f"trace needs a segmentation model (create_model, load_model), got {type(model).__name__}")
+    device = next(model.parameters()).device
+    if not isinstance(images, (Batch, Tensor)):
+        raise InputError(f"images must be an Images batch (load_images) or a tensor (B, 3, H, W), got {type(images).__name__}")
+    pixels = images.pixels if isinstance(images, Batch) else images
+    if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
+        raise InputError(f"images must be a tensor (B, 3, H, W) of at least one image, got shape {tuple(getattr(pixels, 'shape', ()))}")
+    if not pixels.is_floating_point():
+        raise InputError(f"images must hold floating-point values, got {pixels.dtype} (load_images gives [0, 1] floats)")
+    if isinstance(images, Tensor) and images.device != device:
+        raise InputError(f"images are on {images.device} but the model is on {device}; move one of them (.to(device))")
+    bad = int((~torch.isfinite(pixels)).sum())
+    if bad:
+        raise InputError(f"images hold {bad} NaN / Inf value(s); every pixel must be a finite number")
+    labels = _labels_of(images, model.n_cls) if isinstance(images, Batch) else None
+    if labels is not None:
+        wrong = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= model.n_cls))
+        if wrong.any():
+            b = int(wrong.flatten(1).any(1).nonzero()[0])
+            name = images.paths[b] if b < len(images.paths) else f"image {b}"
+            raise InputError(f"the label map of {name} holds the value {int(labels[b][wrong[b]][0])}, no class of "
+                             f"this model (classes 0..{model.n_cls - 1}, {IGNORE_INDEX} = ignore)")
+    return device
+
+
+def _labels_of(batch: Batch, n_cls: int) -> Tensor | None:
+    """The labels a trace of a model of ``n_cls`` classes keeps: a dataset's labels of another class set
+    are not this model's ground truth (an analysis that reads none may still run on its images), so
+    none; label files of the user's are kept, and checked by ``_check_inputs``."""
+    if batch.labels is None or batch.label_classes is not None and batch.label_classes != n_cls:
+        return None
+    return batch.labels
 
 
 def _copy(space: Subspace, norm: nn.LayerNorm | None) -> Subspace:
@@ -257,7 +331,17 @@ def trace_batches(
 
 def as_traces(traces: Trace | Iterable[Trace]) -> Iterator[Trace]:
     """What every analysis accepts: one ``Trace`` (e.g. ``Trace.load(path)``) or many (``trace_batches``)."""
-    return iter([traces]) if isinstance(traces, Trace) else iter(traces)
+    if isinstance(traces, Trace):
+        return iter([traces])
+    if isinstance(traces, (str, bytes, os.PathLike)) or not isinstance(traces, Iterable):
+        raise InputError(f"traces must be a Trace or an iterable of them (Trace.load reads a file), got {type(traces).__name__}")
+    return (_a_trace(t) for t in traces)
+
+
+def _a_trace(item: Any) -> Trace:
+    if not isinstance(item, Trace):
+        raise InputError(f"traces must be Trace objects, got a {type(item).__name__}")
+    return item
 
 
 def _float(tensors) -> list[Tensor]:

@@ -24,6 +24,7 @@ from depict_analysis.foundation.errors import CheckpointError, ConfigError
 from depict_analysis.models.decoders.base import DecoderConfig, Family, families
 from depict_analysis.models import serialization
 from depict_analysis.foundation.files import atomic_write
+from depict_analysis.foundation.yaml_text import load_yaml
 from depict_analysis.models.registry import ModelConfig, create_model
 from depict_analysis.models.segmentor import Segmentor
 
@@ -168,7 +169,7 @@ def read_variant(path: str | os.PathLike) -> dict:
     """An official release's variant.yml, its fields checked against ``VARIANT_SCHEMA``."""
     path = Path(path)
     try:
-        variant = yaml.load(path.read_text(), Loader=_VariantLoader)
+        variant = load_yaml(path.read_text(), str(path), _VariantLoader)
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not a valid variant.yml ({str(e).splitlines()[0]})") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -11,7 +11,8 @@ across ranks under DDP) before the per-class IoUs are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,19 @@ from depict_analysis.models.data.transforms import eval_view, img_scale_for, mul
 from depict_analysis.foundation.device import autocast
 from depict_analysis.foundation.errors import ConfigError, DatasetError, InputError
 from depict_analysis.foundation.progress import track
-from depict_analysis.models.segmentor import Segmentor, inference, inference_labels, window_size
+from depict_analysis.models.segmentor import (
+    Anchor,
+    Segmentor,
+    decoder_outputs,
+    inference,
+    inference_labels,
+    merge_windows,
+    view_labels,
+    window_anchors,
+    window_crops,
+    window_resize,
+    window_size,
+)
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -176,9 +189,11 @@ def predict_protocol(
 
 
 def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | None, scales: Sequence[float], flip: bool,
-           window: int):
+           window: int, inputs: Callable[[Tensor], Tensor] | None = None):
     """mmseg's test views of a uint8 image, normalised on the model's device: (images (1, 3, h, w),
-    flipped). A view that would exceed ``MAX_PIXELS`` once enlarged to the window is refused."""
+    flipped). ``inputs`` maps a view's pixels (1, 3, h, w) in [0, 1] to the model's input (default
+    ``model.normalize``; a robustness sweep perturbs them there). A view that would exceed
+    ``MAX_PIXELS`` once enlarged to the window is refused."""
     device = next(model.parameters()).device
     pixels = image_array(image)
     for scale, flipped in multiscale_views(img_scale, scales, flip):
@@ -186,7 +201,7 @@ def _views(model: Segmentor, image: Image.Image, img_scale: tuple[int, int] | No
         if size[0] * size[1] > MAX_PIXELS:
             raise InputError(f"a {size[1]} x {size[0]} view of this image exceeds {MAX_PIXELS // 10**6} megapixels; "
                              "use a smaller scale, short side or window")
-        yield model.normalize(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped
+        yield (inputs or model.normalize)(image_to_tensor(eval_view(pixels, scale, flipped))[None].to(device)), flipped
 
 
 def image_probs(
@@ -225,14 +240,79 @@ def image_labels(
     flip: bool = False,
     batch_size: int = 8,
     amp: bool = False,
+    inputs: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``image_probs(...).argmax(0)``: class labels (H, W) (uint8 for at most 256 classes), in bounded
-    memory for any image size (``segmentor.inference_labels``). Call under ``torch.inference_mode()``."""
+    memory for any image size (``segmentor.inference_labels``). ``inputs``: see ``_views``. Call
+    under ``torch.inference_mode()``."""
     device = next(model.parameters()).device
     with autocast(device, amp):
-        views = _views(model, image, img_scale, scales, flip, window)
+        views = _views(model, image, img_scale, scales, flip, window, inputs)
         labels = inference_labels(model, views, (image.height, image.width), window, stride, batch_size)
     return labels[0]
+
+
+@dataclass
+class EncodedView:
+    """One test view of an image with the backbone run once on its windows: Z_0 (n, N, d) of each
+    batch of windows with their anchors, the token grid of a window, the view's size once
+    ``window_resize``d, and whether it is flipped."""
+
+    tokens: list[tuple[Tensor, list[Anchor]]]
+    grid: tuple[int, int]
+    size: tuple[int, int]
+    flipped: bool
+
+
+@dataclass
+class EncodedImage:
+    """An image's views encoded once (``encode_image``), decoded as often as needed (``decode_labels``)."""
+
+    views: list[EncodedView]
+    size: tuple[int, int]  # (H, W) of the image, where labels are scored
+    window: int
+
+
+def encode_image(
+    model: Segmentor,
+    image: Image.Image,
+    *,
+    window: int,
+    stride: int,
+    img_scale: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    batch_size: int = 8,
+) -> EncodedImage:
+    """The backbone half of ``image_labels``: every window of every view through ``model.encode``,
+    ``batch_size`` windows at a time (the same batches as ``image_labels``). Call under
+    ``torch.inference_mode()``."""
+    views = []
+    for pixels, flipped in _views(model, image, img_scale, scales, flip, window):
+        pixels = window_resize(pixels, window)
+        anchors = window_anchors(1, *pixels.shape[-2:], window, stride)
+        tokens = []
+        for i in range(0, len(anchors), batch_size):
+            chunk = anchors[i : i + batch_size]
+            z0, grid = model.encode(window_crops(pixels, chunk, window))
+            tokens.append((z0, chunk))
+        views.append(EncodedView(tokens, grid, tuple(pixels.shape[-2:]), flipped))
+    return EncodedImage(views, (image.height, image.width), window)
+
+
+def decode_labels(model: Segmentor, encoded: EncodedImage) -> Tensor:
+    """The decoder half of ``image_labels``: class labels (H, W) of an ``encode_image``d image, equal to
+    ``image_labels`` on it (the same windows, merging, resizing and softmax). Decoding with other
+    decoder parameters (``torch.func.functional_call``) scores a perturbed decoder without the backbone."""
+    device, window = next(model.parameters()).device, encoded.window
+
+    def view_logits(view: EncodedView) -> Tensor:
+        windows = ((model.decode(z0, view.grid, (window, window), torch.channels_last).float(), anchors)
+                   for z0, anchors in view.tokens)
+        return merge_windows(windows, 1, view.size, model.n_cls, device)
+
+    logits = ((view_logits(view), view.flipped) for view in encoded.views)
+    return view_labels(logits, 1, model.n_cls, encoded.size, outputs=decoder_outputs(model))[0]
 
 
 def evaluate(
@@ -264,6 +344,10 @@ def evaluate(
     protocol = eval_protocol(model, dataset, window=window, stride=stride, short_side=short_side)
     img_scale = img_scale_for(protocol["short_side"], dataset.max_ratio)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    samples = getattr(dataset, "samples", None)  # (image, label file or None) of a dataset of files
+    if samples is not None and all(label is None for _, label in samples[:n]):
+        raise DatasetError(f"none of the {n} images of {dataset.name} has a label map (no mask matches an image by name); "
+                           "nothing to score")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     confusion = ConfusionMatrix(model.n_cls, device)
@@ -281,8 +365,10 @@ def evaluate(
                 confusion.update(labels, torch.from_numpy(label).to(device))
     finally:
         model.train(was_training)
+    if int(confusion.all_reduce().counts.sum()) == 0:
+        raise DatasetError(f"the labels of the {n} images of {dataset.name} are all 255 (ignore): nothing to score")
     settings = {**protocol, "img_scale": img_scale and list(img_scale), "scales": list(scales), "flip": flip, "amp": amp}
-    return {**miou(confusion.all_reduce()), **settings, "n_images": n}
+    return {**miou(confusion), **settings, "n_images": n}
 
 
 def jsonable(value: Any) -> Any:

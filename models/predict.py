@@ -3,7 +3,9 @@
 ``<stem>_label.png`` is a palette PNG (mode ``P``): its values are the class ids, its palette the
 class colours, as mmseg and VOC write label maps. ``<stem>_overlay.png`` is the image blended with
 the class colours, with a legend of the classes present on its right. Both are written atomically,
-an existing file is replaced only on request, and an output that is one of the inputs never.
+an existing file is replaced only on request, and an output that is one of the inputs never. Every
+image is read before the first output is written: one broken file among many stops the run with
+nothing written, so the rerun after fixing it needs no ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def predict_files(
     side is below the window are first enlarged to it) after mmseg's test resize to ``img_scale``
     (None: their own size), in bounded memory. ``classes``: (names, colours) for the legend and
     palette (default ``classes_for({}, K)``). Every output is checked before any work: none may be
-    an input, and none may exist unless ``overwrite``. Float32 unless ``amp``. Returns one record
+    an input or a special file, and none may exist unless ``overwrite``; every image is decoded
+    once before the first is segmented, so a broken one stops the run with nothing written. Float32 unless ``amp``. Returns one record
     per image: paths written, size and classes present (most pixels first).
     """
     paths = [Path(p) for p in paths]
@@ -141,6 +144,8 @@ def predict_files(
     names, palette = classes or classes_for({}, model.n_cls)
     outputs = output_paths(paths, Path(out_dir))
     refuse_overwrite([p for pair in outputs for p in pair], paths, overwrite)
+    for path in paths:  # every image decodes, or nothing is written: a rerun never meets half the outputs
+        load_image(path)
     records = []
     with torch.inference_mode():
         for path, (label_path, overlay_path) in zip(track(paths, "predicting", enabled=progress), outputs):

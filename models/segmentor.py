@@ -102,18 +102,21 @@ def _softmax_classes(logits: Tensor) -> Tensor:
     return logits.softmax(dim=1)
 
 
-def _class_probabilities(model: nn.Module, maps: Tensor) -> Tensor:
+def decoder_outputs(model: nn.Module) -> str:
+    """What ``model``'s class maps are: its decoder's ``outputs``, "logits" (the default) or "probabilities"."""
+    return getattr(getattr(model, "decoder", None), "outputs", "logits")
+
+
+def _class_probabilities(maps: Tensor, outputs: str) -> Tensor:
     """A view's per-class maps (B, K, H, W) -> the probabilities the protocol averages over views.
 
-    Logits are soft-maxed over classes (Segmenter). A decoder whose ``outputs`` are "probabilities"
-    (MaskFormer's semantic scores S, each in [0, Q]) is taken as it is, as mmseg's MaskFormer head
-    runs the sliding window: the windows' S averaged, then the arg-max. A softmax of S would
+    Logits are soft-maxed over classes (Segmenter). Maps that are "probabilities" already
+    (MaskFormer's semantic scores S, each in [0, Q]) are taken as they are, as mmseg's MaskFormer
+    head runs the sliding window: the windows' S averaged, then the arg-max. A softmax of S would
     reorder nothing within one view, but would flatten S's differences and so weigh views unlike
     the official scores do.
     """
-    if getattr(getattr(model, "decoder", None), "outputs", "logits") == "probabilities":
-        return maps
-    return _softmax_classes(maps)
+    return maps if outputs == "probabilities" else _softmax_classes(maps)
 
 
 def window_size(h: int, w: int, window: int) -> tuple[int, int]:
@@ -140,6 +143,44 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return list(range(0, length - window, stride)) + [length - window]
 
 
+Anchor = tuple[int, int, int]  # (image in the batch, top, left) of one window
+
+
+def window_anchors(batch: int, height: int, width: int, window: int, stride: int) -> list[Anchor]:
+    """Every sliding window of ``batch`` images of (height, width): (b, top, left), image-major."""
+    return [
+        (b, top, left)
+        for b in range(batch)
+        for top in _window_starts(height, window, stride)
+        for left in _window_starts(width, window, stride)
+    ]
+
+
+def window_crops(images: Tensor, anchors: Sequence[Anchor], window: int) -> Tensor:
+    """The crops (n, C, window, window) of images (B, C, H, W) at ``anchors`` (both sides ≥ window)."""
+    return torch.stack([images[b, :, top : top + window, left : left + window] for b, top, left in anchors])
+
+
+def merge_windows(chunks: Iterable[tuple[Tensor, Sequence[Anchor]]], batch: int, size: tuple[int, int], n_cls: int,
+                  device: torch.device) -> Tensor:
+    """Segmenter's ``merge_windows``: the logits (n, K, h, w) of windows at their anchors, summed and
+    divided by the number of windows over each pixel -> (B, K, H, W) at ``size``, float, in the layout
+    the windows' logits come in (channels-last for a ``Segmentor``)."""
+    (H, W), logits = size, None
+    count = torch.zeros(batch, 1, H, W, device=device)
+    for out, anchors in chunks:
+        if logits is None:  # accumulate in the layout the class maps come in
+            layout = torch.channels_last if _classes_innermost(out) else torch.contiguous_format
+            logits = torch.empty(batch, out.shape[1], H, W, device=device, memory_format=layout).zero_()
+        for o, (b, top, left) in zip(out, anchors):
+            h, w = o.shape[-2:]
+            logits[b, :, top : top + h, left : left + w] += o
+            count[b, :, top : top + h, left : left + w] += 1
+    if logits is None:  # no windows (an empty batch)
+        return torch.zeros(batch, n_cls, H, W, device=device)
+    return logits.div_(count)
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: nn.Module, images: Tensor, window: int, stride: int, batch_size: int = 8
@@ -151,27 +192,34 @@ def sliding_window_logits(
     result has channels-last strides (see ``_class_logits``).
     """
     B, _, H, W = images.shape
-    anchors = [
-        (b, top, left)
-        for b in range(B)
-        for top in _window_starts(H, window, stride)
-        for left in _window_starts(W, window, stride)
-    ]
-    logits, count = None, images.new_zeros(B, 1, H, W, dtype=torch.float32)
-    for i in range(0, len(anchors), batch_size):
-        chunk = anchors[i : i + batch_size]
-        crops = [images[b, :, top : top + window, left : left + window] for b, top, left in chunk]
-        out = _class_logits(model, torch.stack(crops))
-        if logits is None:  # accumulate in the layout the class maps come in
-            layout = torch.channels_last if _classes_innermost(out) else torch.contiguous_format
-            logits = torch.empty(B, out.shape[1], H, W, device=images.device, memory_format=layout).zero_()
-        for o, (b, top, left) in zip(out, chunk):
-            h, w = o.shape[-2:]
-            logits[b, :, top : top + h, left : left + w] += o
-            count[b, :, top : top + h, left : left + w] += 1
-    if logits is None:  # no windows (an empty batch)
-        return images.new_zeros(B, model.n_cls, H, W, dtype=torch.float32)
-    return logits.div_(count)
+    anchors = window_anchors(B, H, W, window, stride)
+    chunks = (anchors[i : i + batch_size] for i in range(0, len(anchors), batch_size))
+    windows = ((_class_logits(model, window_crops(images, chunk, window)), chunk) for chunk in chunks)
+    return merge_windows(windows, B, (H, W), model.n_cls, images.device)
+
+
+def view_probs(view_logits: Iterable[tuple[Tensor, bool]], size: tuple[int, int], outputs: str = "logits") -> Tensor:
+    """The end of Segmenter's ``inference``: each view's merged logits (B, K, h, w) resized (bilinear)
+    to ``size``, un-flipped when ``flipped``, soft-maxed over classes (kept as they are when the
+    ``outputs`` are "probabilities": ``_class_probabilities``); the mean over views (B, K, H, W)."""
+    total, n_views = None, 0
+    for logits, flipped in view_logits:
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        probs = _class_probabilities(logits.flip(-1) if flipped else logits, outputs)
+        # a copy first: probabilities come as the caller's maps, which are not ours to change
+        total = probs.clone() if total is None else total.add_(probs)
+        n_views += 1
+    if total is None:
+        raise ConfigError("inference needs at least one view")
+    return total.div_(n_views)
+
+
+def _view_logits(model: nn.Module, views: Iterable[tuple[Tensor, bool]], window: int, stride: int,
+                 batch_size: int) -> Iterator[tuple[Tensor, bool]]:
+    """(merged sliding-window logits, flipped) of each view, ``window_resize``d first."""
+    for images, flipped in views:
+        yield sliding_window_logits(model, window_resize(images, window), window, stride, batch_size), flipped
 
 
 @torch.no_grad()
@@ -191,17 +239,7 @@ def inference(
     are for a decoder whose outputs are probabilities: ``_class_probabilities``); the views'
     probabilities are averaged. For a ``Segmentor`` the result has channels-last strides.
     """
-    total, n_views = None, 0
-    for images, flipped in views:
-        logits = sliding_window_logits(model, window_resize(images, window), window, stride, batch_size)
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        probs = _class_probabilities(model, logits.flip(-1) if flipped else logits)
-        total = probs if total is None else total.add_(probs)
-        n_views += 1
-    if total is None:
-        raise ConfigError("inference needs at least one view")
-    return total.div_(n_views)
+    return view_probs(_view_logits(model, views, window, stride, batch_size), size, decoder_outputs(model))
 
 
 def resize_rows(logits: Tensor, size: tuple[int, int], top: int, bottom: int) -> Tensor:
@@ -237,40 +275,53 @@ def inference_labels(
     map_values: int | None = None,
 ) -> Tensor:
     """``inference(...).argmax(1)``: class labels (B, H, W) at ``size``, uint8 for at most 256
-    classes (else int64), in bounded memory.
-
-    When the probabilities at ``size`` would hold more than ``map_values`` values (default
-    ``MAP_VALUES``), the views' sliding-window logits are kept at their own size and the rest of the protocol (resize to
-    ``size``, un-flip, softmax, mean over views, argmax) runs in horizontal strips of the output
-    (``resize_rows``), so no (B, K, H, W) map is ever held. The views' logits may hold at most
-    ``VIEW_VALUES`` values then (an ``InputError`` asks for a smaller image otherwise).
-    """
+    classes (else int64), in bounded memory (``view_labels``)."""
     views = iter(views)
     first = next(views, None)
     if first is None:
         raise ConfigError("inference needs at least one view")
-    (B, K), (H, W) = (first[0].shape[0], model.n_cls), size
-    dtype = torch.uint8 if K <= 256 else torch.int64
+    batch = first[0].shape[0]
     views = itertools.chain([first], views)
-    if B * K * H * W <= (MAP_VALUES if map_values is None else map_values):
-        return inference(model, views, size, window, stride, batch_size).argmax(1).to(dtype)
+    return view_labels(_view_logits(model, views, window, stride, batch_size), batch, model.n_cls, size, map_values,
+                       decoder_outputs(model))
+
+
+def view_labels(
+    view_logits: Iterable[tuple[Tensor, bool]], batch: int, n_cls: int, size: tuple[int, int], map_values: int | None = None,
+    outputs: str = "logits",
+) -> Tensor:
+    """``view_probs(...).argmax(1)``: labels (B, H, W) of ``batch`` images at ``size`` from each view's
+    merged logits (B, K, h, w), uint8 for at most 256 classes (else int64); ``outputs``: what the
+    maps are (``decoder_outputs``).
+
+    When the probabilities at ``size`` would hold more than ``map_values`` values (default
+    ``MAP_VALUES``), the views' logits are kept at their own size and the rest of the protocol (resize to
+    ``size``, un-flip, softmax, mean over views, argmax) runs in horizontal strips of the output
+    (``resize_rows``), so no (B, K, H, W) map is ever held. The views' logits may hold at most
+    ``VIEW_VALUES`` values then (an ``InputError`` asks for a smaller image otherwise).
+    """
+    (H, W), K = size, n_cls
+    dtype = torch.uint8 if K <= 256 else torch.int64
+    if batch * K * H * W <= (MAP_VALUES if map_values is None else map_values):
+        return view_probs(view_logits, size, outputs).argmax(1).to(dtype)
     logits, held = [], 0
-    for images, flipped in views:
-        images = window_resize(images, window)
-        held += B * K * images.shape[-2] * images.shape[-1]
+    for view, flipped in view_logits:
+        held += view.numel()
         if held > VIEW_VALUES:
             raise InputError(f"the views of this {W} x {H} image need over {VIEW_VALUES * 4 >> 30} GiB of class maps; "
                              "resize it smaller (e.g. --short-side)")
-        logits.append((sliding_window_logits(model, images, window, stride, batch_size), flipped))
-    labels = torch.empty(B, H, W, dtype=dtype, device=first[0].device)
-    rows = max(1, STRIP_VALUES // (B * K * W))
+        logits.append((view, flipped))
+    if not logits:
+        raise ConfigError("inference needs at least one view")
+    labels = torch.empty(batch, H, W, dtype=dtype, device=logits[0][0].device)
+    rows = max(1, STRIP_VALUES // (batch * K * W))
     for top in range(0, H, rows):
         bottom = min(top + rows, H)
         total = None
         for view, flipped in logits:
             strip = view[..., top:bottom, :] if tuple(view.shape[-2:]) == tuple(size) else resize_rows(view, size, top, bottom)
-            probs = _class_probabilities(model, strip.flip(-1) if flipped else strip)
-            total = probs if total is None else total.add_(probs)
+            probs = _class_probabilities(strip.flip(-1) if flipped else strip, outputs)
+            total = probs.clone() if total is None else total.add_(probs)  # a strip of the views' maps: copy it
         labels[:, top:bottom] = total.div_(len(logits)).argmax(1)
     return labels
 

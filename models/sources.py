@@ -14,6 +14,7 @@ official release records.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,23 @@ def source_label(source: str | os.PathLike) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+# a name for figures and tables ("baseline", "black box"), never a path: a letter, digit or _ first, then no
+# separator, colon or control character
+PLAIN_LABEL = re.compile(r"\w[^/\\:\x00-\x1f\x7f]*")
+
+
 def parse_labelled(text: str) -> tuple[str | None, str]:
     """``NAME=SOURCE`` -> (NAME, SOURCE); a plain source -> (None, source). How the CLI reads
-    ``--label`` and labelled checkpoint arguments, e.g. ``baseline=runs/seg/checkpoint.pt``."""
+    ``--label`` and labelled checkpoint arguments, e.g. ``baseline=runs/seg/checkpoint.pt``.
+
+    ``text`` is labelled only when NAME is a plain label (``PLAIN_LABEL``) and SOURCE
+    exists (a file or folder, or a ``builtin:`` / ``zoo:`` name), and ``text`` itself is no existing
+    file: a checkpoint named ``lr=0.1.pt`` is that file."""
     label, sep, source = text.partition("=")
-    if not sep or not label or any(c in label for c in "/\\:") or not source:
-        return None, text  # a path or builtin:/zoo: name that merely contains "="
+    if not sep or PLAIN_LABEL.fullmatch(label) is None or not source or Path(text).exists():
+        return None, text
+    if not (source.startswith((BUILTIN, ZOO)) or Path(source).exists()):
+        return None, text  # a missing file whose name holds "=": reported as missing under its own name
     return label, source
 
 

@@ -67,6 +67,7 @@ from depict_analysis.foundation.errors import ConfigError, DepictError
 from depict_analysis.models.evaluate import eval_protocol, evaluate, jsonable
 from depict_analysis.models.losses import step_loss
 from depict_analysis.foundation.files import atomic_write_text, check_out_dir
+from depict_analysis.foundation.yaml_text import load_yaml
 from depict_analysis.foundation.progress import progress_bar
 from depict_analysis.models.registry import ModelConfig, create_model, variant_config
 from depict_analysis.models.segmentor import Segmentor
@@ -192,7 +193,7 @@ def load_yaml_config(source: str | Path) -> dict[str, Any]:
             presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
             raise ConfigError(f"{source}: no such config file or preset (presets: {presets})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
@@ -210,7 +211,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
         try:
-            values[key.strip()] = yaml.safe_load(text)
+            values[key.strip()] = load_yaml(text, f"--set {key.strip()}")
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
     return values

@@ -156,7 +156,11 @@ def test_bad_settings_are_one_clear_error():
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def test_checkpoints_are_named_positionally_or_with_label(tmp_path):
+def test_checkpoints_are_named_positionally_or_with_label(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # NAME=SOURCE names a source that exists
+    for run in ("x", "y"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "variant.yml").write_text("{}")
     sources = ["a=runs/x/checkpoint.pt", "runs/y/checkpoint.pt", "builtin:segmenter", str(tmp_path / "release")]

@@ -557,3 +557,465 @@ def test_output_the_terminal_cannot_encode_does_not_fail_a_finished_run(files, t
     proc = subprocess.run([sys.executable, "-m", "depict_analysis.cli.main", "eval", str(files / "nan.pt")], capture_output=True,
                           env=env)
     assert proc.returncode == 2 and proc.stderr.decode().count("\n") == 1 and b"Traceback" not in proc.stderr
+
+
+# ================================================================== issue 26: the hostile-input boundary, second pass
+#
+# 5. saved traces are untrusted input; 6. names never become paths; 7. output paths (--save-trace,
+# special files, the run's own inputs, full disks, interrupted saves); 8. label files and YAML;
+# 9. the Python API's front door; 10. ambiguities (NAME=SOURCE, eval without masks, batch predict).
+
+TRACE_COMMANDS = ["coding-rate", "pca-seg", "orthogonality", "class-rates", "attention"]
+
+
+@pytest.fixture(scope="module")
+def traced(files, tmp_path_factory):
+    """A saved trace of good.pt (K classes, depict-sa-tiny) on two images with label maps, and the model."""
+    from depict_analysis.inputs import load_images
+    from depict_analysis.models import load_model
+    from depict_analysis.tracing import trace
+
+    root = tmp_path_factory.mktemp("traced")
+    for name, seed in (("a", 0), ("b", 1)):
+        labels = np.random.default_rng(seed).integers(0, K, (40, 48), dtype=np.uint8)
+        labels[:4] = 255
+        (root / "labels").mkdir(exist_ok=True)
+        Image.fromarray(labels).save(root / "labels" / f"{name}.png")
+        write_image(root / "images" / f"{name}.png", seed=seed)
+    model, _ = load_model(files / "good.pt")
+    images = load_images(root / "images", model, labels=[root / "labels"])
+    trace(model, images, attention=True).save(root / "good.trace")
+    return root
+
+
+def tampered(traced: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the saved trace with ``edit(state)`` applied (as anyone can, with torch.load / torch.save)."""
+    state = torch.load(traced / "good.trace", weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "tampered.trace")
+    return tmp_path / "tampered.trace"
+
+
+def _set(container, key, value):
+    container[key] = value
+
+
+TRACE_TAMPERING = {  # what is done to the file -> the one line that refuses it
+    "NaN in tokens": (lambda s: s["tokens"][1].__setitem__((0, 0, 0), float("nan")), "tokens/mssa1 holds 1 NaN / Inf value(s)"),
+    "Inf in the logits": (lambda s: s["masks"].__setitem__((0, 0, 0, 5), float("inf")), "masks holds 1 NaN / Inf value(s)"),
+    "masks of fewer classes": (lambda s: _set(s, "masks", s["masks"][:, : K - 2]),
+                               f"masks has shape (2, {K - 2}, 32, 32), expected (*, {K}, *, *)"),
+    "masks of one image beside tokens of two": (lambda s: _set(s, "masks", s["masks"][:1]),
+                                                "tokens/input has shape (2, 16, 48), expected (1, 16, 48)"),
+    "labels out of range": (lambda s: s["labels"].fill_(200), f"labels hold the value 200, no class of this model (classes 0..{K - 1}"),
+    "float labels": (lambda s: _set(s, "labels", s["labels"].float()), "labels must be integers, not torch.float32"),
+    "zero images": (lambda s: _set(s, "masks", s["masks"][:0]), "it holds no images"),
+    "a grid of text": (lambda s: _set(s, "grid", "ab"), "grid must be two positive integers, got ('a', 'b')"),
+    "a class count of text": (lambda s: s["model"].__setitem__("n_cls", "8"), "model['n_cls'] must be a positive integer, got '8'"),
+    "a layer named ../../x": (lambda s: s["layer_names"].__setitem__(0, "../../x"), "'../../x' is not a layer name"),
+    "a map of no layer": (lambda s: _set(s["attention"], "block9", s["attention"]["mssa1"]), "attention map 'block9' names no layer"),
+    "a config of another model": (lambda s: s["config"].__setitem__("n_cls", K - 1),
+                                  f"its config says classes {K - 1} but the traced model has {K}"),
+    "subspaces of another decoder": (lambda s: s["subspaces"][0].__setitem__("proj", s["subspaces"][0]["proj"][:1]),
+                                     "its subspaces do not match its config's decoder"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRACE_TAMPERING))
+def test_a_tampered_saved_trace_is_refused_on_load(traced, tmp_path, case):
+    from depict_analysis.foundation.errors import InputError
+    from depict_analysis.tracing import Trace
+
+    edit, fragment = TRACE_TAMPERING[case]
+    path = tampered(traced, tmp_path, edit)
+    out = tmp_path / "out"
+    refused(ANALYZE, ["class-rates", "--trace", path, "--out", out], fragment, traced, tmp_path)
+    assert not out.exists()
+    with pytest.raises(InputError, match="not a valid trace"):
+        Trace.load(path)
+
+
+@pytest.mark.parametrize("command", TRACE_COMMANDS)
+def test_every_command_reading_traces_refuses_a_non_finite_one_and_reads_a_sound_one(traced, tmp_path, command):
+    path = tampered(traced, tmp_path, TRACE_TAMPERING["NaN in tokens"][0])
+    refused(ANALYZE, [command, "--trace", path, "--out", tmp_path / "out"], "holds 1 NaN / Inf value(s)", traced, tmp_path)
+    assert not (tmp_path / "out").exists()
+    result = invoke(ANALYZE, command, "--trace", traced / "good.trace", "--out", tmp_path / "sound")
+    assert result.exit_code == 0, result.output
+
+
+# ------------------------------------------------------------------------------- 6. names never become paths
+
+
+def test_safe_name_keeps_every_name_one_plain_file_name():
+    from depict_analysis.foundation.files import safe_name
+
+    assert safe_name("mssa1") == "mssa1" and safe_name("attention_DEPICT-SA_mssa1_0") == "attention_DEPICT-SA_mssa1_0"
+    for hostile in ("../../evil", "/etc/passwd", "..", ".", "", "a/b\\c", "x\x00y", "é" * 300):
+        name = safe_name(hostile)
+        assert name and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+        assert len(name) <= 100 and Path(name).name == name and name not in (".", "..")
+    assert safe_name("../../evil") == "_.._evil"
+
+
+def test_a_figure_named_by_a_file_is_written_inside_its_folder(tmp_path):
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "out"
+    paths = save_figure(plt.figure(), out, "attention_../../../escaped")
+    assert all(p.parent == out for p in paths) and sorted(p.name for p in out.iterdir()) == [
+        "attention_.._.._.._escaped.pdf", "attention_.._.._.._escaped.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written or created beside or above it
+
+
+# ------------------------------------------------------------------------------------------ 7. output paths
+
+
+def no_model_loaded(monkeypatch):
+    """Make loading any model fail the test: a refusal must come before any work."""
+    import depict_analysis.models.sources as sources
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(sources, "open_checkpoint", loaded)
+
+
+def test_save_trace_never_replaces_an_input_of_the_same_run(files, traced, tmp_path, monkeypatch):
+    no_model_loaded(monkeypatch)
+    images = traced / "images"
+    refused(ANALYZE, ["coding-rate", files / "good.pt", "--images", images, "--save-trace", files / "good.pt", "--out", tmp_path / "o"],
+            f"--save-trace {files / 'good.pt'} is also an input of this run", files, traced, tmp_path)
+    refused(ANALYZE, ["attention", files / "good.pt", "--images", images, "--save-trace", images / "a.png", "--out", tmp_path / "o"],
+            f"--save-trace {images / 'a.png'} is also an input of this run", files, traced, tmp_path)
+    refused(ANALYZE, ["class-rates", files / "good.pt", "--images", images, "--labels", traced / "labels",
+                      "--save-trace", traced / "labels" / "b.png", "--out", tmp_path / "o"], "is also an input of this run",
+            files, traced, tmp_path)
+    refused(ANALYZE, ["coding-rate", "--trace", traced / "good.trace", "--save-trace", traced / "good.trace", "--out", tmp_path / "o"],
+            "is also an input of this run", traced, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_trace_targets_that_cannot_be_written_are_refused_before_any_work(files, tmp_path, monkeypatch):
+    import depict_analysis.foundation.files as files_module
+
+    no_model_loaded(monkeypatch)
+    (tmp_path / "folder.trace").mkdir()
+    refused(ANALYZE, ["coding-rate", files / "good.pt", "--save-trace", tmp_path / "folder.trace", "--out", tmp_path / "o"],
+            f"--save-trace {tmp_path / 'folder.trace'} is a folder; give a file name", files, tmp_path)
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(files_module.os, "access", lambda p, mode: False if Path(p) == tmp_path / "locked" else real_access(p, mode))
+    refused(ANALYZE, ["coding-rate", files / "good.pt", "--save-trace", tmp_path / "locked" / "t.trace", "--out", tmp_path / "o"],
+            f"cannot write into {tmp_path / 'locked'} (permission denied)", files, tmp_path)
+    # several models: one file each, named by the model's label, every one checked before the first model
+    (tmp_path / "t_DEPICT-CA.trace").mkdir()
+    refused(ANALYZE, ["coding-rate", "builtin:depict-sa", "builtin:depict-ca", "--save-trace", tmp_path / "t.trace",
+                      "--out", tmp_path / "o"], f"{tmp_path / 't_DEPICT-CA.trace'} is a folder", files, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def special_files(folder: Path) -> dict[str, Path]:
+    """A FIFO, a socket, and a link to the system's /dev/null (a device node) in ``folder``."""
+    import socket
+
+    folder.mkdir(exist_ok=True)
+    os.mkfifo(folder / "fifo")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket"))
+    server.close()
+    (folder / "null").symlink_to("/dev/null")
+    return {"FIFO": folder / "fifo", "socket": folder / "socket", "device": folder / "null"}
+
+
+def kinds(paths) -> dict[str, int]:
+    import stat
+
+    return {str(p): stat.S_IFMT(os.stat(p).st_mode) for p in paths}
+
+
+def test_special_files_are_refused_as_outputs_never_replaced(files, traced, tmp_path, monkeypatch):
+    import depict_analysis.foundation.files as files_module
+
+    special = special_files(tmp_path / "special")
+    before = kinds([*special.values(), "/dev/null"])
+    message = "is a special file (a device, FIFO or socket); give a regular file or folder"
+    for kind, path in special.items():
+        refused(DEPICT, ["eval", files / "good.pt", "--num-images", 1, "--out", path], f"--out {path} {message}", files)
+        refused(ANALYZE, ["report", "--out", path], message, files)
+        refused(ANALYZE, ["coding-rate", "--trace", traced / "good.trace", "--save-trace", path, "--out", tmp_path / "o"],
+                f"--save-trace {path} {message}", traced)
+        refused(ANALYZE, ["coding-rate", "--trace", traced / "good.trace", "--out", path], f"--out {path} {message}", traced)
+    # an output named by the command itself (predict's <stem>_label.png) is refused too, before any work
+    out = tmp_path / "predicted"
+    out.mkdir()
+    os.mkfifo(out / "a_label.png")
+    refused(DEPICT, ["predict", files / "good.pt", files / "images" / "a.png", "--out", out, "--overwrite"], message, files)
+    # and the last line of defence: the atomic writer itself
+    with pytest.raises(files_module.InputError, match="special file"):
+        save_json(special["device"], {"a": 1})
+    assert kinds([*special.values(), "/dev/null"]) == before and not (tmp_path / "o").exists()
+
+
+class DiskFull:
+    """A file whose writes fail with ENOSPC after ``room`` bytes, as on a full disk."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        import errno
+
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))  # what fitted stays in the partial file
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def fill_disk_after(monkeypatch, room: int = 4096) -> None:
+    import depict_analysis.foundation.files as files_module
+
+    real = os.fdopen
+    monkeypatch.setattr(files_module.os, "fdopen", lambda fd, mode="r", *a, **k: DiskFull(real(fd, mode, *a, **k), room))
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    save_json(tmp_path / "r.json", {"old": 1})
+    before = tree(tmp_path)
+    fill_disk_after(monkeypatch, room=10)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        save_json(tmp_path / "r.json", {"new": list(range(100))})
+    assert error.value.filename == str(tmp_path / "r.json")  # the target, not a temporary file
+    with pytest.raises(OSError, match="No space left on device"):  # torch.save reports it as a RuntimeError
+        checkpoint_module.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "w.pt")
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["r.json"]
+
+
+def test_a_full_disk_while_saving_a_trace_is_one_line_and_leaves_nothing(traced, tmp_path, monkeypatch):
+    fill_disk_after(monkeypatch, room=4096)  # the trace, saved before the figures and numbers, does not fit
+    target = tmp_path / "again.trace"
+    before = tree(traced)
+    result = invoke(ANALYZE, "coding-rate", "--trace", traced / "good.trace", "--save-trace", target, "--out", tmp_path / "o")
+    assert_one_line_error(result, f"{target}: No space left on device")
+    assert tree(traced) == before and not target.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_an_interrupted_save_leaves_the_numbers_complete(traced, tmp_path, monkeypatch):
+    import depict_analysis.results as results
+    from depict_analysis.coding_rate_analysis import analyze_coding_rates
+    from depict_analysis.tracing import Trace
+
+    result = analyze_coding_rates(Trace.load(traced / "good.trace"))
+    complete = [path.read_bytes() for path in result.save(tmp_path / "complete")[:2]]  # JSON, CSV of a whole save
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "save_figure", interrupted)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        result.save(out)
+    assert sorted(os.listdir(out)) == ["coding_rate.csv", "coding_rate.json", "coding_rate.result.npz"]  # no figure, no .tmp
+    assert [(out / name).read_bytes() for name in ("coding_rate.json", "coding_rate.csv")] == complete
+
+
+def test_eval_and_report_never_write_over_the_checkpoint_they_read(files, tmp_path):
+    refused(DEPICT, ["eval", files / "good.pt", "--num-images", 1, "--out", files / "good.pt"],
+            f"--out {files / 'good.pt'} is also an input of this run", files)
+    refused(ANALYZE, ["report", files / "good.pt", "--out", files / "good.pt"], "is also an input of this run", files)
+
+
+# ------------------------------------------------------------------------------------- 8. label files, YAML
+
+
+def labels_of(value: int, folder: Path, names=("a", "b"), shape=(40, 48)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.full(shape, value, np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["class-rates", "attention"])
+def test_label_files_out_of_the_models_range_are_refused(files, tmp_path, command):
+    bad = labels_of(200, tmp_path / "labels")
+    refused(ANALYZE, [command, files / "good.pt", "--images", files / "images" / "a.png", "--labels", bad, "--out", tmp_path / "o"],
+            f"the label map of {files / 'images' / 'a.png'} holds the value 200, no class of this model (classes 0..{K - 1}, 255 = ignore)",
+            files, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ground_truth_out_of_range_is_refused_and_255_is_ignored(files, tmp_path):
+    bad = labels_of(200, tmp_path / "bad", names=("a",))
+    refused(ANALYZE, ["pca-seg", files / "good.pt", files / "images" / "a.png", "--gt", bad / "a.png", "--out", tmp_path / "o"],
+            "holds the value 200, no class of this model", files, tmp_path)
+    ignored = labels_of(255, tmp_path / "ignored", names=("a",))
+    Image.fromarray(np.where(np.arange(48)[None] < 24, 255, 3).repeat(40, 0).astype(np.uint8)).save(ignored / "a.png")
+    result = invoke(ANALYZE, "pca-seg", files / "good.pt", files / "images" / "a.png", "--gt", ignored / "a.png", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))  # 9^9 nodes
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_wherever_yaml_is_read(files, tmp_path):
+    import time
+
+    assert len(BOMB) < 500
+    folder = tmp_path / "data"
+    write_image(folder / "images" / "x.png")
+    (folder / "classes.yaml").write_text(BOMB + "classes: [{name: *i}]\n")
+    release = tmp_path / "release"
+    ref.write_release(release, "depict_sa")
+    (release / "variant.yml").write_text(BOMB + (release / "variant.yml").read_text())
+    (tmp_path / "config.yaml").write_text(BOMB)
+    start = time.monotonic()
+    message = "aliases expand to more than 100,000 nodes; refused"
+    refused(DEPICT, ["eval", files / "good.pt", "--dataset", "folder", "--data-root", folder], message, files, tmp_path)
+    refused(DEPICT, ["info", release], message, tmp_path)
+    refused(DEPICT, [*TRAIN, "--iterations", 1, "--out", tmp_path / "run", "--config", tmp_path / "config.yaml"], message, tmp_path)
+    refused(DEPICT, [*TRAIN, "--iterations", 1, "--out", tmp_path / "run", "--set", "dataset_kwargs=" + BOMB.replace("\n", ", ")
+                     .join("{}")], message, tmp_path)
+    assert time.monotonic() - start < 30  # the loader hung for minutes before
+    assert not (tmp_path / "run").exists()
+
+
+def test_recursive_and_deeply_nested_yaml_is_refused(tmp_path):
+    from depict_analysis.foundation.errors import InputError
+    from depict_analysis.foundation.yaml_text import load_yaml
+
+    with pytest.raises(InputError, match="recursive YAML document"):
+        load_yaml("&a [*a]", "x.yaml")
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_yaml("[" * 5000 + "]" * 5000, "x.yaml")
+    assert load_yaml("a: &x [1, 2]\nb: *x\n", "x.yaml") == {"a": [1, 2], "b": [1, 2]}  # ordinary aliases still work
+
+
+# ---------------------------------------------------------------------------------- 9. the Python API's front door
+
+
+@pytest.fixture(scope="module")
+def model8(files):
+    from depict_analysis.models import load_model
+
+    return load_model(files / "good.pt")[0]
+
+
+@pytest.mark.parametrize("images, fragment", [
+    ("photo.png", "images must be an Images batch (load_images) or a tensor (B, 3, H, W), got str"),
+    (torch.rand(3, 32, 32), "images must be a tensor (B, 3, H, W) of at least one image, got shape (3, 32, 32)"),
+    (torch.rand(1, 4, 32, 32), "got shape (1, 4, 32, 32)"),
+    (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "images must hold floating-point values, got torch.uint8"),
+    (torch.rand(1, 3, 32, 32, device="meta"), "images are on meta but the model is on cpu"),
+    (torch.full((1, 3, 32, 32), float("nan")), "images hold 3072 NaN / Inf value(s)"),
+])
+def test_trace_refuses_bad_images_with_a_depict_error(model8, images, fragment):
+    from depict_analysis.foundation.errors import DepictError
+    from depict_analysis.tracing import trace
+
+    with pytest.raises(DepictError) as error:
+        trace(model8, images)
+    assert fragment in str(error.value)
+
+
+def test_the_analyses_refuse_wrong_arguments_with_a_depict_error(model8, traced):
+    from depict_analysis import analyze_coding_rates, analyze_orthogonality, analyze_pca
+    from depict_analysis.class_rates import analyze_class_rates
+    from depict_analysis.foundation.errors import ConfigError, InputError
+    from depict_analysis.tracing import Trace, as_traces, trace
+
+    tr = Trace.load(traced / "good.trace")
+    with pytest.raises(InputError, match="trace needs a segmentation model"):
+        trace("depict-sa", torch.rand(1, 3, 32, 32))
+    for analyze in (analyze_pca, analyze_class_rates, lambda t, **k: analyze_orthogonality(t, baseline_seeds=(), **k)):
+        with pytest.raises(ConfigError, match=f"2 class names for a model of {K} classes"):
+            analyze(tr, class_names=["road", "sky"])
+        with pytest.raises(ConfigError, match="class_names must be a list of strings, got str"):
+            analyze(tr, class_names="abcdefgh")  # K characters are not K names
+    with pytest.raises(ConfigError, match=rf"palette must be \({K}, 3\) integers"):
+        analyze_pca(tr, palette=np.zeros((2, 3), np.uint8))
+    with pytest.raises(InputError, match="traces must be a Trace or an iterable of them"):
+        next(as_traces(str(traced / "good.trace")))
+    with pytest.raises(InputError, match="traces must be Trace objects, got a Tensor"):
+        analyze_coding_rates([tr.masks])
+
+
+def test_trace_cat_refuses_traces_of_different_models(model8, traced):
+    from depict_analysis.foundation.errors import InputError
+    from depict_analysis.models import create_model
+    from depict_analysis.tracing import Trace, trace
+
+    tr = Trace.load(traced / "good.trace")
+    torch.manual_seed(1)
+    same_kind = create_model("depict-sa-tiny", n_cls=K).eval()  # the same config, other weights
+    other_kind = create_model("depict-ca-tiny", n_cls=K).eval()
+    x = model8.normalize(tr.pixels)
+    with pytest.raises(InputError, match="traces of different models cannot be concatenated"):
+        Trace.cat([tr, trace(same_kind, x)])
+    with pytest.raises(InputError, match="traces of different models cannot be concatenated"):
+        Trace.cat([tr, trace(other_kind, x)])
+    with pytest.raises(InputError, match="Trace.cat joins Trace objects, got Trace, dict"):
+        Trace.cat([tr, {}])
+    assert Trace.cat([tr, tr]).num_images == 2 * tr.num_images  # one model's batches still join
+
+
+# ------------------------------------------------------------------------------------------- 10. ambiguities
+
+
+def test_a_checkpoint_whose_name_holds_an_equals_sign_is_that_file(files, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(files / "good.pt", tmp_path / "lr=0.1.pt")
+    result = invoke(ANALYZE, "coding-rate", "lr=0.1.pt", "--num-images", 1, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o" / "coding_rate.json").read_text())["checkpoints"][0]
+    assert (record["label"], record["source"]) == ("lr=0.1", "lr=0.1.pt")
+    result = invoke(ANALYZE, "coding-rate", "fast=lr=0.1.pt", "--num-images", 1, "--out", tmp_path / "o2")  # named explicitly
+    assert result.exit_code == 0 and json.loads((tmp_path / "o2" / "coding_rate.json").read_text())["checkpoints"][0]["label"] == "fast"
+    before = tree(tmp_path)
+    refused(ANALYZE, ["coding-rate", "base=missing.pt", "--out", tmp_path / "o3"], "base=missing.pt: no such file or folder", tmp_path)
+    refused(ANALYZE, ["coding-rate", "../up=lr=0.1.pt", "--out", tmp_path / "o3"], "../up=lr=0.1.pt: no such file or folder", tmp_path)
+    assert tree(tmp_path) == before
+
+
+def test_eval_on_a_folder_where_no_mask_matches_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "three.pt", create_model("depict-sa-tiny", n_cls=3))
+    folder = tmp_path / "data"
+    (folder / "masks").mkdir(parents=True)
+    (folder / "classes.yaml").write_text("classes: [{name: a}, {name: b}, {name: c}]\n")
+    write_image(folder / "images" / "x.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(folder / "masks" / "y.png")  # a mask of no image
+    refused(DEPICT, ["eval", tmp_path / "three.pt", "--dataset", "folder", "--data-root", folder, "--out", tmp_path / "s.json"],
+            "none of the 1 images of folder has a label map (no mask matches an image by name); nothing to score", tmp_path)
+    Image.fromarray(np.full((40, 48), 255, np.uint8)).save(folder / "masks" / "x.png")  # a mask that ignores every pixel
+    refused(DEPICT, ["eval", tmp_path / "three.pt", "--dataset", "folder", "--data-root", folder, "--out", tmp_path / "s.json"],
+            "are all 255 (ignore): nothing to score", tmp_path)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_predict_reads_every_image_before_writing_and_a_rerun_finishes_without_overwrite(files, tmp_path):
+    images = tmp_path / "images"
+    write_image(images / "a.png")
+    (images / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)  # a broken file among good ones
+    write_image(images / "c.png", seed=2)
+    out = tmp_path / "out"
+    refused(DEPICT, ["predict", files / "good.pt", images, "--out", out], f"cannot read image {images / 'b.png'}", files, tmp_path)
+    assert not out.exists() or not list(out.iterdir())  # nothing written for a.png either
+    write_image(images / "b.png", seed=1)  # the file fixed, the same command again, no --overwrite
+    result = invoke(DEPICT, "predict", files / "good.pt", images, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}_{kind}.png" for s in "abc" for kind in ("label", "overlay")]

@@ -14,7 +14,8 @@ from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models import create_model
 from depict_analysis.models.decoders.maskformer import MaskFormerConfig, MaskPredictions, semantic_inference, sine_position
 from depict_analysis.models.losses import SetNormalizers, dice_cost, focal_cost, match, set_loss, step_loss
-from depict_analysis.models.segmentor import inference_labels, predict_probs
+from depict_analysis.models.evaluate import decode_labels, encode_image, image_probs
+from depict_analysis.models.segmentor import decoder_outputs, inference_labels, predict_probs, view_labels
 from depict_analysis.models.train import TrainConfig, train
 
 K = 8
@@ -354,3 +355,25 @@ def test_config_rejects_sizes_the_modules_cannot_take():
         MaskFormerConfig(hidden=64, n_heads=3)
     with pytest.raises(ConfigError, match="norm_groups"):
         MaskFormerConfig(conv_dim=48, norm_groups=32)
+
+
+def test_views_of_probabilities_are_averaged_as_they_are():
+    # two views of one pixel: the mean of S picks class 2, the mean of softmax(S) class 1
+    views = [(torch.tensor([3.0, 0.0, 3.0]).view(1, 3, 1, 1), False), (torch.tensor([0.0, 3.0, 1.5]).view(1, 3, 1, 1), False)]
+    assert view_labels(views, 1, 3, (1, 1), outputs="probabilities").item() == 2
+    assert view_labels(views, 1, 3, (1, 1)).item() == 1  # logits: soft-maxed per view
+    assert view_labels(views, 1, 3, (1, 1), map_values=1, outputs="probabilities").item() == 2  # the strip path
+    assert decoder_outputs(tiny()) == "probabilities" and decoder_outputs(create_model("segmenter-tiny", n_cls=K)) == "logits"
+
+
+def test_dataset_evaluation_decodes_maskformer_as_image_probs():
+    """``decode_labels`` (evaluate, robustness) passes the decoder's outputs on: with two views (flip)
+    its labels are the arg-max of ``image_probs``, the views' mean of S."""
+    from PIL import Image
+
+    model = tiny().float()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        probs = image_probs(model, image, window=32, stride=16, flip=True)
+        labels = decode_labels(model, encode_image(model, image, window=32, stride=16, flip=True))
+    torch.testing.assert_close(labels.long(), probs.argmax(0))

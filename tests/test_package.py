@@ -74,11 +74,15 @@ def test_load_images_crops_every_image_to_the_models_grid(tmp_path):
     assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 64, 64) and t.grid == (16, 16)
 
 
-def test_labelled_sources_and_one_colour_per_model():
+def test_labelled_sources_and_one_colour_per_model(tmp_path, monkeypatch):
     from depict_analysis.models.sources import parse_labelled
     from depict_analysis.plots import LINE_COLORS, model_colours
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoint.pt").write_bytes(b"")
     assert parse_labelled("base=runs/a/checkpoint.pt") == ("base", "runs/a/checkpoint.pt")
+    assert parse_labelled("base=runs/b/checkpoint.pt") == (None, "base=runs/b/checkpoint.pt")  # no such source
     assert parse_labelled("runs/a=b/checkpoint.pt") == (None, "runs/a=b/checkpoint.pt")  # a path with "="
     assert parse_labelled("builtin:segmenter") == (None, "builtin:segmenter")
     assert parse_labelled("sa=builtin:depict-sa") == ("sa", "builtin:depict-sa")
@@ -111,3 +115,25 @@ print(json.dumps([foundation, maths, "torch" in sys.modules]))
                                                      check=True).stdout)
     assert foundation == []  # errors and files load without the analyses or the model stack
     assert maths == []  # the pure maths raise DepictError without importing depict_analysis.models
+
+
+def test_no_committed_file_records_a_path_of_the_machine_that_made_it():
+    """The gallery's JSON, the shipped weights' metadata, ...: no absolute path of a home, work or temporary
+    folder, nor of this checkout (what a generating machine leaks into the files it writes)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout: no list of committed files")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    machine = re.compile(rb"(?<![\w.])/(?:home|Users|root|work|tmp|mnt|scratch|private/var)/[\w.-]+/"
+                         + b"|" + re.escape(str(root).encode()) + b"|" + re.escape(str(Path.home()).encode()) + b"/")
+    tests = Path(__file__).resolve().parent
+    leaking = [name.decode() for name in filter(None, listed)
+               if (root / name.decode()).is_file() and (root / name.decode()).parent != tests
+               and machine.search((root / name.decode()).read_bytes())]
+    assert leaking == []

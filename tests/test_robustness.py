@@ -331,7 +331,7 @@ def test_figures_for_curves_bars_and_partial_results():
     fig = result_of(evaluations, complete=False, resamples=50).figures()["robustness"]
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()][0] == "0"
-    assert "partial" in ax.get_title() and "a (depict_sa)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "partial" in ax.get_title() and "a (depict_sa)" in [t.get_text() for t in fig.legends[0].get_texts()]
     colours = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
     assert len(set(map(str, colours.values()))) == len(colours)  # one colour per model
     bars = sweep(model, "head-rotation", sigmas=(0, 1), label="a")
@@ -393,21 +393,20 @@ def test_cli_on_ours_and_an_official_release(tmp_path):
 
 def test_cli_interrupt_keeps_partial_results(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "sa.pt", tiny_model())
-    calls = {"n": 0}
+    original = rob.ModelSweep.score_crops
 
-    def interrupted(confusion):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def interrupted(self, batch, indices):
+        if indices[0] == 2:
             raise KeyboardInterrupt
-        return miou(confusion)
+        return original(self, batch, indices)
 
-    monkeypatch.setattr(rob, "miou", interrupted)
+    monkeypatch.setattr(rob.ModelSweep, "score_crops", interrupted)
     out = tmp_path / "out"
-    result = run_cli(tmp_path / "sa.pt", *write_labelled_images(tmp_path), "--size", 32, "--out", out)
-    assert result.exit_code == 130 and result.stderr.startswith("error: interrupted after 2 of 37")
+    result = run_cli(tmp_path / "sa.pt", *write_labelled_images(tmp_path), "--size", 32, "--batch-size", 1, "--out", out)
+    assert result.exit_code == 130 and result.stderr.startswith("error: interrupted: partial results on 2 images")
     written = json.loads((out / "robustness.json").read_text())
-    assert not written["complete"] and len(written["records"]) == 2
-    assert len((out / "robustness.csv").read_text().splitlines()) == 3 and (out / "robustness.png").exists()
+    assert not written["complete"] and len(written["records"]) == 37 and written["num_images"] == 2
+    assert len((out / "robustness.csv").read_text().splitlines()) == 38 and (out / "robustness.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from depict_analysis.foundation.yaml_text import load_yaml
+
 from .base import DatasetError, FileSegmentationDataset, Transform, require_dir
 from .classes import make_palette
 
@@ -36,7 +38,7 @@ def read_classes_yaml(path: Path) -> tuple[list[str], np.ndarray]:
         raise DatasetError(f"expected the class list at {path}, written as "
                            "'classes: [{name: str, color: [r, g, b]}, ...]'")
     try:
-        entries = (yaml.safe_load(path.read_text()) or {}).get("classes")
+        entries = (load_yaml(path.read_text(), str(path)) or {}).get("classes")
     except (yaml.YAMLError, AttributeError) as err:
         raise DatasetError(f"cannot parse {path}: {expected} ({type(err).__name__})") from None
     if not isinstance(entries, list) or not entries:
@@ -46,7 +48,7 @@ def read_classes_yaml(path: Path) -> tuple[list[str], np.ndarray]:
         colour = entry.get("color") if isinstance(entry, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
                 and (colour is None or _is_rgb(colour))):
-            raise DatasetError(f"{path}: class entry {i} is {entry!r}; {expected}")
+            raise DatasetError(f"{path}: class entry {i} is {repr(entry)[:80]}; {expected}")
         names.append(entry["name"])
         if colour is not None:
             palette[i] = colour

@@ -6,7 +6,9 @@ A family lives in one file, ``models/decoders/<family>.py``, which holds:
 - its module, a ``Decoder`` whose ``forward_intermediates(z, grid)`` returns everything the
   analyses read (``Intermediates``: tokens per layer, class embeddings per stage, final Q̂, masks,
   attention maps on request) and whose ``forward`` is that call's masks; ``subspaces()`` names the
-  head projections it owns, and ``role`` says whether it is a white-box decoder;
+  head projections it owns, ``hook_sites()`` the values an edit can replace (the trace's names:
+  ``tokens/mssa1``, ``classes/input``, ``class_embeddings``, and ``heads/mssa1`` for each layer's
+  per-head outputs), and ``role`` says whether it is a white-box decoder;
 - one ``register_family(Family(...))`` call: the builder, the sizes of its registry variants per
   backbone, and for families with official releases the key that identifies them and the
   conversion of their keys to ours.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from depict_analysis.models.decoders.mask_head import class_masks
+from depict_analysis.models.decoders.mask_head import masks_from_embeddings
 from depict_analysis.foundation.errors import CheckpointError, ConfigError
 
 ROLES = ("white-box", "black-box", "linear")
@@ -46,6 +48,38 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, h, T, p) -> (B, T, h·p)."""
     B, h, T, p = x.shape
     return x.transpose(1, 2).reshape(B, T, h * p)
+
+
+# ------------------------------------------------------------------------------------- edit hooks
+
+
+class Hooked:
+    """A module whose forward runs values through ``self.hook(key, value)``, so that an edit can replace
+    them (TransformerLens' hook points; ``depict_analysis.interventions`` attaches the edits).
+
+    The edits of a call live in the plain attribute ``edits`` (``{key: [function, ...]}``), set and
+    removed by ``interventions.edited``: never a parameter, buffer or submodule, so ``state_dict`` is
+    unaffected. With none attached a site returns its value unchanged (the same tensor).
+    """
+
+    def hook(self, key: str, value: Tensor) -> Tensor:
+        for edit in self.__dict__.get("edits", {}).get(key, ()):
+            value = edit(value)
+        return value
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where the value a trace name denotes passes through a ``Hooked.hook``: ``module.hook(key, ·)``.
+
+    ``class_rows``: how many trailing rows (axis −2) of its value are class embeddings, the rest being
+    patch tokens: K for ``classes/`` and ``class_embeddings`` (B, K, d) and for the ``heads/`` (B, h, T, p)
+    of a layer on the joint sequence or on MSCA's queries; 0 for ``tokens/`` and heads on patches alone.
+    """
+
+    module: nn.Module
+    key: str
+    class_rows: int = 0
 
 
 @dataclass
@@ -105,7 +139,7 @@ class Intermediates:
     representatives: list[Tensor] = field(default_factory=list)
 
 
-class Decoder(nn.Module):
+class Decoder(Hooked, nn.Module):
     """A decoder family's module: patch tokens Z_0 (B, N, d) on a grid (h, w) -> masks (B, K, h, w)."""
 
     family: ClassVar[str] = ""  # the family's tag (its config's ``name``)
@@ -125,6 +159,23 @@ class Decoder(nn.Module):
     def subspaces(self) -> list[Subspace]:
         """The head projections the decoder owns, in layer order (views of its parameters)."""
         return []
+
+    def hook_sites(self) -> dict[str, HookSite]:
+        """Every value an edit can replace, by its trace name (``tokens/<stage>`` (B, N, d),
+        ``classes/<stage>`` (B, K, d), ``class_embeddings`` Q̂ (B, K, d), ``heads/<layer>`` (B, h, T, p))."""
+        return {}
+
+    def mask_head(self, patches: Tensor, classes: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """patches (B, N, d), classes (B, K, d) -> Q̂ (B, K, d), run through the ``class_embeddings``
+        site, and the masks (B, K, h, w) it gives (``mask_norm`` over the class scores)."""
+        class_embeddings = self.hook("class_embeddings", F.normalize(classes, dim=-1))
+        return class_embeddings, masks_from_embeddings(patches, class_embeddings, self.mask_norm, grid)
+
+    def stage_sites(self, token_stages: Sequence[str], class_stages: Sequence[str]) -> dict[str, HookSite]:
+        """The decoder's own sites: ``tokens/<stage>``, ``classes/<stage>`` and ``class_embeddings``."""
+        sites = {f"tokens/{stage}": HookSite(self, f"tokens/{stage}") for stage in token_stages}
+        classes = [f"classes/{stage}" for stage in class_stages] + ["class_embeddings"]
+        return sites | {name: HookSite(self, name, self.n_cls) for name in classes}
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters the official recipe trains without weight decay: the class embeddings."""
@@ -189,18 +240,37 @@ class JointDecoder(Decoder):
         """Z_0 (B, N, d_enc) -> the patch part of the joint sequence (B, N, d)."""
         return z
 
+    def layer_names(self) -> list[str]:
+        return [f"{self.stage}{l}" for l in range(1, len(self.token_layers()) + 1)]
+
+    def head_site(self, layer: nn.Module) -> HookSite:
+        """Where a layer's per-head outputs (B, h, N + K, p) pass: its own ``hook("heads", ·)``."""
+        return HookSite(layer, "heads", self.n_cls)
+
+    def hook_sites(self) -> dict[str, HookSite]:
+        names = self.layer_names()
+        heads = {f"heads/{name}": self.head_site(layer) for name, layer in zip(names, self.token_layers())}
+        return self.stage_sites(["input", *names], ["input", *names]) | heads
+
+    def _edit_stage(self, stage: str, x: Tensor, n: int) -> Tensor:
+        """The joint sequence x (B, N + K, d) after ``stage``, its patches and classes run through their sites."""
+        if not self.__dict__.get("edits"):  # the clean forward keeps its tensors as they are
+            return x
+        return torch.cat([self.hook(f"tokens/{stage}", x[:, :n]), self.hook(f"classes/{stage}", x[:, n:])], dim=1)
+
     def project(self, patches: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
         """The normalised outputs -> what the mask head compares."""
         return patches, classes
 
     def forward_intermediates(self, z: Tensor, grid: tuple[int, int], attention: bool = False) -> Intermediates:
         n = z.shape[1]
-        x = torch.cat([self.embed(z), self.cls_emb.expand(z.shape[0], -1, -1)], dim=1)
-        names = [f"{self.stage}{l}" for l in range(1, len(self.token_layers()) + 1)]
+        z = self.hook("tokens/input", z)
+        x = torch.cat([self.embed(z), self.hook("classes/input", self.cls_emb.expand(z.shape[0], -1, -1))], dim=1)
+        names = self.layer_names()
         tokens, classes, maps, representatives = [z], [x[:, n:]], {}, []
         for name, layer in zip(names, self.token_layers()):
             step = self.layer_step(layer, x, grid, attention)
-            x = step.out
+            x = self._edit_stage(name, step.out, n)
             tokens.append(x[:, :n])
             classes.append(x[:, n:])
             if step.attention is not None:
@@ -209,9 +279,9 @@ class JointDecoder(Decoder):
                 representatives.append(step.representatives)
         x = self.decoder_norm(x)
         patches, final = self.project(x[:, :n], x[:, n:])
-        masks = class_masks(patches, final, self.mask_norm, grid)
+        class_embeddings, masks = self.mask_head(patches, final, grid)
         return Intermediates(
-            tokens, names, classes, ["input", *names], F.normalize(final, dim=-1), patches, masks, maps, representatives
+            tokens, names, classes, ["input", *names], class_embeddings, patches, masks, maps, representatives
         )
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from depict_analysis.models.decoders.base import (
     DecoderConfig,
     Family,
+    Hooked,
     JointDecoder,
     OfficialFormat,
     Step,
@@ -44,8 +45,11 @@ from depict_analysis.models.decoders.base import (
 from depict_analysis.models.decoders.init import init_weights
 
 
-class CBSA(nn.Module):
-    """Contract-and-broadcast self-attention with its pre-LayerNorm and residual: X ← X + CBSA(LN(X))."""
+class CBSA(Hooked, nn.Module):
+    """Contract-and-broadcast self-attention with its pre-LayerNorm and residual: X ← X + CBSA(LN(X)).
+
+    Head k's output (``hook("heads", ·)``: step_x_k · broadcast_k, (B, h, T, p)) enters ``to_out`` as row block k.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, rep_grid: int):
         super().__init__()
@@ -74,7 +78,7 @@ class CBSA(nn.Module):
         contract = torch.softmax(rep @ w.transpose(-2, -1) * self.dim_head**-0.5, dim=-1)
         rep = rep + self.step_rep * (contract @ w)
         broadcast = contract.transpose(-2, -1) @ F.scaled_dot_product_attention(rep, rep, rep)
-        out = x + self.to_out(merge_heads(self.step_x * broadcast))
+        out = x + self.to_out(merge_heads(self.hook("heads", self.step_x * broadcast)))
         return (out, rep, contract) if details else out
 
 

@@ -21,6 +21,8 @@ from depict_analysis.models.decoders.base import (
     DecoderConfig,
     Decoder,
     Family,
+    Hooked,
+    HookSite,
     Intermediates,
     JointDecoder,
     OfficialFormat,
@@ -33,7 +35,6 @@ from depict_analysis.models.decoders.base import (
     register_family,
     split_heads,
 )
-from depict_analysis.models.decoders.mask_head import class_masks
 
 
 def subspace_attention(queries: Tensor, keys: Tensor, return_attention: bool = False):
@@ -49,8 +50,11 @@ def subspace_attention(queries: Tensor, keys: Tensor, return_attention: bool = F
     return attention @ keys, attention
 
 
-class _SubspaceLayer(nn.Module):
-    """Parameters shared by MSSA and MSCA: pre-LayerNorm, ``proj: (h·p, d)``, step size η."""
+class _SubspaceLayer(Hooked, nn.Module):
+    """Parameters shared by MSSA and MSCA: pre-LayerNorm, ``proj: (h·p, d)``, step size η.
+
+    Head k's output (``hook("heads", ·)``: (B, h, T, p), row block k) contributes η P_k·(that output) to the update.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -72,7 +76,7 @@ class _SubspaceLayer(nn.Module):
         q = split_heads(queries @ self.proj.T, self.heads)
         k = q if keys is queries else split_heads(keys @ self.proj.T, self.heads)
         out, attention = subspace_attention(q, k, return_attention)
-        return self.step_size * (merge_heads(out) @ self.proj), attention
+        return self.step_size * (merge_heads(self.hook("heads", out)) @ self.proj), attention
 
 
 class MSSA(_SubspaceLayer):
@@ -149,25 +153,35 @@ class DepictCA(Decoder):
         self.cnorm = nn.LayerNorm(dim, eps=1e-5)
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
 
+    def layer_names(self) -> tuple[list[str], list[str]]:
+        """The MSSA layers' names and the MSCA layers'."""
+        return [f"mssa{l}" for l in range(1, len(self.self_layers) + 1)], [f"msca{l}" for l in range(1, len(self.cross_layers) + 1)]
+
+    def hook_sites(self) -> dict[str, HookSite]:
+        self_names, cross_names = self.layer_names()
+        sites = self.stage_sites(["input", *self_names], ["input", *cross_names])
+        sites |= {f"heads/{name}": HookSite(layer, "heads") for name, layer in zip(self_names, self.self_layers)}
+        return sites | {f"heads/{name}": HookSite(layer, "heads", self.n_cls) for name, layer in zip(cross_names, self.cross_layers)}
+
     def forward_intermediates(self, z: Tensor, grid: tuple[int, int], attention: bool = False) -> Intermediates:
+        z = self.hook("tokens/input", z)
         tokens, maps = [z], {}
-        self_names = [f"mssa{l}" for l in range(1, len(self.self_layers) + 1)]
+        self_names, cross_names = self.layer_names()
         for name, layer in zip(self_names, self.self_layers):
             if attention:
                 maps[name] = layer(z, return_attention=True)[1]
-            z = layer(z)
+            z = self.hook(f"tokens/{name}", layer(z))
             tokens.append(z)
         z = self.snorm(z)
-        q = self.cls_emb.expand(z.shape[0], -1, -1)
-        classes, cross_names = [q], [f"msca{l}" for l in range(1, len(self.cross_layers) + 1)]
+        q = self.hook("classes/input", self.cls_emb.expand(z.shape[0], -1, -1))
+        classes = [q]
         for name, layer in zip(cross_names, self.cross_layers):
             if attention:
                 maps[name] = layer(q, z, return_attention=True)[1]
-            q = layer(q, z)
+            q = self.hook(f"classes/{name}", layer(q, z))
             classes.append(q)
-        q = self.cnorm(q)
-        masks = class_masks(z, q, self.mask_norm, grid)
-        return Intermediates(tokens, self_names, classes, ["input", *cross_names], F.normalize(q, dim=-1), z, masks, maps)
+        class_embeddings, masks = self.mask_head(z, self.cnorm(q), grid)
+        return Intermediates(tokens, self_names, classes, ["input", *cross_names], class_embeddings, z, masks, maps)
 
     def subspaces(self) -> list[Subspace]:
         return _subspaces("mssa", self.self_layers, "self_layers", True) + _subspaces(

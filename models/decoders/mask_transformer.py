@@ -16,12 +16,16 @@ from torch import Tensor, nn
 from depict_analysis.models.decoders.base import (
     DecoderConfig,
     Family,
+    Hooked,
+    HookSite,
     JointDecoder,
     OfficialFormat,
     Step,
     Subspace,
     layer_count,
+    merge_heads,
     register_family,
+    split_heads,
 )
 from depict_analysis.models.decoders.init import init_weights
 
@@ -33,6 +37,14 @@ def block_attention(block: Block, x: Tensor) -> Tensor:
     q, k, _ = attn.qkv(block.norm1(x)).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
     return torch.softmax(q @ k.transpose(-2, -1) * attn.scale, dim=-1)
+
+
+def _edit_heads(attn: nn.Module, proj: nn.Module, args: tuple[Tensor]) -> tuple[Tensor] | None:
+    """A forward pre-hook of a timm ``Attention``'s output projection: its input, the merged head outputs
+    (B, T, h·p), run through ``attn``'s ``heads`` site as (B, h, T, p) when an edit is attached there."""
+    if not attn.__dict__.get("edits"):
+        return None
+    return (merge_heads(Hooked.hook(attn, "heads", split_heads(args[0], attn.num_heads))),)
 
 
 class MaskTransformer(JointDecoder):
@@ -81,12 +93,19 @@ class MaskTransformer(JointDecoder):
         self.mask_norm = nn.LayerNorm(n_cls, eps=1e-5)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.cls_emb, std=0.02)
+        for block in self.blocks:  # the heads' outputs are merged inside timm's Attention: edited where they leave it
+            block.attn.proj.register_forward_pre_hook(partial(_edit_heads, block.attn))
 
     def token_layers(self) -> nn.ModuleList:
         return self.blocks
 
     def layer_step(self, layer: Block, x: Tensor, grid: tuple[int, int], attention: bool) -> Step:
         return Step(layer(x), block_attention(layer, x) if attention else None)
+
+    def head_site(self, layer: Block) -> HookSite:
+        """Head k's output, row block k of the input of ``attn.proj`` (B, h, T, p): it contributes
+        ``attn.proj.weight[:, block k]`` times it to the update (the bias is shared by all heads)."""
+        return HookSite(layer.attn, "heads", self.n_cls)
 
     def embed(self, z: Tensor) -> Tensor:
         return self.proj_dec(z)

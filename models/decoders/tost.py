@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from depict_analysis.models.decoders.base import (
     DecoderConfig,
     Family,
+    Hooked,
     JointDecoder,
     Step,
     Subspace,
@@ -37,8 +38,11 @@ from depict_analysis.models.decoders.base import (
 from depict_analysis.models.decoders.init import init_weights
 
 
-class TSSA(nn.Module):
-    """Token statistics self-attention with its pre-LayerNorm and residual: X ← X + TSSA(LN(X))."""
+class TSSA(Hooked, nn.Module):
+    """Token statistics self-attention with its pre-LayerNorm and residual: X ← X + TSSA(LN(X)).
+
+    Head k's output (``hook("heads", ·)``: −Π_k ⊙ W_k ⊙ g_k, (B, h, T, p)) enters ``to_out`` as row block k.
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -59,7 +63,7 @@ class TSSA(nn.Module):
         membership = torch.softmax(energy * self.temp, dim=1)  # over heads
         weights = membership / (membership.sum(-1, keepdim=True) + 1e-8)
         gain = 1 / (1 + weights.unsqueeze(-2) @ w.square())  # (B, h, 1, p)
-        out = x + self.to_out(merge_heads(-(w * membership.unsqueeze(-1)) * gain))
+        out = x + self.to_out(merge_heads(self.hook("heads", -(w * membership.unsqueeze(-1)) * gain)))
         return (out, membership) if details else out
 
 
