@@ -63,7 +63,7 @@ def pca_seg(
     label: Optional[list[str]] = LabelOption,
     trace_files: Optional[list[str]] = TraceOption,
     save_trace: Optional[Path] = SaveTraceOption,
-    k: Optional[int] = typer.Option(None, "--k", min=2, help="Segments [default: classes the model predicts, 2..8]."),
+    k: Optional[int] = typer.Option(None, "--k", min=2, help="Segments [default: classes the model predicts on at least 1 % of the image, 2..8]."),
     method: str = typer.Option("argmax", "--method", help="argmax (decoder's rule, sign-dependent) | kmeans (more robust)."),
     layers: str = typer.Option(
         "0,L1", "--layers", help="Tokens to compare: L1 = the mask head's embeddings (after the final LayerNorm); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -51,4 +53,21 @@ def fetch(
     for path, record in zoo.release_records(name).items():
         table.add_row(path, f"{record['size'] / 1e6:.1f}", record["sha256"][:16])
     console.print(table)
+    typer.echo(folder)  # alone on the last line, for scripts
+
+
+@app.command("import")
+@user_errors
+def import_(
+    name: str = typer.Argument(..., help="A zoo name (depict zoo list); for a DEPICT release, depict-sa (the folder's name is the release) or depict-sa/FOLDER."),
+    path: Path = typer.Argument(..., help="The release downloaded elsewhere: its folder (checkpoint.pth + variant.yml) or its checkpoint.pth."),
+    force: bool = typer.Option(False, "--force", help="Replace cached files that differ from these."),
+):
+    """Register a release downloaded elsewhere (no network here): copy it into the zoo cache, checked against
+    the published sha256 where there is one and what the cache recorded before; print its folder."""
+    from depict_analysis.models import zoo
+
+    folder = zoo.import_release(name, path, force=force)
+    named = name if "/" in name or zoo.REGISTRY[name].drive_folder is None else f"{name}/{folder.name}"
+    console.print(f"imported {path}: use it as zoo:{named}")
     typer.echo(folder)  # alone on the last line, for scripts

@@ -7,6 +7,7 @@ command-line tools in ``depict_analysis.cli``. Names below are imported on first
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
@@ -44,6 +45,9 @@ _EXPORTS = {
     "run_robustness": "depict_analysis.robustness",
     "resolve_perturbation": "depict_analysis.perturbations",
     "Robustness": "depict_analysis.robustness",
+    "edited": "depict_analysis.interventions",
+    "run_ablation": "depict_analysis.ablation",
+    "Ablation": "depict_analysis.ablation",
     "Bootstrap": "depict_analysis.uncertainty",
     "Interval": "depict_analysis.uncertainty",
 }
@@ -52,9 +56,24 @@ _ALIASES = {"load_model": "open_checkpoint"}  # public name -> the defining modu
 __all__ = ["__version__", *_EXPORTS]
 
 
+def _public(function, name: str):
+    """``function`` under its public name, so that ``help(depict_analysis.load_model)`` and tracebacks say
+    ``load_model``; the defining module keeps its own name."""
+
+    @functools.wraps(function)
+    def public(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    public.__name__ = public.__qualname__ = name
+    public.__module__ = __name__
+    return public
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), _ALIASES.get(name, name))
+        if name in _ALIASES:
+            value = _public(value, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'depict_analysis' has no attribute {name!r}")

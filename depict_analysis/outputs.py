@@ -20,24 +20,27 @@ import matplotlib.pyplot as plt
 from depict_analysis.foundation.files import atomic_write, atomic_write_text, check_out_dir, check_out_file, safe_name  # noqa: F401
 
 
-def _jsonable(x: Any) -> Any:
-    """Tensors, numpy values and non-finite floats -> plain JSON (NaN / inf become null)."""
+def plain_json(x: Any) -> Any:
+    """Tensors, numpy values, tuples, paths and non-finite floats -> plain JSON types (NaN / inf become
+    None), so that ``json.dumps`` takes the value as it is."""
     if hasattr(x, "tolist"):
         x = x.tolist()
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): plain_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [plain_json(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, Path):
         return str(x)
+    if hasattr(x, "to_json"):  # an Interval, a Finding, ...
+        return plain_json(x.to_json())
     return x
 
 
 def save_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(plain_json(data), indent=2) + "\n")
     return path
 
 
@@ -48,13 +51,26 @@ def save_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
-    writer.writerows({k: _jsonable(v) for k, v in row.items()} for row in rows)
+    writer.writerows({k: plain_json(v) for k, v in row.items()} for row in rows)
     atomic_write_text(path, text.getvalue())
     return path
 
 
+FIGURE_DPI = 150  # of every PNG we write
+MIN_FONT_KEY = "depict:min_font_pt"  # PNG text field: the smallest font size (points) of the figure's text
+
+
+def min_font_size(fig: plt.Figure) -> float:
+    """The smallest font size, in points, of any visible text in ``fig`` (what decides its legibility)."""
+    import matplotlib.text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    return float(min(sizes, default=plt.rcParams["font.size"]))
+
+
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
-    """Write ``<out_dir>/<name>.png`` (150 dpi) and ``.pdf``, close the figure, return both paths.
+    """Write ``<out_dir>/<name>.png`` (150 dpi; its smallest font size recorded as the PNG text field
+    ``depict:min_font_pt``, which the HTML report sizes it by) and ``.pdf``, close the figure, return both paths.
 
     ``name`` often holds names read from a model or a saved trace (a layer, a label): it is reduced to
     one plain file name (``safe_name``), so the figure lands in ``out_dir`` whatever it says."""
@@ -62,8 +78,9 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     name = safe_name(name)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     try:
-        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
         atomic_write(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"))
+        metadata = {MIN_FONT_KEY: f"{min_font_size(fig):.2f}"}  # after a draw: tick labels exist only once drawn
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight", metadata=metadata))
     finally:
         plt.close(fig)
     return paths

@@ -108,11 +108,18 @@ def pca_rgb(Z: Tensor) -> Tensor:
     return (coords - lo) / torch.where(span > 0, span, 1.0)
 
 
-def choose_k(predicted_labels: Tensor, lo: int = 2, hi: int = 8) -> int:
-    """Number of distinct classes in ``predicted_labels`` (any shape), clamped to [lo, hi]."""
+MIN_SEGMENT_SHARE = 0.01  # the smallest share of an image a predicted class needs to count as a segment (choose_k)
+
+
+def choose_k(predicted_labels: Tensor, lo: int = 2, hi: int = 8, min_share: float = MIN_SEGMENT_SHARE) -> int:
+    """Number of classes covering at least ``min_share`` of ``predicted_labels`` (any shape), clamped to
+    [lo, hi]: a class predicted on a few stray pixels is no segment for PCA to find."""
     if not 1 <= lo <= hi:
         raise ConfigError(f"need 1 <= lo <= hi, got lo={lo}, hi={hi}")
-    return min(max(int(predicted_labels.unique().numel()), lo), hi)
+    if not 0 <= min_share < 1:
+        raise ConfigError(f"min_share is a share of the pixels in [0, 1), got {min_share}")
+    _, counts = predicted_labels.unique(return_counts=True)
+    return min(max(int((counts >= min_share * predicted_labels.numel()).sum()), lo), hi)
 
 
 def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:

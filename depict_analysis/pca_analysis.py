@@ -280,8 +280,8 @@ def analyze_pca(
 ) -> PCASegmentation:
     """PCA-segment every traced image's tokens at ``layers`` (see the module docstring) and score them.
 
-    ``k`` defaults per image to ``choose_k`` of the model's prediction (2..8), the same k for every
-    source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
+    ``k`` defaults per image to ``choose_k`` of the model's prediction: the classes it predicts on at
+    least 1 % of the image, clamped to 2..8, the same k for every source. Ground truth comes from the traces' ``labels``. The first ``examples`` images keep their
     segmentations for figures, drawn with ``class_names`` and ``palette`` (K, 3) uint8 (default:
     ``class i`` and ``make_palette``); ``score_figure`` adds the box plot of every image's scores.
     """

@@ -91,17 +91,21 @@ def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
     includes P's row norms) and the share R(U_lᵀX_j)/R(X_j) (U_l an orthonormal basis of span(P_l)),
     against the token stage j. One line per subspace l (mean ± std band) in shades of the model's
     colour, with a dashed vertical line at the layer that owns P_l; subspaces that update only the class
-    embeddings (DEPICT-CA's MSCA) are dotted, with no such line.
+    embeddings (DEPICT-CA's MSCA) are dotted, with no such line. Models share each column's y axis,
+    so their rows compare by eye.
     """
     colours = model_colours(labels)
-    fig = plt.figure(figsize=(12.0, 2.9 * len(results) + 0.3), layout="constrained")
+    fig = plt.figure(figsize=(11.2, 2.9 * len(results) + 0.3), layout="constrained")  # 11.2 in: fits the report's page
     rows = np.atleast_1d(fig.subfigures(len(results), 1))
+    columns: list[list[plt.Axes]] = [[] for _ in SUBSPACE_PANELS]
     for row, label, result in zip(rows, labels, results):
         row.suptitle(_rate_caption(label, result), fontsize="small")
         if not result.subspaces:
             row.text(0.5, 0.5, f"{label}: no subspace projections", ha="center", va="center")
             continue
         axes = row.subplots(1, len(SUBSPACE_PANELS), sharex=True)
+        for column, ax in zip(columns, axes):
+            column.append(ax)
         x = np.arange(len(result.token_names))
         handles = []
         for space, colour, marker in zip(result.subspaces, shades(colours[label], len(result.subspaces)), MARKERS * 8):
@@ -122,7 +126,17 @@ def plot_subspace_rates(labels: Sequence[str], results: Sequence) -> plt.Figure:
             ax.set_xlabel(LAYER_AXIS_LABEL, fontsize="x-small")
         key = matplotlib.lines.Line2D([], [], color="0.35", linestyle="--", label=r"layer that owns $P_\ell$")
         row.legend(handles=[*handles, key], loc="outside right center", frameon=False, fontsize="small", title=label)
+    for column in columns:
+        share_y(column)
     return fig
+
+
+def share_y(axes: Sequence[plt.Axes]) -> None:
+    """One y range for ``axes`` (the union of their ranges): panels of different models read alike."""
+    if len(axes) > 1:
+        limits = np.array([ax.get_ylim() for ax in axes])
+        for ax in axes:
+            ax.set_ylim(limits[:, 0].min(), limits[:, 1].max())
 
 
 def _stage_ticks(results: Sequence) -> list[str]:
@@ -207,7 +221,7 @@ def plot_class_rates(panels: Sequence[ClassRatePanel], colours: dict, caption: s
             for style, marker, label in CLASS_RATE_LINES.values()]
     if len(panels) > 1:
         keys += [matplotlib.patches.Patch(color=colours[p.name], label=p.name) for p in panels]
-    left.legend(handles=keys, loc="best", frameon=True, fontsize="small")
+    fig.legend(handles=keys, loc="outside lower center", ncol=min(len(keys), 6), frameon=False, fontsize="small")
     for ax, panel in zip(axes[0, 1:], panels):
         image = ax.imshow(panel.heat, aspect="auto", cmap="viridis")
         ax.set_xticks(np.arange(len(panel.layers)), panel.layers, rotation=30 if len(panel.layers) > 5 else 0)
@@ -240,8 +254,9 @@ def upsample_map(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def attention_figure(
     image: np.ndarray, columns: list[tuple[str, np.ndarray]], heads: Sequence[int], marker: Sequence[int] | None, title: str
 ) -> plt.Figure:
-    """One row per head: the image, then each query's map over it (bilinear, ``inferno``, each panel
-    scaled to its own maximum, shown as "max …").
+    """One row per head: the image, then each query's map over it (bilinear, ``inferno``), all panels on
+    one colour scale from 0 to the figure's largest attention weight, with its colour bar (each panel's
+    own maximum is written under it: "max …").
 
     image: (H, W, 3) in [0, 1]; columns: (title, maps (h, gh, gw)) per query, e.g. a class name and
     its query's maps; marker: the queried pixel (y, x), drawn as a cross, or None.
@@ -251,15 +266,18 @@ def attention_figure(
     side = 1.9
     fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows * H / W + 0.8), layout="constrained", squeeze=False)
     grey = image.mean(-1, keepdims=True).repeat(3, -1)
+    upsampled = [[upsample_map(maps[r], (H, W)) for _, maps in columns] for r in range(rows)]
+    scale = max((float(v.max()) for row in upsampled for v in row), default=0.0) or 1.0
+    shown = None
     for r, head in enumerate(heads):
         _show(axes[r, 0], image, "image" if r == 0 else "")
         axes[r, 0].set_ylabel(f"head {head}")
-        for c, (name, maps) in enumerate(columns, start=1):
-            values = upsample_map(maps[r], (H, W))
-            top = float(values.max()) or 1.0
+        for c, (name, _) in enumerate(columns, start=1):
+            values = upsampled[r][c - 1]
+            top = float(values.max())
             ax = axes[r, c]
             ax.imshow(0.55 * grey)
-            ax.imshow(values / top, cmap="inferno", alpha=0.75, vmin=0, vmax=1, interpolation="bilinear")
+            shown = ax.imshow(values, cmap="inferno", alpha=0.75, vmin=0, vmax=scale, interpolation="bilinear")
             ax.set(xticks=[], yticks=[], title=name if r == 0 else "")
             ax.set_xlabel(f"max {top:.2g}", fontsize="x-small")
             ax.grid(False)
@@ -267,6 +285,8 @@ def attention_figure(
                 ax.plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=9, markeredgewidth=1.5)
         if marker is not None:
             axes[r, 0].plot([marker[1]], [marker[0]], marker="+", color="cyan", markersize=9, markeredgewidth=1.5)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label="attention weight (one scale for all panels)")
     fig.suptitle(title, fontsize="small")
     return fig
 
@@ -311,7 +331,8 @@ def plot_attention_shares(panels: Sequence[AttentionSharePanel], caption: str) -
         ax.set_xticks(x, panel.layers)
         ax.set(xlabel="layer", title=panel.name, ylim=(0, 100))
     axes[0, 0].set_ylabel("attention on own class's patches (%)")
-    axes[0, -1].legend(loc="best", fontsize="x-small", frameon=True)
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="x-small", frameon=False)
     fig.suptitle(caption, fontsize="small")
     return fig
 
@@ -355,11 +376,11 @@ def _show(ax: plt.Axes, image: np.ndarray, title: str, caption: str = "") -> Non
 def pca_segmentation_figure(rows: list[PCARow], legend: list[tuple[str, np.ndarray]], title: str, note: str) -> plt.Figure:
     """One row per model: image | for each source its PCA segmentation and its first three PCA
     components as RGB | model prediction | ground truth (when any row has one); a legend of the classes
-    shown (name, RGB uint8) on the right, and ``note`` on how to read it below."""
+    shown (name, RGB uint8) and ``note`` on how to read it below."""
     has_truth = any(row.ground_truth is not None for row in rows)
     cols = 2 + 2 * max(len(row.panels) for row in rows) + has_truth
     H, W = rows[0].image.shape[:2]
-    side = 2.0
+    side = 1.6  # seven panels (two sources) fit the report's page
     height = side * float(np.clip(H / W, 0.5, 2.0))
     fig, axes = plt.subplots(len(rows), cols, figsize=(side * cols, (height + 0.75) * len(rows) + 1.2),
                              layout="constrained", squeeze=False)
@@ -377,8 +398,8 @@ def pca_segmentation_figure(rows: list[PCARow], legend: list[tuple[str, np.ndarr
                 ax.set_axis_off()
     handles = [matplotlib.patches.Patch(facecolor=np.asarray(c) / 255, edgecolor="0.3", label=n) for n, c in legend]
     if handles:
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize="small",
-                   ncol=1 + len(handles) // 16, title="classes shown")
+        fig.legend(handles=handles, loc="outside lower center", frameon=False, fontsize="small",
+                   ncol=min(len(handles), 8), title="classes shown")
     fig.suptitle(title)
     fig.supxlabel(note, fontsize="x-small")
     return fig
@@ -541,6 +562,7 @@ class RobustnessCurve:
     mean: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    sigma_half: tuple[float, float, float] | None = None  # σ½ (estimate, low, high); inf: beyond the grid
 
 
 def _axis_break(ax: plt.Axes, x: float) -> None:
@@ -592,7 +614,9 @@ def plot_robustness_curves(curves: list[RobustnessCurve], colours: dict, sigma_l
 
     σ = 0 (the clean model) has no place on a log axis: it is drawn one decade left of the smallest
     σ, behind an axis break (//), as a diamond with its interval, joined to the curve by a dashed
-    segment, with a dotted line at its level across the plot.
+    segment, with a dotted line at its level across the plot. σ½, where a curve falls to half its
+    clean mIoU, is marked on it (a vertical tick at half the clean level) with its interval as a
+    horizontal bar; an interval reaching past the grid runs to the plot's edge.
     """
     positive = sorted({s for c in curves for s in c.sigma if s > 0})
     x0 = positive[0] / 10 if positive else 1.0
@@ -612,13 +636,29 @@ def plot_robustness_curves(curves: list[RobustnessCurve], colours: dict, sigma_l
             if noisy.any():
                 first = np.flatnonzero(noisy)[0]
                 ax.plot([x0, sigma[first]], [curve.mean[c], curve.mean[first]], color=color, linestyle="--", linewidth=1.0)
+                _mark_sigma_half(ax, curve, curve.mean[c] / 2, color, positive[-1] * 10**0.3)
     _log_sigma_axis(ax, positive, x0)
     ax.set_ylim(bottom=0)
     ax.set(xlabel=f"{sigma_label}  (log scale; 0 = clean model)", ylabel="mIoU (%)")
     clean_key = matplotlib.lines.Line2D([], [], color="0.4", marker="D", linestyle=":", label="clean model (σ = 0)")
-    ax.legend(handles=[*ax.get_legend_handles_labels()[0], clean_key], loc="lower left", frameon=True, fontsize="small")
+    half_key = matplotlib.lines.Line2D([], [], color="0.4", marker="|", markersize=12, label="σ½ [interval]: half the clean mIoU")
+    fig.legend(handles=[*ax.get_legend_handles_labels()[0], clean_key, half_key], loc="outside right center",
+               frameon=False, fontsize="small")
     ax.set_title(caption, fontsize="small")
     return fig
+
+
+def _mark_sigma_half(ax: plt.Axes, curve: RobustnessCurve, level: float, color, edge: float) -> None:
+    """σ½ of one curve at height ``level`` (half its clean mIoU): a tick and its interval (to ``edge`` when open)."""
+    if curve.sigma_half is None:
+        return
+    estimate, low, high = curve.sigma_half
+    if not np.isfinite(low):
+        return  # even the interval's lower end lies beyond the grid: nothing to mark inside it
+    right = min(high, edge) if np.isfinite(high) else edge
+    ax.plot([low, right], [level, level], color=color, linewidth=2.2, alpha=0.8, solid_capstyle="butt")
+    if np.isfinite(estimate):
+        ax.plot([estimate], [level], marker="|", markersize=14, markeredgewidth=2.2, color=color, gid="sigma_half")
 
 
 @styled
@@ -651,7 +691,6 @@ def plot_robustness_bars(curves: list[RobustnessCurve], colours: dict, caption: 
 
 
 @styled
-@styled
 def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption: str = "") -> plt.Figure:
     """Training loss (left) and validation mIoU (right) against the optimizer step, one colour per run.
 
@@ -668,4 +707,44 @@ def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption
     right.legend(loc="lower right", frameon=True, fontsize="small")
     if caption:
         fig.suptitle(caption, fontsize="small")
+    return fig
+
+
+# ----------------------------------------------------------------------------- ablation (SPEC §3.5)
+
+
+@dataclass
+class AblationPanel:
+    """One model's unit × class matrix of IoU changes (percentage points), mIoU change in column 0."""
+
+    title: str
+    units: list[str]
+    change: np.ndarray  # (U, 1 + K)
+
+
+@styled
+def plot_ablation(panels: Sequence[AblationPanel], columns: Sequence[str], caption: str) -> plt.Figure:
+    """One heatmap per model, units down, "mIoU" then the classes across; red = the IoU falls when the
+    unit is removed, blue = it rises; one colour scale, symmetric about 0, for every panel; values printed
+    when the matrix is small enough to read them."""
+    limit = max(1e-9, max(float(np.nanmax(np.abs(p.change))) if np.isfinite(p.change).any() else 0 for p in panels))
+    width = max(4.5, 0.42 * len(columns) + 2.2)
+    heights = [max(1.2, 0.3 * len(p.units) + 0.9) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights) + 0.8), squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": heights})
+    image = None
+    for ax, panel in zip(axes[:, 0], panels):
+        image = ax.imshow(panel.change, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+        ax.grid(False)
+        ax.set_yticks(range(len(panel.units)), panel.units, fontsize="x-small")
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize="x-small")
+        ax.axvline(0.5, color="0.2", linewidth=1)
+        ax.set_title(panel.title, fontsize="small")
+        if panel.change.size <= 400:
+            for (u, c), value in np.ndenumerate(panel.change):
+                if np.isfinite(value):
+                    ax.text(c, u, f"{value:.1f}", ha="center", va="center", fontsize=5,
+                            color="white" if abs(value) > 0.6 * limit else "0.15")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="IoU change (points)", shrink=0.8)
+    fig.suptitle(caption, fontsize="small")
     return fig

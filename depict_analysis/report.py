@@ -5,21 +5,29 @@ escaped) with: the package version, command, date and seed of the run; a table o
 models with their clean mIoU; the warnings; the paper's claims and the other observations, each with
 its statistic, data, verdict and intervals; and per analysis its figures and tables, every number
 with its interval. Only the figures this run wrote (``result.files``) are shown, whatever else the
-folder holds. The page needs no other file and no network.
+folder holds. Each figure is shown at its printed size, enlarged until its smallest text is 10.5 CSS
+px (``display_width``); one wider than the page scrolls sideways. The page needs no other file and
+no network.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import PIL.Image
 
 from depict_analysis.claims import Finding
-from depict_analysis.outputs import atomic_write_text
+from depict_analysis.outputs import FIGURE_DPI, MIN_FONT_KEY, atomic_write_text
 from depict_analysis.suite import SuiteResult, p_cosine, q_offdiag, token_rates
 from depict_analysis.uncertainty import Interval, intervals, mean_interval, percentile_interval
+
+MIN_TEXT_PX = 10.5  # the smallest text a figure shows on the page, CSS px (10 px and a margin for rounding)
+CSS_PX_PER_INCH = 96
+DEFAULT_MIN_FONT_PT = 6.0  # a PNG that does not record its smallest font (not written by save_figure)
 
 # How to read each figure: the same words as the README's gallery.
 READING = {
@@ -116,10 +124,31 @@ def _robustness_table(result: SuiteResult) -> dict:
     return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows, "mean over draws [interval]")
 
 
-def _figures(result: SuiteResult, folder: Path, name: str) -> list[dict[str, str]]:
-    """This run's PNG figures of one analysis, as base64 data."""
+def display_width(png: Path) -> tuple[int, float]:
+    """The width (CSS px) to show a figure at, and its smallest font size (pt).
+
+    A figure is shown at its printed size (``FIGURE_DPI`` pixels of the PNG per inch, 96 CSS px per
+    inch), enlarged where its smallest text would be under ``MIN_TEXT_PX``: so a narrow figure is not
+    blown up to the page's width, and a wide one is not shrunk until its text is unreadable (the page
+    scrolls it sideways instead).
+    """
+    with PIL.Image.open(png) as image:
+        width, fields = image.width, getattr(image, "text", {})
+    min_pt = float(fields.get(MIN_FONT_KEY, DEFAULT_MIN_FONT_PT))
+    printed = width / FIGURE_DPI * CSS_PX_PER_INCH
+    enlarge = max(1.0, MIN_TEXT_PX / (min_pt * CSS_PX_PER_INCH / 72))
+    return math.ceil(printed * enlarge), min_pt
+
+
+def _figures(result: SuiteResult, folder: Path, name: str) -> list[dict[str, Any]]:
+    """This run's PNG figures of one analysis, as base64 data with the width to show them at."""
     pngs = [folder / path for path in result.files.get(name, []) if path.endswith(".png")]
-    return [{"name": path.stem, "data": base64.b64encode(path.read_bytes()).decode("ascii")} for path in pngs]
+    figures = []
+    for path in pngs:
+        width, min_pt = display_width(path)
+        figures.append({"name": path.stem, "data": base64.b64encode(path.read_bytes()).decode("ascii"), "width": width,
+                        "min_font_pt": f"{min_pt:g}"})
+    return figures
 
 
 def report_page(result: SuiteResult, folder: str | Path, title: str) -> dict[str, Any]:

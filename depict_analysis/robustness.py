@@ -697,9 +697,11 @@ class Robustness(Result):
         for label in self.labels:
             curve = self.curve(label)
             name = f"{label} ({families[label]})" if label in families else label
+            half = curve.sigma_half(self.bootstrap.level) if len(curve.sigma) > 1 else None
             curves.append(plots.RobustnessCurve(name, curve.sigma, 100 * curve.mean,
                                                 100 * np.array([i.low for i in curve.interval]),
-                                                100 * np.array([i.high for i in curve.interval])))
+                                                100 * np.array([i.high for i in curve.interval]),
+                                                None if half is None else (half.estimate, half.low, half.high)))
         colours = plots.model_colours([c.name for c in curves])
         s = self.settings
         draws = f"{s['draws']} draws" if s["draws"] > 1 and not self.deterministic else "one draw"
@@ -718,7 +720,7 @@ class Robustness(Result):
     def files(self, out: str | Path) -> list[Path]:
         """The files ``save(out)`` writes."""
         out = Path(out)
-        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz")]
+        return [out / f"{self.name}{suffix}" for suffix in (".png", ".pdf", ".json", ".csv", ".npz", ".result.npz")]
 
 
 NAME = Robustness.name

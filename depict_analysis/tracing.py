@@ -37,6 +37,7 @@ from depict_analysis.inputs import Batch, image_progress
 from depict_analysis.models.decoders.base import Subspace
 from depict_analysis.foundation.device import autocast
 from depict_analysis.foundation.errors import ConfigError, InputError
+from depict_analysis.foundation.reprs import dataclass_repr
 from depict_analysis.models.data.base import IGNORE_INDEX
 
 __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
@@ -44,9 +45,11 @@ __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
 TRACE_FORMAT = "depict-analysis-trace/1"
 
 
-@dataclass
+@dataclass(repr=False)
 class Trace:
     """The decoder internals of one batch of images (see the module docstring for every field)."""
+
+    __repr__ = dataclass_repr  # model, layers and shapes, not the tensors' values
 
     model: dict[str, Any]  # what the model is (outputs.describe_model): variant, decoder, role, d, patch, K
     grid: tuple[int, int]

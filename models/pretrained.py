@@ -37,6 +37,14 @@ LABELS = {"depict-sa": "DEPICT-SA", "depict-ca": "DEPICT-CA", "segmenter": "Segm
 VALIDATION = {"dataset": "synthetic", "split": "val", "num_images": 200}  # where the recorded mIoU comes from
 
 
+def toy_model_note(labels: Sequence[str]) -> str:
+    """One line for when built-in models (``labels``) run on images other than the synthetic task's."""
+    which = " and ".join(labels) if labels else "the built-in models"
+    return (f"{which}: built-in toy model{'s' if len(labels) != 1 else ''} of the synthetic task (64-px scenes of 8 "
+            "textured shapes: square, disc, ring, ...); on other images their classes mean nothing. For real images "
+            "use an official release: zoo:NAME (depict zoo list) or a release folder (checkpoint.pth + variant.yml)")
+
+
 def read_manifest() -> dict[str, dict[str, Any]]:
     """``{name: {"file", "variant", "recipe", "iterations", "miou", ...}}`` of the shipped models."""
     if not MANIFEST.is_file():
@@ -71,15 +79,19 @@ def validation_miou(model: Segmentor) -> float:
 
 def pack_checkpoint(run_checkpoint: str | Path, target: str | Path) -> dict[str, Any]:
     """Copy a finished training checkpoint to ``target`` without optimizer and RNG state, weights in
-    float16 (``load_model`` reads them back as float32). Returns the manifest entry of the model."""
+    float16 (``load_model`` reads them back as float32), its run folder recorded by name only (no
+    absolute path of the training machine). Returns the manifest entry of the model."""
     from depict_analysis.models.checkpoint import FORMAT, atomic_save, load_model, read_checkpoint
 
     raw = read_checkpoint(run_checkpoint)
     if raw.get("format") != FORMAT or "train_config" not in raw:
         raise CheckpointError(f"{run_checkpoint}: not a training checkpoint of ours")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in raw["model"].items()}
+    train_config = dict(raw["train_config"])
+    if train_config.get("out_dir"):  # the run's folder by name: the machine that trained it is nobody's business
+        train_config["out_dir"] = Path(train_config["out_dir"]).name
     packed = {"format": FORMAT, "config": raw["config"], "model": weights, "iteration": raw["iteration"],
-              "train_config": raw["train_config"]}
+              "train_config": train_config}
     atomic_save(packed, target)
     model, _ = load_model(target)
     return {"file": Path(target).name, "variant": raw["config"]["name"], "recipe": RECIPE, "iterations": raw["iteration"],

@@ -10,6 +10,12 @@ renamed to its final name only once complete, under a lock so that two processes
 same entry at once. ``<name>/manifest.json`` records each file's size and sha256 at its first
 download; every later use checks them again and refuses a file that changed.
 
+Without a network: download a release elsewhere, then ``import_release(NAME, FOLDER)`` (``depict zoo
+import``) copies it into the cache, checked against the published sha256 where the registry has one
+and against what the manifest recorded before; or pass the release folder itself wherever a
+checkpoint goes. A release whose files were copied into its cache folder by hand is taken as it is
+(and recorded) on first use: nothing is downloaded over files already there.
+
 Segmenter publishes direct links. DEPICT publishes two Google Drive shared folders (one for
 DEPICT-SA, one for DEPICT-CA), each holding one release folder per backbone, e.g.
 ``DEPICT-SA-Small``: name one as ``zoo:depict-sa/DEPICT-SA-Small``. Drive needs its own client,
@@ -22,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -50,6 +57,18 @@ ProgressCallback = Callable[[str, int, "int | None"], None]
 
 class ZooError(CheckpointError):
     """A zoo model that cannot be named, fetched or verified; the message is one line for the user."""
+
+
+class ZooUnreachable(ZooError):
+    """The host of a release cannot be reached (offline, a firewall, a quota): ``zoo_path`` adds the
+    routes that need no network."""
+
+
+def offline_routes(name: str) -> str:
+    """What to do when a release cannot be downloaded here (one line, appended to the error)."""
+    return (f"without a network, download the release elsewhere, then either register it with "
+            f"`depict zoo import {name} FOLDER` (Python: zoo.import_release) or pass the release folder "
+            f"(checkpoint.pth + variant.yml) itself wherever a checkpoint goes")
 
 
 @dataclass(frozen=True)
@@ -210,7 +229,7 @@ def _drive_files(entry_name: str, entry: ZooEntry, release: str) -> list[RemoteF
     try:
         listing = gdown.download_folder(url=entry.drive_folder, skip_download=True, quiet=True)
     except (OSError, gdown.exceptions.DownloadError) as e:
-        raise ZooError(f"could not list {entry.drive_folder} ({_one_line(e)})") from None
+        raise ZooUnreachable(f"could not list {entry.drive_folder} ({_one_line(e)})") from None
     files = [(PurePosixPath(Path(f.path).as_posix()), f.id) for f in listing]
     releases = sorted(str(p.parent) for p, _ in files if p.name == RELEASE_FILES[0])  # "." for the folder itself
     if not releases:
@@ -256,7 +275,7 @@ def http_download(url: str, target: Path, report: Callable[[int, int | None], No
             return http_download(url, target, report, timeout)
         raise ZooError(f"{url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise ZooError(f"could not reach {url} ({_one_line(e.reason)})") from None
+        raise ZooUnreachable(f"could not reach {url} ({_one_line(e.reason)})") from None
     except (TimeoutError, ConnectionError) as e:  # connected, then no answer
         raise _Interrupted(_one_line(e)) from None
     with response:
@@ -289,7 +308,7 @@ def drive_download(url: str, target: Path, report: Callable[[int, int | None], N
     try:
         gdown.download(url=url, output=str(target), quiet=True, resume=True, progress=report)
     except gdown.exceptions.FileURLRetrievalError as e:  # not shared, or over Drive's download quota
-        raise ZooError(f"could not download {url} ({_one_line(e)})") from None
+        raise ZooUnreachable(f"could not download {url} ({_one_line(e)})") from None
     except (OSError, gdown.exceptions.DownloadError) as e:  # a cut transfer: gdown continues its .part next time
         raise _Interrupted(_one_line(e)) from None
 
@@ -362,8 +381,13 @@ def zoo_path(
         if key in manifest["releases"] and not force:
             for path in manifest["releases"][key]:
                 verify(folder, path, manifest["files"][path], name)
+        elif not force and all((folder / release / f).is_file() for f in RELEASE_FILES):  # copied here by hand
+            _register(name, entry, release, folder / release, folder, manifest, force=False)
         else:
-            _fetch(name, entry_name, entry, release, folder, manifest, progress, force, retries)
+            try:
+                _fetch(name, entry_name, entry, release, folder, manifest, progress, force, retries)
+            except ZooUnreachable as e:
+                raise ZooUnreachable(f"{e}; {offline_routes(name)}") from None
     release_folder = folder / release
     for required in RELEASE_FILES:
         if not (release_folder / required).is_file():
@@ -403,3 +427,64 @@ def _discard_partial(target: Path) -> None:
     """Remove any partial download of a file (ours: ``<file>.part``; gdown's: ``<file>*.part``)."""
     for part in target.parent.glob(f"{target.name}*.part"):
         part.unlink()
+
+
+# --------------------------------------------------------------------------------------------- import
+
+
+def import_release(
+    name: str, source: str | os.PathLike, cache_dir: str | os.PathLike | None = None, force: bool = False
+) -> Path:
+    """Copy a release downloaded elsewhere into the cache as zoo model ``name``; returns its cache folder.
+
+    ``source``: the release folder (``checkpoint.pth`` + ``variant.yml``, with ``log.txt`` where the
+    entry lists one) or its ``checkpoint.pth``. For a Drive entry named without its release
+    (``depict-sa``), the release is the source folder's name (``DEPICT-SA-Small``). Each file is checked
+    against the sha256 the registry publishes, where it has one, and against the size and sha256 the
+    manifest recorded before (a changed file is refused unless ``force``); the copies are written
+    beside their targets and renamed when complete.
+    """
+    source = Path(source)
+    if source.is_file() and source.name == RELEASE_FILES[0]:
+        source = source.parent
+    if not source.is_dir():
+        raise ZooError(f"{source}: no such release folder (one with {' and '.join(RELEASE_FILES)})")
+    missing = [f for f in RELEASE_FILES if not (source / f).is_file()]
+    if missing:
+        raise ZooError(f"{source}: not a release folder, it has no {' and no '.join(missing)}")
+    entry_name, entry, release = parse_name(name)
+    if entry.drive_folder is not None and not release:
+        release = source.name
+        name = f"{entry_name}/{release}"
+    folder = entry_dir(entry_name, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / ".lock"):
+        _register(name, entry, release, source, folder, read_manifest(folder), force)
+    return folder / release
+
+
+def _register(
+    name: str, entry: ZooEntry, release: str, source: Path, folder: Path, manifest: dict[str, Any], force: bool
+) -> None:
+    """Record the release files found in ``source`` (copying them into ``folder / release`` when ``source``
+    is elsewhere) in the manifest, after checking each against its published and recorded sha256."""
+    files = [f for f in dict.fromkeys([*RELEASE_FILES, *entry.files]) if (source / f).is_file()]
+    paths = [str(PurePosixPath(release) / f) if release else f for f in files]
+    for path, file in zip(paths, files):
+        record = {"url": entry.files.get(file, ""), "size": (source / file).stat().st_size, "sha256": sha256_of(source / file)}
+        published = entry.sha256.get(path)
+        if published and record["sha256"] != published:
+            raise ZooError(f"{source / file}: sha256 {record['sha256']} differs from the published {published}")
+        before = manifest["files"].get(path)
+        if before and not force and (before["size"], before["sha256"]) != (record["size"], record["sha256"]):
+            raise ZooError(f"{source / file}: differs from the {path} recorded for zoo:{name} (size or sha256); "
+                           "import with force=True (--force) to replace it")
+        target = folder / path
+        if target.resolve() != (source / file).resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = part_path(target)
+            shutil.copyfile(source / file, part)
+            os.replace(part, target)
+        manifest["files"][path] = record
+    manifest["releases"][release or "."] = paths
+    write_manifest(folder, manifest)

@@ -91,7 +91,7 @@ def test_every_command_shows_the_default_of_every_option(program):
 
 def test_brackets_in_help_texts_are_printed_as_written():
     result = CliRunner().invoke(APPS["depict-analyze"], ["pca-seg", "--help"], env={"COLUMNS": "200"})
-    assert "Segments [default: classes the model predicts, 2..8]." in " ".join(result.stdout.split())  # rich markup ate it
+    assert "Segments [default: classes the model predicts on at least 1 % of the image, 2..8]." in " ".join(result.stdout.split())  # rich markup ate it
 
 
 @pytest.mark.parametrize("program", list(APPS))

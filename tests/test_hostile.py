@@ -828,7 +828,7 @@ def test_an_interrupted_save_leaves_the_numbers_complete(traced, tmp_path, monke
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         result.save(out)
-    assert sorted(os.listdir(out)) == ["coding_rate.csv", "coding_rate.json"]  # no figure, no .tmp
+    assert sorted(os.listdir(out)) == ["coding_rate.csv", "coding_rate.json", "coding_rate.result.npz"]  # no figure, no .tmp
     assert [(out / name).read_bytes() for name in ("coding_rate.json", "coding_rate.csv")] == complete
 
 

@@ -115,3 +115,25 @@ print(json.dumps([foundation, maths, "torch" in sys.modules]))
                                                      check=True).stdout)
     assert foundation == []  # errors and files load without the analyses or the model stack
     assert maths == []  # the pure maths raise DepictError without importing depict_analysis.models
+
+
+def test_no_committed_file_records_a_path_of_the_machine_that_made_it():
+    """The gallery's JSON, the shipped weights' metadata, ...: no absolute path of a home, work or temporary
+    folder, nor of this checkout (what a generating machine leaks into the files it writes)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout: no list of committed files")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    machine = re.compile(rb"(?<![\w.])/(?:home|Users|root|work|tmp|mnt|scratch|private/var)/[\w.-]+/"
+                         + b"|" + re.escape(str(root).encode()) + b"|" + re.escape(str(Path.home()).encode()) + b"/")
+    tests = Path(__file__).resolve().parent
+    leaking = [name.decode() for name in filter(None, listed)
+               if (root / name.decode()).is_file() and (root / name.decode()).parent != tests
+               and machine.search((root / name.decode()).read_bytes())]
+    assert leaking == []

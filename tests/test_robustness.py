@@ -331,7 +331,7 @@ def test_figures_for_curves_bars_and_partial_results():
     fig = result_of(evaluations, complete=False, resamples=50).figures()["robustness"]
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()][0] == "0"
-    assert "partial" in ax.get_title() and "a (depict_sa)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "partial" in ax.get_title() and "a (depict_sa)" in [t.get_text() for t in fig.legends[0].get_texts()]
     colours = {line.get_label(): line.get_color() for line in ax.get_lines() if not line.get_label().startswith("_")}
     assert len(set(map(str, colours.values()))) == len(colours)  # one colour per model
     bars = sweep(model, "head-rotation", sigmas=(0, 1), label="a")

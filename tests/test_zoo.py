@@ -369,3 +369,82 @@ def test_registry_holds_the_published_links():
     assert zoo.REGISTRY["seg-l-mask-ade20k"].files["checkpoint.pth"].endswith("/ade20k/seg_large_mask_640/checkpoint.pth")
     assert zoo.REGISTRY["depict-sa"].drive_folder.startswith("https://drive.google.com/drive/folders/1feq6ldmup86Qdav7GVX9rYWQqufiHtSJ")
     assert zoo.REGISTRY["depict-ca"].drive_folder.startswith("https://drive.google.com/drive/folders/1Zaz43QPTcHnYVlPGlZUXfTruag93wBG7")
+
+
+# ------------------------------------------------------------------------------ offline: import, copies
+
+
+def test_offline_error_names_import_and_the_release_folder_route(monkeypatch, tmp_path):
+    monkeypatch.setitem(zoo.REGISTRY, "test-offline", ZooEntry("T", "depict_sa", "tiny", "ade20k", None,
+                                                               {"checkpoint.pth": "http://127.0.0.1:9/c", "variant.yml": "http://127.0.0.1:9/v"}))
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(ZooError) as error:  # port 9 (discard) on the loopback: refused, as offline
+        zoo_path("test-offline", progress=False)
+    message = str(error.value)
+    assert "could not reach http://127.0.0.1:9/c" in message and "\n" not in message
+    assert "depict zoo import test-offline FOLDER" in message and "pass the release folder" in message
+
+
+def test_import_copies_a_release_that_then_loads_without_any_request(entry, server, release, tmp_path):
+    downloaded = tmp_path / "Downloads" / "seg"
+    downloaded.mkdir(parents=True)
+    for name, data in release.items():
+        (downloaded / name).write_bytes(data)
+    folder = zoo.import_release("test-entry", downloaded / "checkpoint.pth")
+    assert folder == entry and {p.name for p in folder.iterdir()} >= set(release)
+    records = zoo.release_records("test-entry")
+    assert records["checkpoint.pth"]["sha256"] == sha256(release["checkpoint.pth"]) and set(records) == set(release)
+    assert zoo_path("test-entry", progress=False) == entry and server.requests == []
+    assert load_model(entry)[0].config.decoder.name == "depict_sa"
+    assert not list(entry.glob("*.part"))
+
+
+def test_import_checks_published_and_recorded_hashes(entry, server, release, tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name, data in release.items():
+        (source / name).write_bytes(data)
+    published = dict(zoo.REGISTRY["test-entry"].files)
+    monkeypatch.setitem(zoo.REGISTRY, "test-entry", ZooEntry("Test", "depict_sa", "tiny", "ade20k", None, published,
+                                                             sha256={"checkpoint.pth": "0" * 64}))
+    with pytest.raises(ZooError, match="differs from the published 0000"):
+        zoo.import_release("test-entry", source)
+    monkeypatch.setitem(zoo.REGISTRY, "test-entry", ZooEntry("Test", "depict_sa", "tiny", "ade20k", None, published))
+    zoo.import_release("test-entry", source)
+    (source / "variant.yml").write_text((source / "variant.yml").read_text() + "\n# edited\n")
+    with pytest.raises(ZooError, match="differs from the variant.yml recorded for zoo:test-entry"):
+        zoo.import_release("test-entry", source)
+    zoo.import_release("test-entry", source, force=True)
+    assert (entry / "variant.yml").read_text().endswith("# edited\n")
+    with pytest.raises(ZooError, match="not a release folder, it has no variant.yml"):
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "checkpoint.pth").write_bytes(release["checkpoint.pth"])
+        zoo.import_release("test-entry", tmp_path / "half")
+    assert server.requests == []
+
+
+def test_files_copied_into_the_cache_by_hand_are_used_without_a_download(entry, server, release):
+    entry.mkdir(parents=True)
+    for name in ("checkpoint.pth", "variant.yml"):
+        (entry / name).write_bytes(release[name])
+    assert zoo_path("test-entry", progress=False) == entry
+    assert server.requests == []
+    assert set(zoo.release_records("test-entry")) == {"checkpoint.pth", "variant.yml"}
+    (entry / "checkpoint.pth").write_bytes(release["checkpoint.pth"][:-1] + b"!")  # recorded now: a change is caught
+    with pytest.raises(ZooError, match="differs from the file downloaded"):
+        zoo_path("test-entry", progress=False)
+
+
+def test_import_of_a_drive_release_takes_the_folder_name(drive, release, tmp_path):
+    downloaded = tmp_path / "DEPICT-SA-Small"
+    downloaded.mkdir()
+    for name in ("checkpoint.pth", "variant.yml"):
+        (downloaded / name).write_bytes(release[name])
+    runner = CliRunner()
+    result = runner.invoke(app, ["zoo", "import", "test-drive", str(downloaded)])
+    assert result.exit_code == 0, result.output
+    assert "use it as zoo:test-drive/DEPICT-SA-Small" in result.output
+    assert result.output.splitlines()[-1] == str(tmp_path / "cache" / "zoo" / "test-drive" / "DEPICT-SA-Small")
+    assert zoo_path("test-drive/DEPICT-SA-Small", progress=False).name == "DEPICT-SA-Small" and drive == []
+    missing = runner.invoke(app, ["zoo", "import", "test-drive", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no such release folder" in missing.output
