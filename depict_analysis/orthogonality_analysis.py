@@ -260,6 +260,8 @@ def analyze_orthogonality(
     config when the traces do not record one (``Trace.config``). ``class_names`` label the class axes
     of the figures (default ``class i``).
     """
+    if isinstance(baseline_seeds, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in baseline_seeds):
+        raise ConfigError(f"baseline_seeds must be a sequence of integers, got {baseline_seeds!r}")
     final = _ClassStatistics()
     fresh: list[tuple[Decoder, _ClassStatistics]] = []
     first: Trace | None = None

@@ -1,4 +1,4 @@
-"""All four analyses in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
+"""Every analysis in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
 
 ``run_suite(models, out, settings)`` analyses the first model (the primary) alone and compares all of
 them, on the same images, writing under ``out``::
@@ -7,6 +7,8 @@ them, on the same images, writing under ``out``::
     pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
     orthogonality/   PᵀP and Q̂ᵀQ̂ of every model, side by side            (orthogonality_analysis)
     robustness/      mIoU under Gaussian decoder-parameter noise, every model (robustness)
+    ablation/        mIoU and per-class IoU with each head zero-ablated, every model with heads (ablation;
+                     the evaluation protocol on a dataset's images, so only when the images are a dataset)
     summary.json     the run, the headline numbers with intervals, the findings, the warnings, the files
 
 and returns a ``SuiteResult``. Its ``findings`` are the paper's claims and other observations, each
@@ -17,7 +19,10 @@ naming its statistic and data, with a verdict read off bootstrap intervals (``de
 - its P is closer to orthogonal than at its initialisation (fresh initialisations of the same
   variant) and than the black-box decoder's W_Q (a property of the weights: exact);
 - it keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap over images and draws);
-- observation: R(Z_j) falls from the decoder input to its last layer (primary model).
+- observation: R(Z_j) falls from the decoder input to its last layer (primary model);
+- observation: each of its heads (what one layer writes into one subspace P_k) serves fewer classes than
+  each of the black box's attention heads (loss-weighted class concentration of a head's zero-ablation,
+  paired bootstrap over images).
 
 Models are compared by their decoders' ``role`` (white-box against black-box), never by family.
 A model at its class prior makes every finding about it ``not decided``; too few images or draws
@@ -39,9 +44,11 @@ import numpy as np
 from torch import nn
 
 from depict_analysis import __version__
+from depict_analysis.ablation import Ablation, concentration_finding, head_counts, run_ablation
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
 from depict_analysis.inputs import image_batches, image_progress
+from depict_analysis.models.data import build_dataset
 from depict_analysis.models.pretrained import LABELS, load_default
 from depict_analysis.models.sources import CheckpointInfo, trained_dataset
 from depict_analysis.orthogonality_analysis import FINAL_Q, Orthogonality, analyze_orthogonality
@@ -49,11 +56,11 @@ from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import PCASegmentation, analyze_pca
 from depict_analysis.perturbations import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation
 from depict_analysis.results import Comparison
-from depict_analysis.robustness import Robustness, run_robustness
+from depict_analysis.robustness import EvaluationImages, Robustness, run_robustness
 from depict_analysis.tracing import trace_batches
 from depict_analysis.uncertainty import Bootstrap, warn_sample_size
 
-ANALYSES = ("coding-rate", "pca-seg", "orthogonality", "robustness")
+ANALYSES = ("coding-rate", "pca-seg", "orthogonality", "robustness", "ablation")
 P_STATISTIC = "P_cross_head_mean_abs_cos"  # the Orthogonality headline the P claims compare
 
 
@@ -151,6 +158,7 @@ class SuiteResult:
     pca: PCASegmentation  # of the primary model
     orthogonality: dict[str, Orthogonality]  # by model label
     robustness: Robustness
+    ablation: Ablation | None = None  # None when the images are not a dataset's, or no model has heads
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)  # analysis -> files this run wrote, relative to the folder
@@ -276,13 +284,25 @@ def rate_finding(result: SuiteResult) -> Finding:
     )
 
 
+def ablation_finding(result: SuiteResult, white: SuiteModel, black: SuiteModel) -> Finding:
+    """Observation: each of the white box's heads serves fewer classes than each of the black box's heads."""
+    ablation = result.ablation
+    data = (f"{result.settings.images(ablation.num_images)}, scored with the evaluation protocol; each head "
+            "zero-ablated in turn")
+    return concentration_finding(ablation, white.label, black.label, data,
+                                 class_prior_blockers(result, [white.label, black.label]))
+
+
 def judge(result: SuiteResult) -> list[Finding]:
     """Every finding the suite's numbers allow: each white-box decoder against each black-box one."""
     findings = [pca_finding(result)]
+    ablated = result.ablation.labels if result.ablation is not None else []
     for white in result.by_role("white-box"):
         for black in result.by_role("black-box"):
             findings += orthogonality_findings(result, white, black)
             findings.append(robustness_finding(result, white, black))
+            if white.label in ablated and black.label in ablated:
+                findings.append(ablation_finding(result, white, black))
     if len(result.rates.token_names) > 1:
         findings.append(rate_finding(result))
     return findings
@@ -295,6 +315,19 @@ def sanity_warnings(result: SuiteResult) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- run
+
+
+def suite_ablation(models: Sequence[SuiteModel], settings: SuiteSettings, progress: bool) -> Ablation | None:
+    """Each head of every model with heads zero-ablated on ``num_images`` of the settings' dataset, scored
+    with the evaluation protocol; None when the images are not a dataset's or no model has heads."""
+    source, headed = settings.source, [m for m in models if head_counts(m.model.decoder)]
+    if not source.get("dataset") or not headed:
+        return None
+    dataset = build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val"))
+    images = EvaluationImages(dataset, num_images=settings.num_images)
+    with image_progress(len(images) * len(headed), "ablation", progress) as advance:
+        return run_ablation([(m.label, m.source, m.model, m.meta) for m in headed], images, unit="head",
+                            bootstrap=settings.bootstrap, advance=advance)
 
 
 def run_suite(
@@ -360,9 +393,15 @@ def run_suite(
     files["robustness"] = robustness.files(out / "robustness")
     seconds["robustness"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
+    ablation = suite_ablation(models, settings, progress)
+    if ablation is not None:
+        files["ablation"] = ablation.save(out / "ablation")
+        seconds["ablation"] = time.perf_counter() - clock
+
     run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
-    result = SuiteResult(settings, list(models), rates, pca, orthogonality, robustness, run=run, seconds=seconds,
+    result = SuiteResult(settings, list(models), rates, pca, orthogonality, robustness, ablation, run=run, seconds=seconds,
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)
