@@ -57,7 +57,7 @@ def ablate(
     dataset: str = typer.Option("synthetic", "--dataset", help="ade20k | pascal_context | pascal_context59 | cityscapes | folder | synthetic"),
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
-    num_images: int = typer.Option(50, "--num-images", min=1, help="Images scored with every unit removed (the first N)."),
+    num_images: int = typer.Option(64, "--num-images", min=1, help="Images scored with every unit removed (the first N; the demo's number)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sliding windows per forward pass."),
     seed: int = SeedOption,
     level: float = LevelOption,

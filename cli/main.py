@@ -179,7 +179,7 @@ def evaluate_command(
     window: Optional[int] = WindowOption,
     stride: Optional[int] = typer.Option(
         None, "--stride", min=1, help="Sliding-window stride, at most the window.",
-        show_default="the run's eval_stride, else window - 32, at least window / 2",
+        show_default="window - 32 (also for runs trained from a preset), at least window / 2",
     ),
     short_side: Optional[int] = ShortSideOption,
     num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Evaluate the first N images only.", show_default="all"),
@@ -190,7 +190,10 @@ def evaluate_command(
     trust: bool = TrustOption,
 ):
     """mIoU of a checkpoint on a dataset split, with the official protocol (Segmenter's segm/eval/miou.py):
-    mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU."""
+    mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU.
+    Under torchrun each process scores its share of the images; rank 0 prints and writes."""
+    from depict_analysis.foundation.device import resolve_device
+    from depict_analysis.foundation.distributed import is_writer, process_group
     from depict_analysis.foundation.files import atomic_write_text
     from depict_analysis.models.data import build_dataset
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
@@ -198,20 +201,23 @@ def evaluate_command(
 
     if out is not None:
         check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
-    model, info = open_checkpoint(checkpoint, device, trust)
-    trained_name, trained_root, trained_kwargs = info.evaluation_dataset()
-    name = dataset or trained_name
-    if name is None:
-        fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
-    same = name == trained_name
-    data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
-    check_classes(model, data)
-    protocol = eval_protocol(model, data, info.train_config, window=window, stride=stride, short_side=short_side)
-    scales = MULTISCALE_RATIOS if multiscale else (1.0,)
-    scores = evaluate(
-        model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True,
-        amp=amp,
-    )
+    with process_group(resolve_device(device)) as run_device:  # one process, or this one's share under torchrun
+        model, info = open_checkpoint(checkpoint, run_device, trust)
+        trained_name, trained_root, trained_kwargs = info.evaluation_dataset()
+        name = dataset or trained_name
+        if name is None:
+            fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
+        same = name == trained_name
+        data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
+        check_classes(model, data)
+        protocol = eval_protocol(model, data, info.train_config, window=window, stride=stride, short_side=short_side)
+        scales = MULTISCALE_RATIOS if multiscale else (1.0,)
+        scores = evaluate(
+            model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True,
+            amp=amp,
+        )
+        if not is_writer():
+            return
     table = Table(title=f"{data.name} {split}: {scores['n_images']} images")
     for column in ("class", "IoU", "accuracy"):
         table.add_column(column, justify="left" if column == "class" else "right")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from depict_analysis import plots
 from depict_analysis.models.data import IGNORE_INDEX, make_palette
+from depict_analysis.models.evaluate import require_positive
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.pca import (
     METHODS,
@@ -169,11 +170,11 @@ def trace_examples(
         kb = k or choose_k(predictions[b])
         maps = [segment_tokens(tokens[s][b], tr.grid, padded, size, kb, method, seed) for s in sources]
         segments, rgb = torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps])
-        truth = tr.labels[b].cpu() if tr.labels is not None else None
+        truth = tr.labels[b].cpu().clone() if tr.labels is not None else None
         yield PCAExample(
             path=tr.paths[b] if tr.paths else f"image{first_index + b}",
-            image=tr.pixels[b].cpu() if tr.pixels is not None else None,
-            k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b],
+            image=tr.pixels[b].cpu().clone() if tr.pixels is not None else None,  # copies: a kept example holds one image, not the batch
+            k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b].clone(),
             ground_truth=truth, scores=score_segments(segments, sources, predictions[b], truth),
         )
 
@@ -283,18 +284,20 @@ def analyze_pca(
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    require_positive(k=k)
     kept: list[PCAExample] = []
     paths, ks, per_image = [], [], []
-    first: Trace | None = None
+    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
     for tr in as_traces(traces):
         if first is None:
-            first, sources = tr, resolve_layers(layers, tr.token_names)
+            first, sources = {"model": tr.model, "token_names": tr.token_names}, resolve_layers(layers, tr.token_names)
         for example in trace_examples(tr, sources, k, method, seed, len(paths)):
             paths.append(example.path)
             ks.append(example.k)
             per_image.append(example.scores)
             if len(kept) < examples:
                 kept.append(example)
+        del tr  # release this batch before the next is traced: memory stays one batch (and the examples)
     if first is None:
         raise InputError("no images to analyse")
     scored = {ref: [i for i, s in enumerate(per_image) if ref in s] for ref in REFERENCES}
@@ -302,11 +305,11 @@ def analyze_pca(
     scores = {ref: {source: {score: Stat(np.array([per_image[i][ref][source][score] for i in indices]))
                              for score in SCORES} for source in per_image[indices[0]][ref]}
               for ref, indices in scored.items()}
-    n_cls = first.model["n_cls"]
+    n_cls = first["model"]["n_cls"]
     settings = {"method": method, "k": k or "auto (classes predicted, 2..8)", "layers": sources, "seed": seed,
                 "num_images": len(paths)}
     return PCASegmentation(
-        model=first.model, settings=settings, sources=sources, token_names=first.token_names, images=paths,
+        model=first["model"], settings=settings, sources=sources, token_names=first["token_names"], images=paths,
         k=np.array(ks), scored=scored, scores=scores, examples=kept,
         class_names=class_labels(class_names, n_cls),
         palette=_palette(palette, n_cls), score_figure=score_figure,

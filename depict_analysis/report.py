@@ -57,9 +57,16 @@ READING = {
         "bootstrap interval over images and draws). A curve that stays flat to larger σ belongs to the more "
         "robust decoder; σ½ is where the mIoU falls to half its clean value."
     ),
+    "ablation": (
+        "Each head removed in turn (zero-ablation: it contributes nothing to its layer's update; for DEPICT, "
+        "nothing is written into its subspace span(P_k)), scored on the same images as the clean model with the "
+        "evaluation protocol: the change of every class's IoU, in points (red: the class loses). The class "
+        "concentration of a head is the Herfindahl index of its per-class IoU losses: 1 when one class bears the "
+        "whole loss, 1/K when all classes lose alike; a model's is the mean over its heads weighted by their losses."
+    ),
 }
 TITLES = {"coding-rate": "Coding rates", "pca-seg": "PCA segmentation", "orthogonality": "Orthogonality",
-          "robustness": "Robustness to decoder-parameter noise"}
+          "robustness": "Robustness to decoder-parameter noise", "ablation": "Ablation of each head"}
 
 
 def _text(value: Interval | None, scale: float = 1.0) -> str:
@@ -124,6 +131,16 @@ def _robustness_table(result: SuiteResult) -> dict:
     return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows, "mean over draws [interval]")
 
 
+def _ablation_table(result: SuiteResult) -> dict:
+    ablation = result.ablation
+    rows = []
+    for label in ablation.labels:
+        rows.append([label, "clean", ablation.clean(label).text(100), "", ablation.model_concentration(label)])
+        rows += [["", r["unit"], r["miou"].text(100), r["change"].text(100), r["concentration"]] for r in ablation.unit_rows(label)]
+    return _table(["model", "head", "mIoU (%)", "change (points)", "class concentration"], rows,
+                  "dataset-level mIoU [paired bootstrap interval over images]")
+
+
 def display_width(png: Path) -> tuple[int, float]:
     """The width (CSS px) to show a figure at, and its smallest font size (pt).
 
@@ -160,9 +177,11 @@ def report_page(result: SuiteResult, folder: str | Path, title: str) -> dict[str
          robustness.curve(m.label).sigma_half(settings.level).text()] for m in result.models])
     tables = {"coding-rate": _coding_rate_tables(result), "pca-seg": [_pca_table(result)],
               "orthogonality": [_orthogonality_table(result)], "robustness": [_robustness_table(result)]}
+    if result.ablation is not None:
+        tables["ablation"] = [_ablation_table(result)]
     sections = [{"id": name, "title": TITLES[name] + (f" — {result.primary.label}" if name in ("coding-rate", "pca-seg") else ""),
                  "reading": READING[name], "figures": _figures(result, folder, name), "tables": tables[name]}
-                for name in TITLES]
+                for name in TITLES if name in tables]
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     run = result.run | {
         "images": settings.images(result.num_images),

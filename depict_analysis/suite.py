@@ -1,4 +1,4 @@
-"""All four analyses in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
+"""Every analysis in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
 
 ``run_suite(models, out, settings)`` analyses the first model (the primary) alone and compares all of
 them, on the same images, writing under ``out``::
@@ -7,6 +7,8 @@ them, on the same images, writing under ``out``::
     pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
     orthogonality/   PᵀP and Q̂ᵀQ̂ of every model, side by side            (orthogonality_analysis)
     robustness/      mIoU under Gaussian decoder-parameter noise, every model (robustness)
+    ablation/        mIoU and per-class IoU with each head zero-ablated, every model with heads (ablation;
+                     the evaluation protocol on a dataset's images, so only when the images are a dataset)
     summary.json     the run, the headline numbers with intervals, the findings, the warnings, the files
 
 and returns a ``SuiteResult``. Its ``findings`` are the paper's claims and other observations, each
@@ -17,7 +19,10 @@ naming its statistic and data, with a verdict read off bootstrap intervals (``de
 - its P is closer to orthogonal than at its initialisation (fresh initialisations of the same
   variant) and than the black-box decoder's W_Q (a property of the weights: exact);
 - it keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap over images and draws);
-- observation: R(Z_j) falls from the decoder input to its last layer (primary model).
+- observation: R(Z_j) falls from the decoder input to its last layer (primary model);
+- observation: each of its heads (what one layer writes into one subspace P_k) serves fewer classes than
+  each of the black box's attention heads (loss-weighted class concentration of a head's zero-ablation,
+  paired bootstrap over images).
 
 Models are compared by their decoders' ``role`` (white-box against black-box), never by family.
 A model at its class prior makes every finding about it ``not decided``; too few images or draws
@@ -39,18 +44,21 @@ import numpy as np
 import torch
 
 from depict_analysis import __version__
+from depict_analysis.ablation import Ablation, concentration_finding, head_counts, run_ablation
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
 from depict_analysis.inputs import ImageSource
+from depict_analysis.models.data import build_dataset
 from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
 from depict_analysis.models.sources import LoadedModel
 from depict_analysis.orthogonality_analysis import FINAL_Q, Orthogonality, analyze_orthogonality
 from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import PCASegmentation, analyze_pca
 from depict_analysis.perturbations import PARAMETER_SIGMAS, resolve_perturbation
-from depict_analysis.robustness import Robustness, run_robustness
+from depict_analysis.robustness import EvaluationImages, Robustness, run_robustness
 from depict_analysis.runs import ModelSource, compare, loaded_models
 from depict_analysis.uncertainty import Bootstrap, warn_sample_size
+
 
 P_STATISTIC = "P_cross_head_mean_abs_cos"  # the Orthogonality headline the P claims compare
 
@@ -128,6 +136,7 @@ class SuiteResult:
     pca: PCASegmentation  # of the primary model
     orthogonality: dict[str, Orthogonality]  # by model label
     robustness: Robustness
+    ablation: Ablation | None = None  # None when the images are not a dataset's, or no model has heads
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)  # analysis -> files this run wrote, relative to the folder
@@ -253,13 +262,25 @@ def rate_finding(result: SuiteResult) -> Finding:
     )
 
 
+def ablation_finding(result: SuiteResult, white: LoadedModel, black: LoadedModel) -> Finding:
+    """Observation: each of the white box's heads serves fewer classes than each of the black box's heads."""
+    ablation = result.ablation
+    data = (f"{result.settings.images(ablation.num_images)}, scored with the evaluation protocol; each head "
+            "zero-ablated in turn")
+    return concentration_finding(ablation, white.label, black.label, data,
+                                 class_prior_blockers(result, [white.label, black.label]))
+
+
 def judge(result: SuiteResult) -> list[Finding]:
     """Every finding the suite's numbers allow: each white-box decoder against each black-box one."""
     findings = [pca_finding(result)]
+    ablated = result.ablation.labels if result.ablation is not None else []
     for white in result.by_role("white-box"):
         for black in result.by_role("black-box"):
             findings += orthogonality_findings(result, white, black)
             findings.append(robustness_finding(result, white, black))
+            if white.label in ablated and black.label in ablated:
+                findings.append(ablation_finding(result, white, black))
     if len(result.rates.token_names) > 1:
         findings.append(rate_finding(result))
     return findings
@@ -272,6 +293,17 @@ def sanity_warnings(result: SuiteResult) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- run
+
+
+def suite_ablation(models: Sequence[LoadedModel], settings: SuiteSettings, progress: bool) -> Ablation | None:
+    """Each head of every model with heads zero-ablated on ``num_images`` of the settings' dataset, scored
+    with the evaluation protocol; None when the images are not a dataset's or no model has heads."""
+    source, headed = settings.source, [m for m in models if head_counts(m.model.decoder)]
+    if not source.get("dataset") or not headed:
+        return None
+    dataset = build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val"))
+    return run_ablation(headed, EvaluationImages(dataset, num_images=settings.num_images), unit="head",
+                        bootstrap=settings.bootstrap, progress=progress)
 
 
 def run_suite(
@@ -320,12 +352,18 @@ def run_suite(
         raise KeyboardInterrupt
     files["robustness"] = robustness.files(out / "robustness")
     seconds["robustness"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    ablation = suite_ablation(models, settings, progress)
+    if ablation is not None:
+        files["ablation"] = ablation.save(out / "ablation")
+        seconds["ablation"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - total  # loading the models included
 
     run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
     result = SuiteResult(settings, models, rates.results[0], pca.results[0], dict(zip(orthogonality.labels, orthogonality.results)),
-                         robustness, run=run, seconds=seconds,
+                         robustness, ablation, run=run, seconds=seconds,
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)

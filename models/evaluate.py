@@ -29,6 +29,7 @@ from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import (
     Anchor,
     Segmentor,
+    decoder_outputs,
     inference,
     inference_labels,
     merge_windows,
@@ -141,18 +142,19 @@ def eval_protocol(
     stride: int | None = None,
     short_side: int | None = None,
 ) -> dict[str, int]:
-    """The evaluation settings, resolved alike for ``depict eval`` and a run's own evaluation (so
-    they agree): explicit values, else the run's (``train_config``), else ``segm/eval/miou.py``'s.
+    """The evaluation settings of ``depict eval``: explicit values, else the run's (``train_config``),
+    else ``segm/eval/miou.py``'s.
 
-    ``window`` = the model's training size (the crop); ``stride`` = the run's ``eval_stride``, else
-    ``default_stride(window)`` (crop - 32; official releases too); ``short_side`` =
-    ``default_short_side`` of the dataset (ADE20K 512, Pascal Context 520, Cityscapes 1024).
+    ``window`` = the model's training size (the crop); ``stride`` = ``default_stride(window)``
+    (crop - 32, as ``segm/eval/miou.py`` scores every model, runs trained from a preset included:
+    480 / 448 / 736 at crops 512 / 480 / 768); a training run's own evaluation passes its
+    ``eval_stride`` (the preset's training-time stride, as the official training loop evaluates);
+    ``short_side`` = ``default_short_side`` of the dataset (ADE20K 512, Pascal Context 520, Cityscapes 1024).
     """
-    run = train_config or {}
     window = window or model.config.backbone.image_size[0]
     if short_side is None:
         short_side = default_short_side(dataset.base_size, train_config, window)
-    stride = stride or run.get("eval_stride") or default_stride(window)
+    stride = stride or default_stride(window)
     return _checked(model, window, stride, short_side)
 
 
@@ -165,14 +167,14 @@ def predict_protocol(
     short_side: int | None = None,
 ) -> dict[str, Any]:
     """The settings of ``depict predict``: explicit values, else an official release's
-    ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and the run's
-    ``eval_stride`` or ``default_stride``. Images are resized as ``depict eval`` resizes them
+    ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and
+    ``default_stride`` (as ``depict eval``). Images are resized as ``depict eval`` resizes them
     (``default_short_side``), to the test scale of the dataset the model was trained on; 0 keeps
     their size. Returns ``window``, ``stride`` and ``img_scale`` (None: no resize)."""
     official = (meta or {}).get("inference") or {}
     run = (meta or {}).get("train_config")
     window = window or official.get("window_size") or model.config.backbone.image_size[0]
-    stride = stride or official.get("window_stride") or (run or {}).get("eval_stride") or default_stride(window)
+    stride = stride or official.get("window_stride") or default_stride(window)
     base_size, max_ratio = test_scale(trained_dataset(meta))
     if short_side is None:
         short_side = default_short_side(base_size, run, window)
@@ -304,7 +306,7 @@ def decode_labels(model: Segmentor, encoded: EncodedImage) -> Tensor:
         return merge_windows(windows, 1, view.size, model.n_cls, device)
 
     logits = ((view_logits(view), view.flipped) for view in encoded.views)
-    return view_labels(logits, 1, model.n_cls, encoded.size)[0]
+    return view_labels(logits, 1, model.n_cls, encoded.size, outputs=decoder_outputs(model))[0]
 
 
 def evaluate(
