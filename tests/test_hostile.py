@@ -133,6 +133,7 @@ def command_args(command: str, checkpoint: Path, inputs: Path, out: Path) -> tup
     return app, [*map(fill, before), checkpoint, *map(fill, after)]
 
 
+@pytest.mark.slow  # the command matrix
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("weights, fragment", [
     ("nan.pt", "weight decoder.cls_emb holds 1 NaN / Inf value(s)"),

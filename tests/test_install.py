@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh environment
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -71,6 +71,7 @@ def test_packing_drops_training_state_and_rounds_weights_to_half(tmp_path):
     assert entry["miou"] == validation_miou(load_model(tmp_path / "packed.pt")[0])
 
 
+@pytest.mark.slow  # three trainings
 def test_retrain_command_trains_packs_and_writes_a_manifest(tmp_path, capsys):
     fast = ["iterations=2", "warmup_iters=1", "eval_images=2", "num_workers=0", "dataset_kwargs={length: 32}"]
     main(["retrain", "--runs", str(tmp_path / "runs"), "--weights", str(tmp_path / "w"), *(f"--set={o}" for o in fast)])
@@ -112,6 +113,7 @@ def test_depict_info_eval_and_predict_use_the_default_model(tmp_path):
         assert label.shape == (40, 52) and label.max() < 8
 
 
+@pytest.mark.slow  # the command matrix
 @pytest.mark.parametrize("command", ["coding-rate", "pca-seg", "orthogonality", "robustness"])
 def test_every_analysis_runs_without_a_checkpoint(tmp_path, command):
     extra = {"robustness": ["--sigmas", "0.1", "--draws", "1"]}.get(command, [])
@@ -134,6 +136,7 @@ def test_structured_robustness_without_a_checkpoint_compares_the_depict_models_o
         assert row["relative"] == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.slow  # every analysis of the demo
 def test_demo_writes_every_figure_and_a_summary(tmp_path):
     result = run(depict_analysis.cli.analyze.app, "demo", "--num-images", 2, "--draws", 1, "--out", tmp_path)
     assert result.exit_code == 0, result.output

@@ -249,6 +249,7 @@ def test_two_process_ddp_is_the_official_engine(tmp_path):
     assert ddp_scores["iou"] == [None if np.isnan(x) else x for x in scores["iou"]]
 
 
+@pytest.mark.slow  # a training process and a signal
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
