@@ -24,13 +24,13 @@ from depict_analysis.inputs import Batch
 from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.tracing import Trace, trace
 from depict_analysis.uncertainty import Bootstrap
+from tests.conftest import tiny_model as seeded
 
 K = 4
 
 
 def tiny_model(name: str):
-    torch.manual_seed(0)
-    return create_model(name, n_cls=K).eval()
+    return seeded(name, K)
 
 
 def batch(n: int = 3, size: int = 32) -> Batch:

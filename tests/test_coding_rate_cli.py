@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from depict_analysis import CodingRates, Comparison, analyze_coding_rates
 from depict_analysis.cli.analyze import app
@@ -17,7 +16,8 @@ from depict_analysis.models.sources import is_checkpoint, labelled_sources
 from depict_analysis.coding_rate import class_rate, rate_table, token_rate
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.tracing import Trace, trace, trace_batches
-from depict_analysis.models import create_model, load_model, save_checkpoint
+from depict_analysis.models import load_model, save_checkpoint
+from tests.conftest import invoke, tiny_model as seeded
 from tests.official_layout import write_release
 
 FILES = [f"coding_rate{name}" for name in (".png", ".pdf", "_tokens.png", "_tokens.pdf", ".json", ".csv")]
@@ -26,13 +26,7 @@ FAMILIES = ["depict-sa-tiny", "depict-ca-tiny", "segmenter-tiny", "cbt-tiny", "t
 
 
 def tiny_model(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = create_model(name, n_cls=4).eval()
-    with torch.no_grad():  # non-trivial LayerNorms, so that the layer view differs from the residual one
-        for n, p in model.decoder.named_parameters():
-            if "norm" in n:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return seeded(name, 4, seed, norm_noise=0.2)  # the layer view differs from the residual one
 
 
 def traces_of(model, pixels: torch.Tensor, sizes: list[int]) -> list[Trace]:
@@ -172,8 +166,8 @@ def test_checkpoints_are_named_positionally_or_with_label(tmp_path, monkeypatch)
     assert labelled_sources(["one/checkpoint.pt", "two/one.pt"]) == [("one#1", "one/checkpoint.pt"), ("one#2", "two/one.pt")]
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(app, ["coding-rate", *map(str, args)])
+def run_cli(*args):
+    return invoke(app, "coding-rate", *args)
 
 
 def written(out, label: str | None = None) -> dict:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from depict_analysis.cli.analyze import app
 from depict_analysis.coding_rate_analysis import analyze_coding_rates
 from depict_analysis.inputs import Batch
-from depict_analysis.models import create_model, load_model, save_checkpoint, variant_config
+from depict_analysis.models import load_model, save_checkpoint, variant_config
 from depict_analysis.models.decoders.base import ROLES, build_decoder, families
 from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.registry import BACKBONES
@@ -26,6 +25,7 @@ from depict_analysis.pca_analysis import analyze_pca
 from depict_analysis.perturbations import STRUCTURED, resolve_perturbation
 from depict_analysis.robustness import robustness_records
 from depict_analysis.tracing import trace
+from tests.conftest import invoke, tiny_model as seeded
 
 FAMILIES = families()
 IDS = [family.name for family in FAMILIES]
@@ -33,13 +33,7 @@ K = 8  # the synthetic dataset's classes
 
 
 def tiny(family, seed: int = 0):
-    torch.manual_seed(seed)
-    model = create_model(f"{family.variant}-tiny", n_cls=K).eval()
-    with torch.no_grad():  # non-trivial LayerNorms
-        for name, p in model.decoder.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return seeded(f"{family.variant}-tiny", K, seed, norm_noise=0.1)
 
 
 def labelled_batches(n: int = 2, size: int = 32) -> list[Batch]:
@@ -144,7 +138,7 @@ def test_no_analysis_module_names_a_family():
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(app, *args)
 
 
 def test_analysis_commands_on_cbt_and_tost_checkpoints(tmp_path):

@@ -33,7 +33,6 @@ import torch
 import yaml
 from filelock import FileLock
 from PIL import Image
-from typer.testing import CliRunner
 
 import depict_analysis.cli.analyze
 import depict_analysis.cli.main
@@ -41,6 +40,7 @@ import depict_analysis.models.checkpoint as checkpoint_module
 from depict_analysis.models import create_model, save_checkpoint, variant_config
 from depict_analysis.models.checkpoint import read_checkpoint
 from depict_analysis.outputs import save_csv, save_figure, save_json
+from tests.conftest import invoke
 from tests import official_layout as ref
 
 DEPICT, ANALYZE = depict_analysis.cli.main.app, depict_analysis.cli.analyze.app
@@ -53,10 +53,6 @@ K = 8  # the synthetic dataset's classes: the default images of every analysis
 def tree(*roots: Path) -> dict[str, bytes]:
     """Every file under ``roots`` (path -> content): the state of the disk a command may touch."""
     return {str(p): p.read_bytes() for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
-def invoke(app, *args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def assert_one_line_error(result, fragment: str) -> None:

@@ -21,13 +21,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from depict_analysis.cli.main import app
-from depict_analysis.models import create_model, load_model, predict_probs
+from depict_analysis.models import load_model, predict_probs
 from depict_analysis.models.backbone import NORMALIZATION
 from depict_analysis.models.data import ADE20K, Cityscapes, PascalContext, PascalContext59, build_dataset
 from depict_analysis.models.data.transforms import resize_image
 from depict_analysis.models.evaluate import (MULTISCALE_RATIOS, ConfusionMatrix, eval_protocol, evaluate, image_probs, miou,
                                              predict_protocol)
 from depict_analysis.models.train import TrainConfig, train
+from tests.conftest import tiny_model as seeded
 from tests import official_layout as ref_release
 
 WINDOW = 32  # the tiny models' training size (patch 8)
@@ -139,8 +140,7 @@ def ref_evaluate_image(model, image, img_scale, img_ratios, flip, ws, stride, lo
 
 # ------------------------------------------------------------------------ helpers
 def tiny_model(family: str, n_cls: int = 6, seed: int = 0):
-    torch.manual_seed(seed)
-    return create_model(f"{family}-tiny", n_cls=n_cls).eval()
+    return seeded(f"{family}-tiny", n_cls, seed)
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

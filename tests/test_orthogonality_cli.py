@@ -8,22 +8,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from depict_analysis import Comparison, Orthogonality, analyze_orthogonality
 from depict_analysis.cli.analyze import app
 from depict_analysis.inputs import Batch
-from depict_analysis.models import create_model, load_model, save_checkpoint
+from depict_analysis.models import load_model, save_checkpoint
 from depict_analysis.models.decoders.base import build_decoder
 from depict_analysis.orthogonality import class_summary, query_projection, random_cosine_level, subspace_summary
 from depict_analysis.orthogonality_analysis import P_STATISTICS, Q_STATISTICS
 from depict_analysis.tracing import Trace, trace
+from tests.conftest import invoke, tiny_model as seeded
 from tests.official_layout import write_release
 
 
 def tiny_model(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return create_model(name, n_cls=4).eval()
+    return seeded(name, 4, seed)
 
 
 def traces(model, pixels: torch.Tensor, size: int = 2) -> list[Trace]:
@@ -126,7 +125,7 @@ def test_saved_layout_and_matrices(tmp_path):
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, ["orthogonality", *map(str, args)])
+    return invoke(app, "orthogonality", *args)
 
 
 def test_cli_side_by_side_on_ours_and_official_releases(tmp_path):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from depict_analysis import Comparison, PCASegmentation, analyze_pca
 from depict_analysis.cli.analyze import app
@@ -16,15 +15,15 @@ from depict_analysis.pca import choose_k, match_segments, pca_segment, segmentat
 from depict_analysis.pca_analysis import colour_ids, parse_layers, resolve_layers, segment_tokens
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.tracing import Trace, trace, trace_batches
-from depict_analysis.models import create_model, load_model, save_checkpoint
+from depict_analysis.models import load_model, save_checkpoint
+from tests.conftest import invoke, tiny_model as seeded
 from tests.official_layout import write_release
 
 PERFECT = {"ari": 1.0, "nmi": 1.0, "miou": 1.0}
 
 
 def tiny_model(name: str = "depict-sa-tiny", n_cls: int = 8, seed: int = 0):
-    torch.manual_seed(seed)
-    return create_model(name, n_cls=n_cls).eval()
+    return seeded(name, n_cls, seed)
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -140,7 +139,7 @@ def test_scores_over_batches_of_any_size_and_the_json_layout(tmp_path):
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, ["pca-seg", *map(str, args)])
+    return invoke(app, "pca-seg", *args)
 
 
 def test_cli_dataset_mode_compares_our_checkpoint_with_a_builtin(tmp_path):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import depict_analysis.cli.analyze
 import depict_analysis.cli.main
@@ -27,6 +26,7 @@ from depict_analysis.models.pretrained import (
     validation_miou,
 )
 from depict_analysis.models.train import load_yaml_config
+from tests.conftest import invoke
 
 FAMILIES = {"depict-sa": "depict_sa", "depict-ca": "depict_ca", "segmenter": "mask_transformer"}
 
@@ -91,8 +91,7 @@ def test_unknown_built_in_is_a_key_error():
 # -------------------------------------------------------------------------- commands with no checkpoint
 
 
-def run(app, *args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+run = invoke
 
 
 def test_depict_info_eval_and_predict_use_the_default_model(tmp_path):

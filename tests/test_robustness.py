@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 from torch.func import functional_call
-from typer.testing import CliRunner
 
 import depict_analysis.robustness as rob
 from depict_analysis.cli.analyze import app
@@ -30,16 +29,16 @@ from depict_analysis.robustness import (
     sweep_settings,
 )
 from depict_analysis.uncertainty import Bootstrap, image_resamples, miou_from_counts, miou_replicates
-from depict_analysis.models import create_model, save_checkpoint
+from depict_analysis.models import save_checkpoint
 from depict_analysis.models.evaluate import ConfusionMatrix, miou
+from tests.conftest import invoke, tiny_model as seeded
 from tests.official_layout import write_release
 
 K = 4
 
 
 def tiny_model(name: str = "depict-sa-tiny", seed: int = 0):
-    torch.manual_seed(seed)
-    return create_model(name, n_cls=K).eval()
+    return seeded(name, K, seed)
 
 
 def make_batches(n: int = 6, size: int = 32, batch: int = 3) -> list[Batch]:
@@ -354,7 +353,7 @@ def test_every_log_axis_gets_several_labelled_ticks():
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, ["robustness", *map(str, args)])
+    return invoke(app, "robustness", *args)
 
 
 def write_labelled_images(folder, n: int = 3):

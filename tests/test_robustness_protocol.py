@@ -21,6 +21,7 @@ from depict_analysis.models.evaluate import decode_labels, encode_image, evaluat
 from depict_analysis.models.sources import LoadedModel
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.robustness import EvaluationImages, ModelSweep, draw_generator, robustness_records
+from tests.conftest import tiny_model as seeded
 from tests.test_evaluate import _folder
 
 K = 4
@@ -36,8 +37,7 @@ def folder_dataset(root: Path, sizes=SIZES):
 
 
 def tiny(name: str):
-    torch.manual_seed(0)
-    return create_model(name, n_cls=K).eval()
+    return seeded(name, K)
 
 
 @pytest.fixture(scope="module")

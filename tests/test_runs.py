@@ -17,17 +17,16 @@ from depict_analysis import (
     trace,
 )
 from depict_analysis.foundation.errors import ConfigError, InputError
-from depict_analysis.models import create_model
 from depict_analysis.models.data import class_info
 from depict_analysis.models.sources import CheckpointInfo, LoadedModel
 from depict_analysis.tracing import trace_batches
+from tests.conftest import tiny_model as seeded
 
 SYNTHETIC = ImageSource(dataset="synthetic", num_images=3, batch_size=2)
 
 
 def tiny(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return create_model("depict-sa-tiny", n_cls=4).eval()
+    return seeded("depict-sa-tiny", 4, seed)
 
 
 def test_an_analysis_refuses_to_pool_traces_of_two_models():

@@ -9,24 +9,23 @@ import re
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from depict_analysis import __version__
 from depict_analysis.cli.analyze import app
-from depict_analysis.models import create_model, save_checkpoint
+from depict_analysis.models import save_checkpoint
 from depict_analysis.models.pretrained import load_default
 from depict_analysis.models.sources import CheckpointInfo, LoadedModel, open_checkpoint
 from depict_analysis.report import write_report
 from depict_analysis.suite import SuiteSettings, p_cosine, q_offdiag, run_suite
 from depict_analysis.uncertainty import VERDICTS
+from tests.conftest import invoke, tiny_model as seeded
 
 K = 8  # the synthetic dataset's classes
 FAST = SuiteSettings(num_images=6, examples=1, sigmas=(0, 0.05, 1.0), draws=1, batch_size=6, resamples=200, baseline_seeds=5)
 
 
 def tiny(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return create_model(name, n_cls=K).eval()
+    return seeded(name, K, seed)
 
 
 def stuck_on_background():
@@ -123,7 +122,7 @@ def test_report_is_one_self_contained_page_of_this_run(suite, tmp_path):
 
 
 def run_cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return invoke(app, *args)
 
 
 def test_report_cli_on_a_checkpoint_with_a_comparison(tmp_path):
