@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from depict_analysis.cli.ablate import ablate
 from depict_analysis.cli.attention import attention
 from depict_analysis.cli.class_rates import class_rates
 from depict_analysis.cli.coding_rate import coding_rate
@@ -19,6 +20,7 @@ app.command("orthogonality")(orthogonality)
 app.command("robustness")(robustness)
 app.command("class-rates")(class_rates)
 app.command("attention")(attention)
+app.command("ablate")(ablate)
 app.command("demo")(demo)
 app.command("report")(report)
 

@@ -45,6 +45,9 @@ _EXPORTS = {
     "run_robustness": "depict_analysis.robustness",
     "resolve_perturbation": "depict_analysis.perturbations",
     "Robustness": "depict_analysis.robustness",
+    "edited": "depict_analysis.interventions",
+    "run_ablation": "depict_analysis.ablation",
+    "Ablation": "depict_analysis.ablation",
     "Bootstrap": "depict_analysis.uncertainty",
     "Interval": "depict_analysis.uncertainty",
 }

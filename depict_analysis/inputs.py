@@ -144,11 +144,19 @@ def load_images(
     size) so that the batch shares one token grid; pixels stay in [0, 1]. ``labels``: label maps (or
     folders of them) matched to the images by file stem.
     """
+    if model is not None and getattr(model, "config", None) is None:
+        raise ConfigError(f"load_images takes a model of create_model / load_model, got {type(model).__name__}")
     if size is None:
         if model is None:
             raise ConfigError("load_images needs a model or a size to crop the images to")
         size = max(model.config.backbone.image_size)
-    sources = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"size must be a positive integer (pixels), got {size!r}")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, Path)) for p in paths):
+        raise ConfigError(f"paths must be a file or folder, or a list of them, got {type(paths).__name__}")
+    sources = list(paths)
     total, batches = image_batches(size, images=sources, labels=labels, batch_size=max(1, len(image_files(sources))))
     return next(batches)
 

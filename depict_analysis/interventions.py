@@ -158,18 +158,25 @@ class HeadAblation(Edit):
 @dataclass(frozen=True)
 class Projection(Edit):
     """The value at ``site`` (tokens (B, N, d) or classes (B, K, d)) projected onto span(``basis``)
-    (U Uᵀ z) or, with ``keep=False``, out of it ((I − U Uᵀ) z). ``basis``: U (d, r), orthonormal columns."""
+    (U Uᵀ z) or, with ``keep=False``, out of it ((I − U Uᵀ) z). ``basis``: U (d, r), orthonormal columns.
+    With ``means`` the part projected away is replaced by the mean's part (mean-ablation of a subspace)."""
 
     site: str
     basis: Tensor
     keep: bool = True
+    means: Means | None = None
 
     def apply(self, value: Tensor, site: HookSite) -> Tensor:
         U = self.basis.to(value)
         if U.shape[0] != value.shape[-1]:
             raise ConfigError(f"a basis of R^{U.shape[0]} cannot project the {value.shape[-1]}-wide values at {self.site!r}")
         inside = (value @ U) @ U.T
-        return inside if self.keep else value - inside
+        kept = inside if self.keep else value - inside
+        if self.means is None:
+            return kept
+        mean = self.means.at(self.site).like(value[0], site.class_rows)
+        mean_inside = (mean @ U) @ U.T
+        return kept + (mean - mean_inside if self.keep else mean_inside)
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,8 @@ def analyze_orthogonality(
     config when the traces do not record one (``Trace.config``). ``class_names`` label the class axes
     of the figures (default ``class i``).
     """
+    if isinstance(baseline_seeds, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in baseline_seeds):
+        raise ConfigError(f"baseline_seeds must be a sequence of integers, got {baseline_seeds!r}")
     final = _ClassStatistics()
     fresh: list[tuple[Decoder, _ClassStatistics]] = []
     first: Trace | None = None
@@ -287,10 +289,12 @@ def analyze_orthogonality(
     d = first.class_embeddings.shape[-1]
     settings = {"num_images": len(paths), "baseline_seeds": list(baseline_seeds), "d": d,
                 "at_init": "fresh decoders of the same config, one per seed, on the same Z_0"}
-    n_cls = first.model["n_cls"]
+    n_cls, rows = first.model["n_cls"], first.class_embeddings.shape[-2]
+    # the class side of a query decoder (MaskFormer) is its queries, not the K classes
+    names = class_labels(class_names, n_cls) if rows == n_cls else [f"query {i}" for i in range(rows)]
     return Orthogonality(
         model=first.model, settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
-        class_names=class_labels(class_names, n_cls),
+        class_names=names,
     )
 
 

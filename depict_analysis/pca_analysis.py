@@ -32,6 +32,7 @@ from torch import Tensor
 from depict_analysis import plots
 from depict_analysis.inputs import Batch
 from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, load_label, make_palette
+from depict_analysis.models.evaluate import require_positive
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label
 from depict_analysis.foundation.errors import ConfigError, InputError
@@ -286,6 +287,7 @@ def analyze_pca(
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    require_positive(k=k)
     kept: list[PCAExample] = []
     paths, ks, per_image = [], [], []
     first: Trace | None = None

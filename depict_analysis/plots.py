@@ -708,3 +708,43 @@ def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption
     if caption:
         fig.suptitle(caption, fontsize="small")
     return fig
+
+
+# ----------------------------------------------------------------------------- ablation (SPEC §3.5)
+
+
+@dataclass
+class AblationPanel:
+    """One model's unit × class matrix of IoU changes (percentage points), mIoU change in column 0."""
+
+    title: str
+    units: list[str]
+    change: np.ndarray  # (U, 1 + K)
+
+
+@styled
+def plot_ablation(panels: Sequence[AblationPanel], columns: Sequence[str], caption: str) -> plt.Figure:
+    """One heatmap per model, units down, "mIoU" then the classes across; red = the IoU falls when the
+    unit is removed, blue = it rises; one colour scale, symmetric about 0, for every panel; values printed
+    when the matrix is small enough to read them."""
+    limit = max(1e-9, max(float(np.nanmax(np.abs(p.change))) if np.isfinite(p.change).any() else 0 for p in panels))
+    width = max(4.5, 0.42 * len(columns) + 2.2)
+    heights = [max(1.2, 0.3 * len(p.units) + 0.9) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights) + 0.8), squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": heights})
+    image = None
+    for ax, panel in zip(axes[:, 0], panels):
+        image = ax.imshow(panel.change, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+        ax.grid(False)
+        ax.set_yticks(range(len(panel.units)), panel.units, fontsize="x-small")
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize="x-small")
+        ax.axvline(0.5, color="0.2", linewidth=1)
+        ax.set_title(panel.title, fontsize="small")
+        if panel.change.size <= 400:
+            for (u, c), value in np.ndenumerate(panel.change):
+                if np.isfinite(value):
+                    ax.text(c, u, f"{value:.1f}", ha="center", va="center", fontsize=5,
+                            color="white" if abs(value) > 0.6 * limit else "0.15")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="IoU change (points)", shrink=0.8)
+    fig.suptitle(caption, fontsize="small")
+    return fig

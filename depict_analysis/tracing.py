@@ -134,6 +134,8 @@ class Trace:
     @staticmethod
     def cat(traces: Iterable["Trace"]) -> "Trace":
         """One trace of several batches of the same model and image size (batch dimension concatenated)."""
+        if isinstance(traces, Trace):
+            raise InputError("Trace.cat takes a list of traces, got one Trace")
         traces = list(traces)
         if not traces:
             raise InputError("no traces to concatenate")
@@ -277,8 +279,9 @@ def _check_inputs(model: Any, images: Any) -> torch.device:
     pixels = images.pixels if isinstance(images, Batch) else images
     if not isinstance(pixels, Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
         raise InputError(f"images must be a tensor (B, 3, H, W) of at least one image, got shape {tuple(getattr(pixels, 'shape', ()))}")
-    if not pixels.is_floating_point():
-        raise InputError(f"images must hold floating-point values, got {pixels.dtype} (load_images gives [0, 1] floats)")
+    dtype = next(model.parameters()).dtype
+    if pixels.dtype != dtype:
+        raise InputError(f"images must hold {dtype} values like the model, got {pixels.dtype} (load_images gives [0, 1] floats)")
     if isinstance(images, Tensor) and images.device != device:
         raise InputError(f"images are on {images.device} but the model is on {device}; move one of them (.to(device))")
     bad = int((~torch.isfinite(pixels)).sum())

@@ -29,6 +29,7 @@ from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import (
     Anchor,
     Segmentor,
+    decoder_outputs,
     inference,
     inference_labels,
     merge_windows,
@@ -311,7 +312,7 @@ def decode_labels(model: Segmentor, encoded: EncodedImage) -> Tensor:
         return merge_windows(windows, 1, view.size, model.n_cls, device)
 
     logits = ((view_logits(view), view.flipped) for view in encoded.views)
-    return view_labels(logits, 1, model.n_cls, encoded.size)[0]
+    return view_labels(logits, 1, model.n_cls, encoded.size, outputs=decoder_outputs(model))[0]
 
 
 def evaluate(

@@ -69,9 +69,15 @@ class Segmentor(nn.Module):
         masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         return masks[..., : size[0], : size[1]]
 
-    def forward(self, images: Tensor, memory_format=torch.contiguous_format) -> Tensor:
-        """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``)."""
+    def forward(self, images: Tensor, memory_format=torch.contiguous_format, predictions: bool = False):
+        """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``).
+
+        ``predictions``: the decoder's ``predictions`` instead (MaskFormer's per-layer class and mask
+        logits, what its loss reads), through ``forward`` so that DDP sees the call.
+        """
         z, grid = self.encode(images)
+        if predictions:
+            return self.decoder.predictions(z, grid)
         return self.decode(z, grid, images.shape[-2:], memory_format)
 
 
@@ -94,6 +100,23 @@ def _softmax_classes(logits: Tensor) -> Tensor:
     if _classes_innermost(logits):  # a contiguous last-dimension softmax on the permuted view
         return logits.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2)
     return logits.softmax(dim=1)
+
+
+def decoder_outputs(model: nn.Module) -> str:
+    """What ``model``'s class maps are: its decoder's ``outputs``, "logits" (the default) or "probabilities"."""
+    return getattr(getattr(model, "decoder", None), "outputs", "logits")
+
+
+def _class_probabilities(maps: Tensor, outputs: str) -> Tensor:
+    """A view's per-class maps (B, K, H, W) -> the probabilities the protocol averages over views.
+
+    Logits are soft-maxed over classes (Segmenter). Maps that are "probabilities" already
+    (MaskFormer's semantic scores S, each in [0, Q]) are taken as they are, as mmseg's MaskFormer
+    head runs the sliding window: the windows' S averaged, then the arg-max. A softmax of S would
+    reorder nothing within one view, but would flatten S's differences and so weigh views unlike
+    the official scores do.
+    """
+    return maps if outputs == "probabilities" else _softmax_classes(maps)
 
 
 def window_size(h: int, w: int, window: int) -> tuple[int, int]:
@@ -175,15 +198,17 @@ def sliding_window_logits(
     return merge_windows(windows, B, (H, W), model.n_cls, images.device)
 
 
-def view_probs(view_logits: Iterable[tuple[Tensor, bool]], size: tuple[int, int]) -> Tensor:
+def view_probs(view_logits: Iterable[tuple[Tensor, bool]], size: tuple[int, int], outputs: str = "logits") -> Tensor:
     """The end of Segmenter's ``inference``: each view's merged logits (B, K, h, w) resized (bilinear)
-    to ``size``, un-flipped when ``flipped``, soft-maxed over classes; the mean over views (B, K, H, W)."""
+    to ``size``, un-flipped when ``flipped``, soft-maxed over classes (kept as they are when the
+    ``outputs`` are "probabilities": ``_class_probabilities``); the mean over views (B, K, H, W)."""
     total, n_views = None, 0
     for logits, flipped in view_logits:
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        probs = _softmax_classes(logits.flip(-1) if flipped else logits)
-        total = probs if total is None else total.add_(probs)
+        probs = _class_probabilities(logits.flip(-1) if flipped else logits, outputs)
+        # a copy first: probabilities come as the caller's maps, which are not ours to change
+        total = probs.clone() if total is None else total.add_(probs)
         n_views += 1
     if total is None:
         raise ConfigError("inference needs at least one view")
@@ -210,10 +235,11 @@ def inference(
 
     ``views``: ``(images, flipped)`` pairs, normalised images (B, 3, h, w) of any size, already
     flipped horizontally when ``flipped``. Each view is ``window_resize``d, its sliding-window
-    logits are resized (bilinear) to ``size``, un-flipped and soft-maxed over classes; the views'
+    logits are resized (bilinear) to ``size``, un-flipped and soft-maxed over classes (kept as they
+    are for a decoder whose outputs are probabilities: ``_class_probabilities``); the views'
     probabilities are averaged. For a ``Segmentor`` the result has channels-last strides.
     """
-    return view_probs(_view_logits(model, views, window, stride, batch_size), size)
+    return view_probs(_view_logits(model, views, window, stride, batch_size), size, decoder_outputs(model))
 
 
 def resize_rows(logits: Tensor, size: tuple[int, int], top: int, bottom: int) -> Tensor:
@@ -256,14 +282,17 @@ def inference_labels(
         raise ConfigError("inference needs at least one view")
     batch = first[0].shape[0]
     views = itertools.chain([first], views)
-    return view_labels(_view_logits(model, views, window, stride, batch_size), batch, model.n_cls, size, map_values)
+    return view_labels(_view_logits(model, views, window, stride, batch_size), batch, model.n_cls, size, map_values,
+                       decoder_outputs(model))
 
 
 def view_labels(
-    view_logits: Iterable[tuple[Tensor, bool]], batch: int, n_cls: int, size: tuple[int, int], map_values: int | None = None
+    view_logits: Iterable[tuple[Tensor, bool]], batch: int, n_cls: int, size: tuple[int, int], map_values: int | None = None,
+    outputs: str = "logits",
 ) -> Tensor:
     """``view_probs(...).argmax(1)``: labels (B, H, W) of ``batch`` images at ``size`` from each view's
-    merged logits (B, K, h, w), uint8 for at most 256 classes (else int64).
+    merged logits (B, K, h, w), uint8 for at most 256 classes (else int64); ``outputs``: what the
+    maps are (``decoder_outputs``).
 
     When the probabilities at ``size`` would hold more than ``map_values`` values (default
     ``MAP_VALUES``), the views' logits are kept at their own size and the rest of the protocol (resize to
@@ -274,7 +303,7 @@ def view_labels(
     (H, W), K = size, n_cls
     dtype = torch.uint8 if K <= 256 else torch.int64
     if batch * K * H * W <= (MAP_VALUES if map_values is None else map_values):
-        return view_probs(view_logits, size).argmax(1).to(dtype)
+        return view_probs(view_logits, size, outputs).argmax(1).to(dtype)
     logits, held = [], 0
     for view, flipped in view_logits:
         held += view.numel()
@@ -291,8 +320,8 @@ def view_labels(
         total = None
         for view, flipped in logits:
             strip = view[..., top:bottom, :] if tuple(view.shape[-2:]) == tuple(size) else resize_rows(view, size, top, bottom)
-            probs = _softmax_classes(strip.flip(-1) if flipped else strip)
-            total = probs if total is None else total.add_(probs)
+            probs = _class_probabilities(strip.flip(-1) if flipped else strip, outputs)
+            total = probs.clone() if total is None else total.add_(probs)  # a strip of the views' maps: copy it
         labels[:, top:bottom] = total.div_(len(logits)).argmax(1)
     return labels
 

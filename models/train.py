@@ -16,7 +16,7 @@ between give the weights of 2N straight.
 Loss, as the official engine: each process averages the cross-entropy over the labelled pixels
 (label != 255) of its share of the step, and DDP averages the gradients over processes, so a step's
 gradient is the mean over ranks of the per-rank mean losses (pixels weigh equally only when the ranks
-have as many labelled pixels). ``grad_accum`` splits a rank's share into micro-batches without
+have as many labelled pixels; MaskFormer trains with its set loss instead: ``models/losses.py``). ``grad_accum`` splits a rank's share into micro-batches without
 changing its gradient. A share without labelled pixels contributes zero (the official loss is NaN).
 
 Files in ``out_dir``: ``config.yaml`` (the effective TrainConfig), ``log.jsonl`` (one line per log
@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from filelock import FileLock, Timeout
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -61,11 +60,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from depict_analysis.models.backbone import load_pretrained
 from depict_analysis.models.checkpoint import FORMAT, CheckpointError, model_from, read_checkpoint, save_checkpoint
-from depict_analysis.models.data import (IGNORE_INDEX, DatasetError, SegmentationDataset, TrainTransform, build_dataset,
+from depict_analysis.models.data import (DatasetError, SegmentationDataset, TrainTransform, build_dataset,
                          normalization_stats)
 from depict_analysis.foundation.device import autocast, resolve_device
 from depict_analysis.foundation.errors import ConfigError, DepictError
 from depict_analysis.models.evaluate import eval_protocol, evaluate, jsonable
+from depict_analysis.models.losses import step_loss
 from depict_analysis.foundation.files import atomic_write_text, check_out_dir
 from depict_analysis.foundation.yaml_text import load_yaml
 from depict_analysis.foundation.progress import progress_bar
@@ -638,7 +638,7 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images, labels = self._next_batch()
-        labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss_of = step_loss(self.net.decoder, labels)
         micro = config.batch_size // (world * config.grad_accum)
         pieces = list(zip(images.split(micro), labels.split(micro)))  # fewer in an epoch's short last step
         total = torch.zeros((), device=self.device)
@@ -646,7 +646,7 @@ class _Run:
             last = k == len(pieces) - 1
             with self.model.no_sync() if world > 1 and not last else contextlib.nullcontext():
                 with autocast(self.device, config.amp):
-                    loss = F.cross_entropy(self.forward(x), y, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+                    loss = loss_of(self.forward, x, y)
                 loss.backward()
             total += loss.detach()
         self._require_finite(total, lr)

@@ -49,10 +49,11 @@ def labelled_batches(n: int = 2, size: int = 32) -> list[Batch]:
     return [Batch(pixels, labels, [f"image{i}" for i in range(n)])]
 
 
-def test_the_registry_holds_the_six_families():
-    assert sorted(IDS) == ["cbt", "depict_ca", "depict_sa", "linear", "mask_transformer", "tost"]
+def test_the_registry_holds_the_seven_families():
+    assert sorted(IDS) == ["cbt", "depict_ca", "depict_sa", "linear", "mask_transformer", "maskformer", "tost"]
     assert {f.name: f.official is not None for f in FAMILIES} == {
-        "cbt": True, "depict_sa": True, "depict_ca": True, "linear": True, "mask_transformer": True, "tost": False}
+        "cbt": True, "depict_sa": True, "depict_ca": True, "linear": True, "mask_transformer": True, "maskformer": False,
+        "tost": False}
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
@@ -89,11 +90,12 @@ def test_family_traces_its_forward_pass(family):
     torch.testing.assert_close(t.masks, expected, atol=0, rtol=0)
     assert t.family == family.name and t.grid == (5, 4)
     assert len(t.tokens) == len(t.layer_names) + 1 and all(z.shape[:2] == (2, 20) for z in t.tokens)
-    assert len(t.classes) == len(t.class_stages) and all(q.shape[:2] == (2, K) for q in t.classes)
-    torch.testing.assert_close(t.class_embeddings.norm(dim=-1), torch.ones(2, K))
+    side = getattr(model.decoder, "n_queries", K)  # the class side: K classes, or a query decoder's queries
+    assert len(t.classes) == len(t.class_stages) and all(q.shape[:2] == (2, side) for q in t.classes)
+    torch.testing.assert_close(t.class_embeddings.norm(dim=-1), torch.ones(2, side))
     assert not any(x.requires_grad for x in [*t.tokens, *t.classes, t.class_embeddings, *t.attention.values()])
     assert set(t.attention) <= set(t.layer_names) | set(t.class_stages)
-    assert bool(t.attention) == bool(t.layer_names)  # every family with layers maps its attention
+    assert bool(t.attention) == bool(t.layer_names or t.class_stages[1:])  # every family with layers maps its attention
     assert len(t.representatives) in (0, t.num_layers)
     parameters = dict(model.decoder.named_parameters())
     for space in t.subspaces:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -917,7 +918,8 @@ def model8(files):
     ("photo.png", "images must be an Images batch (load_images) or a tensor (B, 3, H, W), got str"),
     (torch.rand(3, 32, 32), "images must be a tensor (B, 3, H, W) of at least one image, got shape (3, 32, 32)"),
     (torch.rand(1, 4, 32, 32), "got shape (1, 4, 32, 32)"),
-    (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "images must hold floating-point values, got torch.uint8"),
+    (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "images must hold torch.float32 values like the model, got torch.uint8"),
+    (torch.rand(1, 3, 32, 32, dtype=torch.float64), "images must hold torch.float32 values like the model, got torch.float64"),
     (torch.rand(1, 3, 32, 32, device="meta"), "images are on meta but the model is on cpu"),
     (torch.full((1, 3, 32, 32), float("nan")), "images hold 3072 NaN / Inf value(s)"),
 ])
@@ -931,14 +933,23 @@ def test_trace_refuses_bad_images_with_a_depict_error(model8, images, fragment):
 
 
 def test_the_analyses_refuse_wrong_arguments_with_a_depict_error(model8, traced):
-    from depict_analysis import analyze_coding_rates, analyze_orthogonality, analyze_pca
+    from depict_analysis import analyze_coding_rates, analyze_orthogonality, analyze_pca, load_images
     from depict_analysis.class_rates import analyze_class_rates
-    from depict_analysis.foundation.errors import ConfigError, InputError
+    from depict_analysis.foundation.errors import ConfigError, DepictError, InputError
     from depict_analysis.tracing import Trace, as_traces, trace
 
     tr = Trace.load(traced / "good.trace")
     with pytest.raises(InputError, match="trace needs a segmentation model"):
         trace("depict-sa", torch.rand(1, 3, 32, 32))
+    for call, message in [(lambda: load_images(123, model8), "paths must be a file or folder, or a list of them, got int"),
+                          (lambda: load_images(traced / "images", size="32"), "size must be a positive integer"),
+                          (lambda: load_images(traced / "images", size=0), "size must be a positive integer"),
+                          (lambda: load_images(traced / "images", "depict-sa"), "load_images takes a model of create_model"),
+                          (lambda: analyze_pca(tr, k="3"), "k must be a positive integer, got '3'"),
+                          (lambda: analyze_orthogonality(tr, baseline_seeds="ab"), "baseline_seeds must be a sequence of integers"),
+                          (lambda: Trace.cat(tr), "Trace.cat takes a list of traces, got one Trace")]:
+        with pytest.raises(DepictError, match=re.escape(message)):
+            call()
     for analyze in (analyze_pca, analyze_class_rates, lambda t, **k: analyze_orthogonality(t, baseline_seeds=(), **k)):
         with pytest.raises(ConfigError, match=f"2 class names for a model of {K} classes"):
             analyze(tr, class_names=["road", "sky"])

@@ -20,8 +20,10 @@ from depict_analysis.interventions import (
     record_means,
     subspace_basis,
 )
+from depict_analysis.models.decoders.cbt import CBT
 from depict_analysis.models.decoders.depict import DepictCA, DepictSA
 from depict_analysis.models.decoders.mask_transformer import MaskTransformer
+from depict_analysis.models.decoders.tost import ToST
 from depict_analysis.models.registry import create_model
 from depict_analysis.tracing import trace
 
@@ -126,6 +128,21 @@ def test_zero_ablating_every_segmenter_head_leaves_only_the_output_bias_of_the_a
     torch.testing.assert_close(edited_masks, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [CBT, ToST])
+def test_zero_ablating_every_cbsa_or_tssa_head_leaves_only_the_bias_of_the_output_map(family):
+    torch.manual_seed(0)
+    decoder = randomized(family(D, K, n_layers=2, heads=2, dim_head=16, **({"rep_grid": 2} if family is CBT else {})))
+    z, name = tokens(), f"{decoder.stage}1"
+    with torch.no_grad(), edited(decoder, HeadAblation(name, 0), HeadAblation(name, 1)):
+        edited_masks = decoder(z, GRID)
+    with torch.no_grad():
+        x = torch.cat([z, decoder.cls_emb.expand(2, -1, -1)], dim=1)
+        x = x + decoder.layers[0].to_out.bias  # to_out(0) of the merged zero heads
+        x = decoder.decoder_norm(decoder.layers[1](x, GRID) if family is CBT else decoder.layers[1](x))
+        reference = mask_head(decoder, x[:, :N], x[:, N:])
+    torch.testing.assert_close(edited_masks, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_ablating_one_head_removes_exactly_its_term_of_the_literal_mssa_sum():
     decoder, z = sa(), tokens()
     layer = decoder.layers[0]
@@ -196,6 +213,20 @@ def test_projection_onto_one_head_is_the_least_squares_projector_of_its_basis():
     with torch.no_grad(), edited(decoder, Projection("tokens/mssa1", subspace_basis(decoder, "mssa2", head=1), keep=False)):
         out = decoder.forward_intermediates(z, GRID)
     np.testing.assert_allclose(out.tokens[1].double().numpy(), clean - clean @ projector, atol=1e-4)
+
+
+def test_mean_projection_keeps_the_mean_tokens_component_inside_the_subspace():
+    model = create_model("depict-sa-tiny", n_cls=K).eval()
+    batch = Batch(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)), None, ["a", "b", "c"])
+    means = record_means(model, batch, ["tokens/mssa1"])
+    reference = trace(model, batch).tokens[1].double()  # (B, N, d) after mssa1
+    torch.testing.assert_close(means.sites["tokens/mssa1"].patches.double(), reference.mean(dim=(0, 1)), rtol=1e-5, atol=1e-6)
+    U = subspace_basis(model, "mssa2", head=1).double()
+    with torch.no_grad(), edited(model, Projection("tokens/mssa1", U.float(), keep=False, means=means)):
+        out = trace(model, batch).tokens[1].double()
+    mu = reference.mean(dim=(0, 1))
+    expected = reference - reference @ U @ U.T + (mu @ U @ U.T)  # (I − UUᵀ) z + UUᵀ μ, every token
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- rotations

@@ -33,3 +33,16 @@ def test_notebook_example_runs_and_stays_short(tmp_path, monkeypatch, capsys):
     assert printed.startswith("{'input': ") and "'mssa1': " in printed
     assert scope["rates"].num_images == 1
     assert isinstance(scope["pca"].figures()["pca-seg_photo"], Figure)
+
+
+def test_the_intervention_example_runs_and_changes_the_prediction(tmp_path, monkeypatch, capsys):
+    section = README.read_text(encoding="utf-8").split("### `ablate`", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    image, _ = render_scene(np.random.default_rng(0), 96)
+    Image.fromarray(image).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert capsys.readouterr().out.endswith("of the pixels change class\n")
+    assert scope["edited_masks"].shape == scope["clean"].masks.shape
+    assert not any("edits" in m.__dict__ for m in scope["model"].modules())

@@ -119,7 +119,8 @@ class Intermediates:
 
     ``tokens[j]``: patch tokens after layer j, ``tokens[0]`` = the decoder input Z_0, (B, N, d_j);
     ``layer_names[j - 1]`` names layer j. ``classes[i]``: class embeddings at ``class_stages[i]``
-    ("input", then after every layer that updates them), (B, K, d). ``class_embeddings``: the final
+    ("input", then after every layer that updates them), (B, K, d) — a query decoder's Q queries in
+    place of the K classes (MaskFormer). ``class_embeddings``: the final
     L2-normalised Q̂ of the mask head (linear: the classifier rows), (B, K, d). ``embeddings``: the
     patch embeddings the mask head compares with Q̂, before their L2 normalisation, (B, N, d) — after
     the decoder's final LayerNorm (and Segmenter's ``proj_patch``): SPEC's Z_L1. ``masks``: (B, K, h, w)
@@ -143,6 +144,9 @@ class Decoder(Hooked, nn.Module):
 
     family: ClassVar[str] = ""  # the family's tag (its config's ``name``)
     role: ClassVar[str] = ""  # one of ROLES: "white-box" decoders are derived from an objective (rate reduction)
+    # What the masks are: "logits" (soft-maxed over classes by the inference protocol) or "probabilities"
+    # (per-class scores already, e.g. MaskFormer's semantic inference; the protocol averages them as they are).
+    outputs: ClassVar[str] = "logits"
     n_cls: int
 
     def forward_intermediates(self, z: Tensor, grid: tuple[int, int], attention: bool = False) -> Intermediates:
