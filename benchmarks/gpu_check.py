@@ -43,12 +43,19 @@ Sections, in order (the expensive, least certain one last):
    ``evaluate()``'s own precision.
 4. ``analyses``: ``analyze_coding_rates``, ``analyze_pca`` and a decoder-noise robustness sweep
    (``robustness_records``, the 13 default σ × 3 draws) on 64 scenes of 512², DEPICT-SA: seconds each.
-5. ``short_run``: ``train()`` on the synthetic dataset (DEPICT-SA, crop 512 from 256-px scenes,
+5. ``paper_sweep``: the paper's figure at dataset scale: the paper-preset sweep (``PAPER_SIGMAS``,
+   20 σ × 3 draws of absolute Gaussian noise on every decoder parameter) on the evaluation
+   protocol (``EvaluationImages``: sliding windows, merged logits; σ = 0 is ``depict eval``) over
+   512 × 683 scenes (ADE20K's shape after its test resize), DEPICT-SA and Segmenter, image after
+   image until ``sweep_images`` or the section's time is up; images/s, and the full figure (2,000
+   ADE20K validation images, 4 models) projected from the mean seconds per image. Goal: ≤ 10
+   minutes on one H100.
+6. ``short_run``: ``train()`` on the synthetic dataset (DEPICT-SA, crop 512 from 256-px scenes,
    AdamW with warm-up) stopped part-way (``stop_after``), then resumed from its checkpoint to the
    end; it fails unless the first part stopped where asked, the resumed run completed at
    ``iterations`` and the last logged loss is below the first. Run folder: a temporary
    directory, deleted afterwards.
-6. ``training_compiled``: section 2's rows in bf16 autocast + ``torch.compile`` (Inductor on the
+7. ``training_compiled``: section 2's rows in bf16 autocast + ``torch.compile`` (Inductor on the
    device; ``--smoke`` uses Dynamo's ``eager`` backend: the model is traced and its graphs run
    as they are, since code generation on a CPU takes minutes and even ``aot_eager`` doubles the
    smoke run). The first step's time (compilation) is recorded separately.
@@ -95,8 +102,8 @@ from benchmarks.inference import InMemorySet, analysis_batches, synthetic_scenes
 from depict_analysis.coding_rate_analysis import analyze_coding_rates  # noqa: E402
 from depict_analysis.outputs import save_json  # noqa: E402
 from depict_analysis.pca_analysis import analyze_pca  # noqa: E402
-from depict_analysis.perturbations import resolve_perturbation  # noqa: E402
-from depict_analysis.robustness import robustness_records  # noqa: E402
+from depict_analysis.perturbations import PAPER_SIGMAS, resolve_perturbation  # noqa: E402
+from depict_analysis.robustness import EvaluationImages, ModelSweep, robustness_records  # noqa: E402
 from depict_analysis.tracing import trace_batches  # noqa: E402
 from depict_analysis.models import create_model, variant_config  # noqa: E402
 from depict_analysis.models.data import IGNORE_INDEX  # noqa: E402
@@ -126,6 +133,7 @@ class Sizes:
     analysis_images: int = 64
     analysis_batch: int = 8
     draws: int = 3
+    sweep_images: int = 300  # section 5: at most this many images per model
     run_iterations: int = 300
     run_stop: int = 150  # the first part of the short run stops here; the resume goes on to run_iterations
     run_scene: int = 256  # side of the synthetic scenes the short run crops from
@@ -139,12 +147,14 @@ class Sizes:
 
 PAPER = Sizes("vit-s16")
 SMOKE = Sizes("tiny", batch=2, warmup=1, steps=2, eval_images=2, multiscale_images=1, analysis_images=3,
-              analysis_batch=2, run_iterations=40, run_stop=20, run_scene=32, run_lr=2e-3, run_warmup=5,
+              analysis_batch=2, sweep_images=2, run_iterations=40, run_stop=20, run_scene=32, run_lr=2e-3, run_warmup=5,
               run_log_every=5, run_eval_images=2, run_workers=0, compile_row_s=0.0)
 
 # Seconds a section may start rows for (the whole run also stops at --budget); None: what is left.
-CAPS = {"correctness": 60, "training": 90, "evaluation": 60, "analyses": 90, "short_run": 120,
+CAPS = {"correctness": 60, "training": 90, "evaluation": 60, "analyses": 90, "paper_sweep": 90, "short_run": 120,
         "training_compiled": None}
+# The paper's figure: ADE20K's validation split, four models (DEPICT-S, Segmenter-S and two more).
+FIGURE_IMAGES, FIGURE_MODELS = 2000, 4
 
 # SDPA kernels as torch names their ops (aten::_scaled_dot_product_<key>...), forward and backward.
 SDPA_KERNELS = {"flash": "flash_attention", "memory-efficient": "efficient_attention", "cudnn": "cudnn_attention",
@@ -469,7 +479,7 @@ def section_correctness(run: Run, section: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 2 and 6. training throughput
+# 2 and 7. training throughput
 # --------------------------------------------------------------------------------------------
 
 
@@ -610,7 +620,64 @@ def section_analyses(run: Run, section: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 5. a short training run, stopped and resumed
+# 5. the paper's figure: the paper-preset sweep on the evaluation protocol
+# --------------------------------------------------------------------------------------------
+
+
+class LazyScenes(InMemorySet):
+    """``n`` synthetic scenes of (height, width), rendered when read (a few hundred stay out of memory)."""
+
+    def __init__(self, n: int, height: int, width: int, n_cls: int, seed: int):
+        super().__init__([], n_cls)
+        self.n, self.height, self.width, self.seed = n, height, width, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load_raw(self, i: int):
+        return synthetic_scenes(1, self.height, self.width, self.seed + i)[0]
+
+
+def paper_sweep(run: Run, family: str, data: LazyScenes, until: float) -> dict:
+    """The paper-preset sweep of one model, image after image until ``data`` is done or ``until``."""
+    model = run.model(family).to(run.device).eval()
+    images = EvaluationImages(data)
+    sweep = ModelSweep(model, family, resolve_perturbation("gaussian", "decoder"), PAPER_SIGMAS, run.sizes.draws, run.seed)
+    protocol = images.protocol(model)
+    image, label = data.load_raw(0)
+    sweep.score_image(image, label, 0, protocol)  # warm-up: kernels, the parameter sets drawn once
+    sweep.counts.clear()
+    sync(run.device)
+    start, scored = time.perf_counter(), 0
+    while scored < len(data) and (scored == 0 or time.perf_counter() < until):
+        image, label = data.load_raw(scored)
+        sweep.score_image(image, label, scored, protocol)
+        scored += 1
+    sync(run.device)
+    seconds = time.perf_counter() - start
+    evaluations, _ = sweep.evaluations(scored)
+    return {"variant": run.variant(family), "images": scored, "seconds": seconds, "images_per_s": scored / seconds,
+            "evaluations_per_image": len(sweep.draws), "protocol": {k: protocol[k] for k in ("window", "stride")},
+            "clean_miou": evaluations[0].miou, "parameter_sets_mib": sweep.parameters.held / 2**20}
+
+
+def section_paper_sweep(run: Run, section: dict) -> None:
+    window = run.image_size("depict-sa")
+    height, width = window, round(window * 683 / 512)
+    data = LazyScenes(run.sizes.sweep_images, height, width, run.sizes.classes, run.seed)
+    section |= {"image_size": [height, width], "sigmas": list(PAPER_SIGMAS), "draws": run.sizes.draws,
+                "figure": {"images": FIGURE_IMAGES, "models": FIGURE_MODELS}}
+    families = ("depict-sa", "segmenter")
+    for i, family in enumerate(families):
+        share = (run.deadline - time.perf_counter()) / (len(families) - i)  # the section's time, split between the rows
+        run.row(section, {"family": family}, lambda: paper_sweep(run, family, data, time.perf_counter() + share))
+    per_image = [1 / r["images_per_s"] for r in section["rows"] if r["status"] == "ok"]
+    if per_image:
+        section["projected_figure_s"] = FIGURE_IMAGES * FIGURE_MODELS * sum(per_image) / len(per_image)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a short training run, stopped and resumed
 # --------------------------------------------------------------------------------------------
 
 
@@ -660,6 +727,7 @@ SECTIONS: dict[str, Callable[[Run, dict], None]] = {
     "training": section_training,
     "evaluation": section_evaluation,
     "analyses": section_analyses,
+    "paper_sweep": section_paper_sweep,
     "short_run": section_short_run,
     "training_compiled": section_training_compiled,
 }
@@ -759,7 +827,7 @@ def render_markdown(data: dict) -> str:
     ]
     out = [head, "", f"| {title} | " + " | ".join(FAMILIES.values()) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
     out += [f"| {label} | " + " | ".join(cell(f) for f in FAMILIES) + " |" for label, cell in lines]
-    out += ["", _analyses_line(data), _short_run_line(data)]
+    out += ["", _analyses_line(data), _paper_sweep_line(data), _short_run_line(data)]
     problems = _problems(data)
     if problems:
         out += ["", "Problems: " + "; ".join(problems)]
@@ -778,6 +846,18 @@ def _analyses_line(data: dict) -> str:
         parts[-1] += f" ({r['sigmas']} σ × {r['draws']} draws = {r['evaluations']} evaluations)"
     what = f"DEPICT-SA, {sizes.get('analysis_images', 64)} images of {size}²"
     return f"Analyses ({what}): " + ", ".join(parts) + "."
+
+
+def _paper_sweep_line(data: dict) -> str:
+    section = data.get("sections", {}).get("paper_sweep") or {}
+    rows = [r for r in section.get("rows", []) if r["status"] == "ok"]
+    if not rows:
+        return "Paper-preset sweep (evaluation protocol): " + (section.get("status") or DASH) + "."
+    rates = ", ".join(f"{FAMILIES[r['family']]} {r['images_per_s']:.2f} img/s ({r['images']} images)" for r in rows)
+    figure = section.get("figure", {})
+    return (f"Paper-preset sweep (evaluation protocol, {len(section['sigmas'])} σ × {section['draws']} draws, "
+            f"{section['image_size'][1]} × {section['image_size'][0]}): {rates}; the figure ({figure.get('images')} images, "
+            f"{figure.get('models')} models) projected at {section['projected_figure_s'] / 60:.1f} min.")
 
 
 def _short_run_line(data: dict) -> str:

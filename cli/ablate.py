@@ -17,7 +17,6 @@ from depict_analysis.cli.common import (
     TrustOption,
     check_out_dir,
     console,
-    open_models,
     user_errors,
     warn,
 )
@@ -58,7 +57,7 @@ def ablate(
     dataset: str = typer.Option("synthetic", "--dataset", help="ade20k | pascal_context | pascal_context59 | cityscapes | folder | synthetic"),
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
-    num_images: int = typer.Option(50, "--num-images", min=1, help="Images scored with every unit removed (the first N)."),
+    num_images: int = typer.Option(64, "--num-images", min=1, help="Images scored with every unit removed (the first N; the demo's number)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sliding windows per forward pass."),
     seed: int = SeedOption,
     level: float = LevelOption,
@@ -75,19 +74,14 @@ def ablate(
     runs once per unit. --mode mean takes the means over the same images first (one more clean pass).
     """
     from depict_analysis.ablation import NAME, run_ablation
-    from depict_analysis.inputs import image_progress
     from depict_analysis.models.data import build_dataset
-    from depict_analysis.models.pretrained import DEFAULT_MODELS
     from depict_analysis.robustness import EvaluationImages
     from depict_analysis.uncertainty import Bootstrap
 
     check_out_dir(out)
     images = EvaluationImages(build_dataset(dataset, data_root, split), num_images=num_images, batch_size=batch_size)
-    source = {"dataset": dataset, "data_root": data_root, "split": split}
-    n_models = len(checkpoints) if checkpoints else len(DEFAULT_MODELS)
-    with image_progress(n_models * len(images), NAME) as advance:
-        result = run_ablation(open_models(checkpoints, device, trust, scored_on=source), images, unit=unit.value,
-                              mode=mode.value, bootstrap=Bootstrap(resamples, level, seed), advance=advance)
+    result = run_ablation(checkpoints, images, unit=unit.value, mode=mode.value, bootstrap=Bootstrap(resamples, level, seed),
+                          device=device, trust=trust)
     result.save(out)
     console.print(ablation_table(result))
     for warning in result.warnings():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -17,10 +16,10 @@ from rich.table import Table
 
 from depict_analysis.foundation.errors import DepictError
 from depict_analysis.foundation.files import check_out_dir, check_out_file  # noqa: F401 (every command's --out check)
-from depict_analysis.models.pretrained import DEFAULT_MODELS, LABELS
+from depict_analysis.models.pretrained import BUILTIN, CHECKPOINT_SUFFIXES, DEFAULT_MODELS, ZOO
 
 if TYPE_CHECKING:  # the heavy stack is imported inside the commands: `--help` stays fast
-    from depict_analysis.models.segmentor import Segmentor
+    from depict_analysis.inputs import ImageSource
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # the commands write figures to files: no display is needed or assumed
 console = Console()
@@ -124,91 +123,18 @@ TrustOption = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints 
 DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 
 
-BUILTIN = "builtin:"  # `builtin:segmenter` names a built-in model wherever a checkpoint path goes
-ZOO = "zoo:"  # `zoo:seg-s-mask-ade20k` names an official release, downloaded on first use
 CheckpointHelp = (f"Our .pt file, an official release folder, {BUILTIN}NAME ({', '.join(DEFAULT_MODELS)}) or "
                   f"{ZOO}NAME (depict zoo list); default: the built-in {DEFAULT_MODELS[0]}.")
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
-
-
-def open_model(checkpoint: Path | str | None, device: str = "auto", trust: bool = False) -> tuple[Segmentor, dict]:
-    """(model, metadata) from a checkpoint path, ``builtin:NAME`` or ``zoo:NAME`` (downloaded if not
-    cached); the built-in DEPICT-SA when none is given."""
-    from depict_analysis.models.checkpoint import load_model
-    from depict_analysis.foundation.device import resolve_device
-    from depict_analysis.models.pretrained import load_default
-    from depict_analysis.models.zoo import zoo_path
-
-    torch_device = resolve_device(device)
-    if checkpoint is None:
-        return load_default(DEFAULT_MODELS[0], torch_device)
-    if str(checkpoint).startswith(BUILTIN):
-        return load_default(str(checkpoint)[len(BUILTIN):], torch_device)
-    if str(checkpoint).startswith(ZOO):
-        return load_model(zoo_path(str(checkpoint)[len(ZOO):]), torch_device, trust)
-    return load_model(checkpoint, torch_device, trust)
-
-
-def is_release_folder(path: Path) -> bool:
-    """Whether ``path`` is an official release folder (``checkpoint.pth`` / ``variant.yml``), not a folder of images."""
-    return path.is_dir() and any((path / name).is_file() for name in ("checkpoint.pth", "variant.yml"))
 
 
 def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
     """``[CKPT] IMAGE...`` -> (checkpoint or None, images): the first path is the checkpoint when it is
-    a release folder, a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
-    first = str(paths[0]) if paths else ""
-    if paths and (is_release_folder(paths[0]) or paths[0].suffix in CHECKPOINT_SUFFIXES or first.startswith((BUILTIN, ZOO))):
+    a release folder (``checkpoint.pth`` / ``variant.yml``), a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
+    first = paths[0] if paths else Path()
+    release = first.is_dir() and any((first / name).is_file() for name in ("checkpoint.pth", "variant.yml"))
+    if paths and (release or first.suffix in CHECKPOINT_SUFFIXES or str(first).startswith((BUILTIN, ZOO))):
         return paths[0], list(paths[1:])
     return None, list(paths)
-
-
-def require_dataset_classes(model: Segmentor, source: dict | None) -> None:
-    """Refuse to score ``model`` against the labels of ``source``'s dataset (``image_source_options``)
-    when it predicts another number of classes: the scores would mean nothing."""
-    if source and source.get("dataset"):
-        from depict_analysis.models.data import build_dataset
-        from depict_analysis.models.evaluate import check_classes
-
-        check_classes(model, build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val")))
-
-
-def open_models(
-    checkpoints: list[Path] | None, device: str = "auto", trust: bool = False, builtins: Sequence[str] = DEFAULT_MODELS,
-    scored_on: dict | None = None,
-):
-    """(label, source, model, metadata) of each checkpoint, lazily (one model in memory at a time);
-    the built-in models ``builtins`` when ``checkpoints`` is empty. ``source`` is what results record
-    as the checkpoint (``checkpoint_name``). ``scored_on``: the image source (``image_source_options``)
-    whose labels the models are scored against; when it names a dataset every model must predict its
-    classes (``require_dataset_classes``)."""
-    paths = checkpoints or [Path(f"{BUILTIN}{name}") for name in builtins]
-    for label, path in zip(checkpoint_labels(paths), paths):
-        model, meta = open_model(path, device, trust)
-        require_dataset_classes(model, scored_on)
-        yield label, checkpoint_name(path, meta), model, meta
-
-
-def checkpoint_name(path: Path | None, meta: dict) -> str:
-    """What results record as the checkpoint: its path, or ``builtin:<name>`` for a built-in model."""
-    return f"{BUILTIN}{meta['builtin']}" if "builtin" in meta else str(path)
-
-
-def _short_name(path: Path) -> str:
-    if str(path).startswith(BUILTIN):
-        return LABELS.get(str(path)[len(BUILTIN):], str(path))
-    if str(path).startswith(ZOO):
-        return str(path)[len(ZOO):].split("/")[-1]  # a Drive release: its folder name
-    if path.name == "checkpoint.pth":
-        return path.parent.name
-    return path.name if path.is_dir() else path.stem
-
-
-def checkpoint_labels(paths: list[Path]) -> list[str]:
-    """Short unique names: a built-in model's label, a zoo model's name, a release folder's name, a
-    file's stem (``checkpoint.pth``: its folder); repeats get ``#i``."""
-    stems = [_short_name(p) for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(stems)]
 
 
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -220,15 +146,20 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     console.print(table)
 
 
-def image_source_options(
-    images: list[Path] | None, dataset: str | None, data_root: Path | None, split: str, num_images: int | None
-) -> dict:
-    """The keyword arguments of ``depict_analysis.inputs.image_batches`` from the shared CLI options."""
+def image_source(
+    images: list[Path] | None, dataset: str | None, data_root: Path | None, split: str, num_images: int | None,
+    labels: list[Path] | None = None, **view,
+) -> ImageSource:
+    """The ``ImageSource`` of the shared options (``view``: its ``size``, ``batch_size``, ``view``); the
+    synthetic validation split, which the built-in models were trained on, when neither images nor a dataset is given."""
+    from depict_analysis.inputs import ImageSource
+
     if images and dataset:
         fail("give --images or --dataset, not both")
-    if not images and not dataset:
-        dataset = "synthetic"  # the built-in default models were trained on it
-    return {"images": images or None, "dataset": dataset, "data_root": data_root, "split": split, "num_images": num_images}
+    if labels and not images:
+        fail("--labels goes with --images (a dataset brings its own labels)")
+    return ImageSource(images=images or (), labels=labels or (), dataset=None if images else dataset or "synthetic",
+                       data_root=data_root, split=split, num_images=num_images, **view)
 
 
 ImagesOption = typer.Option(None, "--images", help="Image files or folders (repeatable).")

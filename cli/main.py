@@ -19,8 +19,7 @@ from rich.table import Table
 
 import depict_analysis.models
 from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption,
-                                        checkpoint_name, console, fail, new_app, open_model, print_table, split_checkpoint,
-                                        user_errors)
+                                        console, fail, new_app, print_table, split_checkpoint, user_errors)
 from depict_analysis.cli.zoo import app as zoo_app
 from depict_analysis.foundation.files import check_out_dir, check_out_file
 
@@ -45,9 +44,10 @@ def info(
 ):
     """Variant, classes, parameters (encoder / decoder) and decoder GFLOPs of a model."""
     from depict_analysis.models import create_model
+    from depict_analysis.models.sources import open_checkpoint
     from depict_analysis.models.summary import model_summary
 
-    model = create_model(variant, n_cls) if variant else open_model(checkpoint, device, trust)[0]
+    model = create_model(variant, n_cls) if variant else open_checkpoint(checkpoint, device, trust).model
     image_size = image_size or max(model.config.backbone.image_size)
     summary = model_summary(model, (image_size, image_size))
     if as_json:
@@ -168,18 +168,6 @@ def curves(
     console.print("wrote " + ", ".join(map(str, result.save(out))))
 
 
-def _trained_dataset(meta: dict) -> tuple[str | None, str | None, dict]:
-    """(name, root, extra arguments) of the dataset a checkpoint was trained on, as far as it says."""
-    from depict_analysis.models.evaluate import trained_dataset
-
-    trained = meta.get("train_config")
-    if trained:
-        # a procedural dataset's ``length`` counted training scenes; evaluation keeps the split's own
-        kwargs = {k: v for k, v in trained["dataset_kwargs"].items() if k != "length"}
-        return trained["dataset"], trained["data_root"], kwargs
-    return trained_dataset(meta), None, {}
-
-
 @app.command("eval")
 @user_errors
 def evaluate_command(
@@ -191,7 +179,7 @@ def evaluate_command(
     window: Optional[int] = WindowOption,
     stride: Optional[int] = typer.Option(
         None, "--stride", min=1, help="Sliding-window stride, at most the window.",
-        show_default="the run's eval_stride, else window - 32, at least window / 2",
+        show_default="window - 32 (also for runs trained from a preset), at least window / 2",
     ),
     short_side: Optional[int] = ShortSideOption,
     num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Evaluate the first N images only.", show_default="all"),
@@ -202,27 +190,34 @@ def evaluate_command(
     trust: bool = TrustOption,
 ):
     """mIoU of a checkpoint on a dataset split, with the official protocol (Segmenter's segm/eval/miou.py):
-    mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU."""
+    mmseg's test resize, sliding windows, optional multi-scale with flips, dataset-level IoU.
+    Under torchrun each process scores its share of the images; rank 0 prints and writes."""
+    from depict_analysis.foundation.device import resolve_device
+    from depict_analysis.foundation.distributed import is_writer, process_group
+    from depict_analysis.foundation.files import atomic_write_text
     from depict_analysis.models.data import build_dataset
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
-    from depict_analysis.foundation.files import atomic_write_text
+    from depict_analysis.models.sources import open_checkpoint
 
     if out is not None:
         check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
-    model, meta = open_model(checkpoint, device, trust)
-    trained_name, trained_root, trained_kwargs = _trained_dataset(meta)
-    name = dataset or trained_name
-    if name is None:
-        fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
-    same = name == trained_name
-    data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
-    check_classes(model, data)
-    protocol = eval_protocol(model, data, meta.get("train_config"), window=window, stride=stride, short_side=short_side)
-    scales = MULTISCALE_RATIOS if multiscale else (1.0,)
-    scores = evaluate(
-        model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True,
-        amp=amp,
-    )
+    with process_group(resolve_device(device)) as run_device:  # one process, or this one's share under torchrun
+        model, info = open_checkpoint(checkpoint, run_device, trust)
+        trained_name, trained_root, trained_kwargs = info.evaluation_dataset()
+        name = dataset or trained_name
+        if name is None:
+            fail("pass --dataset: the checkpoint does not say which dataset it was trained on")
+        same = name == trained_name
+        data = build_dataset(name, data_root or (trained_root if same else None), split, **(trained_kwargs if same else {}))
+        check_classes(model, data)
+        protocol = eval_protocol(model, data, info.train_config, window=window, stride=stride, short_side=short_side)
+        scales = MULTISCALE_RATIOS if multiscale else (1.0,)
+        scores = evaluate(
+            model, data, **protocol, scales=scales, flip=multiscale, batch_size=batch_size, num_images=num_images, progress=True,
+            amp=amp,
+        )
+        if not is_writer():
+            return
     table = Table(title=f"{data.name} {split}: {scores['n_images']} images")
     for column in ("class", "IoU", "accuracy"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -234,7 +229,7 @@ def evaluate_command(
     table.add_row("pixel accuracy", "", percent(scores["pixel_acc"]))
     console.print(table)
     if out is not None:
-        record = {"checkpoint": checkpoint_name(checkpoint, meta), "dataset": data.name, "split": split,
+        record = {"checkpoint": info.source, "dataset": data.name, "split": split,
                   "classes": data.class_names, **scores}
         atomic_write_text(out, json.dumps(jsonable(record), indent=2) + "\n")
 
@@ -264,10 +259,11 @@ def predict(
 ):
     """Segment images: a label map and a colour overlay with a legend for each, resized as depict eval resizes
     (Segmenter's segm/inference.py on mmseg's test views)."""
+    from depict_analysis.foundation.files import refuse_overwrite
     from depict_analysis.inputs import image_files
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, predict_protocol
-    from depict_analysis.models.predict import classes_for, output_paths, predict_files
-    from depict_analysis.foundation.files import refuse_overwrite
+    from depict_analysis.models.predict import output_paths, predict_files
+    from depict_analysis.models.sources import open_checkpoint
 
     checkpoint, sources = split_checkpoint(paths)
     if not sources:
@@ -275,10 +271,10 @@ def predict(
     check_out_dir(out)
     images = image_files(sources)
     refuse_overwrite([p for pair in output_paths(images, out) for p in pair], images, overwrite)  # before loading anything
-    model, meta = open_model(checkpoint, device, trust)
-    protocol = predict_protocol(model, meta, window=window, stride=stride, short_side=short_side)
+    model, info = open_checkpoint(checkpoint, device, trust)
+    protocol = predict_protocol(model, info.meta, window=window, stride=stride, short_side=short_side)
     records = predict_files(
-        model, images, out, classes=classes_for(meta, model.n_cls), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
+        model, images, out, classes=info.classes(), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
         flip=multiscale, alpha=alpha, batch_size=batch_size, overwrite=overwrite, progress=True, amp=amp,
     )
     console.print(f"wrote {2 * len(records)} files to {out}")

@@ -4,28 +4,14 @@ statistics at initialisation (SPEC §3.3)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from depict_analysis.cli.common import (
-    BUILTIN,
-    DataRootOption,
-    DatasetOption,
-    DeviceOption,
-    ImagesOption,
-    SplitOption,
-    TrustOption,
-    check_out_dir,
-    console,
-    fail,
-    image_source_options,
-    user_errors,
-)
-from depict_analysis.cli.runs import LabelOption, SaveTraceOption, TraceOption, checkpoints_argument, compare_runs, runs
-from depict_analysis.models.pretrained import DEFAULT_MODELS
+from depict_analysis.cli.common import console
+from depict_analysis.cli.runs import RunOptions, checkpoints_argument, trace_command
+from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
     from depict_analysis.orthogonality_analysis import Orthogonality
@@ -61,45 +47,20 @@ def summary_table(labels: list[str], results: list[Orthogonality]) -> Table:
     return table
 
 
-@user_errors
+@trace_command("figures/orthogonality", (16, "Images to measure the final Q̂ on."),
+               checkpoints=checkpoints_argument("the built-in DEPICT-SA, DEPICT-CA and Segmenter"),
+               without=("labels", "batch_size", "size"))
 def orthogonality(
-    checkpoints: Optional[list[str]] = checkpoints_argument("the built-in DEPICT-SA, DEPICT-CA and Segmenter"),
-    label: Optional[list[str]] = LabelOption,
-    trace_files: Optional[list[str]] = TraceOption,
-    save_trace: Optional[Path] = SaveTraceOption,
-    images: Optional[list[Path]] = ImagesOption,
-    dataset: Optional[str] = DatasetOption,
-    data_root: Optional[Path] = DataRootOption,
-    split: str = SplitOption,
-    num_images: int = typer.Option(16, "--num-images", min=1, help="Images to measure the final Q̂ on."),
+    run: RunOptions,
     baseline_seeds: int = typer.Option(
         3, "--baseline-seeds", min=0, help="Fresh decoders (seeds 0..N-1) for the at-initialisation baseline; 0: none."
     ),
-    out: Path = typer.Option(Path("figures/orthogonality"), "--out", help="Output folder."),
-    device: str = DeviceOption,
-    trust: bool = TrustOption,
 ):
     """Cosines between the basis vectors of every layer's subspaces and between the class embeddings, trained
     and at initialisation; the Gram matrices PᵀP and Q̂ᵀQ̂."""
-    from depict_analysis.inputs import image_batches
     from depict_analysis.orthogonality_analysis import analyze_orthogonality
 
-    check_out_dir(out)
-    if trace_files and (images or dataset):
-        fail("--trace files hold their images: give --trace or --images / --dataset, not both")
-    source = image_source_options(images, dataset, data_root, split, num_images)
-
-    def batches_for(model):
-        return image_batches(max(model.config.backbone.image_size), **source)
-
-    default = [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
-    count, models = runs(checkpoints, label, trace_files, batches_for, default=default, device=device, trust=trust,
-                         description="orthogonality")
-    inputs = None if trace_files else {"input": {key: value for key, value in source.items() if value}}
-    comparison, written, saved = compare_runs(
-        count, models,
-        lambda traces, run: analyze_orthogonality(traces, baseline_seeds=range(baseline_seeds), class_names=run.class_names),
-        save_trace=save_trace, inputs=inputs, out=out,
-    )
+    comparison = run.compare(analyze_orthogonality, models=[f"{BUILTIN}{name}" for name in DEFAULT_MODELS],
+                             description="orthogonality", baseline_seeds=range(baseline_seeds))
     console.print(summary_table(comparison.labels, comparison.results))
-    console.print("wrote " + ", ".join(map(str, written + saved)))
+    console.print("wrote " + ", ".join(map(str, comparison.files + comparison.trace_files)))

@@ -27,12 +27,11 @@ from depict_analysis.cli.common import (
     check_out_dir,
     console,
     fail,
-    image_source_options,
-    open_models,
+    image_source,
     user_errors,
     warn,
 )
-from depict_analysis.cli.options import LevelOption, ResamplesOption
+from depict_analysis.cli.options import LabelsOption, LevelOption, ResamplesOption
 from depict_analysis.perturbations import NOISES, TARGETS, parse_sigmas, resolve_perturbation
 
 if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` stays fast
@@ -96,9 +95,7 @@ def robustness(
     level: float = LevelOption,
     resamples: int = ResamplesOption,
     images: Optional[list[Path]] = ImagesOption,
-    labels: Optional[list[Path]] = typer.Option(
-        None, "--labels", help="Label maps (class ids, 255 = ignore) or folders, matched to --images by file stem."
-    ),
+    labels: Optional[list[Path]] = LabelsOption,
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
@@ -119,27 +116,16 @@ def robustness(
     global-rotation and head-orthonormalize (decoders with subspace projections: DEPICT, CBT, ToST)
     compare clean with transformed.
     """
-    from depict_analysis.inputs import image_batches, image_progress
-    from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
     from depict_analysis.robustness import NAME, run_robustness
     from depict_analysis.uncertainty import Bootstrap
 
     check_out_dir(out)
-    if labels and not images:
-        fail("--labels goes with --images (a dataset brings its own labels)")
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
     grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
-    source = image_source_options(images, dataset, data_root, split, num_images) | ({"labels": labels} if labels else {})
-    builtins = DEFAULT_MODELS
-    if perturbation.kind == "structured":  # without checkpoints: the built-in models whose decoders own subspaces
-        builtins = [name for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
-    models = ((label, name, model) for label, name, model, _ in open_models(checkpoints, device, trust, builtins, scored_on=source))
-    settings = {"input": {key: value for key, value in source.items() if value}, "batch_size": batch_size}
-    with sigterm_as_interrupt(), image_progress(None, NAME) as advance:
-        result = run_robustness(
-            models, lambda side: image_batches(side, **source, batch_size=batch_size), perturbation, grid, out,
-            draws=draws, seed=seed, size=size, settings=settings, bootstrap=Bootstrap(resamples, level, seed), advance=advance,
-        )
+    source = image_source(images, dataset, data_root, split, num_images, labels, size=size, batch_size=batch_size)
+    with sigterm_as_interrupt():
+        result = run_robustness(checkpoints, source, perturbation, grid, out, draws=draws, seed=seed,
+                                bootstrap=Bootstrap(resamples, level, seed), device=device, trust=trust)
     if not result.complete:
         fail(f"interrupted: partial results on {result.num_images} images in {out}/", INTERRUPTED)
     console.print(summary_table(result))

@@ -1,5 +1,5 @@
-"""What the trace-based commands share (``coding-rate``, ``pca-seg``, ``orthogonality``): the models of a
-run, each named, and its traces, from checkpoints or from saved traces.
+"""What the trace-based commands share (``coding-rate``, ``class-rates``, ``attention``, ``orthogonality``,
+``pca-seg``): their options, declared once, and the one library call they make (``depict_analysis.compare``).
 
 - Checkpoints are given positionally, optionally named: ``NAME=SOURCE`` (``baseline=runs/a/checkpoint.pt``),
   or ``--label NAME=SOURCE`` to name one given positionally (a source not given positionally is added).
@@ -11,34 +11,39 @@ run, each named, and its traces, from checkpoints or from saved traces.
   such file is checked before the first model is loaded: not a folder nor a special file, in a
   writable folder, and never one of the run's inputs (a checkpoint, an image, a label map, a trace).
 
-One model is in memory at a time; its forward passes run as the analysis reads the traces.
+``trace_command`` gives a command these options: the command receives them as one ``RunOptions``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, get_type_hints
 
 import typer
 
-from depict_analysis.foundation.errors import ConfigError
+from depict_analysis.cli.common import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    ImagesOption,
+    SplitOption,
+    TrustOption,
+    check_out_dir,
+    fail,
+    image_source,
+    user_errors,
+)
+from depict_analysis.cli.options import LabelsOption
 
 if TYPE_CHECKING:  # the model stack is imported where a run starts: `--help` stays fast
-    from torch import nn
+    from depict_analysis.inputs import ImageSource
+    from depict_analysis.results import Comparison
 
-    from depict_analysis.inputs import Batch
-    from depict_analysis.models.sources import CheckpointInfo
-    from depict_analysis.results import Comparison, Result
-    from depict_analysis.tracing import Trace
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
-
-LabelOption = typer.Option(None, "--label", help="NAME=SOURCE: name a checkpoint in figures and tables (repeatable).")
-TraceOption = typer.Option(
-    None, "--trace", help="A trace written by --save-trace, analysed instead of checkpoint + images (repeatable; NAME=FILE)."
-)
+TRACES_HOLD_IMAGES = "--trace files hold their images: give --trace or --images / --dataset, not both"
 
 
 def checkpoints_argument(default: str = "the built-in DEPICT-SA"):
@@ -47,198 +52,107 @@ def checkpoints_argument(default: str = "the built-in DEPICT-SA"):
                           f"zoo:NAME; default: {default}.")
 
 
-SaveTraceOption = typer.Option(
-    None, "--save-trace", help="Write each model's traces to FILE (several models: FILE_<label>), for --trace later."
-)
-
-
 @dataclass
-class Run:
-    """One model of a run: its name, where it comes from, what it says about itself (None for a saved
-    trace) and its traces (produced lazily)."""
+class RunOptions:
+    """The options every trace-based command shares, as given."""
 
-    label: str
-    source: str
-    info: CheckpointInfo | None
-    traces: Iterable[Trace]
+    out: Path
+    num_images: int
+    checkpoints: list[str] | None = None
+    label: list[str] | None = None
+    trace_files: list[str] | None = None
+    save_trace: Path | None = None
+    images: list[Path] | None = None
+    labels: list[Path] | None = None
+    dataset: str | None = None
+    data_root: Path | None = None
+    split: str = "val"
+    batch_size: int = 8
+    size: int | None = None
+    device: str = "auto"
+    trust: bool = False
 
-    @property
-    def class_names(self) -> list[str] | None:
-        """The training dataset's class names (``CheckpointInfo``); None for a saved trace."""
-        return self.info.class_names if self.info is not None else None
+    def models(self) -> list[tuple[str, str]]:
+        """(label, source) of the positional checkpoints, named by ``--label``."""
+        from depict_analysis.models.sources import labelled_sources
 
-    @property
-    def palette(self):
-        """The training dataset's class colours (K, 3) uint8; None for a saved trace."""
-        return self.info.palette if self.info is not None else None
+        return labelled_sources(self.checkpoints or [], self.label)
 
+    def source(self) -> ImageSource | None:
+        """The image source of ``--images`` / ``--labels`` / ``--dataset``; None with ``--trace``."""
+        if self.labels and not self.images:
+            fail("--labels goes with --images (a dataset brings its own labels)")
+        if self.trace_files and (self.images or self.dataset):
+            fail(TRACES_HOLD_IMAGES)
+        if self.trace_files:
+            return None
+        return image_source(self.images, self.dataset, self.data_root, self.split, self.num_images, self.labels,
+                            size=self.size, batch_size=self.batch_size)
 
-def is_checkpoint(argument: str) -> bool:
-    """Whether a positional argument names a model rather than an image: ``NAME=SOURCE``, ``builtin:`` /
-    ``zoo:`` names, ``.pt`` / ``.pth`` files and official release folders (with ``variant.yml``)."""
-    from depict_analysis.models.sources import BUILTIN, ZOO, parse_labelled
+    def compare(self, analysis: Callable, *, models: Sequence[str] = (), source: ImageSource | None = None,
+                **settings) -> Comparison:
+        """``depict_analysis.compare`` of these options: the checkpoints (``models`` when none is given, else the
+        built-in DEPICT-SA) or the ``--trace`` files, on ``source`` (default ``self.source()``)."""
+        from depict_analysis.runs import compare
 
-    label, source = parse_labelled(argument)
-    path = Path(source)
-    return (label is not None or source.startswith((BUILTIN, ZOO)) or path.suffix in CHECKPOINT_SUFFIXES
-            or (path / "variant.yml").is_file())
-
-
-def labelled_sources(arguments: Sequence[str], labels: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    """(label, source) of each positional ``[NAME=]SOURCE``, with ``--label NAME=SOURCE`` naming one of them
-    (or adding it); repeated labels get ``#i``."""
-    from depict_analysis.models.sources import parse_labelled, source_label
-
-    pairs = [list(parse_labelled(str(a))) for a in arguments]
-    for text in labels or []:
-        name, source = parse_labelled(text)
-        if name is None:
-            raise ConfigError(f"--label takes NAME=SOURCE, got {text!r}")
-        match = next((pair for pair in pairs if pair[1] == source), None)
-        if match is None:
-            pairs.append([name, source])
-        else:
-            match[0] = name
-    names = [name or source_label(source) for name, source in pairs]
-    unique = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-    return list(zip(unique, [source for _, source in pairs]))
+        if self.trace_files and (self.checkpoints or self.label):
+            fail("give checkpoints or --trace files, not both")
+        images = source or self.source()
+        return compare(None if self.trace_files else self.models() or list(models), images, analysis, traces=self.trace_files, out=self.out,
+                       save_trace=self.save_trace, device=self.device, trust=self.trust, **settings)
 
 
-def model_runs(
-    sources: Sequence[tuple[str, str]],
-    batches_for: Callable[[nn.Module], tuple[int, Iterator[Batch]]],
+def _option(name: str, kind, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+
+
+def trace_command(
+    out: str,
+    num_images: tuple[int, str],
     *,
-    device: str = "auto",
-    trust: bool = False,
-    description: str = "tracing",
-    attention: bool = False,
-) -> Iterator[Run]:
-    """A ``Run`` per (label, source), its model loaded when reached; its traces are ``trace_batches`` over
-    ``batches_for(model)`` (number of images, batches), with a progress bar (and the attention maps with
-    ``attention``)."""
-    from depict_analysis.foundation.device import resolve_device
-    from depict_analysis.models.sources import open_checkpoint
-    from depict_analysis.tracing import trace_batches
+    checkpoints=None,
+    size_help: str = "Side of the square crops, in pixels.",
+    without: Sequence[str] = (),
+) -> Callable[[Callable], Callable]:
+    """Give a command the shared options (``RunOptions``): ``out`` is the default ``--out``, ``num_images``
+    (default, help) its ``--num-images``, ``checkpoints`` its positional argument (default
+    ``checkpoints_argument()``); options named in ``without`` are left out. The command is called with
+    ``run: RunOptions`` and its own options, after ``--out`` is checked; it reports errors as one line."""
+    shared = [
+        _option("checkpoints", Optional[list[str]], checkpoints or checkpoints_argument()),
+        _option("label", Optional[list[str]], typer.Option(None, "--label", help="NAME=SOURCE: name a checkpoint in figures and tables (repeatable).")),
+        _option("trace_files", Optional[list[str]], typer.Option(
+            None, "--trace", help="A trace written by --save-trace, analysed instead of checkpoint + images (repeatable; NAME=FILE).")),
+        _option("save_trace", Optional[Path], typer.Option(
+            None, "--save-trace", help="Write each model's traces to FILE (several models: FILE_<label>), for --trace later.")),
+        _option("images", Optional[list[Path]], ImagesOption),
+        _option("labels", Optional[list[Path]], LabelsOption),
+        _option("dataset", Optional[str], DatasetOption),
+        _option("data_root", Optional[Path], DataRootOption),
+        _option("split", str, SplitOption),
+        _option("num_images", int, typer.Option(num_images[0], "--num-images", min=1, help=num_images[1])),
+        _option("batch_size", int, typer.Option(8, "--batch-size", min=1, help="Images per forward pass.")),
+        _option("size", Optional[int], typer.Option(None, "--size", min=1, help=size_help, show_default="each model's training size")),
+        _option("out", Path, typer.Option(Path(out), "--out", help="Output folder.")),
+        _option("device", str, DeviceOption),
+        _option("trust", bool, TrustOption),
+    ]
+    shared = [p for p in shared if p.name not in without]
+    names = [p.name for p in shared]
 
-    torch_device = resolve_device(device)
-    for label, source in sources:
-        model, info = open_checkpoint(source, torch_device, trust, label)
-        total, batches = batches_for(model)
-        traces = trace_batches(model, batches, attention=attention, total=total, description=f"{description}: {label}")
-        yield Run(label, info.source, info, traces)
+    def decorate(command: Callable) -> Callable:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values()
+               if p.name != "run"]
+        hints = {name: kind for name, kind in get_type_hints(command).items() if name not in ("run", "return")}
 
+        @functools.wraps(command)
+        def wrapper(**given):
+            check_out_dir(given["out"])
+            return command(RunOptions(**{name: given.pop(name) for name in names}), **given)
 
-def trace_runs(sources: Sequence[tuple[str, str]], device: str = "auto") -> Iterator[Run]:
-    """A ``Run`` per saved trace (label, file), moved to ``device``."""
-    from depict_analysis.foundation.device import resolve_device
-    from depict_analysis.tracing import Trace
+        del wrapper.__wrapped__  # typer reads the signature below, not the command's
+        wrapper.__signature__ = inspect.Signature(shared[:-3] + own + shared[-3:])
+        wrapper.__annotations__ = {p.name: p.annotation for p in shared} | hints
+        return user_errors(wrapper)
 
-    torch_device = resolve_device(device)
-    for label, source in sources:
-        yield Run(label, source, None, [Trace.load(source).to(torch_device)])
-
-
-@dataclass
-class Runs:
-    """The models of a run: (label, source) of each, known at once, and their ``Run``s, produced
-    (each model loaded) only as they are iterated."""
-
-    sources: list[tuple[str, str]]
-    produce: Iterator[Run]
-
-    def __iter__(self) -> Iterator[Run]:
-        return self.produce
-
-
-def runs(
-    checkpoints: Sequence[str] | None,
-    labels: Sequence[str] | None,
-    traces: Sequence[str] | None,
-    batches_for: Callable[[nn.Module], tuple[int, Iterator[Batch]]],
-    *,
-    default: Sequence[str],
-    **options,
-) -> tuple[int, Runs]:
-    """(number of models, their ``Runs``): of the ``--trace`` files, else of the checkpoints (``default``
-    when none is given; see ``model_runs`` for ``options``)."""
-    if traces and (checkpoints or labels):
-        raise ConfigError("give checkpoints or --trace files, not both")
-    if traces:
-        sources = labelled_sources(traces)
-        return len(sources), Runs(sources, trace_runs(sources, options.get("device", "auto")))
-    sources = labelled_sources(list(checkpoints or []) or list(default), labels)
-    return len(sources), Runs(sources, model_runs(sources, batches_for, **options))
-
-
-def _input_files(sources: Sequence[tuple[str, str]], inputs: dict | None) -> list[Path]:
-    """Every file a run reads: its checkpoints or trace files (a release folder's files), and its image
-    and label files (those inside folders named)."""
-    named = [Path(source) for _, source in sources]
-    for value in (inputs or {}).get("input", {}).values():
-        if isinstance(value, (list, tuple)):
-            named += [Path(v) for v in value if isinstance(v, (str, Path))]
-    files = []
-    for path in named:
-        files += [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
-    return files
-
-
-def trace_targets(path: Path, models: Runs, inputs: dict | None) -> dict[str, Path]:
-    """``--save-trace`` file of each model (by label), each checked as an output before any work."""
-    from depict_analysis.foundation.files import check_out_file, safe_name
-
-    labels = [label for label, _ in models.sources]
-    targets = ({label: path.with_name(f"{path.stem}_{safe_name(label)}{path.suffix}") for label in labels} if len(labels) > 1
-               else {label: path for label in labels})
-    read = _input_files(models.sources, inputs)
-    for target in targets.values():
-        check_out_file(target, "--save-trace", inputs=read)
-    return targets
-
-
-def saving(run: Run, target: Path | None) -> tuple[Iterable[Trace], Callable[[], Path | None]]:
-    """The run's traces, and a function that writes them (joined) to ``target`` once they have been
-    read; without ``target`` the traces are not kept."""
-    from depict_analysis.tracing import Trace
-
-    if target is None:
-        return run.traces, lambda: None
-    kept: list[Trace] = []
-
-    def record() -> Iterator[Trace]:
-        for tr in run.traces:
-            kept.append(tr.to("cpu"))
-            yield tr
-
-    def save() -> Path:
-        Trace.cat(kept).save(target)
-        return target
-
-    return record(), save
-
-
-def compare_runs(
-    count: int,
-    models: Runs,
-    analyze: Callable[[Iterable[Trace], Run], Result],
-    *,
-    save_trace: Path | None,
-    inputs: dict | None,
-    out: Path,
-) -> tuple[Comparison, list[Path], list[Path]]:
-    """``analyze(traces, run)`` of every run, their ``Comparison`` saved under ``out``, and each run's traces
-    written with ``--save-trace``: (comparison, its files, the trace files). ``inputs`` records where the
-    images came from (None: the ``--trace`` files)."""
-    from depict_analysis.results import Comparison
-
-    targets = trace_targets(save_trace, models, inputs) if save_trace is not None else {}
-    labels, sources, results, saved = [], [], [], []
-    for run in models:
-        traces, save = saving(run, targets.get(run.label))
-        results.append(analyze(traces, run))
-        labels.append(run.label)
-        sources.append(run.source)
-        if (path := save()) is not None:
-            saved.append(path)
-    comparison = Comparison(labels, sources, results, inputs if inputs is not None else {"traces": sources})
-    return comparison, comparison.save(out), saved
+    return decorate

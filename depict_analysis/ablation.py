@@ -51,9 +51,12 @@ from depict_analysis.interventions import (
     edited,
     subspace_basis,
 )
+from depict_analysis.inputs import image_progress
 from depict_analysis.models.evaluate import decode_labels, encode_image
+from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
 from depict_analysis.results import Result
 from depict_analysis.robustness import EvaluationImages, per_image_counts
+from depict_analysis.runs import ModelSource, loaded_models
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import Bootstrap, Interval, image_resamples, percentile_interval, quiet_nan_mean, warn_sample_size
 
@@ -404,7 +407,7 @@ def _listed(values: np.ndarray) -> list[float | None]:
 
 
 def run_ablation(
-    models: Iterable[tuple[str, str, nn.Module, dict]],
+    models: Sequence[ModelSource] | None,
     images: EvaluationImages,
     *,
     unit: str = "head",
@@ -412,29 +415,34 @@ def run_ablation(
     mean_images: EvaluationImages | None = None,
     bootstrap: Bootstrap | None = None,
     settings: dict | None = None,
-    advance: Callable[[int], None] | None = None,
+    device: str | torch.device = "auto",
+    trust: bool = False,
+    progress: bool = True,
 ) -> Ablation:
-    """Ablate every ``unit`` of each ``(label, source, model, metadata)`` in turn, scoring ``images`` with
-    the evaluation protocol (the run's ``train_config`` from the metadata, as ``depict eval`` reads it).
+    """Ablate every ``unit`` of each model in turn (sources or ``LoadedModel``s as ``compare`` takes them,
+    one in memory at a time; default the built-in models), scoring ``images`` with the evaluation
+    protocol (the run's ``train_config``, as ``depict eval`` reads it).
 
     ``mode="mean"`` takes the means over ``mean_images`` (default: ``images``) first; the result's
-    settings name them. ``advance(n)`` after every n images scored.
+    settings name them. ``progress`` shows a bar over the images scored on stderr.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    models = list(models or [f"{BUILTIN}{name}" for name in DEFAULT_MODELS])
     mean_images = mean_images or images
     class_names = list(images.dataset.class_names)
     described = {"unit": unit, "mode": mode, "images": {"dataset": images.dataset.name, "split": images.dataset.split,
                                                         "num_images": len(images)}}
     scored: list[ModelAblation] = []
-    for label, source, model, meta in models:
-        train_config = (meta or {}).get("train_config")
-        means = None
-        if mode == "mean":
-            means = record_ablation_means(model, mean_images, mean_sites(model, unit), train_config)
-            described["mean_images"] = means.images
-        units = ablation_units(model, unit, class_names, means)
-        counts = ablation_counts(model, images, units, train_config, advance)
-        scored.append(ModelAblation(label, source, describe_model(model), images.describe(model, train_config),
-                                    [u.name for u in units], counts))
+    with image_progress(len(models) * len(images), NAME, progress) as advance:
+        for loaded in loaded_models(models, device, trust):
+            model, train_config = loaded.model, loaded.info.train_config
+            means = None
+            if mode == "mean":
+                means = record_ablation_means(model, mean_images, mean_sites(model, unit), train_config)
+                described["mean_images"] = means.images
+            units = ablation_units(model, unit, class_names, means)
+            counts = ablation_counts(model, images, units, train_config, advance)
+            scored.append(ModelAblation(loaded.label, loaded.source, describe_model(model),
+                                        images.describe(model, train_config), [u.name for u in units], counts))
     return Ablation(described | (settings or {}), class_names, scored, bootstrap or Bootstrap())

@@ -336,7 +336,7 @@ def analyze_attention(
     *,
     layers: Sequence[str] | None = None,
     heads: Sequence[int] | None = None,
-    classes: Sequence[int] | None = None,
+    classes: Sequence[int | str] | None = None,
     pixel: tuple[int, int] | None = None,
     examples: int = 2,
     class_names: Sequence[str] | None = None,
@@ -345,8 +345,8 @@ def analyze_attention(
     """Attention maps and own-class shares of one model's traces, recorded with ``attention=True``
     (``trace_batches(model, batches, attention=True)``, ``Trace.load``).
 
-    ``layers`` (default: every layer with a map), ``heads`` (default: all), ``classes`` (ids to draw;
-    default per image its largest classes), ``pixel`` (y, x) to query (default: none for joint maps,
+    ``layers`` (default: every layer with a map), ``heads`` (default: all), ``classes`` (ids or names of
+    ``class_names``, any case, to draw; default per image its largest classes), ``pixel`` (y, x) to query (default: none for joint maps,
     the centre for the others), ``examples``: images drawn (traces with pixels only).
     """
     bootstrap = bootstrap or Bootstrap()
@@ -364,8 +364,8 @@ def analyze_attention(
         missing = [name for name in names if name not in tr.attention]
         if missing:
             raise ConfigError(f"no attention map for layer {missing[0]}; layers with maps: {', '.join(tr.attention)}")
-        if classes is not None and not all(0 <= c < K for c in classes):
-            raise ConfigError(f"class ids run from 0 to {K - 1}")
+        if first is tr and classes is not None:
+            classes = class_ids(classes, list(class_names) if class_names is not None else [f"class {c}" for c in range(K)])
         point = pixel_patch(pixel, tr.grid, patch) if pixel is not None else None
         patch_class = patch_classes((tr.labels if tr.labels is not None else tr.prediction).to(tr.masks.device), patch, K)
         reads = {name: read_attention(tr.attention[name], tr.grid, K, point) for name in names}
@@ -389,6 +389,21 @@ def analyze_attention(
     return AttentionMaps(first.model, settings, paths, names, list(readings), readings, used,
                            {name: np.concatenate(values) for name, values in own.items()}, np.concatenate(chance),
                            drawn, bootstrap)
+
+
+def class_ids(classes: Sequence[int | str], names: Sequence[str]) -> list[int] | None:
+    """Class ids of ``classes``, each an id or a name of ``names`` (any case); None when empty."""
+    lookup = {name.lower(): c for c, name in enumerate(names)}
+    ids = []
+    for part in classes:
+        text = str(part).strip()
+        if text.isdigit() and int(text) < len(names):
+            ids.append(int(text))
+        elif text.lower() in lookup:
+            ids.append(lookup[text.lower()])
+        else:
+            raise ConfigError(f"classes: no class {text!r}; classes: {', '.join(names[:12])}{' …' if len(names) > 12 else ''}")
+    return ids or None
 
 
 def _heads(layer: str, available: int, chosen: Sequence[int] | None) -> list[int]:

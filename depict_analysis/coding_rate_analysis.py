@@ -189,7 +189,7 @@ def analyze_coding_rates(
     _check_settings(eps, normalize, view)
     values: dict[str, list[np.ndarray]] = defaultdict(list)
     paths: list[str] = []
-    first: Trace | None = None
+    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
     for tr in as_traces(traces):
         table, classes = trace_rates(tr, eps, normalize, orthonormalize, view)
         values["token_rate"].append(table.token_rate.cpu().numpy())
@@ -199,23 +199,27 @@ def analyze_coding_rates(
                 values[f"{key}/{name}"].append(getattr(rates, key).cpu().numpy())
         paths += tr.paths or [f"image{len(paths) + b}" for b in range(tr.num_images)]
         if first is None:
-            first, ranks = tr, {name: rates.rank for name, rates in table.subspaces.items()}
+            first = {"model": tr.model, "token_names": tr.token_names, "class_stages": tr.class_stages,
+                     "image_size": list(tr.masks.shape[-2:]), "device": str(tr.masks.device),
+                     "subspaces": [SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], table.subspaces[s.name].rank)
+                                   for s in tr.subspaces]}
+        del tr, table, classes  # release this batch before the next is traced: memory stays one batch
     if first is None:
         raise InputError("no images to analyse")
     stat = lambda key: Stat(np.concatenate(values[key]))  # noqa: E731
-    by_name = lambda key: {s.name: stat(f"{key}/{s.name}") for s in first.subspaces}  # noqa: E731
+    by_name = lambda key: {s.name: stat(f"{key}/{s.name}") for s in first["subspaces"]}  # noqa: E731
     settings = {
         "eps": eps, "normalize": normalize, "orthonormalize": orthonormalize, "view": view, "per_head": per_head,
-        "num_images": len(paths), "image_size": list(first.masks.shape[-2:]), "device": str(first.masks.device),
+        "num_images": len(paths), "image_size": first["image_size"], "device": first["device"],
         "std": "over images, ddof = 0", "unit": "nats",
     }
     return CodingRates(
-        model=first.model,
+        model=first["model"],
         settings=settings,
         images=paths,
-        token_names=first.token_names,
-        subspaces=[SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], ranks[s.name]) for s in first.subspaces],
-        class_stages=[*first.class_stages, FINAL_STAGE],
+        token_names=first["token_names"],
+        subspaces=first["subspaces"],
+        class_stages=[*first["class_stages"], FINAL_STAGE],
         token_rate=stat("token_rate"),
         class_rate=stat("class_rate"),
         subspace_rate=by_name("subspace_rate"),

@@ -1,4 +1,14 @@
-"""Image sources for the analyses: a list of files / folders, or a dataset split, in model-ready batches."""
+"""Image sources for the analyses: a list of files / folders, or a dataset split, in model-ready batches.
+
+``ImageSource`` is what a run reads: files / folders (with optional label maps) or a dataset split, how
+many images, and the view each image is seen in:
+
+- ``crop``: resized (short side) and centre-cropped to a square of the model's training size (or
+  ``size``), so that images batch on one token grid;
+- ``whole``: each image alone at its own aspect, the short side capped at that size (``pca-seg IMAGE``).
+
+``ImageSource.batches(model)`` gives the number of images and their ``Batch``es for one model.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +16,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 import torch.nn.functional as F
 from torch import Tensor
 
-from depict_analysis.foundation.errors import ConfigError
+from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.data import DatasetError, build_dataset, load_image, load_label
 from depict_analysis.models.data.base import image_to_tensor
+from depict_analysis.models.data.transforms import resize_image, resize_label
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -129,6 +142,102 @@ def image_batches(
             yield _collate(chunk, label_classes)
 
     return total, batches()
+
+
+def image_at_scale(path: str | Path, max_short_side: int, gt: str | Path | None = None) -> Batch:
+    """One image (any size and mode) as a Batch of one, with its ground truth when given.
+
+    Images whose short side exceeds ``max_short_side`` are resized (aspect kept) so that it equals it
+    — the short-side resize of the evaluation protocol, and a bound on the token count; smaller
+    images keep their size. The label map must have the image's size (nearest-neighbour resize).
+    """
+    image = np.array(load_image(path))
+    label = load_label(gt) if gt is not None else None
+    if label is not None and label.shape != image.shape[:2]:
+        raise DatasetError(f"ground truth {gt} is {label.shape[1]}x{label.shape[0]} but image {path} "
+                           f"is {image.shape[1]}x{image.shape[0]}")
+    H, W = image.shape[:2]
+    if min(H, W) > max_short_side:
+        scale = max_short_side / min(H, W)
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        image = resize_image(image, size)
+        label = resize_label(label, size) if label is not None else None
+    pixels = image_to_tensor(image)[None]
+    labels = torch.from_numpy(label)[None] if label is not None else None
+    return Batch(pixels, labels, [str(path)])
+
+
+VIEWS = ("crop", "whole")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The images of a run (see the module docstring): ``images`` (files / folders) or a ``dataset`` split.
+
+    ``labels``: label maps (class ids, 255 = ignore) for ``images``: with the ``crop`` view files or
+    folders matched to the images by file stem; with the ``whole`` view one file per image, in order.
+    ``num_images``: the first N images (all by default; the ``whole`` view takes every image given).
+    ``size``: the crop side, or the ``whole`` view's cap on the short side (default: each model's
+    training size). ``batch_size``: images per forward pass (``whole``: one).
+    """
+
+    images: tuple[Path, ...] = ()
+    labels: tuple[Path, ...] = ()
+    dataset: str | None = None
+    data_root: Path | None = None
+    split: str = "val"
+    num_images: int | None = None
+    view: str = "crop"
+    size: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(Path(p) for p in self.images or ()))
+        object.__setattr__(self, "labels", tuple(Path(p) for p in self.labels or ()))
+        if bool(self.images) == (self.dataset is not None):
+            raise ConfigError("give either images (files / folders) or a dataset, not both")
+        if self.labels and not self.images:
+            raise ConfigError("label files go with image files; a dataset brings its own labels")
+        if self.view not in VIEWS:
+            raise ConfigError(f"view must be one of {', '.join(VIEWS)}, got {self.view!r}")
+        if self.view == "whole" and self.labels and len(self.labels) != len(self.images):
+            raise InputError(f"got {len(self.labels)} ground-truth maps for {len(self.images)} images; "
+                             "give one label map per image, in order")
+
+    def side(self, model: torch.nn.Module) -> int:
+        """The crop side (or short-side cap) for ``model``: ``size``, else its training size."""
+        return self.size or max(model.config.backbone.image_size)
+
+    def batches(self, model: torch.nn.Module) -> tuple[int, Iterator[Batch]]:
+        """(number of images, iterator of ``Batch``es) as ``model`` sees them."""
+        side = self.side(model)
+        if self.view == "whole":
+            pairs = list(zip(self.images, self.labels or [None] * len(self.images)))
+            return len(pairs), (image_at_scale(path, side, label) for path, label in pairs)
+        return self.crops(side)
+
+    def crops(self, side: int) -> tuple[int, Iterator[Batch]]:
+        """(number of images, iterator of ``Batch``es) of ``side`` × ``side`` crops (``image_batches``)."""
+        return image_batches(side, images=self.images or None, dataset=self.dataset, data_root=self.data_root,
+                             split=self.split, num_images=self.num_images, batch_size=self.batch_size,
+                             labels=self.labels or None)
+
+    def require_classes(self, model: torch.nn.Module) -> None:
+        """Refuse to score ``model`` against this dataset's labels when it predicts another number of
+        classes: the scores would mean nothing. Image files carry no class list: nothing to check."""
+        if self.dataset is not None:
+            from depict_analysis.models.evaluate import check_classes
+
+            check_classes(model, build_dataset(self.dataset, self.data_root, self.split))
+
+    def describe(self) -> dict[str, Any]:
+        """What results record as the run's input: the options given (``whole``: the images and their
+        ground truth)."""
+        if self.view == "whole":
+            return {"images": list(self.images), "ground_truth": list(self.labels) or None}
+        given = {"images": list(self.images), "dataset": self.dataset, "data_root": self.data_root, "split": self.split,
+                 "num_images": self.num_images, "labels": list(self.labels)}
+        return {key: value for key, value in given.items() if value}
 
 
 def load_images(

@@ -30,11 +30,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from depict_analysis import plots
-from depict_analysis.inputs import Batch
-from depict_analysis.models.data import IGNORE_INDEX, DatasetError, load_image, load_label, make_palette
+from depict_analysis.models.data import IGNORE_INDEX, make_palette
 from depict_analysis.models.evaluate import require_positive
-from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.data.transforms import resize_image, resize_label
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.pca import (
     METHODS,
@@ -173,11 +170,11 @@ def trace_examples(
         kb = k or choose_k(predictions[b])
         maps = [segment_tokens(tokens[s][b], tr.grid, padded, size, kb, method, seed) for s in sources]
         segments, rgb = torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps])
-        truth = tr.labels[b].cpu() if tr.labels is not None else None
+        truth = tr.labels[b].cpu().clone() if tr.labels is not None else None
         yield PCAExample(
             path=tr.paths[b] if tr.paths else f"image{first_index + b}",
-            image=tr.pixels[b].cpu() if tr.pixels is not None else None,
-            k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b],
+            image=tr.pixels[b].cpu().clone() if tr.pixels is not None else None,  # copies: a kept example holds one image, not the batch
+            k=kb, sources=list(sources), segments=segments, rgb=rgb, prediction=predictions[b].clone(),
             ground_truth=truth, scores=score_segments(segments, sources, predictions[b], truth),
         )
 
@@ -290,16 +287,17 @@ def analyze_pca(
     require_positive(k=k)
     kept: list[PCAExample] = []
     paths, ks, per_image = [], [], []
-    first: Trace | None = None
+    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
     for tr in as_traces(traces):
         if first is None:
-            first, sources = tr, resolve_layers(layers, tr.token_names)
+            first, sources = {"model": tr.model, "token_names": tr.token_names}, resolve_layers(layers, tr.token_names)
         for example in trace_examples(tr, sources, k, method, seed, len(paths)):
             paths.append(example.path)
             ks.append(example.k)
             per_image.append(example.scores)
             if len(kept) < examples:
                 kept.append(example)
+        del tr  # release this batch before the next is traced: memory stays one batch (and the examples)
     if first is None:
         raise InputError("no images to analyse")
     scored = {ref: [i for i, s in enumerate(per_image) if ref in s] for ref in REFERENCES}
@@ -307,11 +305,11 @@ def analyze_pca(
     scores = {ref: {source: {score: Stat(np.array([per_image[i][ref][source][score] for i in indices]))
                              for score in SCORES} for source in per_image[indices[0]][ref]}
               for ref, indices in scored.items()}
-    n_cls = first.model["n_cls"]
+    n_cls = first["model"]["n_cls"]
     settings = {"method": method, "k": k or "auto (classes predicted, 2..8)", "layers": sources, "seed": seed,
                 "num_images": len(paths)}
     return PCASegmentation(
-        model=first.model, settings=settings, sources=sources, token_names=first.token_names, images=paths,
+        model=first["model"], settings=settings, sources=sources, token_names=first["token_names"], images=paths,
         k=np.array(ks), scored=scored, scores=scores, examples=kept,
         class_names=class_labels(class_names, n_cls),
         palette=_palette(palette, n_cls), score_figure=score_figure,
@@ -326,42 +324,6 @@ def _palette(palette: Any, n_cls: int) -> np.ndarray:
     if colours.shape != (n_cls, 3) or not np.issubdtype(colours.dtype, np.integer) or colours.min() < 0 or colours.max() > 255:
         raise ConfigError(f"palette must be ({n_cls}, 3) integers in 0..255 (one colour per class), got shape {colours.shape}")
     return colours.astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------ inputs
-
-
-def image_at_scale(path: str | Path, max_short_side: int, gt: str | Path | None = None) -> Batch:
-    """One image (any size and mode) as a Batch of one, with its ground truth when given.
-
-    Images whose short side exceeds ``max_short_side`` are resized (aspect kept) so that it equals it
-    — the short-side resize of the evaluation protocol, and a bound on the token count; smaller
-    images keep their size. The label map must have the image's size (nearest-neighbour resize).
-    """
-    image = np.array(load_image(path))
-    label = load_label(gt) if gt is not None else None
-    if label is not None and label.shape != image.shape[:2]:
-        raise DatasetError(f"ground truth {gt} is {label.shape[1]}x{label.shape[0]} but image {path} "
-                           f"is {image.shape[1]}x{image.shape[0]}")
-    H, W = image.shape[:2]
-    if min(H, W) > max_short_side:
-        scale = max_short_side / min(H, W)
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        image = resize_image(image, size)
-        label = resize_label(label, size) if label is not None else None
-    pixels = image_to_tensor(image)[None]
-    labels = torch.from_numpy(label)[None] if label is not None else None
-    return Batch(pixels, labels, [str(path)])
-
-
-def single_images(
-    paths: Sequence[str | Path], max_short_side: int, gts: Sequence[str | Path] | None = None
-) -> tuple[int, Iterator[Batch]]:
-    """(number of images, iterator of one-image Batches at their own scale), like ``image_batches``."""
-    if gts and len(gts) != len(paths):
-        raise InputError(f"got {len(gts)} ground-truth maps for {len(paths)} images; give one --gt per image, in order")
-    pairs = list(zip(paths, gts or [None] * len(paths)))
-    return len(pairs), (image_at_scale(p, max_short_side, g) for p, g in pairs)
 
 
 # ------------------------------------------------------------------------------------------ figures

@@ -26,6 +26,10 @@ PARAMETER_TARGETS = ("decoder", "encoder", "all")
 TARGETS = (*PARAMETER_TARGETS, "input")
 
 PARAMETER_SIGMAS = (0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.2, 0.5, 1)  # SPEC §3.4
+# The σ grid of the DEPICT README's noise plots (absolute Gaussian noise on every decoder parameter):
+# {1..5}·1e-3, {1..5}·1e-2, 0.1 … 0.8, 1.0, and 0. ``parse_sigmas("paper", ...)`` names it.
+PAPER_SIGMAS = (0, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 1e-2, 2e-2, 3e-2, 4e-2, 5e-2,
+                0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 DEFAULT_SIGMAS: dict[str, tuple[float, ...]] = {
     "parameter": PARAMETER_SIGMAS,
     "input": (0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),  # std on the normalised image (range ~[-1, 1] or ±2.5)
@@ -108,9 +112,14 @@ def resolve_perturbation(noise: str, target: str | None = None, relative: bool =
 
 
 def parse_sigmas(text: str, perturbation: Perturbation) -> tuple[float, ...]:
-    """``"0,1e-3,0.01"`` -> sorted unique σ values, always including 0 (the clean reference)."""
+    """``"0,1e-3,0.01"`` -> sorted unique σ values, always including 0 (the clean reference);
+    ``"paper"``: ``PAPER_SIGMAS``, the grid of the DEPICT noise plots (parameter noise only)."""
     if perturbation.kind == "structured":
         raise ConfigError(f"{perturbation.noise} has no σ: it is either applied or not (use --draws for more rotations)")
+    if text.strip() == "paper":
+        if perturbation.kind != "parameter":
+            raise ConfigError("the paper's σ grid is for parameter noise (--target decoder, encoder or all)")
+        return tuple(float(s) for s in PAPER_SIGMAS)
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -702,7 +702,7 @@ def plot_training_curves(runs: dict[str, tuple[list[dict], list[dict]]], caption
         left.plot([r["iter"] for r in train], [r["loss"] for r in train], color=colours[label], label=label)
         right.plot([r["iter"] for r in evals], [100 * r["miou"] for r in evals], color=colours[label], marker="o",
                    markersize=3, label=label)
-    left.set(title="Training loss", xlabel="step", ylabel="cross-entropy (mean of the log window)", yscale="log")
+    left.set(title="Training loss", xlabel="step", ylabel="training loss (mean of the log window)", yscale="log")
     right.set(title="Validation mIoU", xlabel="step", ylabel="mIoU (%)", ylim=(0, None))
     right.legend(loc="lower right", frameon=True, fontsize="small")
     if caption:

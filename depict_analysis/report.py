@@ -70,10 +70,17 @@ READING = {
         "Tokens take the majority label of their pixels: the ground truth where the images have labels, else the "
         "model's prediction."
     ),
+    "ablation": (
+        "Each head removed in turn (zero-ablation: it contributes nothing to its layer's update; for DEPICT, "
+        "nothing is written into its subspace span(P_k)), scored on the same images as the clean model with the "
+        "evaluation protocol: the change of every class's IoU, in points (red: the class loses). The class "
+        "concentration of a head is the Herfindahl index of its per-class IoU losses: 1 when one class bears the "
+        "whole loss, 1/K when all classes lose alike; a model's is the mean over its heads weighted by their losses."
+    ),
 }
 TITLES = {"coding-rate": "Coding rates", "pca-seg": "PCA segmentation", "orthogonality": "Orthogonality",
           "robustness": "Robustness to decoder-parameter noise", "attention": "Attention on each class",
-          "class-rates": "Per-class coding rates and ΔR"}
+          "class-rates": "Per-class coding rates and ΔR", "ablation": "Ablation of each head"}
 
 
 def _text(value: Interval | None, scale: float = 1.0) -> str:
@@ -138,6 +145,16 @@ def _robustness_table(result: SuiteResult) -> dict:
     return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows, "mean over draws [interval]")
 
 
+def _ablation_table(result: SuiteResult) -> dict:
+    ablation = result.ablation
+    rows = []
+    for label in ablation.labels:
+        rows.append([label, "clean", ablation.clean(label).text(100), "", ablation.model_concentration(label)])
+        rows += [["", r["unit"], r["miou"].text(100), r["change"].text(100), r["concentration"]] for r in ablation.unit_rows(label)]
+    return _table(["model", "head", "mIoU (%)", "change (points)", "class concentration"], rows,
+                  "dataset-level mIoU [paired bootstrap interval over images]")
+
+
 def display_width(png: Path) -> tuple[int, float]:
     """The width (CSS px) to show a figure at, and its smallest font size (pt).
 
@@ -197,7 +214,8 @@ def report_page(result: SuiteResult, folder: str | Path, title: str) -> dict[str
         [m.label, m.source, m.family, m.role, m.model.config.name, *scores(m)] for m in result.models])
     tables = {"coding-rate": lambda: _coding_rate_tables(result), "pca-seg": lambda: [_pca_table(result)],
               "orthogonality": lambda: [_orthogonality_table(result)], "robustness": lambda: [_robustness_table(result)],
-              "attention": lambda: [_attention_table(result)], "class-rates": lambda: [_class_rates_table(result)]}
+              "attention": lambda: [_attention_table(result)], "class-rates": lambda: [_class_rates_table(result)],
+              "ablation": lambda: [_ablation_table(result)]}
     sections = [{"id": name, "title": TITLES[name] + (f" — {result.primary.label}" if name in ("coding-rate", "pca-seg") else ""),
                  "reading": READING[name], "figures": _figures(result, folder, name), "tables": tables[name]()}
                 for name in TITLES if name in result.files]  # the analyses this run made

@@ -159,13 +159,16 @@ class Comparison(Result):
     ``summary()``: ``{label: that result's summary()}``; ``to_json()``: ``{"settings", "checkpoints":
     [{"label", "source", **that result's to_json()}]}``; ``rows()``: every result's rows with
     ``checkpoint`` (the label) first; ``figures()``: the result type's ``compare_figures``;
-    ``arrays()``: every result's arrays as ``<label>/<key>``.
+    ``arrays()``: every result's arrays as ``<label>/<key>``. ``files`` and ``trace_files``: what the run
+    that made it (``depict_analysis.compare``) wrote.
     """
 
     labels: list[str]
     sources: list[str]
     results: list[Result]
     settings: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list, init=False, repr=False, compare=False)  # not part of the result's data
+    trace_files: list[Path] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.results or len({type(r) for r in self.results}) != 1:

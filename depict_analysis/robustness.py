@@ -19,7 +19,8 @@ What a sweep perturbs (``depict_analysis.perturbations``: ``Perturbation``, ``re
 ``Evaluation`` per (σ, draw): the dataset-level mIoU, pixel and mean accuracy, and the per-image
 counts behind them (true positives, label and predicted pixels per class). σ = 0 is the clean
 model, evaluated once; deterministic perturbations (blur, head-orthonormalize) get one draw.
-``run_robustness`` sweeps several models into a ``Robustness``: per model and σ the mean
+``run_robustness(models, images, perturbation, sigmas, out)`` sweeps several models (sources or loaded
+models, as ``compare`` takes them) into a ``Robustness``: per model and σ the mean
 mIoU over draws with a bootstrap interval over images and draws (``depict_analysis.uncertainty``),
 σ½ (where the mIoU falls to half its clean value) with its interval, and sanity warnings (a model
 at its class prior; too few images or draws for the intervals).
@@ -54,13 +55,14 @@ from torch.func import functional_call
 from depict_analysis import plots
 from depict_analysis.foundation.distributed import active, is_writer, rank_and_world, shard, sum_over_processes
 from depict_analysis.foundation.errors import ConfigError, DatasetError, InputError
-from depict_analysis.inputs import Batch
+from depict_analysis.inputs import Batch, ImageSource, image_progress
 from depict_analysis.models.data import IGNORE_INDEX, SegmentationDataset
 from depict_analysis.models.data.transforms import img_scale_for
 from depict_analysis.models.evaluate import check_classes, decode_labels, encode_image, eval_protocol, image_labels
 from depict_analysis.outputs import save_csv, save_json
 from depict_analysis.perturbations import Perturbation, draws_per_sigma, resolve_perturbation
 from depict_analysis.results import Result
+from depict_analysis.runs import ModelSource, loaded_models
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import (
     Bootstrap,
@@ -751,65 +753,88 @@ PROTOCOLS = {
 }
 
 
+def default_models(perturbation: Perturbation) -> list[str]:
+    """The built-in models a sweep compares when given none: all of them, or for a structured transform
+    those whose decoders own subspace projections."""
+    from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS, load_default
+
+    if perturbation.kind != "structured":
+        return [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
+    return [f"{BUILTIN}{name}" for name in DEFAULT_MODELS if load_default(name)[0].decoder.parameter_subspaces]
+
+
 def run_robustness(
-    models: Iterable[tuple[str, str, nn.Module] | tuple[str, str, nn.Module, dict | None]],
-    images: SweepImages,
+    models: Sequence[ModelSource] | None,
+    images: ImageSource | SweepImages,
     perturbation: Perturbation,
     sigmas: Sequence[float],
     out: str | Path | None,
     *,
     draws: int = 3,
     seed: int = 0,
-    size: int | None = None,
     settings: dict | None = None,
     bootstrap: Bootstrap | None = None,
-    advance: Callable[[int], None] | None = None,
+    device: str | torch.device = "auto",
+    trust: bool = False,
+    progress: bool = True,
 ) -> Robustness:
-    """Sweep every ``(label, source, model[, train_config])`` of ``models``; with ``out``, write the result there.
+    """Sweep every model of ``models`` (sources or ``LoadedModel``s as ``compare`` takes them, one in memory
+    at a time; default ``default_models``); with ``out``, write the result there.
 
-    ``images``: ``EvaluationImages`` (the evaluation protocol, each model's window and stride as
-    ``depict eval`` takes them from its ``train_config``), or ``crops(side)`` -> (number of images,
-    batches of ``side``-pixel square crops), ``side`` = ``size`` or each model's training size.
-    Images are outer and (σ, draw) inner (``ModelSweep``). With ``out`` the records are rewritten
-    after every model (``write_progress``) and the whole result (``Robustness.save``) at the end.
-    A KeyboardInterrupt ends the sweep with what is done (``complete = False``): the models swept,
-    and in one process the images the interrupted model scored, every model restricted to those.
-    Under ``torchrun`` every process scores its share of the images, every process returns the
-    whole result and only rank 0 writes. ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals.
+    ``images``: an ``ImageSource`` with labels (square crops of ``images.size`` or each model's training
+    size; a dataset's classes must be the model's), ``EvaluationImages`` (the evaluation protocol, each
+    model's window and stride as ``depict eval`` takes them from its ``train_config``), or
+    ``crops(side)`` -> (number of images, batches of ``side``-pixel square crops). Images are outer
+    and (σ, draw) inner (``ModelSweep``). With ``out`` the records are rewritten after every model
+    (``write_progress``) and the whole result (``Robustness.save``) at the end. A KeyboardInterrupt
+    ends the sweep with what is done (``complete = False``): the models swept, and in one process the
+    images the interrupted model scored, every model restricted to those. Under ``torchrun`` every
+    process scores its share of the images, every process returns the whole result and only rank 0
+    writes. ``bootstrap`` (default ``Bootstrap(seed=seed)``) sets the intervals; ``progress`` shows a
+    bar over the images on stderr.
     """
     if 0 not in sigmas:
         raise ConfigError("a sweep needs σ = 0, the clean model every other σ is compared with")
+    source = images if isinstance(images, ImageSource) else None
+    size = source.size if source is not None else None
     crops = not isinstance(images, EvaluationImages)
     protocol = "crops" if crops else "evaluation"
-    settings = sweep_settings(perturbation, sigmas, draws, seed) | (settings or {}) | {
+    recorded = {"input": source.describe(), "batch_size": source.batch_size} if source is not None else {}
+    settings = sweep_settings(perturbation, sigmas, draws, seed) | recorded | (settings or {}) | {
         "size": size, "protocol": protocol, "protocol_description": PROTOCOLS[protocol]}
     writes = out is not None and is_writer()
     described: list[dict] = []
     evaluations: list[Evaluation] = []
     sweep, complete = None, False
-    try:
-        for label, source, model, *config in models:
-            train_config = config[0] if config else None
-            side = size or max(model.config.backbone.image_size)
-            sweep_images = (lambda _, side=side: images(side)) if crops else images
-            described.append({"label": label, "path": source, "size": side, "model": describe_model(model),
-                              "protocol": {"name": "crops", "size": side} if crops else images.describe(model, train_config)})
-            sweep = ModelSweep(model, label, perturbation, sigmas, draws, seed)
-            n = sweep.run(sweep_images, train_config, advance)
-            evaluations += sweep.evaluations(n)[0]
-            settings["num_images"], sweep = n, None
-            if writes:
-                write_progress(out, settings, described, evaluations)
-            del model  # before the next one loads
-        complete = True
-    except KeyboardInterrupt:
-        if sweep is not None and sweep.counts and not active():  # keep the images the interrupted model scored
-            done = np.array(sorted(sweep.counts))
-            evaluations = [Evaluation.of(e.checkpoint, e.sigma, e.draw, e.counts[done]) for e in evaluations]
-            evaluations += sweep.evaluations(int(done[-1]) + 1)[0]
-            settings["num_images"] = len(done)
-        elif sweep is not None:
-            described.pop()
+    with image_progress(None, NAME, progress) as advance:
+        try:
+            for loaded in loaded_models(models or default_models(perturbation), device, trust):
+                model = loaded.model
+                side = size or max(model.config.backbone.image_size)
+                if source is not None:
+                    source.require_classes(model)
+                    sweep_images = lambda _, side=side: source.crops(side)  # noqa: E731
+                else:
+                    sweep_images = (lambda _, side=side: images(side)) if crops else images
+                described.append({"label": loaded.label, "path": loaded.source, "size": side, "model": describe_model(model),
+                                  "protocol": {"name": "crops", "size": side} if crops
+                                  else images.describe(model, loaded.info.train_config)})
+                sweep = ModelSweep(model, loaded.label, perturbation, sigmas, draws, seed)
+                n = sweep.run(sweep_images, loaded.info.train_config, advance)
+                evaluations += sweep.evaluations(n)[0]
+                settings["num_images"], sweep = n, None
+                if writes:
+                    write_progress(out, settings, described, evaluations)
+                del model, loaded  # before the next one loads
+            complete = True
+        except KeyboardInterrupt:
+            if sweep is not None and sweep.counts and not active():  # keep the images the interrupted model scored
+                done = np.array(sorted(sweep.counts))
+                evaluations = [Evaluation.of(e.checkpoint, e.sigma, e.draw, e.counts[done]) for e in evaluations]
+                evaluations += sweep.evaluations(int(done[-1]) + 1)[0]
+                settings["num_images"] = len(done)
+            elif sweep is not None:
+                described.pop()
     result = Robustness(settings, described, evaluations, complete, bootstrap or Bootstrap(seed=seed))
     if evaluations and writes:
         result.save(out)

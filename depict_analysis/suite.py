@@ -1,4 +1,4 @@
-"""All four analyses in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
+"""Every analysis in one go, and what they conclude: ``depict-analyze demo`` and ``depict-analyze report``.
 
 ``run_suite(models, out, settings)`` analyses the first model (the primary) alone and compares all of
 them, on the same images, writing under ``out``::
@@ -7,6 +7,8 @@ them, on the same images, writing under ``out``::
     pca-seg/         PCA segmentation of Z_0 vs Z_L1 of the primary model   (pca_analysis)
     orthogonality/   PᵀP and Q̂ᵀQ̂ of every model, side by side            (orthogonality_analysis)
     robustness/      mIoU under Gaussian decoder-parameter noise, every model (robustness)
+    ablation/        mIoU and per-class IoU with each head zero-ablated, every model with heads (ablation;
+                     the evaluation protocol on a dataset's images, so only when the images are a dataset)
     summary.json     the run, the headline numbers with intervals, the findings, the warnings, the files
 
 and returns a ``SuiteResult``. Its ``findings`` are the paper's claims and other observations, each
@@ -17,7 +19,10 @@ naming its statistic and data, with a verdict read off bootstrap intervals (``de
 - its P is closer to orthogonal than at its initialisation (fresh initialisations of the same
   variant) and than the black-box decoder's W_Q (a property of the weights: exact);
 - it keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap over images and draws);
-- observation: R(Z_j) falls from the decoder input to its last layer (primary model).
+- observation: R(Z_j) falls from the decoder input to its last layer (primary model);
+- observation: each of its heads (what one layer writes into one subspace P_k) serves fewer classes than
+  each of the black box's attention heads (loss-weighted class concentration of a head's zero-ablation,
+  paired bootstrap over images).
 
 Models are compared by their decoders' ``role`` (white-box against black-box), never by family.
 A model at its class prior makes every finding about it ``not decided``; too few images or draws
@@ -36,56 +41,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
+import torch
 
 from depict_analysis import __version__
+from depict_analysis.ablation import Ablation, concentration_finding, head_counts, run_ablation
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
-from depict_analysis.inputs import image_batches, image_progress
-from depict_analysis.models.pretrained import LABELS, load_default
-from depict_analysis.models.sources import CheckpointInfo, trained_dataset
+from depict_analysis.inputs import ImageSource
+from depict_analysis.models.data import build_dataset
+from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
+from depict_analysis.models.sources import LoadedModel
 from depict_analysis.orthogonality_analysis import FINAL_Q, Orthogonality, analyze_orthogonality
 from depict_analysis.outputs import save_json
 from depict_analysis.pca_analysis import PCASegmentation, analyze_pca
-from depict_analysis.perturbations import PARAMETER_SIGMAS, draws_per_sigma, resolve_perturbation
-from depict_analysis.results import Comparison
-from depict_analysis.robustness import Robustness, run_robustness
-from depict_analysis.tracing import trace_batches
+from depict_analysis.perturbations import PARAMETER_SIGMAS, resolve_perturbation
+from depict_analysis.robustness import EvaluationImages, Robustness, run_robustness
+from depict_analysis.runs import ModelSource, compare, loaded_models
 from depict_analysis.uncertainty import Bootstrap, warn_sample_size
 
-ANALYSES = ("coding-rate", "pca-seg", "orthogonality", "robustness")
+
 P_STATISTIC = "P_cross_head_mean_abs_cos"  # the Orthogonality headline the P claims compare
 
 
 @dataclass
-class SuiteModel:
-    label: str  # how figures and tables name it, e.g. "DEPICT-SA"
-    source: str  # what the numbers record as its checkpoint (a path or builtin:NAME)
-    model: nn.Module
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return self.model.decoder.family
-
-    @property
-    def role(self) -> str:
-        """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
-        return self.model.decoder.role
-
-    @property
-    def info(self) -> CheckpointInfo:
-        """What its metadata says: the class names and colours of the dataset it was trained on."""
-        return CheckpointInfo(self.label, self.source, "", self.model.n_cls, trained_dataset(self.meta), meta=self.meta)
-
-    def describe(self) -> dict[str, str]:
-        return {"label": self.label, "source": self.source, "decoder": self.family, "role": self.role,
-                "variant": self.model.config.name}
-
-
-@dataclass
 class SuiteSettings:
-    source: dict = field(default_factory=lambda: {"dataset": "synthetic", "split": "val"})  # image_batches arguments
+    source: dict = field(default_factory=lambda: {"dataset": "synthetic", "split": "val"})  # ImageSource arguments
     num_images: int = 64  # per analysis
     examples: int = 4  # PCA example figures
     sigmas: Sequence[float] = PARAMETER_SIGMAS  # Gaussian decoder-parameter noise
@@ -99,6 +79,11 @@ class SuiteSettings:
     @property
     def bootstrap(self) -> Bootstrap:
         return Bootstrap(self.resamples, self.level, self.seed)
+
+    @property
+    def image_source(self) -> ImageSource:
+        """``num_images`` of ``source`` in batches of ``batch_size``, cropped to each model's training size."""
+        return ImageSource(**self.source, num_images=self.num_images, batch_size=self.batch_size)
 
     def images(self, n: int) -> str:
         """What the images are, in words: "64 images of synthetic/val"."""
@@ -146,11 +131,12 @@ class SuiteResult:
     """What ``run_suite`` measured and concluded (see the module docstring)."""
 
     settings: SuiteSettings
-    models: list[SuiteModel]
+    models: list[LoadedModel]
     rates: CodingRates  # of the primary model
     pca: PCASegmentation  # of the primary model
     orthogonality: dict[str, Orthogonality]  # by model label
     robustness: Robustness
+    ablation: Ablation | None = None  # None when the images are not a dataset's, or no model has heads
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: dict[str, list[str]] = field(default_factory=dict)  # analysis -> files this run wrote, relative to the folder
@@ -158,14 +144,14 @@ class SuiteResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
-    def primary(self) -> SuiteModel:
+    def primary(self) -> LoadedModel:
         return self.models[0]
 
     @property
     def num_images(self) -> int:
         return self.rates.num_images
 
-    def by_role(self, role: str) -> list[SuiteModel]:
+    def by_role(self, role: str) -> list[LoadedModel]:
         return [m for m in self.models if m.role == role]
 
     def summary(self) -> dict[str, Any]:
@@ -210,7 +196,7 @@ def pca_finding(result: SuiteResult) -> Finding:
     )
 
 
-def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteModel) -> list[Finding]:
+def orthogonality_findings(result: SuiteResult, white: LoadedModel, black: LoadedModel) -> list[Finding]:
     """Q̂ (raw and centred, per image) and P (against its initialisation and the black box's W_Q) of one pair."""
     settings, bootstrap = result.settings, result.settings.bootstrap
     a, b = result.orthogonality[white.label], result.orthogonality[black.label]
@@ -244,7 +230,7 @@ def orthogonality_findings(result: SuiteResult, white: SuiteModel, black: SuiteM
     return findings
 
 
-def robustness_finding(result: SuiteResult, white: SuiteModel, black: SuiteModel) -> Finding:
+def robustness_finding(result: SuiteResult, white: LoadedModel, black: LoadedModel) -> Finding:
     """The white box keeps its mIoU to a larger σ of decoder-parameter noise (σ½, paired bootstrap)."""
     robustness, settings = result.robustness, result.settings
     a, b = robustness.curve(white.label), robustness.curve(black.label)
@@ -276,13 +262,25 @@ def rate_finding(result: SuiteResult) -> Finding:
     )
 
 
+def ablation_finding(result: SuiteResult, white: LoadedModel, black: LoadedModel) -> Finding:
+    """Observation: each of the white box's heads serves fewer classes than each of the black box's heads."""
+    ablation = result.ablation
+    data = (f"{result.settings.images(ablation.num_images)}, scored with the evaluation protocol; each head "
+            "zero-ablated in turn")
+    return concentration_finding(ablation, white.label, black.label, data,
+                                 class_prior_blockers(result, [white.label, black.label]))
+
+
 def judge(result: SuiteResult) -> list[Finding]:
     """Every finding the suite's numbers allow: each white-box decoder against each black-box one."""
     findings = [pca_finding(result)]
+    ablated = result.ablation.labels if result.ablation is not None else []
     for white in result.by_role("white-box"):
         for black in result.by_role("black-box"):
             findings += orthogonality_findings(result, white, black)
             findings.append(robustness_finding(result, white, black))
+            if white.label in ablated and black.label in ablated:
+                findings.append(ablation_finding(result, white, black))
     if len(result.rates.token_names) > 1:
         findings.append(rate_finding(result))
     return findings
@@ -297,72 +295,75 @@ def sanity_warnings(result: SuiteResult) -> list[str]:
 # ------------------------------------------------------------------------------------------- run
 
 
-def run_suite(
-    models: Sequence[SuiteModel], out: str | Path, settings: SuiteSettings | None = None, progress: bool = True,
-    command: str | None = None,
-) -> SuiteResult:
-    """Run the four analyses on ``models`` (the first is the primary), judge the findings, and write
-    every analysis's files and ``summary.json`` under ``out`` (see the module docstring).
+def suite_ablation(models: Sequence[LoadedModel], settings: SuiteSettings, progress: bool) -> Ablation | None:
+    """Each head of every model with heads zero-ablated on ``num_images`` of the settings' dataset, scored
+    with the evaluation protocol; None when the images are not a dataset's or no model has heads."""
+    source, headed = settings.source, [m for m in models if head_counts(m.model.decoder)]
+    if not source.get("dataset") or not headed:
+        return None
+    dataset = build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val"))
+    return run_ablation(headed, EvaluationImages(dataset, num_images=settings.num_images), unit="head",
+                        bootstrap=settings.bootstrap, progress=progress)
 
-    ``command`` is recorded as how the run was made (default: this process's command line).
+
+def run_suite(
+    models: Sequence[ModelSource], out: str | Path, settings: SuiteSettings | None = None, progress: bool = True,
+    command: str | None = None, device: str | torch.device = "auto", trust: bool = False,
+) -> SuiteResult:
+    """Run the four analyses on ``models`` (sources or ``LoadedModel``s; the first is the primary), judge the
+    findings, and write every analysis's files and ``summary.json`` under ``out`` (see the module docstring).
+
+    ``command`` is recorded as how the run was made (default: this process's command line); ``seconds``
+    the time of each analysis and of the whole run (``total``).
     """
+    total = time.perf_counter()
     settings = settings or SuiteSettings()
     out = Path(out)
-    primary, source = models[0], settings.source
+    models = list(loaded_models(models, device, trust))  # all in memory: every analysis reads them
+    primary, images = models[0], settings.image_source
+    shared = {"images": images, "progress": progress, "record": {"input": settings.source}}
     seconds: dict[str, float] = {}
     files: dict[str, list[Path]] = {}
     started = datetime.now(timezone.utc)
 
-    def batches(model: nn.Module):
-        return batches_for(max(model.config.backbone.image_size))
-
-    def batches_for(side: int):
-        return image_batches(side, **source, num_images=settings.num_images, batch_size=settings.batch_size)
-
-    def traces(entry: SuiteModel, description: str):
-        total, stream = batches(entry.model)
-        return trace_batches(entry.model, stream, total=total, progress=progress, description=description)
-
-    def save(name: str, entries: Sequence[SuiteModel], results: Sequence) -> None:
-        comparison = Comparison([e.label for e in entries], [e.source for e in entries], list(results), {"input": source})
-        files[name] = comparison.save(out / name)
-
     clock = time.perf_counter()
-    rates = analyze_coding_rates(traces(primary, "coding rate"))
-    save("coding-rate", [primary], [rates])
+    rates = compare([primary], analysis=analyze_coding_rates, out=out / "coding-rate", description="coding rate", **shared)
+    files["coding-rate"] = rates.files
     seconds["coding_rate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    info = primary.info
-    pca = analyze_pca(traces(primary, "PCA segmentation"), seed=settings.seed, examples=settings.examples,
-                      class_names=info.class_names, palette=info.palette)
-    save("pca-seg", [primary], [pca])
+    pca = compare([primary], analysis=analyze_pca, out=out / "pca-seg", description="PCA segmentation", seed=settings.seed,
+                  examples=settings.examples, **shared)
+    files["pca-seg"] = pca.files
     seconds["pca_seg"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     seeds = range(settings.seed, settings.seed + settings.baseline_seeds)
-    orthogonality = {entry.label: analyze_orthogonality(traces(entry, "orthogonality"), baseline_seeds=seeds,
-                                                        class_names=entry.info.class_names) for entry in models}
-    save("orthogonality", models, orthogonality.values())
+    orthogonality = compare(models, analysis=analyze_orthogonality, out=out / "orthogonality", description="orthogonality",
+                            baseline_seeds=seeds, **shared)
+    files["orthogonality"] = orthogonality.files
     seconds["orthogonality"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    noise = resolve_perturbation("gaussian", "decoder")
-    n_evaluations = len(models) * sum(draws_per_sigma(noise, sigma, settings.draws) for sigma in settings.sigmas)
-    with image_progress(n_evaluations, "robustness", progress, unit="evaluations") as advance:
-        robustness = run_robustness(
-            ((entry.label, entry.source, entry.model) for entry in models), batches_for, noise, settings.sigmas,
-            out / "robustness", draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
-            settings={"input": source, "batch_size": settings.batch_size}, advance=advance,
-        )
+    robustness = run_robustness(models, images, resolve_perturbation("gaussian", "decoder"), settings.sigmas, out / "robustness",
+                                draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
+                                settings={"input": settings.source}, progress=progress)
     if not robustness.complete:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
         raise KeyboardInterrupt
     files["robustness"] = robustness.files(out / "robustness")
     seconds["robustness"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
+    ablation = suite_ablation(models, settings, progress)
+    if ablation is not None:
+        files["ablation"] = ablation.save(out / "ablation")
+        seconds["ablation"] = time.perf_counter() - clock
+    seconds["total"] = time.perf_counter() - total  # loading the models included
+
     run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
-    result = SuiteResult(settings, list(models), rates, pca, orthogonality, robustness, run=run, seconds=seconds,
+    result = SuiteResult(settings, models, rates.results[0], pca.results[0], dict(zip(orthogonality.labels, orthogonality.results)),
+                         robustness, ablation, run=run, seconds=seconds,
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)
@@ -370,19 +371,9 @@ def run_suite(
     return result
 
 
-def default_suite_models(device: str = "cpu") -> list[SuiteModel]:
-    """The built-in models (DEPICT-SA first: the primary of the demo), loaded on ``device``."""
-    return [SuiteModel(label, f"builtin:{name}", *load_default(name, device)) for name, label in LABELS.items()]
-
-
 def run_demo(
     out: str | Path = "figures", device: str = "cpu", settings: SuiteSettings | None = None, progress: bool = True,
     command: str | None = None,
 ) -> SuiteResult:
-    """``run_suite`` on the built-in models: DEPICT-SA for the single-model analyses, all compared;
-    ``summary.json`` also records the wall time (``seconds.total``)."""
-    clock = time.perf_counter()
-    result = run_suite(default_suite_models(device), out, settings, progress, command)
-    result.seconds["total"] = time.perf_counter() - clock
-    save_json(Path(out) / "summary.json", result.summary())
-    return result
+    """``run_suite`` on the built-in models: DEPICT-SA for the single-model analyses, all compared."""
+    return run_suite([f"{BUILTIN}{name}" for name in DEFAULT_MODELS], out, settings, progress, command, device)

@@ -93,6 +93,8 @@ def _check_types(tr: Trace) -> None:
     _require(isinstance(tr.attention, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tr.attention.items()),
              "attention must map layer names to tensors")
     _require(tr.config is None or isinstance(tr.config, Mapping), "config must be a mapping or None")
+    for what in ("weights", "source"):
+        _require(getattr(tr, what) is None or isinstance(getattr(tr, what), str), f"{what} must be a string or None")
     for space in tr.subspaces:
         _require(isinstance(space.name, str) and isinstance(space.proj, Tensor)
                  and (space.layer is None or _count(space.layer)) and (space.parameter is None or isinstance(space.parameter, str)),

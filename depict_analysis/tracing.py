@@ -16,6 +16,8 @@
 - ``pixels`` (B, 3, H, W) in [0, 1], ``labels`` (B, H, W) and ``paths`` when traced from ``Images``
 - ``config``: the model's ``ModelConfig.to_dict()``, enough to build a fresh model of the same kind
   (the orthogonality analysis's at-initialisation baseline) from a saved trace
+- ``weights``: a fingerprint of the model's weights and ``source``: the model's name where it was
+  traced through a loaded model; an analysis refuses to pool traces of different models (``as_traces``)
 
 ``trace["tokens/mssa2"]``, ``trace["classes/input"]``, ``trace["attention/mssa1"]`` read entries by
 name (``trace.keys()`` lists them). ``trace_batches`` runs the one loop every analysis shares over a
@@ -67,6 +69,8 @@ class Trace:
     labels: Tensor | None = None
     paths: list[str] = field(default_factory=list)
     config: dict[str, Any] | None = None
+    weights: str | None = None
+    source: str | None = None
 
     @property
     def family(self) -> str:
@@ -85,6 +89,16 @@ class Trace:
     def token_names(self) -> list[str]:
         """The name of every ``tokens[j]``: "input", then the layer names."""
         return ["input", *self.layer_names]
+
+    @property
+    def model_name(self) -> str:
+        """How an error names the traced model: its source, else its variant and weight fingerprint."""
+        return self.source or f"{self.model['variant']} (weights {(self.weights or 'unknown')[:8]})"
+
+    def same_model(self, other: "Trace") -> bool:
+        """Whether ``other`` was traced from the same model (description, and weights where both record them)."""
+        known = self.weights is not None and other.weights is not None
+        return self.model == other.model and (not known or self.weights == other.weights)
 
     @property
     def prediction(self) -> Tensor:
@@ -153,6 +167,7 @@ class Trace:
             if (t.pixels is None) != (first.pixels is None) or (t.labels is None) != (first.labels is None) \
                     or set(t.attention) != set(first.attention):
                 raise InputError("traces with and without images, labels or attention maps cannot be concatenated")
+        _refuse_other_models(first, traces)
         cat = lambda get: torch.cat([get(t) for t in traces])  # noqa: E731
         optional = lambda get: None if get(first) is None else cat(get)  # noqa: E731
         return replace(
@@ -231,14 +246,27 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp: bool = False) -> Trace:
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter's float64 sum: equal for the same weights, different (almost surely)
+    for two checkpoints of one variant."""
+    import hashlib
+
+    with torch.inference_mode():
+        sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).cpu().numpy()
+    return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
+
+
+def trace(
+    model: nn.Module, images: Batch | Tensor, attention: bool = False, amp: bool = False, source: str | None = None
+) -> Trace:
     """Run ``model`` on ``images`` and record the decoder's internals.
 
     ``images``: an ``Images`` batch (``load_images``; pixels in [0, 1], normalised here and kept in
     the trace with labels and paths), or a tensor (B, 3, H, W) already normalised with
     ``model.normalize``. The same computation as ``model(images)``: ``masks`` equal it. Runs under
     ``torch.inference_mode``, in float32 unless ``amp`` (bf16 autocast on CUDA); the subspaces are
-    copies, independent of later changes to the model.
+    copies, independent of later changes to the model. ``source`` names the model in error messages
+    (``LoadedModel.label``).
     """
     device = _check_inputs(model, images)
     batch = images if isinstance(images, Batch) else None
@@ -265,6 +293,8 @@ def trace(model: nn.Module, images: Batch | Tensor, attention: bool = False, amp
         labels=_labels_of(batch, model.n_cls) if batch is not None else None,
         paths=list(batch.paths) if batch is not None else [],
         config=model.config.to_dict() if model.config is not None else None,
+        weights=weights_fingerprint(model),
+        source=source,
     )
 
 
@@ -323,28 +353,46 @@ def trace_batches(
     total: int | None = None,
     progress: bool = True,
     description: str = "tracing",
+    source: str | None = None,
 ) -> Iterator[Trace]:
-    """The loop every analysis shares: one ``Trace`` per batch of ``batches``, with a progress bar
-    over ``total`` images on stderr."""
+    """One ``Trace`` per batch of ``batches``, with a progress bar over ``total`` images on stderr."""
     with image_progress(total, description, progress) as advance:
         for batch in batches:
-            yield trace(model, batch, attention=attention, amp=amp)
+            yield trace(model, batch, attention=attention, amp=amp, source=source)
             advance(len(batch.paths))
 
 
 def as_traces(traces: Trace | Iterable[Trace]) -> Iterator[Trace]:
-    """What every analysis accepts: one ``Trace`` (e.g. ``Trace.load(path)``) or many (``trace_batches``)."""
+    """What every analysis accepts: one ``Trace`` (e.g. ``Trace.load(path)``) or many (``trace_batches``),
+    all of one model: a trace of another model raises ``InputError`` naming both (``compare`` analyses
+    several models, each on its own)."""
     if isinstance(traces, Trace):
         return iter([traces])
     if isinstance(traces, (str, bytes, os.PathLike)) or not isinstance(traces, Iterable):
         raise InputError(f"traces must be a Trace or an iterable of them (Trace.load reads a file), got {type(traces).__name__}")
-    return (_a_trace(t) for t in traces)
+    return _of_one_model(traces)
+
+
+def _of_one_model(traces: Iterable[Any]) -> Iterator[Trace]:
+    first: Trace | None = None
+    for item in traces:
+        tr = _a_trace(item)
+        first = first or tr
+        _refuse_other_models(first, [tr])
+        yield tr
 
 
 def _a_trace(item: Any) -> Trace:
     if not isinstance(item, Trace):
         raise InputError(f"traces must be Trace objects, got a {type(item).__name__}")
     return item
+
+
+def _refuse_other_models(first: Trace, traces: Iterable[Trace]) -> None:
+    for tr in traces:
+        if not first.same_model(tr):
+            raise InputError(f"traces of two models cannot be pooled into one result: {first.model_name} and "
+                             f"{tr.model_name}; analyse each model on its own (depict_analysis.compare)")
 
 
 def _float(tensors) -> list[Tensor]:

@@ -39,6 +39,7 @@ from depict_analysis.models.segmentor import (
     window_resize,
     window_size,
 )
+from depict_analysis.models.sources import trained_dataset
 
 MULTISCALE_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -100,14 +101,6 @@ def default_stride(window: int) -> int:
     return max(window - 32, window // 2)
 
 
-def trained_dataset(meta: dict | None) -> str | None:
-    """The name of the dataset a checkpoint was trained on, as far as its metadata says (ours:
-    ``train_config``; official: variant.yml's ``dataset_kwargs``)."""
-    meta = meta or {}
-    official = (meta.get("variant") or {}).get("dataset_kwargs") or {}
-    return (meta.get("train_config") or {}).get("dataset") or official.get("dataset")
-
-
 def default_short_side(base_size: int | None, train_config: dict | None, window: int) -> int:
     """The short side images are resized to before inference, one rule for ``depict eval`` and
     ``depict predict``: the dataset's base size (its mmseg test ``Resize``), else the training base of
@@ -149,18 +142,19 @@ def eval_protocol(
     stride: int | None = None,
     short_side: int | None = None,
 ) -> dict[str, int]:
-    """The evaluation settings, resolved alike for ``depict eval`` and a run's own evaluation (so
-    they agree): explicit values, else the run's (``train_config``), else ``segm/eval/miou.py``'s.
+    """The evaluation settings of ``depict eval``: explicit values, else the run's (``train_config``),
+    else ``segm/eval/miou.py``'s.
 
-    ``window`` = the model's training size (the crop); ``stride`` = the run's ``eval_stride``, else
-    ``default_stride(window)`` (crop - 32; official releases too); ``short_side`` =
-    ``default_short_side`` of the dataset (ADE20K 512, Pascal Context 520, Cityscapes 1024).
+    ``window`` = the model's training size (the crop); ``stride`` = ``default_stride(window)``
+    (crop - 32, as ``segm/eval/miou.py`` scores every model, runs trained from a preset included:
+    480 / 448 / 736 at crops 512 / 480 / 768); a training run's own evaluation passes its
+    ``eval_stride`` (the preset's training-time stride, as the official training loop evaluates);
+    ``short_side`` = ``default_short_side`` of the dataset (ADE20K 512, Pascal Context 520, Cityscapes 1024).
     """
-    run = train_config or {}
     window = window or model.config.backbone.image_size[0]
     if short_side is None:
         short_side = default_short_side(dataset.base_size, train_config, window)
-    stride = stride or run.get("eval_stride") or default_stride(window)
+    stride = stride or default_stride(window)
     return _checked(model, window, stride, short_side)
 
 
@@ -173,14 +167,14 @@ def predict_protocol(
     short_side: int | None = None,
 ) -> dict[str, Any]:
     """The settings of ``depict predict``: explicit values, else an official release's
-    ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and the run's
-    ``eval_stride`` or ``default_stride``. Images are resized as ``depict eval`` resizes them
+    ``inference_kwargs`` (as ``segm/inference.py``), else the model's training size and
+    ``default_stride`` (as ``depict eval``). Images are resized as ``depict eval`` resizes them
     (``default_short_side``), to the test scale of the dataset the model was trained on; 0 keeps
     their size. Returns ``window``, ``stride`` and ``img_scale`` (None: no resize)."""
     official = (meta or {}).get("inference") or {}
     run = (meta or {}).get("train_config")
     window = window or official.get("window_size") or model.config.backbone.image_size[0]
-    stride = stride or official.get("window_stride") or (run or {}).get("eval_stride") or default_stride(window)
+    stride = stride or official.get("window_stride") or default_stride(window)
     base_size, max_ratio = test_scale(trained_dataset(meta))
     if short_side is None:
         short_side = default_short_side(base_size, run, window)

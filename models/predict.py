@@ -17,32 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from depict_analysis.models.data import DatasetError, class_info, load_image, make_palette
+from depict_analysis.models.data import load_image
 from depict_analysis.foundation.errors import ConfigError, InputError
-from depict_analysis.models.evaluate import image_labels, require_positive, trained_dataset
+from depict_analysis.models.evaluate import image_labels, require_positive
 from depict_analysis.foundation.files import atomic_write, refuse_overwrite
 from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import Segmentor
+from depict_analysis.models.sources import generic_classes
 
 BAND_PIXELS = 1 << 20  # pixels blended or counted at a time: a large image is never copied whole
-
-
-def classes_for(meta: dict, n_cls: int) -> tuple[list[str], np.ndarray]:
-    """(names, colours ``(n_cls, 3)`` uint8) of the classes: those of the dataset the checkpoint was
-    trained on when it is a built-in one with ``n_cls`` classes, otherwise ``class <i>`` and
-    ``make_palette(n_cls)``."""
-    try:
-        names, palette = class_info(trained_dataset(meta))
-    except DatasetError:
-        names, palette = [], np.zeros((0, 3), np.uint8)
-    if len(palette) != n_cls:
-        return [f"class {i}" for i in range(n_cls)], make_palette(n_cls)
-    return names, palette
-
-
-def palette_for(meta: dict, n_cls: int) -> np.ndarray:
-    """The class colours ``(n_cls, 3)`` uint8 of ``classes_for``."""
-    return classes_for(meta, n_cls)[1]
 
 
 def _bands(height: int, width: int) -> list[tuple[int, int]]:
@@ -130,7 +113,7 @@ def predict_files(
     segmented by ``image_labels`` with windows of ``window`` px every ``stride`` (images whose short
     side is below the window are first enlarged to it) after mmseg's test resize to ``img_scale``
     (None: their own size), in bounded memory. ``classes``: (names, colours) for the legend and
-    palette (default ``classes_for({}, K)``). Every output is checked before any work: none may be
+    palette (default ``generic_classes(K)``). Every output is checked before any work: none may be
     an input or a special file, and none may exist unless ``overwrite``; every image is decoded
     once before the first is segmented, so a broken one stops the run with nothing written. Float32 unless ``amp``. Returns one record
     per image: paths written, size and classes present (most pixels first).
@@ -141,7 +124,7 @@ def predict_files(
     if not 0 <= alpha <= 1:
         raise ConfigError(f"alpha must be between 0 and 1, got {alpha}")
     require_positive(batch_size=batch_size)
-    names, palette = classes or classes_for({}, model.n_cls)
+    names, palette = classes or generic_classes(model.n_cls)
     outputs = output_paths(paths, Path(out_dir))
     refuse_overwrite([p for pair in outputs for p in pair], paths, overwrite)
     for path in paths:  # every image decodes, or nothing is written: a rerun never meets half the outputs

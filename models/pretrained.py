@@ -35,6 +35,10 @@ RECIPE = "synthetic-mini"
 DEFAULT_MODELS = ("depict-sa", "depict-ca", "segmenter")  # the first is the default of every command
 LABELS = {"depict-sa": "DEPICT-SA", "depict-ca": "DEPICT-CA", "segmenter": "Segmenter"}  # in figures and tables
 VALIDATION = {"dataset": "synthetic", "split": "val", "num_images": 200}  # where the recorded mIoU comes from
+# How a source names a model wherever a checkpoint path goes (models.sources), importable without torch
+BUILTIN = "builtin:"  # a built-in model: builtin:segmenter
+ZOO = "zoo:"  # an official release, downloaded on first use: zoo:seg-s-mask-ade20k
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def toy_model_note(labels: Sequence[str]) -> str:

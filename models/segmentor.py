@@ -292,7 +292,8 @@ def view_labels(
 ) -> Tensor:
     """``view_probs(...).argmax(1)``: labels (B, H, W) of ``batch`` images at ``size`` from each view's
     merged logits (B, K, h, w), uint8 for at most 256 classes (else int64); ``outputs``: what the
-    maps are (``decoder_outputs``).
+    maps are (``decoder_outputs``). A single view's labels are the argmax of its resized maps (the
+    softmax changes no argmax, and is a third of the cost of a robustness sweep's decode).
 
     When the probabilities at ``size`` would hold more than ``map_values`` values (default
     ``MAP_VALUES``), the views' logits are kept at their own size and the rest of the protocol (resize to
@@ -303,7 +304,15 @@ def view_labels(
     (H, W), K = size, n_cls
     dtype = torch.uint8 if K <= 256 else torch.int64
     if batch * K * H * W <= (MAP_VALUES if map_values is None else map_values):
-        return view_probs(view_logits, size, outputs).argmax(1).to(dtype)
+        view_logits = iter(view_logits)
+        first, second = next(view_logits, None), next(view_logits, None)
+        if first is not None and second is None:  # one view: softmax is monotonic, its argmax is the maps'
+            logits, flipped = first
+            if tuple(logits.shape[-2:]) != tuple(size):
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            return (logits.flip(-1) if flipped else logits).argmax(1).to(dtype)
+        views = itertools.chain([view for view in (first, second) if view is not None], view_logits)
+        return view_probs(views, size, outputs).argmax(1).to(dtype)
     logits, held = [], 0
     for view, flipped in view_logits:
         held += view.numel()

@@ -1,4 +1,4 @@
-"""Where a model comes from, and what it says about itself: ``open_checkpoint(source)``.
+"""Where a model comes from, and what it says about itself: ``open_checkpoint(source)`` -> ``LoadedModel``.
 
 A source is one of:
 
@@ -8,27 +8,58 @@ A source is one of:
 
 ``CheckpointInfo`` is what the metadata says about the model, in one place: the dataset it was
 trained on (and so its class names and colours), the iteration, and the inference protocol an
-official release records.
+official release records. ``LoadedModel`` is the one record of a loaded model every command, the
+suite, robustness and Python share: the model and its ``CheckpointInfo`` (label, source, classes).
+
+A source may carry a name, ``NAME=SOURCE`` (``baseline=runs/a/checkpoint.pt``); ``labelled_sources``
+names every source of a run (``source_label`` by default, repeats numbered).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from depict_analysis.foundation.device import resolve_device
+from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.models.checkpoint import load_model
 from depict_analysis.models.data import DatasetError, class_info, make_palette
+from depict_analysis.models.pretrained import BUILTIN, CHECKPOINT_SUFFIXES, DEFAULT_MODELS, LABELS, ZOO, load_default
 from depict_analysis.models.segmentor import Segmentor
 
-BUILTIN = "builtin:"
-ZOO = "zoo:"
 RUN_CHECKPOINTS = ("checkpoint.pt", "checkpoint.pth")  # named after their folder: a run, a release
+
+
+def trained_dataset(meta: dict[str, Any] | None) -> str | None:
+    """The dataset a checkpoint was trained on: our run's ``train_config``, or an official variant.yml's."""
+    meta = meta or {}
+    ours = (meta.get("train_config") or {}).get("dataset")
+    official = ((meta.get("variant") or {}).get("dataset_kwargs") or {}).get("dataset")
+    name = ours or official
+    return name if isinstance(name, str) else None
+
+
+def dataset_classes(dataset: str | None, n_cls: int) -> tuple[list[str], np.ndarray] | None:
+    """(names, colours (n_cls, 3) uint8) of ``dataset`` when it has exactly ``n_cls`` fixed classes, else None."""
+    if dataset is None:
+        return None
+    try:
+        names, palette = class_info(dataset)
+    except DatasetError:  # a dataset without fixed classes (folder), or an unknown name
+        return None
+    return (list(names), np.asarray(palette)) if len(names) == n_cls else None
+
+
+def generic_classes(n_cls: int) -> tuple[list[str], np.ndarray]:
+    """``class i`` and ``make_palette(n_cls)``: the classes of a model nothing names."""
+    return [f"class {i}" for i in range(n_cls)], make_palette(n_cls)
 
 
 @dataclass(frozen=True)
@@ -48,37 +79,70 @@ class CheckpointInfo:
     @property
     def class_names(self) -> list[str]:
         """The training dataset's class names when it has exactly ``n_cls`` classes, else ``class i``."""
-        return self._classes()[0]
+        return self.classes()[0]
 
     @property
     def palette(self) -> np.ndarray:
         """Class colours (n_cls, 3) uint8: the training dataset's, else ``make_palette(n_cls)``."""
-        return self._classes()[1]
+        return self.classes()[1]
 
-    def _classes(self) -> tuple[list[str], np.ndarray]:
+    def classes(self, images_dataset: str | None = None) -> tuple[list[str], np.ndarray]:
+        """(names, colours (n_cls, 3) uint8) of the model's classes: its training dataset's; when the metadata
+        names none, those of ``images_dataset`` (the dataset analysed) if it has ``n_cls`` classes; else
+        ``generic_classes``."""
         if self.dataset is not None:
-            try:
-                names, palette = class_info(self.dataset)
-            except DatasetError:  # a dataset without fixed classes (folder)
-                names = []
-            if len(names) == self.n_cls:
-                return list(names), np.asarray(palette)
-        return [f"class {i}" for i in range(self.n_cls)], make_palette(self.n_cls)
+            return dataset_classes(self.dataset, self.n_cls) or generic_classes(self.n_cls)
+        return dataset_classes(images_dataset, self.n_cls) or generic_classes(self.n_cls)
+
+    def evaluation_dataset(self) -> tuple[str | None, str | None, dict[str, Any]]:
+        """(name, root, extra arguments of ``build_dataset``) of the dataset the model was trained on, as
+        far as the metadata says; a procedural dataset's ``length`` (training scenes) is left out."""
+        trained = self.train_config
+        if trained:
+            kwargs = {k: v for k, v in (trained.get("dataset_kwargs") or {}).items() if k != "length"}
+            return trained["dataset"], trained.get("data_root"), kwargs
+        return self.dataset, None, {}
 
 
-def trained_dataset(meta: dict[str, Any]) -> str | None:
-    """The dataset a checkpoint was trained on: our run's ``train_config``, or an official variant.yml's."""
-    ours = (meta.get("train_config") or {}).get("dataset")
-    official = ((meta.get("variant") or {}).get("dataset_kwargs") or {}).get("dataset")
-    name = ours or official
-    return name if isinstance(name, str) else None
+class LoadedModel(NamedTuple):
+    """A model in memory and what its checkpoint says about it (``open_checkpoint``). Unpacks as
+    ``model, info = load_model(...)``."""
+
+    model: Segmentor
+    info: CheckpointInfo
+
+    @staticmethod
+    def of(model: Segmentor, label: str, source: str | None = None) -> "LoadedModel":
+        """A model built in Python (no checkpoint metadata), named ``label``; ``source`` (default ``label``)
+        is what results record as where it came from."""
+        return LoadedModel(model, CheckpointInfo(label, source or label, "python", model.n_cls))
+
+    @property
+    def label(self) -> str:
+        return self.info.label
+
+    @property
+    def source(self) -> str:
+        return self.info.source
+
+    @property
+    def family(self) -> str:
+        return self.model.decoder.family
+
+    @property
+    def role(self) -> str:
+        """``white-box`` | ``black-box`` | ``linear`` (``Decoder.role``)."""
+        return self.model.decoder.role
+
+    def describe(self) -> dict[str, str]:
+        """What a run records about the model: label, source, decoder family and role, variant."""
+        return {"label": self.label, "source": self.source, "decoder": self.family, "role": self.role,
+                "variant": self.model.config.name}
 
 
 def source_label(source: str | os.PathLike) -> str:
     """A short name for a source: a built-in model's label, a zoo release's name, a run's or release's
     folder (for ``checkpoint.pt`` / ``checkpoint.pth`` and release folders), else the file's stem."""
-    from depict_analysis.models.pretrained import LABELS  # the package data, only when a label is asked for
-
     text = str(source)
     if text.startswith(BUILTIN):
         return LABELS.get(text[len(BUILTIN):], text)
@@ -110,19 +174,47 @@ def parse_labelled(text: str) -> tuple[str | None, str]:
     return label, source
 
 
+def is_checkpoint(argument: str) -> bool:
+    """Whether a command-line argument names a model rather than an image: ``NAME=SOURCE``, ``builtin:`` /
+    ``zoo:`` names, ``.pt`` / ``.pth`` files and official release folders (with ``variant.yml``)."""
+    label, source = parse_labelled(argument)
+    path = Path(source)
+    return (label is not None or source.startswith((BUILTIN, ZOO)) or path.suffix in CHECKPOINT_SUFFIXES
+            or (path / "variant.yml").is_file())
+
+
+def labelled_sources(
+    sources: Sequence[str | os.PathLike], labels: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """(label, source) of each ``[NAME=]SOURCE``: the name given, else ``source_label``; repeated labels get
+    ``#i``. ``labels`` (``NAME=SOURCE`` each) name sources among ``sources``, or add them."""
+    pairs = [list(parse_labelled(str(s))) for s in sources]
+    for text in labels or []:
+        name, source = parse_labelled(text)
+        if name is None:
+            raise ConfigError(f"a label takes NAME=SOURCE, got {text!r}")
+        match = next((pair for pair in pairs if pair[1] == source), None)
+        if match is None:
+            pairs.append([name, source])
+        else:
+            match[0] = name
+    names = [name or source_label(source) for name, source in pairs]
+    unique = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+    return list(zip(unique, [source for _, source in pairs]))
+
+
 def open_checkpoint(
     source: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     trust: bool = False,
     label: str | None = None,
-) -> tuple[Segmentor, CheckpointInfo]:
-    """(model in eval mode on ``device``, its ``CheckpointInfo``) of any source (see the module
-    docstring); the built-in DEPICT-SA when ``source`` is None. ``label`` names the model in figures
-    and tables (default: ``source_label``). A zoo release is downloaded only here, the first time it
-    is named."""
-    from depict_analysis.models.pretrained import DEFAULT_MODELS, load_default
-
+) -> LoadedModel:
+    """The model (in eval mode on ``device``: ``auto`` | ``cpu`` | ``cuda[:i]`` or a torch.device) and its
+    ``CheckpointInfo`` of any source (see the module docstring); the built-in DEPICT-SA when ``source`` is None. ``label`` names the model in figures
+    and tables (default: ``source_label``). A zoo release is
+    downloaded only here, the first time it is named."""
     text = f"{BUILTIN}{DEFAULT_MODELS[0]}" if source is None else str(source)
+    device = resolve_device(device) if isinstance(device, str) else device
     if text.startswith(BUILTIN):
         name = text[len(BUILTIN):]
         model, meta = load_default(name, device)
@@ -146,4 +238,4 @@ def open_checkpoint(
         train_config=meta.get("train_config"),
         meta=meta,
     )
-    return model, info
+    return LoadedModel(model, info)

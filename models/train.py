@@ -670,7 +670,8 @@ class _Run:
                                f"{kept}; lower the learning rate or check the data")
 
     def evaluate(self) -> dict:
-        protocol = eval_protocol(self.net, self.val_set, self.config.to_dict())  # as `depict eval` on the checkpoint
+        # as `depict eval` on the checkpoint, but with the training-time stride (the official training loop's)
+        protocol = eval_protocol(self.net, self.val_set, self.config.to_dict(), stride=self.config.eval_stride)
         self.scores = evaluate(self.net, self.val_set, **protocol, num_images=self.config.eval_images)
         return self.scores
 

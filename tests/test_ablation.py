@@ -19,7 +19,8 @@ from depict_analysis.ablation import (
 from depict_analysis.interventions import edited
 from depict_analysis.models.data import build_dataset
 from depict_analysis.models.evaluate import eval_protocol, evaluate
-from depict_analysis.models.pretrained import LABELS, load_default
+from depict_analysis.models.pretrained import LABELS
+from depict_analysis.models.sources import open_checkpoint
 from depict_analysis.robustness import EvaluationImages
 from depict_analysis.uncertainty import Bootstrap, image_resamples
 
@@ -33,7 +34,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def builtin():
-    return [(LABELS[name], f"builtin:{name}", *load_default(name)) for name in LABELS]
+    return [open_checkpoint(f"builtin:{name}") for name in LABELS]  # LoadedModel: (model, info)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def depict_eval(model, meta, dataset, n=N_IMAGES):
 
 
 def test_the_clean_miou_of_every_builtin_model_equals_depict_eval_on_the_same_images(heads, builtin, dataset):
-    for label, _, model, meta in builtin:
-        reference = depict_eval(model, meta, dataset)
+    for model, info in builtin:
+        label, reference = info.label, depict_eval(model, info.meta, dataset)
         np.testing.assert_array_equal(heads.scores(label)[0].iou, np.array(reference["iou"]))  # every class exactly
         assert heads.clean(label).estimate == pytest.approx(reference["miou"], rel=1e-14)  # (numpy's nanmean sums in another order)
 
@@ -68,7 +69,8 @@ def test_one_row_per_unit_for_every_model(heads):
 
 def test_each_units_miou_equals_a_full_forward_with_that_unit_edited(heads, builtin, dataset):
     """The ablated decoder reads the tokens the backbone gave once; a full `evaluate` under the same edit agrees."""
-    label, _, model, meta = builtin[1]  # DEPICT-CA: MSSA and MSCA heads
+    model, info = builtin[1]  # DEPICT-CA: MSSA and MSCA heads
+    label, meta = info.label, info.meta
     units = ablation_units(model, "head", dataset.class_names)
     for u in (0, 7):
         with edited(model, *units[u].edits):
@@ -112,18 +114,17 @@ def test_resampled_counts_are_the_sums_over_the_resampled_images():
 
 
 def test_mean_ablation_records_the_images_its_means_came_from(builtin, dataset):
-    label, source, model, meta = builtin[0]
-    images = EvaluationImages(dataset, num_images=3)
-    result = run_ablation([(label, source, model, meta)], images, unit="class", mode="mean", bootstrap=Bootstrap(50))
+    label, images = builtin[0].label, EvaluationImages(dataset, num_images=3)
+    result = run_ablation(builtin[:1], images, unit="class", mode="mean", bootstrap=Bootstrap(50))
     assert result.settings["mean_images"] == [dataset.item_path(i) for i in range(3)]
     assert [r["unit"] for r in result.unit_rows(label)] == dataset.class_names
-    zero = run_ablation([(label, source, model, meta)], images, unit="class", bootstrap=Bootstrap(50))
+    zero = run_ablation(builtin[:1], images, unit="class", bootstrap=Bootstrap(50))
     assert zero.clean(label).estimate == result.clean(label).estimate
     assert [r["miou"].estimate for r in zero.unit_rows(label)] != [r["miou"].estimate for r in result.unit_rows(label)]
 
 
 def test_subspace_units_project_each_heads_span_out_after_its_layer(builtin, dataset):
-    label, source, model, meta = builtin[0]
+    model = builtin[0].model
     units = ablation_units(model, "subspace", dataset.class_names)
     assert [u.name for u in units] == [f"mssa{l}[{k}]" for l in (1, 2, 3) for k in (0, 1)]
     assert [e.site for e in units[2].edits] == ["tokens/mssa2", "classes/mssa2"]

@@ -55,3 +55,14 @@ def test_evaluation_reference_protocol_equals_ours(variant):
 @pytest.mark.parametrize("variant", ["depict-sa-tiny", "depict-ca-tiny", "segmenter-tiny"])
 def test_analysis_naive_rates_equal_ours(variant):
     assert bench_inference.check_analysis(variant, n_cls=6, images=2) <= 1e-9
+
+
+def test_robustness_benchmark_compares_equal_records(capsys):
+    """The sweep (backbone once per window) and the full forward per (σ, draw) score the same records."""
+    from benchmarks import robustness as bench_robustness
+
+    args = bench_robustness.argparse.Namespace(
+        variant="depict-sa-tiny", n_cls=4, height=40, width=60, short_side=0, images=2, batch=4, sigmas="0,0.1",
+        draws=2, seed=0, repeats=1)
+    result = bench_robustness.speed(args, torch.device("cpu"))
+    assert result["max_miou_diff"] <= 1e-12 and "window 32, stride 16" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from depict_analysis import CodingRates, Comparison, analyze_coding_rates
 from depict_analysis.cli.analyze import app
-from depict_analysis.cli.runs import is_checkpoint, labelled_sources
+from depict_analysis.models.sources import is_checkpoint, labelled_sources
 from depict_analysis.coding_rate import class_rate, rate_table, token_rate
 from depict_analysis.inputs import Batch, image_batches
 from depict_analysis.tracing import Trace, trace, trace_batches

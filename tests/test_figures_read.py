@@ -16,6 +16,7 @@ from depict_analysis import analyze_attention, analyze_class_rates, analyze_codi
 from depict_analysis.inputs import image_batches
 from depict_analysis.models.pretrained import load_default
 from depict_analysis.pca import MIN_SEGMENT_SHARE, choose_k
+from depict_analysis.models.sources import LoadedModel
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.plots import plot_subspace_rates
 from depict_analysis.robustness import run_robustness
@@ -74,7 +75,7 @@ def test_robustness_marks_sigma_half_with_its_interval():
     def batches_for(side):
         return image_batches(side, dataset="synthetic", split="val", num_images=3, batch_size=3)
 
-    result = run_robustness([("SA", "builtin:depict-sa", model)], batches_for, resolve_perturbation("gaussian", "decoder"),
+    result = run_robustness([LoadedModel.of(model, "SA", "builtin:depict-sa")], batches_for, resolve_perturbation("gaussian", "decoder"),
                             (0, 0.01, 0.1, 1.0), None, draws=1)
     half = result.curve("SA").sigma_half(result.bootstrap.level)
     assert np.isfinite(half.estimate)

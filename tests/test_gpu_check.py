@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import gpu_check
 from depict_analysis.models import create_model
-from depict_analysis.perturbations import PARAMETER_SIGMAS
+from depict_analysis.perturbations import PAPER_SIGMAS, PARAMETER_SIGMAS
 
 CPU = torch.device("cpu")
 
@@ -228,3 +228,16 @@ def test_the_budget_stops_sections_and_rows(tmp_path, monkeypatch):
     section = data["sections"]["evaluation"]
     assert section["status"] == "partial"
     assert [r["status"] for r in section["rows"]] == ["ok", "skipped: time budget"]
+
+
+def test_paper_sweep_rows_score_the_evaluation_protocol_and_project_the_figure(smoke):
+    section = smoke["sections"]["paper_sweep"]
+    assert section["sigmas"] == list(PAPER_SIGMAS) and len(PAPER_SIGMAS) == 20 and section["draws"] == 3
+    by_family = {r["family"]: r for r in section["rows"]}
+    assert list(by_family) == ["depict-sa", "segmenter"]
+    for row in by_family.values():
+        assert 1 <= row["images"] <= 2 and row["evaluations_per_image"] == 1 + 19 * 3
+        assert row["protocol"] == {"window": 32, "stride": 16} and 0.0 <= row["clean_miou"] <= 1.0
+    per_image = sum(1 / r["images_per_s"] for r in by_family.values()) / 2
+    assert section["projected_figure_s"] == pytest.approx(2000 * 4 * per_image)
+    assert "Paper-preset sweep (evaluation protocol, 20 σ × 3 draws" in gpu_check.render_markdown(smoke)

@@ -279,13 +279,14 @@ def test_eval_and_predict_protocols_follow_the_official_scripts(tmp_path):
     assert predict_protocol(release, meta, short_side=0)["img_scale"] is None
     assert predict_protocol(ours, {}, stride=8, short_side=40) == {"window": 32, "stride": 8, "img_scale": (160, 40)}
     assert predict_protocol(ours, {})["img_scale"] is None  # no dataset, no run: images keep their size
-    # our runs: their eval_stride; the dataset's base size, else the run's base size, else its crop
+    # our runs: crop - 32, not their (training-time) eval_stride; the dataset's base size, else the
+    # run's base size, else its crop
     run = TrainConfig(model="depict-sa-tiny", dataset="synthetic", base_size=48, eval_stride=20).to_dict()
-    assert eval_protocol(ours, ade, run) == {"window": 32, "stride": 20, "short_side": 512}
-    assert eval_protocol(ours, synthetic, run) == {"window": 32, "stride": 20, "short_side": 48}
+    assert eval_protocol(ours, ade, run) == {"window": 32, "stride": 16, "short_side": 512}
+    assert eval_protocol(ours, synthetic, run) == {"window": 32, "stride": 16, "short_side": 48}
     assert eval_protocol(ours, synthetic, {**run, "base_size": None})["short_side"] == 32
-    # predict resolves the same short side as eval on the run's own dataset
-    assert predict_protocol(ours, {"train_config": run}) == {"window": 32, "stride": 20, "img_scale": (192, 48)}
+    # predict resolves the same short side and stride as eval on the run's own dataset
+    assert predict_protocol(ours, {"train_config": run}) == {"window": 32, "stride": 16, "img_scale": (192, 48)}
     assert predict_protocol(ours, {"train_config": {**run, "base_size": None}})["img_scale"] == (128, 32)
 
 
@@ -304,7 +305,8 @@ def write_ade(root, sizes, seed=0):
 
 def test_eval_cli_on_a_run_equals_its_metrics_json(tmp_path, monkeypatch):
     """Training's evaluation and `depict eval` of the checkpoint resolve one protocol: the dataset's
-    base size (here 40, not the 32-px crop), the run's eval_stride; the same scores to the last bit."""
+    base size (here 40, not the 32-px crop); training evaluates with its eval_stride (24, as the
+    official training loop), `depict eval` with crop - 32 (16) unless told: the same scores to the last bit."""
     monkeypatch.setattr(ADE20K, "base_size", 40)  # ADE20K's 512 on 32-px test images would be slow
     root = write_ade(tmp_path / "ade", [(30, 44), (52, 36)])
     config = TrainConfig(model="depict-sa-tiny", dataset="ade20k", data_root=str(root), batch_size=2, num_workers=0,
@@ -312,7 +314,11 @@ def test_eval_cli_on_a_run_equals_its_metrics_json(tmp_path, monkeypatch):
     train(config, progress=False)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]
     out = tmp_path / "scores.json"
+    assert metrics["stride"] == 24
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text())["stride"] == 16
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run" / "checkpoint.pt"), "--stride", "24", "--out", str(out)])
     assert result.exit_code == 0, result.stderr
     scores = json.loads(out.read_text())
     assert (scores["window"], scores["stride"], scores["short_side"], scores["img_scale"]) == (32, 24, 40, [160, 40])

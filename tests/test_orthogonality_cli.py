@@ -105,7 +105,7 @@ def test_saved_layout_and_matrices(tmp_path):
     paths = Comparison(["sa", "linear"], ["sa.pt", "linear.pt"], [result, linear]).save(tmp_path)
     assert sorted(p.name for p in paths) == sorted(["orthogonality.png", "orthogonality.pdf", "orthogonality_P.png",
                                                     "orthogonality_P.pdf", "orthogonality.json", "orthogonality.csv",
-                                                    "orthogonality.npz"])
+                                                    "orthogonality.npz", "orthogonality.result.npz"])
     proj = model.decoder.layers[0].subspaces().detach().double()  # (h, p, d)
     entry = json.loads((tmp_path / "orthogonality.json").read_text())["checkpoints"][0]
     panel = entry["panels"][0]

@@ -10,7 +10,8 @@ from depict_analysis.cli.main import app
 from depict_analysis.models import create_model, load_model, predict_probs, save_checkpoint
 from depict_analysis.models.data import class_info, load_image, make_palette
 from depict_analysis.models.data.base import image_to_tensor
-from depict_analysis.models.predict import overlay, palette_for
+from depict_analysis.models.predict import overlay
+from depict_analysis.models.sources import CheckpointInfo, trained_dataset
 
 K = 5
 
@@ -74,9 +75,11 @@ def test_overlay_blends_class_colours_and_palette_follows_the_dataset():
     out = np.asarray(overlay(image, label, palette, alpha=0.5))
     np.testing.assert_array_equal(out[0, 0], [50, 50, 50])
     np.testing.assert_array_equal(out[0, 1], [178, 50, 75])  # round((100 + 255) / 2) = 178 (half to even)
-    np.testing.assert_array_equal(palette_for({"train_config": {"dataset": "synthetic"}}, 8), class_info("synthetic")[1])
-    assert palette_for({"variant": {"dataset_kwargs": {"dataset": "ade20k"}}}, 150).shape == (150, 3)
-    assert palette_for({}, 4).shape == (4, 3)
+    info = lambda meta, n_cls: CheckpointInfo("m", "m.pt", "depict-analysis", n_cls, trained_dataset(meta), meta=meta)  # noqa: E731
+    np.testing.assert_array_equal(info({"train_config": {"dataset": "synthetic"}}, 8).palette, class_info("synthetic")[1])
+    assert info({"variant": {"dataset_kwargs": {"dataset": "ade20k"}}}, 150).palette.shape == (150, 3)
+    np.testing.assert_array_equal(info({}, 4).palette, make_palette(4))
+    assert info({"train_config": {"dataset": "synthetic"}}, 5).class_names == [f"class {i}" for i in range(5)]  # other classes
 
 
 @pytest.mark.parametrize("case, fragment", [

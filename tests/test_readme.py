@@ -15,9 +15,14 @@ from depict_analysis.models.data.synthetic import render_scene
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def notebook_example() -> str:
-    section = README.read_text(encoding="utf-8").split("### In a notebook", 1)[1]
+def example(heading: str) -> str:
+    """The first Python block after the README heading ``heading``."""
+    section = README.read_text(encoding="utf-8").split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def notebook_example() -> str:
+    return example("### In a notebook")
 
 
 def test_notebook_example_runs_and_stays_short(tmp_path, monkeypatch, capsys):
@@ -33,6 +38,30 @@ def test_notebook_example_runs_and_stays_short(tmp_path, monkeypatch, capsys):
     assert printed.startswith("{'input': ") and "'mssa1': " in printed
     assert scope["rates"].num_images == 1
     assert isinstance(scope["pca"].figures()["pca-seg_photo"], Figure)
+
+
+def test_compare_example_runs_two_checkpoints_on_the_same_images(tmp_path, monkeypatch, capsys):
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(render_scene(rng, 80)[0]).save(tmp_path / "photos" / f"p{i}.png")
+    monkeypatch.chdir(tmp_path)
+    matplotlib.use("Agg")
+    scope: dict = {}
+    exec(compile(example("### Compare checkpoints"), "README.md", "exec"), scope)
+    result = scope["result"]
+    assert result.labels == ["DEPICT-SA", "seg"] and result.sources == ["builtin:depict-sa", "builtin:segmenter"]
+    assert [r.model["decoder"] for r in result.results] == ["depict_sa", "mask_transformer"]
+    assert all(r.num_images == 3 and r.settings["eps"] == 0.2 for r in result.results)
+    # the same images: each model's coding rate equals the one of tracing them by hand
+    from depict_analysis import analyze_coding_rates, load_images, load_model, trace
+
+    for label, source, got in zip(result.labels, result.sources, result.results):
+        model, _ = load_model(source)
+        by_hand = analyze_coding_rates(trace(model, load_images(sorted((tmp_path / "photos").iterdir()), model)), eps=0.2)
+        np.testing.assert_allclose(got.token_rate.per_image, by_hand.token_rate.per_image, rtol=1e-6)
+    assert (tmp_path / "rates" / "coding_rate.json").is_file() and (tmp_path / "rates" / "coding_rate.png").is_file()
+    assert str(result.labels) in capsys.readouterr().out
 
 
 def test_the_intervention_example_runs_and_changes_the_prediction(tmp_path, monkeypatch, capsys):

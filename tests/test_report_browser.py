@@ -67,9 +67,9 @@ class Figures(HTMLParser):
 def rendered(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     models = [load_default(name)[0] for name in ("depict-sa", "segmenter")]
-    from depict_analysis.suite import SuiteModel  # noqa: PLC0415
+    from depict_analysis.models.sources import LoadedModel  # noqa: PLC0415
 
-    result = run_suite([SuiteModel("SA", "builtin:depict-sa", models[0]), SuiteModel("Seg", "builtin:segmenter", models[1])],
+    result = run_suite([LoadedModel.of(models[0], "SA", "builtin:depict-sa"), LoadedModel.of(models[1], "Seg", "builtin:segmenter")],
                        out / "data", FAST, progress=False, command="pytest")
     page = write_report(result, out / "data", out / "report.html")
     measured = out / "measured.html"

@@ -26,6 +26,7 @@ from depict_analysis.foundation.errors import InputError
 from depict_analysis.inputs import image_batches
 from depict_analysis.outputs import plain_json
 from depict_analysis.models.pretrained import load_default
+from depict_analysis.models.sources import LoadedModel
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.robustness import run_robustness
 
@@ -46,7 +47,7 @@ def results(model, traced) -> dict[str, Result]:
     def batches_for(side):
         return image_batches(side, dataset="synthetic", split="val", num_images=3, batch_size=3)
 
-    robustness = run_robustness([("CA", "builtin:depict-ca", model)], batches_for, resolve_perturbation("gaussian", "decoder"),
+    robustness = run_robustness([LoadedModel.of(model, "CA", "builtin:depict-ca")], batches_for, resolve_perturbation("gaussian", "decoder"),
                                 (0, 0.1), None, draws=2)
     rates = analyze_coding_rates(traced, per_head=True)
     return {

@@ -18,6 +18,7 @@ import depict_analysis.robustness as rob
 from depict_analysis.models import create_model
 from depict_analysis.models.data import build_dataset
 from depict_analysis.models.evaluate import decode_labels, encode_image, evaluate, image_labels
+from depict_analysis.models.sources import LoadedModel
 from depict_analysis.perturbations import resolve_perturbation
 from depict_analysis.robustness import EvaluationImages, ModelSweep, draw_generator, robustness_records
 from tests.test_evaluate import _folder
@@ -139,7 +140,7 @@ def test_parameter_sets_are_drawn_once_per_sigma_and_draw(dataset, monkeypatch):
 
 def test_an_interrupted_sweep_keeps_the_images_scored(dataset, monkeypatch):
     """Ctrl-C during the second model: both models on the images it finished, ``complete`` False."""
-    models = [("a", "a", tiny("depict-sa-tiny")), ("b", "b", tiny("segmenter-tiny"))]
+    models = [LoadedModel.of(tiny("depict-sa-tiny"), "a"), LoadedModel.of(tiny("segmenter-tiny"), "b")]
     scored = []
     original = ModelSweep.score_image
 
@@ -153,7 +154,7 @@ def test_an_interrupted_sweep_keeps_the_images_scored(dataset, monkeypatch):
     noise = resolve_perturbation("gaussian", "decoder")
     result = rob.run_robustness(models, EvaluationImages(dataset), noise, (0, 0.1), None, draws=1)
     assert not result.complete and result.num_images == 2 and result.labels == ["a", "b"]
-    full = robustness_records(models[0][2], "a", EvaluationImages(dataset, num_images=2), noise, (0, 0.1), draws=1)
+    full = robustness_records(models[0].model, "a", EvaluationImages(dataset, num_images=2), noise, (0, 0.1), draws=1)
     assert [e.miou for e in result.evaluations[:2]] == [e.miou for e in full]
     assert result.settings["protocol"] == "evaluation"
 
@@ -164,6 +165,7 @@ SHARDED = textwrap.dedent('''
     from depict_analysis.foundation.distributed import process_group, rank_and_world
     from depict_analysis.models import create_model
     from depict_analysis.models.data import build_dataset
+    from depict_analysis.models.sources import LoadedModel
     from depict_analysis.perturbations import resolve_perturbation
     from depict_analysis.robustness import EvaluationImages, ModelSweep, run_robustness
 
@@ -174,7 +176,7 @@ SHARDED = textwrap.dedent('''
     ModelSweep.score_image = lambda self, image, label, i, p: scored.append(i) or score(self, image, label, i, p)
     with process_group(torch.device("cpu")):
         torch.manual_seed(0)
-        models = [("sa", "sa", create_model("depict-sa-tiny", n_cls=4).eval())]
+        models = [LoadedModel.of(create_model("depict-sa-tiny", n_cls=4).eval(), "sa")]
         result = run_robustness(models, EvaluationImages(build_dataset("folder", root, "val")),
                                 resolve_perturbation("gaussian", "input"), (0, 0.2), out, draws=2)
         rank, world = rank_and_world()
@@ -206,3 +208,37 @@ def test_a_two_process_sweep_gives_the_records_of_one_process(tmp_path):
     assert two[0]["records"] == one["records"] == two[1]["records"]
     written = json.loads((tmp_path / "out2" / "robustness.json").read_text())
     assert written["records"] == one["records"] and written["complete"]
+
+
+@pytest.mark.slow
+def test_depict_eval_under_torchrun_scores_each_image_once_and_writes_once(tmp_path):
+    """``torchrun --nproc-per-node 2 -m depict_analysis.cli.main eval``: the scores of one process."""
+    from depict_analysis.models import save_checkpoint
+
+    root = tmp_path / "folder"
+    folder_dataset(root)
+    save_checkpoint(tmp_path / "sa.pt", tiny("depict-sa-tiny"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    scores = {}
+    for world in (1, 2):
+        out = tmp_path / f"scores{world}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+                   str(29610 + world), "-m", "depict_analysis.cli.main", "eval", str(tmp_path / "sa.pt"), "--dataset",
+                   "folder", "--data-root", str(root), "--device", "cpu", "--out", str(out)]
+        done = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("pixel accuracy") == 1  # one table, from rank 0
+        scores[world] = json.loads(out.read_text())
+    assert scores[2] == scores[1] and scores[1]["n_images"] == len(SIZES)
+
+
+def test_the_paper_grid_is_the_depict_noise_plots():
+    """``--sigmas paper``: 0, {1..5}·1e-3, {1..5}·1e-2, 0.1..0.8, 1.0; parameter noise only."""
+    from depict_analysis.foundation.errors import ConfigError
+    from depict_analysis.perturbations import parse_sigmas
+
+    expected = [0.0] + [k * 1e-3 for k in range(1, 6)] + [k * 1e-2 for k in range(1, 6)] + [k / 10 for k in range(1, 9)] + [1.0]
+    grid = parse_sigmas("paper", resolve_perturbation("gaussian", "decoder"))
+    assert grid == pytest.approx(expected, rel=1e-12) and len(grid) == 20
+    with pytest.raises(ConfigError, match="parameter noise"):
+        parse_sigmas("paper", resolve_perturbation("gaussian", "input"))

@@ -15,8 +15,9 @@ from depict_analysis import __version__
 from depict_analysis.cli.analyze import app
 from depict_analysis.models import create_model, save_checkpoint
 from depict_analysis.models.pretrained import load_default
+from depict_analysis.models.sources import CheckpointInfo, LoadedModel, open_checkpoint
 from depict_analysis.report import write_report
-from depict_analysis.suite import SuiteModel, SuiteSettings, p_cosine, q_offdiag, run_suite
+from depict_analysis.suite import SuiteSettings, p_cosine, q_offdiag, run_suite
 from depict_analysis.uncertainty import VERDICTS
 
 K = 8  # the synthetic dataset's classes
@@ -43,9 +44,8 @@ def suite(tmp_path_factory):
     (out / "pca-seg").mkdir()
     (out / "pca-seg" / "pca-seg_from_another_run.png").write_bytes(b"\x89PNG\r\n\x1a\nstale")  # an earlier run's figure
     # trained models (the built-in ones: an untrained model is itself at its class prior) and a stuck one
-    models = [SuiteModel("SA", "builtin:depict-sa", load_default("depict-sa")[0]),
-              SuiteModel("Seg", "builtin:segmenter", load_default("segmenter")[0]),
-              SuiteModel("Stuck", "stuck", stuck_on_background())]
+    models = [open_checkpoint("builtin:depict-sa", label="SA"), open_checkpoint("builtin:segmenter", label="Seg"),
+              LoadedModel(stuck_on_background(), CheckpointInfo("Stuck", "stuck", "python", K))]
     return out, run_suite(models, out, FAST, progress=False, command="pytest suite")
 
 
@@ -55,6 +55,7 @@ def test_suite_writes_every_analysis_and_a_summary(suite):
         assert files and all((out / f).stat().st_size > 0 for f in files), name
     assert "pca-seg/pca-seg_from_another_run.png" not in result.files["pca-seg"]
     assert "robustness/robustness.npz" in result.files["robustness"]
+    assert "ablation/ablation.png" in result.files["ablation"] and result.ablation.labels == ["SA", "Seg", "Stuck"]
     summary = json.loads((out / "summary.json").read_text())
     assert [m["decoder"] for m in summary["models"]] == ["depict_sa", "mask_transformer", "mask_transformer"]
     assert summary["run"] | {"date": None} == {"version": __version__, "command": "pytest suite", "date": None, "seed": 0}
@@ -70,7 +71,12 @@ def test_every_finding_names_its_statistic_and_data_and_follows_from_its_numbers
     assert len(claims) == 1 + 2 * 5
     observations = [f for f in result.findings if f.kind == "observation"]
     assert [f.statement for f in observations] == [
+        *(f"Each of SA's subspaces serves fewer classes than each of {black}'s attention heads: removing one costs IoU "
+          "on fewer classes" for black in ("Seg", "Stuck")),
         "The coding rate R(Z_j) of SA's patch tokens falls from the decoder input to its last layer"]
+    heads = observations[0]
+    assert heads.values["SA"].estimate == result.ablation.concentration_replicates("SA")[0]
+    assert "Herfindahl" in heads.statistic and "zero-ablated" in heads.data
     for finding in result.findings:
         assert finding.verdict in VERDICTS and finding.statistic and finding.data, finding.statement
         if finding.verdict != "not decided" and finding.difference is not None:
@@ -92,7 +98,7 @@ def test_a_model_at_its_class_prior_is_warned_about_and_holds_nothing(suite):
     assert result.robustness.at_class_prior("Stuck") and not result.robustness.at_class_prior("SA")
     assert any(w.startswith("Stuck is at its class prior") for w in result.warnings)
     about_stuck = [f for f in result.findings if "Stuck" in f.statement]
-    assert len(about_stuck) == 4  # Q̂ raw and centred, P against W_Q, σ½
+    assert len(about_stuck) == 5  # Q̂ raw and centred, P against W_Q, σ½, heads' class concentration
     for finding in about_stuck:
         assert finding.verdict == "not decided" and any("Stuck is at its class prior" in n for n in finding.notes)
 
