@@ -77,8 +77,8 @@ def run_and_report(models: list[str], folder: Path, page: Path, title: str, imag
     from depict_analysis.suite import SuiteSettings, run_suite
 
     refuse_images(models, "report MODEL")
-    check_out_file(page, inputs=[*models, *(images or []), *(labels or [])])
     check_out_dir(folder)
+    check_out_file(page, inputs=[*models, *(images or []), *(labels or [])])
     source = image_source(images, dataset, data_root, split, num_images, labels).describe()
     images_from = {key: value for key, value in source.items() if key != "num_images"}
     named = labelled_sources(models)
