@@ -440,7 +440,7 @@ class ModelSweep:
             total = 0
             for b, batch in enumerate(batches):
                 if batch.labels is None:
-                    raise InputError("robustness needs ground-truth labels: give --labels with --images, or a --dataset")
+                    raise InputError("robustness needs ground-truth labels: images with labels, or a dataset", arguments=("labels", "images", "dataset"))
                 indices = range(total, total + len(batch.labels))
                 total += len(indices)
                 if b % world == rank:

@@ -232,7 +232,7 @@ def test_input_perturbations():
 
 @pytest.mark.parametrize(
     "noise, target, relative, message",
-    [("blur", "decoder", False, "target input"), ("head-rotation", "encoder", False, "must be decoder"),
+    [("blur", "decoder", False, "target='input'"), ("head-rotation", "encoder", False, "must be decoder"),
      ("salt-pepper", None, True, "relative"), ("gaussian", "input", True, "relative"), ("wobble", None, False, "unknown noise")],
 )
 def test_meaningless_combinations_are_refused(noise, target, relative, message):
