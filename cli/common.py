@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,23 +43,48 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _message(error: BaseException) -> str:
-    """One line for the user: an OSError names its file and reason, a DepictError is its message."""
+def _message(error: BaseException, options: dict[str, str]) -> str:
+    """One line for the user: an OSError names its file and reason, a DepictError is its message with the
+    Python arguments it names written as the command's ``options`` (``_flags``)."""
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    text = text.splitlines()[0] if text else type(error).__name__
+    return _flags(text, getattr(error, "arguments", ()), options)
+
+
+def command_options(command: Callable) -> dict[str, str]:
+    """``{parameter name: its long flag}`` of a typer command function (``overrides`` -> ``--set``)."""
+    flags = {}
+    for name, param in inspect.signature(command).parameters.items():
+        if isinstance(param.default, typer.models.OptionInfo):
+            declared = [d for d in param.default.param_decls or () if d.startswith("--")]
+            flags[name] = declared[0].split("/")[0] if declared else f"--{name.replace('_', '-')}"
+    return flags
+
+
+def _flags(text: str, arguments: Sequence[str], options: dict[str, str]) -> str:
+    """``text`` with the last mention of each argument it names (``name`` or ``name=value``) written as the
+    command's option (``--flag`` or ``--flag value``; ``=True``: the bare flag), where the command has one."""
+    for argument in arguments:
+        name, _, value = argument.partition("=")
+        if name in options:
+            flag = options[name] if value in ("", "True") else f"{options[name]} {value.strip(chr(39))}"
+            found = list(re.finditer(rf"(?<![\w/.\-]){re.escape(argument)}(?![\w/.\-])", text))
+            if found:  # the last mention: an earlier one may be the word itself ("for 1 iterations (give iterations ...")
+                text = text[:found[-1].start()] + flag + text[found[-1].end():]
+    return text
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn the library's input errors into a one-line message and exit code 2."""
+    """Turn the library's input errors into a one-line message (with this command's flags) and exit code 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as e:
-            fail(_message(e))
+            fail(_message(e, command_options(command)))
 
     return wrapper
 

@@ -110,7 +110,7 @@ def train(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps.", show_default="1000"),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading processes.", show_default="4"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.", show_default="0"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoint.pt, log.jsonl, metrics.json.",
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoint.pt, log.jsonl, metrics.json.",
                                        show_default="runs/train"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Backbone weights: a local file, or a timm name (downloads).",
@@ -131,7 +131,7 @@ def train(
     options = dict(
         model=variant, dataset=dataset, data_root=data_root and str(data_root), crop_size=crop_size, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, iterations=iterations, lr=lr, amp=amp, compile=compile_model, eval_every=eval_every,
-        eval_images=eval_images, save_every=save_every, num_workers=num_workers, seed=seed, out_dir=out and str(out),
+        eval_images=eval_images, save_every=save_every, num_workers=num_workers, seed=seed, out_dir=out_dir and str(out_dir),
         device=device, pretrained=pretrained,
     )
     result = run_training(build_config(resume=resume, config_file=config, overrides=overrides, **options), resume=resume, progress=progress)

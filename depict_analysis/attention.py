@@ -45,8 +45,6 @@ from depict_analysis.results import Result
 from depict_analysis.tracing import Trace, as_traces, class_labels
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, warn_sample_size
 
-READINGS = ("joint", "patch", "cross", "contract", "membership")
-CLASS_READINGS = ("joint", "cross")  # maps with a row per class
 SHOWN_CLASSES = 4  # classes drawn per example image unless chosen
 
 

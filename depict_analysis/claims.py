@@ -27,9 +27,6 @@ import numpy as np
 from depict_analysis.foundation.errors import InputError
 from depict_analysis.uncertainty import Bootstrap, Interval, decide, mean_replicates, percentile_interval
 
-KINDS = ("claim", "observation")
-
-
 @dataclass(frozen=True)
 class Finding:
     """One claim or observation with its verdict (see the module docstring)."""
@@ -127,10 +124,3 @@ def trend(
 
 def _interval(estimate: float, replicates: np.ndarray, level: float) -> Interval:
     return percentile_interval(replicates, estimate, level) if len(replicates) else Interval(estimate, math.nan, math.nan, level)
-
-
-def finding_rows(findings: list[Finding]) -> list[dict[str, Any]]:
-    """One flat row per finding for CSV: kind, statement, verdict, statistic, data, values, difference."""
-    return [{"kind": f.kind, "statement": f.statement, "verdict": f.verdict, "statistic": f.statistic, "data": f.data,
-             "values": "; ".join(f"{k} {v.text()}" for k, v in f.values.items()),
-             "difference": f.difference.text() if f.difference else "", "notes": "; ".join(f.notes)} for f in findings]

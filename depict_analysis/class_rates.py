@@ -80,7 +80,8 @@ def trace_class_rates(tr: Trace, by: str, eps: float, normalize: str) -> dict[st
     K = tr.model["n_cls"]
     if by == "ground_truth":
         if tr.labels is None:
-            raise InputError("per-class rates by ground truth need labels: give --labels with --images, a --dataset, or --by prediction")
+            raise InputError("per-class rates by ground truth need labels: images with labels, a dataset, or by='prediction'",
+                             arguments=("labels", "images", "dataset", "by='prediction'"))
         maps = tr.labels
     else:
         maps = tr.prediction

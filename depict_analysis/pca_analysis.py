@@ -58,7 +58,7 @@ def parse_layers(text: str) -> list[int | str]:
     """``"0,L1"`` -> ``[0, "L1"]``; names stay names: ``"input,mssa3"`` (the CLI's ``--layers``)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise ConfigError(f"--layers takes comma-separated layer numbers, names or {LAST}, got {text!r}")
+        raise ConfigError(f"layers takes comma-separated layer numbers, names or {LAST}, got {text!r}", arguments="layers")
     return [int(t) if t.isdigit() else t for t in items]
 
 

@@ -103,11 +103,11 @@ def resolve_perturbation(noise: str, target: str | None = None, relative: bool =
         raise ConfigError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
     target = target or ("input" if noise in PIXEL_NOISES else "decoder")
     if noise in PIXEL_NOISES and target != "input":
-        raise ConfigError(f"{noise} perturbs images: use --target input (or leave it out), not {target}")
+        raise ConfigError(f"{noise} perturbs images: use target='input' (or leave it out), not {target}", arguments="target='input'")
     if noise in STRUCTURED and target != "decoder":
-        raise ConfigError(f"{noise} transforms the decoder's subspace projections: --target must be decoder, not {target}")
+        raise ConfigError(f"{noise} transforms the decoder's subspace projections: target must be decoder, not {target}", arguments="target")
     if relative and (noise not in PARAMETER_NOISES or target == "input"):
-        raise ConfigError("--relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters")
+        raise ConfigError("relative scales parameter noise by each tensor's std; it needs gaussian / uniform noise on parameters", arguments="relative")
     return Perturbation(noise, target, relative)
 
 
@@ -115,15 +115,15 @@ def parse_sigmas(text: str, perturbation: Perturbation) -> tuple[float, ...]:
     """``"0,1e-3,0.01"`` -> sorted unique σ values, always including 0 (the clean reference);
     ``"paper"``: ``PAPER_SIGMAS``, the grid of the DEPICT noise plots (parameter noise only)."""
     if perturbation.kind == "structured":
-        raise ConfigError(f"{perturbation.noise} has no σ: it is either applied or not (use --draws for more rotations)")
+        raise ConfigError(f"{perturbation.noise} has no σ: it is either applied or not (use draws for more rotations)", arguments="draws")
     if text.strip() == "paper":
         if perturbation.kind != "parameter":
-            raise ConfigError("the paper's σ grid is for parameter noise (--target decoder, encoder or all)")
+            raise ConfigError("the paper's σ grid is for parameter noise (target decoder, encoder or all)", arguments="target")
         return tuple(float(s) for s in PAPER_SIGMAS)
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"sigmas must be comma-separated numbers, got {text!r}", arguments="sigmas") from None
     bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
     if bad or not values:
         raise ConfigError(f"σ values must be finite numbers ≥ 0, got {text!r}")

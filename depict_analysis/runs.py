@@ -106,7 +106,7 @@ def _trace_targets(path: str | os.PathLike, labels: Sequence[str], sources: Sequ
         else [path] * len(labels)
     read = _input_files(sources, images)
     for target in targets:
-        check_out_file(target, "--save-trace", inputs=read)
+        check_out_file(target, "save_trace", inputs=read)
     return targets
 
 

@@ -163,16 +163,16 @@ def _read_weights_file(path: Path) -> dict[str, Tensor]:
     try:
         state = serialization.load(path)
     except serialization.PickledObjects:
-        raise ConfigError(f"--pretrained {path}: holds pickled Python objects (code); refused") from None
+        raise ConfigError(f"pretrained {path}: holds pickled Python objects (code); refused", arguments="pretrained") from None
     except serialization.NotAPyTorchFile as e:
-        raise ConfigError(f"--pretrained {path}: {e}") from None
+        raise ConfigError(f"pretrained {path}: {e}", arguments="pretrained") from None
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"--pretrained {path}: not a mapping of weight names to tensors")
+        raise ConfigError(f"pretrained {path}: not a mapping of weight names to tensors", arguments="pretrained")
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
-        raise ConfigError(f"--pretrained {path}: weight {bad} holds NaN / Inf values")
+        raise ConfigError(f"pretrained {path}: weight {bad} holds NaN / Inf values", arguments="pretrained")
     return state
 
 
@@ -185,7 +185,7 @@ def load_pretrained(backbone: ViTBackbone, source: str) -> None:
     path = Path(source)
     if path.exists() or path.suffix in WEIGHT_SUFFIXES:
         if not path.is_file():
-            raise ConfigError(f"--pretrained {source}: no such file")
+            raise ConfigError(f"pretrained {source}: no such file", arguments="pretrained")
         state = _read_weights_file(path)
     else:
         import timm
@@ -197,11 +197,12 @@ def load_pretrained(backbone: ViTBackbone, source: str) -> None:
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         detail = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this ViT has not"
-        raise ConfigError(f"--pretrained {source}: not weights of this ViT: it {detail}")
+        raise ConfigError(f"pretrained {source}: not weights of this ViT: it {detail}", arguments="pretrained")
     for name, value in found.items():
         shape = expected[name].shape
         if name == "pos_embed" and value.ndim == 3 and value.shape[-1] == shape[-1]:
             continue  # resized to our grid
         if value.shape != shape:
-            raise ConfigError(f"--pretrained {source}: {name} is {tuple(value.shape)}, this backbone needs {tuple(shape)}")
+            raise ConfigError(f"pretrained {source}: {name} is {tuple(value.shape)}, this backbone needs {tuple(shape)}",
+                              arguments="pretrained")
     backbone.load_vit_weights(state)

@@ -49,7 +49,7 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     except serialization.PickledObjects:
         raise CheckpointError(
             f"{path}: holds Python objects beyond tensors and numbers, and loading it could run code; "
-            "if you trust its source, pass --trust-checkpoint"
+            "if you trust its source, pass trust=True", arguments="trust=True"
         ) from None
     except serialization.NotAPyTorchFile as e:
         raise CheckpointError(f"{path}: {e}") from None

@@ -318,7 +318,7 @@ def view_labels(
         held += view.numel()
         if held > VIEW_VALUES:
             raise InputError(f"the views of this {W} x {H} image need over {VIEW_VALUES * 4 >> 30} GiB of class maps; "
-                             "resize it smaller (e.g. --short-side)")
+                             "resize it smaller (e.g. short_side)", arguments="short_side")
         logits.append((view, flipped))
     if not logits:
         raise ConfigError("inference needs at least one view")

@@ -209,11 +209,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"overrides expects key=value, got {item!r}", arguments="overrides")
         try:
-            values[key.strip()] = load_yaml(text, f"--set {key.strip()}")
+            values[key.strip()] = load_yaml(text, f"overrides {key.strip()}")
         except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+            raise ConfigError(f"overrides {item!r}: the value is not valid YAML", arguments="overrides") from None
     return values
 
 
@@ -237,8 +237,9 @@ def build_config(
     for layer in layers:
         changed = next((key for key in MODEL_FIELDS if key in layer and key in trained and layer[key] != trained[key]), None)
         if changed:
-            raise ConfigError(f"--resume {resume} continues a run of {changed} {trained[changed]!r}; "
-                              f"it cannot change to {layer[changed]!r} (start a new run in another --out)")
+            raise ConfigError(f"resume {resume} continues a run of {changed} {trained[changed]!r}; "
+                              f"it cannot change to {layer[changed]!r} (start a new run in another out_dir)",
+                              arguments=("resume", "out_dir"))
     values: dict[str, Any] = {}
     for layer in [trained, *layers]:
         if "epochs" in layer and "iterations" not in layer:
@@ -548,7 +549,8 @@ def run_lock(out_dir: Path, main: bool) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise ConfigError(f"{out_dir} is in use by another depict train; wait for it or pick another --out") from None
+        raise ConfigError(f"{out_dir} is in use by another depict train; wait for it or pick another out_dir",
+                          arguments="out_dir") from None
     try:
         yield
     except BaseException:
@@ -569,7 +571,8 @@ class _Run:
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
         resuming_here = resume is not None and self.checkpoint_path.exists() and Path(resume).resolve() == self.checkpoint_path.resolve()
         if self.checkpoint_path.exists() and not resuming_here:
-            raise ConfigError(f"{self.out_dir} already holds a run; resume it with --resume {self.checkpoint_path} or pick another --out")
+            raise ConfigError(f"{self.out_dir} already holds a run; resume it with resume={self.checkpoint_path} or pick another out_dir",
+                              arguments=(f"resume={self.checkpoint_path}", "out_dir"))
 
         _seed(config.seed)  # the same initial weights on every rank
         train_set = build_dataset(config.dataset, config.data_root, config.train_split, **config.dataset_kwargs)
@@ -579,7 +582,7 @@ class _Run:
         raw = read_checkpoint(resume) if resume is not None else None
         if raw is not None and isinstance(raw.get("iteration"), int) and raw["iteration"] >= config.iterations:
             raise ConfigError(f"{resume} is at iteration {raw['iteration']}: nothing left to do for {config.iterations} "
-                              "iterations (give --iterations above it to train on)")
+                              "iterations (give iterations above it to train on)", arguments="iterations")
         self.net = build_model(config, train_set.n_cls) if raw is None else _model_from_checkpoint(raw, resume)
         if self.net.n_cls != train_set.n_cls:
             raise ConfigError(f"the checkpoint predicts {self.net.n_cls} classes but {train_set.name} has {train_set.n_cls}")

@@ -478,7 +478,7 @@ def _register(
         before = manifest["files"].get(path)
         if before and not force and (before["size"], before["sha256"]) != (record["size"], record["sha256"]):
             raise ZooError(f"{source / file}: differs from the {path} recorded for zoo:{name} (size or sha256); "
-                           "import with force=True (--force) to replace it")
+                           "import with force=True to replace it", arguments="force=True")
         target = folder / path
         if target.resolve() != (source / file).resolve():
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ def test_saved_trace_gives_the_same_numbers(tmp_path):
 def test_without_labels_by_ground_truth_is_one_clear_error():
     model = tiny_model()
     batch = blocky_batch(1)
-    with pytest.raises(ValueError, match="--by prediction"):
+    with pytest.raises(ValueError, match="by='prediction'"):
         analyze_class_rates([trace(model, Batch(batch.pixels, None, ["x"]))])
 
 

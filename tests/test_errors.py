@@ -38,3 +38,19 @@ def test_a_bug_inside_an_analysis_shows_its_traceback(tmp_path, monkeypatch, bug
     result = run_coding_rate(tmp_path)
     assert result.exit_code == 1 and result.exception is bug  # not caught: Python prints the traceback
     assert not result.stderr.startswith("error:")
+
+
+def test_library_errors_name_arguments_and_the_cli_shows_its_flags(tmp_path):
+    """A library message names the Python argument (a notebook has no flags); a command shows its own flag."""
+    from depict_analysis.cli.main import app as depict
+    from depict_analysis.models.train import parse_overrides
+
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(["lr"])
+    assert str(err.value) == "overrides expects key=value, got 'lr'" and err.value.arguments == ("overrides",)
+    result = CliRunner().invoke(depict, ["train", "--set", "lr", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output.strip() == "error: --set expects key=value, got 'lr'"
+    (tmp_path / "folder.trace").mkdir()
+    folder = CliRunner().invoke(app, ["coding-rate", "--num-images", "1", "--save-trace", str(tmp_path / "folder.trace"),
+                                      "--out", str(tmp_path / "out")])
+    assert folder.output.strip() == f"error: --save-trace {tmp_path / 'folder.trace'} is a folder; give a file name"

@@ -47,7 +47,8 @@ def is_special(path: Path) -> bool:
 
 def _refuse_special(path: Path, what: str) -> None:
     if is_special(path):
-        raise InputError(f"{what} {path} is a special file (a device, FIFO or socket); give a regular file or folder")
+        raise InputError(f"{what} {path} is a special file (a device, FIFO or socket); give a regular file or folder",
+                         arguments=what)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -104,36 +105,36 @@ def _check_folder_usable(folder: Path, target: Path, what: str) -> None:
     folder this process cannot write into."""
     ancestor = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not ancestor.is_dir():
-        raise InputError(f"{what} {target}: {ancestor} is a file, not a folder")
+        raise InputError(f"{what} {target}: {ancestor} is a file, not a folder", arguments=what)
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {target}: cannot write into {ancestor} (permission denied)")
+        raise InputError(f"{what} {target}: cannot write into {ancestor} (permission denied)", arguments=what)
 
 
 def _refuse_inputs(path: Path, inputs: Iterable[str | os.PathLike], what: str) -> None:
     """Refuse ``path`` when it is one of ``inputs`` (links and relative paths resolved)."""
     target = path.resolve()
     if any(target == Path(source).resolve() for source in inputs):
-        raise InputError(f"{what} {path} is also an input of this run; write it elsewhere")
+        raise InputError(f"{what} {path} is also an input of this run; write it elsewhere", arguments=what)
 
 
-def check_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+def check_out_dir(path: str | os.PathLike, what: str = "out") -> Path:
     """``path`` as an output folder: a folder, or one that can be created (nothing is created yet);
     not a special file."""
     path = Path(path)
     _refuse_special(path, what)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path} is a file; give a folder")
+        raise InputError(f"{what} {path} is a file; give a folder", arguments=what)
     _check_folder_usable(path, path, what)
     return path
 
 
-def check_out_file(path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_out_file(path: str | os.PathLike, what: str = "out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """``path`` as an output file: not a folder nor a special file, in a folder that exists or can be
     created and is writable, and not one of the run's ``inputs`` (a checkpoint, an image, ...)."""
     path = Path(path)
     _refuse_special(path, what)
     if path.is_dir():
-        raise InputError(f"{what} {path} is a folder; give a file name")
+        raise InputError(f"{what} {path} is a folder; give a file name", arguments=what)
     _check_folder_usable(path.parent, path, what)
     _refuse_inputs(path, inputs, what)
     return path
@@ -150,4 +151,4 @@ def refuse_overwrite(outputs: Iterable[Path], inputs: Iterable[Path] = (), overw
         if out.is_dir():
             raise InputError(f"{out} exists and is a folder")
         if out.exists() and not overwrite:
-            raise InputError(f"{out} exists; pass --overwrite to replace it, or pick another --out")
+            raise InputError(f"{out} exists; pass overwrite=True to replace it, or pick another out", arguments=("overwrite=True", "out"))
