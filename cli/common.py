@@ -195,3 +195,25 @@ DatasetOption = typer.Option(None, "--dataset", help="ade20k | pascal_context (6
 DataRootOption = typer.Option(None, "--data-root", help="The dataset's root folder.")
 SplitOption = typer.Option("val", "--split", help="Dataset split.")
 SeedOption = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers.")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def refuse_images(arguments: list | None, example: str) -> None:
+    """One convention for every command: models are positional, images go after --images. An image given
+    where a model goes is one line saying so (``example``: the command, e.g. ``coding-rate CKPT``)."""
+    for argument in arguments or []:
+        source = str(argument).partition("=")[2] if "=" in str(argument) and not Path(str(argument)).exists() else str(argument)
+        if Path(source).suffix.lower() in IMAGE_SUFFIXES:
+            fail(f"{argument} is an image, not a model: images go after --images "
+                 f"(depict-analyze {example} --images {source}; label maps after --labels)")
+
+
+def note_builtin_models(sources: list[str], labels: list[str], dataset: str | None, always: bool = False) -> None:
+    """The one-line note when built-in (toy) models run on images other than the synthetic task's."""
+    from depict_analysis.models.pretrained import toy_model_note
+
+    builtin = [label for label, source in zip(labels, sources) if str(source).startswith(BUILTIN)]
+    if builtin and (always or dataset != "synthetic"):
+        warn(toy_model_note(builtin))

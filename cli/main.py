@@ -19,7 +19,8 @@ from rich.table import Table
 
 import depict_analysis.models
 from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption,
-                                        console, fail, new_app, print_table, split_checkpoint, user_errors)
+                                        console, fail, new_app, note_builtin_models, print_table, refuse_images,
+                                        split_checkpoint, user_errors)
 from depict_analysis.cli.zoo import app as zoo_app
 from depict_analysis.foundation.files import check_out_dir, check_out_file
 
@@ -47,6 +48,7 @@ def info(
     from depict_analysis.models.sources import open_checkpoint
     from depict_analysis.models.summary import model_summary
 
+    refuse_images([checkpoint], "info MODEL")
     model = create_model(variant, n_cls) if variant else open_checkpoint(checkpoint, device, trust).model
     image_size = image_size or max(model.config.backbone.image_size)
     summary = model_summary(model, (image_size, image_size))
@@ -186,6 +188,7 @@ def evaluate_command(
     batch_size: int = BatchOption,
     amp: bool = AmpOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the scores to this JSON file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON (what --out writes) instead of a table."),
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
@@ -199,6 +202,7 @@ def evaluate_command(
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
     from depict_analysis.models.sources import open_checkpoint
 
+    refuse_images([checkpoint], "eval MODEL --dataset NAME --data-root DIR")
     if out is not None:
         check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
     with process_group(resolve_device(device)) as run_device:  # one process, or this one's share under torchrun
@@ -218,6 +222,12 @@ def evaluate_command(
         )
         if not is_writer():
             return
+    record = {"checkpoint": info.source, "dataset": data.name, "split": split, "classes": data.class_names, **scores}
+    if out is not None:
+        atomic_write_text(out, json.dumps(jsonable(record), indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(jsonable(record), indent=2))
+        return
     table = Table(title=f"{data.name} {split}: {scores['n_images']} images")
     for column in ("class", "IoU", "accuracy"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -228,10 +238,6 @@ def evaluate_command(
     table.add_row("[bold]mean", f"[bold]{percent(scores['miou'])}", f"[bold]{percent(scores['mean_acc'])}")
     table.add_row("pixel accuracy", "", percent(scores["pixel_acc"]))
     console.print(table)
-    if out is not None:
-        record = {"checkpoint": info.source, "dataset": data.name, "split": split,
-                  "classes": data.class_names, **scores}
-        atomic_write_text(out, json.dumps(jsonable(record), indent=2) + "\n")
 
 
 @app.command()
@@ -272,6 +278,7 @@ def predict(
     images = image_files(sources)
     refuse_overwrite([p for pair in output_paths(images, out) for p in pair], images, overwrite)  # before loading anything
     model, info = open_checkpoint(checkpoint, device, trust)
+    note_builtin_models([info.source], [info.label], None, always=True)
     protocol = predict_protocol(model, info.meta, window=window, stride=stride, short_side=short_side)
     records = predict_files(
         model, images, out, classes=info.classes(), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the model stack is imported inside the command: `--help` st
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 Noise = Enum("Noise", {name: name for name in NOISES}, type=str)
 Target = Enum("Target", {name: name for name in TARGETS}, type=str)
+Protocol = Enum("Protocol", {name: name for name in ("evaluation", "crops")}, type=str)
 
 
 @contextmanager
@@ -99,10 +100,15 @@ def robustness(
     dataset: Optional[str] = DatasetOption,
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
-    num_images: int = typer.Option(32, "--num-images", min=1, help="Images to evaluate every (σ, draw) on."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass."),
+    protocol: Protocol = typer.Option(
+        "evaluation", "--protocol", help="evaluation: every image scored as depict eval scores it (σ = 0 is its mIoU); "
+        "crops: square crops at the training size (faster, not depict eval's numbers)."),
+    num_images: Optional[int] = typer.Option(
+        None, "--num-images", min=1, help="Images to evaluate every (σ, draw) on (the first N).",
+        show_default="all (evaluation protocol), 32 (crops)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows (evaluation) or crops per forward pass."),
     size: Optional[int] = typer.Option(
-        None, "--size", min=1, help="Side of the square crops, in pixels.", show_default="each model's training size"
+        None, "--size", min=1, help="Side of the square crops, in pixels (--protocol crops).", show_default="each model's training size"
     ),
     out: Path = typer.Option(Path("figures/robustness"), "--out", help="Output folder."),
     device: str = DeviceOption,
@@ -116,16 +122,25 @@ def robustness(
     global-rotation and head-orthonormalize (decoders with subspace projections: DEPICT, CBT, ToST)
     compare clean with transformed.
     """
+    from depict_analysis.foundation.device import resolve_device
+    from depict_analysis.foundation.distributed import is_writer, process_group
     from depict_analysis.robustness import NAME, run_robustness
     from depict_analysis.uncertainty import Bootstrap
 
     check_out_dir(out)
+    if size is not None and protocol.value == "evaluation":
+        fail("--size sets the square crops of --protocol crops; the evaluation protocol scores whole images")
+    crops = protocol.value == "crops"
     perturbation = resolve_perturbation(noise.value, target.value if target else None, relative)
     grid = parse_sigmas(sigmas, perturbation) if sigmas is not None else perturbation.default_sigmas()
-    source = image_source(images, dataset, data_root, split, num_images, labels, size=size, batch_size=batch_size)
-    with sigterm_as_interrupt():
+    source = image_source(images, dataset, data_root, split, num_images or (32 if crops else None), labels, size=size,
+                          batch_size=batch_size, view="crop" if crops else "evaluation")
+    with sigterm_as_interrupt(), process_group(resolve_device(device)) as run_device:  # torchrun: each process its share
         result = run_robustness(checkpoints, source, perturbation, grid, out, draws=draws, seed=seed,
-                                bootstrap=Bootstrap(resamples, level, seed), device=device, trust=trust)
+                                bootstrap=Bootstrap(resamples, level, seed), device=run_device, trust=trust)
+        writer = is_writer()
+    if not writer:
+        return
     if not result.complete:
         fail(f"interrupted: partial results on {result.num_images} images in {out}/", INTERRUPTED)
     console.print(summary_table(result))

@@ -35,6 +35,8 @@ from depict_analysis.cli.common import (
     check_out_dir,
     fail,
     image_source,
+    note_builtin_models,
+    refuse_images,
     user_errors,
 )
 from depict_analysis.cli.options import LabelsOption
@@ -71,11 +73,13 @@ class RunOptions:
     size: int | None = None
     device: str = "auto"
     trust: bool = False
+    command: str = "COMMAND"  # its name, for messages
 
     def models(self) -> list[tuple[str, str]]:
         """(label, source) of the positional checkpoints, named by ``--label``."""
         from depict_analysis.models.sources import labelled_sources
 
+        refuse_images(self.checkpoints, f"{self.command} MODEL")
         return labelled_sources(self.checkpoints or [], self.label)
 
     def source(self) -> ImageSource | None:
@@ -98,6 +102,9 @@ class RunOptions:
         if self.trace_files and (self.checkpoints or self.label):
             fail("give checkpoints or --trace files, not both")
         images = source or self.source()
+        if images is not None and not self.trace_files:
+            named = self.models() or [(m, m) for m in models] or [("DEPICT-SA", "builtin:depict-sa")]
+            note_builtin_models([s for _, s in named], [label for label, _ in named], images.dataset)
         return compare(None if self.trace_files else self.models() or list(models), images, analysis, traces=self.trace_files, out=self.out,
                        save_trace=self.save_trace, device=self.device, trust=self.trust, **settings)
 
@@ -148,7 +155,8 @@ def trace_command(
         @functools.wraps(command)
         def wrapper(**given):
             check_out_dir(given["out"])
-            return command(RunOptions(**{name: given.pop(name) for name in names}), **given)
+            run = RunOptions(**{name: given.pop(name) for name in names}, command=command.__name__.replace("_", "-"))
+            return command(run, **given)
 
         del wrapper.__wrapped__  # typer reads the signature below, not the command's
         wrapper.__signature__ = inspect.Signature(shared[:-3] + own + shared[-3:])

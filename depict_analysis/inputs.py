@@ -5,7 +5,9 @@ many images, and the view each image is seen in:
 
 - ``crop``: resized (short side) and centre-cropped to a square of the model's training size (or
   ``size``), so that images batch on one token grid;
-- ``whole``: each image alone at its own aspect, the short side capped at that size (``pca-seg IMAGE``).
+- ``whole``: each image alone at its own aspect, the short side capped at that size (``pca-seg IMAGE``);
+- ``evaluation``: each image as ``depict eval`` scores it (the dataset's test resize, sliding windows,
+  merged logits; ``labelled_dataset`` gives the images to ``robustness.EvaluationImages``).
 
 ``ImageSource.batches(model)`` gives the number of images and their ``Batch``es for one model.
 """
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from depict_analysis.foundation.errors import ConfigError, InputError
-from depict_analysis.models.data import DatasetError, build_dataset, load_image, load_label
+from depict_analysis.models.data import (DatasetError, FileSegmentationDataset, SegmentationDataset, build_dataset, load_image,
+                                         load_label, make_palette)
 from depict_analysis.models.data.base import image_to_tensor
 from depict_analysis.models.data.transforms import resize_image, resize_label
 
@@ -167,7 +170,7 @@ def image_at_scale(path: str | Path, max_short_side: int, gt: str | Path | None 
     return Batch(pixels, labels, [str(path)])
 
 
-VIEWS = ("crop", "whole")
+VIEWS = ("crop", "whole", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,21 @@ class ImageSource:
         return image_batches(side, images=self.images or None, dataset=self.dataset, data_root=self.data_root,
                              split=self.split, num_images=self.num_images, batch_size=self.batch_size,
                              labels=self.labels or None)
+
+    def count(self) -> int:
+        """The number of images: the first ``num_images`` of the files or the split (all by default)."""
+        total = len(image_files(self.images)) if self.images else len(build_dataset(self.dataset, self.data_root, self.split))
+        return total if self.num_images is None else min(total, self.num_images)
+
+    def labelled_dataset(self, n_cls: int) -> SegmentationDataset:
+        """The images as a dataset read untransformed by the evaluation protocol: the split itself, or the
+        image files with their label maps (matched by stem; ``n_cls`` classes named ``class i``, no test resize)."""
+        if self.dataset is not None:
+            return build_dataset(self.dataset, self.data_root, self.split)
+        files = image_files(self.images)
+        labels = matching_labels(files, self.labels) if self.labels else [None] * len(files)
+        return FileSegmentationDataset(self.split, list(zip(files, labels)), [f"class {i}" for i in range(n_cls)],
+                                       make_palette(n_cls), expected="image files")
 
     def require_classes(self, model: torch.nn.Module) -> None:
         """Refuse to score ``model`` against this dataset's labels when it predicts another number of

@@ -57,6 +57,19 @@ READING = {
         "bootstrap interval over images and draws). A curve that stays flat to larger σ belongs to the more "
         "robust decoder; σ½ is where the mIoU falls to half its clean value."
     ),
+    "attention": (
+        "Where each class query looks: the share of its attention over the patches that lands on its own class's "
+        "patches (majority label per patch: the ground truth where the images have labels, else the model's own "
+        "prediction), per layer and head, against what uniform attention would give; then one example image per "
+        "model and layer, each query's map over it, all maps of a figure on one colour scale."
+    ),
+    "class-rates": (
+        "Per-class coding rates through the decoder (MCR²): R(Z_j) of the labelled tokens, the class-weighted "
+        "Σ_c (N_c/N) R(Z_{j,c}) and the rate reduction ΔR_j, their difference, per token stage, with each class's "
+        "rate as a heatmap. A decoder that separates classes into their own subspaces raises ΔR through its layers. "
+        "Tokens take the majority label of their pixels: the ground truth where the images have labels, else the "
+        "model's prediction."
+    ),
     "ablation": (
         "Each head removed in turn (zero-ablation: it contributes nothing to its layer's update; for DEPICT, "
         "nothing is written into its subspace span(P_k)), scored on the same images as the clean model with the "
@@ -66,7 +79,8 @@ READING = {
     ),
 }
 TITLES = {"coding-rate": "Coding rates", "pca-seg": "PCA segmentation", "orthogonality": "Orthogonality",
-          "robustness": "Robustness to decoder-parameter noise", "ablation": "Ablation of each head"}
+          "robustness": "Robustness to decoder-parameter noise", "attention": "Attention on each class",
+          "class-rates": "Per-class coding rates and ΔR", "ablation": "Ablation of each head"}
 
 
 def _text(value: Interval | None, scale: float = 1.0) -> str:
@@ -157,6 +171,28 @@ def display_width(png: Path) -> tuple[int, float]:
     return math.ceil(printed * enlarge), min_pt
 
 
+def _attention_table(result: SuiteResult) -> dict:
+    rows = []
+    for label, maps in result.attention.items():
+        for layer in maps.class_layers:
+            rows.append([label, layer, maps.share(layer).text(100), maps.share_chance().text(100), maps.lift(layer).text(100)])
+    by = next(iter(result.attention.values())).settings["classes_by"] if result.attention else ""
+    return _table(["model", "layer", "own-class share (%)", "uniform attention (%)", "lift (points)"], rows,
+                  f"mean over images [interval]; patches labelled by {by.replace('_', ' ')}")
+
+
+def _class_rates_table(result: SuiteResult) -> dict:
+    rows = []
+    stages = max(len(rates.layers) for rates in result.class_rates.values())
+    for label, rates in result.class_rates.items():
+        for quantity, values in (("R(Z_j)", rates.total), ("ΔR_j", rates.delta)):
+            cells = [f"{name}: {value.text()}" for name, value in zip(rates.layers, intervals(values, rates.bootstrap))]
+            rows.append([label, quantity, *cells, *["—"] * (stages - len(cells))])
+    first = next(iter(result.class_rates.values()))
+    header = ["model", "nats", *(f"j = {j}" for j in range(stages))]
+    return _table(header, rows, f"mean over images [interval]; tokens labelled by {first.settings['by'].replace('_', ' ')}")
+
+
 def _figures(result: SuiteResult, folder: Path, name: str) -> list[dict[str, Any]]:
     """This run's PNG figures of one analysis, as base64 data with the width to show them at."""
     pngs = [folder / path for path in result.files.get(name, []) if path.endswith(".png")]
@@ -172,16 +208,17 @@ def report_page(result: SuiteResult, folder: str | Path, title: str) -> dict[str
     """Everything the template shows, as strings (the template escapes them)."""
     folder = Path(folder)
     settings, robustness = result.settings, result.robustness
+    scores = (lambda m: [robustness.curve(m.label).clean.text(100), robustness.curve(m.label).sigma_half(settings.level).text()]
+              ) if robustness is not None else (lambda m: ["— (no labels)", "—"])
     models = _table(["model", "checkpoint", "decoder", "role", "variant", "clean mIoU (%)", "σ½"], [
-        [m.label, m.source, m.family, m.role, m.model.config.name, robustness.curve(m.label).clean.text(100),
-         robustness.curve(m.label).sigma_half(settings.level).text()] for m in result.models])
-    tables = {"coding-rate": _coding_rate_tables(result), "pca-seg": [_pca_table(result)],
-              "orthogonality": [_orthogonality_table(result)], "robustness": [_robustness_table(result)]}
-    if result.ablation is not None:
-        tables["ablation"] = [_ablation_table(result)]
+        [m.label, m.source, m.family, m.role, m.model.config.name, *scores(m)] for m in result.models])
+    tables = {"coding-rate": lambda: _coding_rate_tables(result), "pca-seg": lambda: [_pca_table(result)],
+              "orthogonality": lambda: [_orthogonality_table(result)], "robustness": lambda: [_robustness_table(result)],
+              "attention": lambda: [_attention_table(result)], "class-rates": lambda: [_class_rates_table(result)],
+              "ablation": lambda: [_ablation_table(result)]}
     sections = [{"id": name, "title": TITLES[name] + (f" — {result.primary.label}" if name in ("coding-rate", "pca-seg") else ""),
-                 "reading": READING[name], "figures": _figures(result, folder, name), "tables": tables[name]}
-                for name in TITLES if name in tables]
+                 "reading": READING[name], "figures": _figures(result, folder, name), "tables": tables[name]()}
+                for name in TITLES if name in result.files]  # the analyses this run made
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     run = result.run | {
         "images": settings.images(result.num_images),

@@ -280,9 +280,9 @@ def per_image_counts(pred: Tensor, target: Tensor, n_cls: int, ignore_index: int
 def scores_from_counts(counts: np.ndarray) -> dict[str, float]:
     """``models.evaluate.miou``'s mIoU, pixel and mean accuracy from summed counts (3, K) (TP, label, predicted)."""
     tp, label = counts[0].astype(np.float64), counts[1].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"), quiet_nan_mean():
-        mean_acc = float(np.nanmean(tp / label))
-    return {"miou": float(miou_from_counts(counts)), "pixel_acc": float(tp.sum() / label.sum()), "mean_acc": mean_acc}
+    with np.errstate(invalid="ignore", divide="ignore"), quiet_nan_mean():  # no labelled pixel: NaN, as miou() gives
+        mean_acc, pixel_acc = float(np.nanmean(tp / label)), float(tp.sum() / label.sum())
+    return {"miou": float(miou_from_counts(counts)), "pixel_acc": pixel_acc, "mean_acc": mean_acc}
 
 
 @dataclass(frozen=True)
@@ -797,8 +797,13 @@ def run_robustness(
         raise ConfigError("a sweep needs σ = 0, the clean model every other σ is compared with")
     source = images if isinstance(images, ImageSource) else None
     size = source.size if source is not None else None
-    crops = not isinstance(images, EvaluationImages)
+    crops = not isinstance(images, EvaluationImages) and (source is None or source.view != "evaluation")
     protocol = "crops" if crops else "evaluation"
+    if source is not None and source.images and not source.labels:
+        raise InputError("robustness needs ground-truth labels: give label maps with the images, or a dataset")
+    models = list(models or default_models(perturbation))
+    count = len(images) if isinstance(images, EvaluationImages) else source.count() if source is not None else None
+    total = None if count is None else len(models) * len(shard(count))  # this process's images, for the bar's ETA
     recorded = {"input": source.describe(), "batch_size": source.batch_size} if source is not None else {}
     settings = sweep_settings(perturbation, sigmas, draws, seed) | recorded | (settings or {}) | {
         "size": size, "protocol": protocol, "protocol_description": PROTOCOLS[protocol]}
@@ -806,19 +811,23 @@ def run_robustness(
     described: list[dict] = []
     evaluations: list[Evaluation] = []
     sweep, complete = None, False
-    with image_progress(None, NAME, progress) as advance:
+    with image_progress(total, NAME, progress and is_writer()) as advance:
         try:
-            for loaded in loaded_models(models or default_models(perturbation), device, trust):
+            for loaded in loaded_models(models, device, trust):
                 model = loaded.model
                 side = size or max(model.config.backbone.image_size)
                 if source is not None:
                     source.require_classes(model)
+                if source is not None and not crops:
+                    sweep_images = EvaluationImages(source.labelled_dataset(model.n_cls), source.num_images,
+                                                    batch_size=source.batch_size)
+                elif source is not None:
                     sweep_images = lambda _, side=side: source.crops(side)  # noqa: E731
                 else:
                     sweep_images = (lambda _, side=side: images(side)) if crops else images
                 described.append({"label": loaded.label, "path": loaded.source, "size": side, "model": describe_model(model),
                                   "protocol": {"name": "crops", "size": side} if crops
-                                  else images.describe(model, loaded.info.train_config)})
+                                  else sweep_images.describe(model, loaded.info.train_config)})
                 sweep = ModelSweep(model, loaded.label, perturbation, sigmas, draws, seed)
                 n = sweep.run(sweep_images, loaded.info.train_config, advance)
                 evaluations += sweep.evaluations(n)[0]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,12 @@ import numpy as np
 import torch
 
 from depict_analysis import __version__
+from depict_analysis.attention import AttentionMaps, analyze_attention
 from depict_analysis.ablation import Ablation, concentration_finding, head_counts, run_ablation
+from depict_analysis.class_rates import ClassRates, analyze_class_rates
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
+from depict_analysis.foundation.progress import StageLog
 from depict_analysis.inputs import ImageSource
 from depict_analysis.models.data import build_dataset
 from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
@@ -75,6 +78,12 @@ class SuiteSettings:
     level: float = 0.95  # of every interval
     resamples: int = 1000  # bootstrap resamples behind every interval
     baseline_seeds: int = 5  # fresh initialisations (seeds seed, seed + 1, ...) of every decoder: orthogonality at init
+    attention_images: int = 16  # the attention analysis's images (the first of the run's), one example figure each model
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the images come with ground truth (a dataset, or label maps for the image files)."""
+        return bool(self.source.get("dataset") or self.source.get("labels"))
 
     @property
     def bootstrap(self) -> Bootstrap:
@@ -135,7 +144,9 @@ class SuiteResult:
     rates: CodingRates  # of the primary model
     pca: PCASegmentation  # of the primary model
     orthogonality: dict[str, Orthogonality]  # by model label
-    robustness: Robustness
+    robustness: Robustness | None  # None without ground truth: mIoU needs labels
+    attention: dict[str, AttentionMaps] = field(default_factory=dict)  # by model label
+    class_rates: dict[str, ClassRates] = field(default_factory=dict)  # by model label
     ablation: Ablation | None = None  # None when the images are not a dataset's, or no model has heads
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -157,9 +168,11 @@ class SuiteResult:
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds: the run, settings, models (clean mIoU with its interval), the
         claims and observations, the warnings, the files and the time taken."""
-        robustness = self.robustness.summary()["models"]
-        models = [m.describe() | {"clean_miou": robustness[m.label]["clean"], "sigma_half": robustness[m.label]["sigma_half"],
-                                  "at_class_prior": robustness[m.label]["at_class_prior"]} for m in self.models]
+        robustness = self.robustness.summary()["models"] if self.robustness is not None else {}
+        models = [m.describe() | {key: robustness.get(m.label, {}).get(key) for key in ("clean", "sigma_half", "at_class_prior")}
+                  for m in self.models]
+        for model in models:
+            model["clean_miou"] = model.pop("clean")
         return {
             "run": self.run, "settings": asdict(self.settings) | {"primary": self.primary.label}, "models": models,
             "claims": [f.to_json() for f in self.findings if f.kind == "claim"],
@@ -171,7 +184,7 @@ class SuiteResult:
 def class_prior_blockers(result: SuiteResult, labels: Sequence[str]) -> list[str]:
     """Why a finding about ``labels`` cannot be decided: the models among them at their class prior."""
     return [f"{label} is at its class prior (see the warnings): its numbers say nothing about its decoder"
-            for label in labels if result.robustness.at_class_prior(label)]
+            for label in labels if result.robustness is not None and result.robustness.at_class_prior(label)]
 
 
 def pca_finding(result: SuiteResult) -> Finding:
@@ -278,7 +291,8 @@ def judge(result: SuiteResult) -> list[Finding]:
     for white in result.by_role("white-box"):
         for black in result.by_role("black-box"):
             findings += orthogonality_findings(result, white, black)
-            findings.append(robustness_finding(result, white, black))
+            if result.robustness is not None:
+                findings.append(robustness_finding(result, white, black))
             if white.label in ablated and black.label in ablated:
                 findings.append(ablation_finding(result, white, black))
     if len(result.rates.token_names) > 1:
@@ -289,7 +303,13 @@ def judge(result: SuiteResult) -> list[Finding]:
 def sanity_warnings(result: SuiteResult) -> list[str]:
     """Warnings about the whole run: too few images for the intervals, and the robustness sweep's own."""
     found = warn_sample_size(result.num_images, result.settings.level, what="every analysis")
+    if result.robustness is None:
+        return found + [NO_LABELS]
     return found + [w for w in result.robustness.warnings() if "too few" not in w]
+
+
+NO_LABELS = ("the images have no ground truth: robustness (mIoU) was not measured, and PCA, attention and class rates "
+             "are read against the models' own predictions (prediction only)")
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -325,18 +345,22 @@ def run_suite(
     seconds: dict[str, float] = {}
     files: dict[str, list[Path]] = {}
     started = datetime.now(timezone.utc)
+    log = StageLog("suite", progress)
 
+    log("coding rate")
     clock = time.perf_counter()
     rates = compare([primary], analysis=analyze_coding_rates, out=out / "coding-rate", description="coding rate", **shared)
     files["coding-rate"] = rates.files
     seconds["coding_rate"] = time.perf_counter() - clock
 
+    log("PCA segmentation")
     clock = time.perf_counter()
     pca = compare([primary], analysis=analyze_pca, out=out / "pca-seg", description="PCA segmentation", seed=settings.seed,
                   examples=settings.examples, **shared)
     files["pca-seg"] = pca.files
     seconds["pca_seg"] = time.perf_counter() - clock
 
+    log("orthogonality")
     clock = time.perf_counter()
     seeds = range(settings.seed, settings.seed + settings.baseline_seeds)
     orthogonality = compare(models, analysis=analyze_orthogonality, out=out / "orthogonality", description="orthogonality",
@@ -344,16 +368,37 @@ def run_suite(
     files["orthogonality"] = orthogonality.files
     seconds["orthogonality"] = time.perf_counter() - clock
 
+    log("class rates")
     clock = time.perf_counter()
-    robustness = run_robustness(models, images, resolve_perturbation("gaussian", "decoder"), settings.sigmas, out / "robustness",
-                                draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
-                                settings={"input": settings.source}, progress=progress)
-    if not robustness.complete:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
-        raise KeyboardInterrupt
-    files["robustness"] = robustness.files(out / "robustness")
-    seconds["robustness"] = time.perf_counter() - clock
+    by = "ground_truth" if settings.labelled else "prediction"
+    class_rates = compare(models, analysis=analyze_class_rates, out=out / "class-rates", description="class rates", by=by,
+                          bootstrap=settings.bootstrap, **shared)
+    files["class-rates"] = class_rates.files
+    seconds["class_rates"] = time.perf_counter() - clock
+
+    log("attention")
+    clock = time.perf_counter()
+    few = replace(images, num_images=min(settings.attention_images, settings.num_images))
+    attention = compare(models, analysis=analyze_attention, out=out / "attention", description="attention", attention=True,
+                        examples=1, bootstrap=settings.bootstrap, **(shared | {"images": few}))
+    files["attention"] = attention.files
+    seconds["attention"] = time.perf_counter() - clock
+
+    robustness = None
+    if settings.labelled:
+        log("robustness")
+        clock = time.perf_counter()
+        robustness = run_robustness(models, images, resolve_perturbation("gaussian", "decoder"), settings.sigmas,
+                                    out / "robustness", draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
+                                    settings={"input": settings.source}, progress=progress)
+        if not robustness.complete:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
+            raise KeyboardInterrupt
+        files["robustness"] = robustness.files(out / "robustness")
+        seconds["robustness"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    if settings.source.get("dataset"):
+        log("ablation")
     ablation = suite_ablation(models, settings, progress)
     if ablation is not None:
         files["ablation"] = ablation.save(out / "ablation")
@@ -363,11 +408,13 @@ def run_suite(
     run = {"version": __version__, "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "date": started.isoformat(timespec="seconds"), "seed": settings.seed}
     result = SuiteResult(settings, models, rates.results[0], pca.results[0], dict(zip(orthogonality.labels, orthogonality.results)),
-                         robustness, ablation, run=run, seconds=seconds,
+                         robustness, dict(zip(attention.labels, attention.results)),
+                         dict(zip(class_rates.labels, class_rates.results)), ablation, run=run, seconds=seconds,
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)
     save_json(out / "summary.json", result.summary())
+    log(f"done in {seconds['total']:.0f} s")
     return result
 
 

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from depict_analysis.foundation.device import resolve_device
-from depict_analysis.foundation.errors import ConfigError
+from depict_analysis.foundation.errors import CheckpointError, ConfigError
 from depict_analysis.models.checkpoint import load_model
 from depict_analysis.models.data import DatasetError, class_info, make_palette
+from depict_analysis.models.data.folder import IMAGE_SUFFIXES
 from depict_analysis.models.pretrained import BUILTIN, CHECKPOINT_SUFFIXES, DEFAULT_MODELS, LABELS, ZOO, load_default
 from depict_analysis.models.segmentor import Segmentor
 
@@ -225,6 +226,8 @@ def open_checkpoint(
         model, meta = load_model(zoo_path(text[len(ZOO):]), device, trust)
         origin = "zoo"
     else:
+        if Path(text).suffix.lower() in IMAGE_SUFFIXES:
+            raise CheckpointError(f"{text} is an image, not a checkpoint: images go to the analysis (images=...), models here")
         model, meta = load_model(text, device, trust)
         origin = meta["source"]
     info = CheckpointInfo(

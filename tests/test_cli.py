@@ -133,6 +133,22 @@ def test_progress_bars_draw_on_stderr_and_only_on_a_terminal(monkeypatch, capsys
     assert out == "" and "working" in err
 
 
+def test_off_a_terminal_each_stage_is_one_line_with_its_elapsed_time(monkeypatch, capsys):
+    from depict_analysis.foundation.progress import StageLog
+
+    clock = iter([100.0, 103.25, 161.5, 200.0, 201.0])
+    monkeypatch.setattr("depict_analysis.foundation.progress.time.perf_counter", lambda: next(clock))
+    log = StageLog("demo")
+    log("coding rate")
+    log("robustness")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "demo: [   3.2 s] coding rate\ndemo: [  61.5 s] robustness\n"
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal: the bars show progress, no lines
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    StageLog("demo")("coding rate")
+    assert capsys.readouterr() == ("", "")
+
+
 # ------------------------------------------------------------------------------------------- predict
 
 

@@ -856,11 +856,11 @@ def test_label_files_out_of_the_models_range_are_refused(files, tmp_path, comman
 
 def test_ground_truth_out_of_range_is_refused_and_255_is_ignored(files, tmp_path):
     bad = labels_of(200, tmp_path / "bad", names=("a",))
-    refused(ANALYZE, ["pca-seg", files / "good.pt", files / "images" / "a.png", "--gt", bad / "a.png", "--out", tmp_path / "o"],
+    refused(ANALYZE, ["pca-seg", files / "good.pt", "--images", files / "images" / "a.png", "--labels", bad / "a.png", "--out", tmp_path / "o"],
             "holds the value 200, no class of this model", files, tmp_path)
     ignored = labels_of(255, tmp_path / "ignored", names=("a",))
     Image.fromarray(np.where(np.arange(48)[None] < 24, 255, 3).repeat(40, 0).astype(np.uint8)).save(ignored / "a.png")
-    result = invoke(ANALYZE, "pca-seg", files / "good.pt", files / "images" / "a.png", "--gt", ignored / "a.png", "--out", tmp_path / "o")
+    result = invoke(ANALYZE, "pca-seg", files / "good.pt", "--images", files / "images" / "a.png", "--labels", ignored / "a.png", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
 
 

@@ -169,12 +169,12 @@ def test_cli_image_mode_on_official_releases(tmp_path, family):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 44, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(rng.integers(0, 65536, (40, 36)).astype(np.uint16)).save(tmp_path / "deep.png")
-    gts = []
-    for name, shape in (("rgba", (30, 44)), ("deep", (40, 36))):
-        Image.fromarray(rng.integers(0, 5, shape, dtype=np.uint8)).save(tmp_path / f"{name}_gt.png")
-        gts += ["--gt", tmp_path / f"{name}_gt.png"]
+    (tmp_path / "gt").mkdir()
+    for name, shape in (("rgba", (30, 44)), ("deep", (40, 36))):  # label maps matched to the images by file stem
+        Image.fromarray(rng.integers(0, 5, shape, dtype=np.uint8)).save(tmp_path / "gt" / f"{name}.png")
     out = tmp_path / "out"
-    result = run_cli(tmp_path / "release", tmp_path / "rgba.png", tmp_path / "deep.png", *gts,
+    result = run_cli(tmp_path / "release", "--images", tmp_path / "rgba.png", "--images", tmp_path / "deep.png",
+                     "--labels", tmp_path / "gt",
                      "--method", "kmeans", "--k", 3, "--layers", "0,2,L1", "--out", out)
     assert result.exit_code == 0, result.output
     for name in ("pca-seg_rgba.png", "pca-seg_rgba.pdf", "pca-seg_deep.png", "pca-seg.json", "pca-seg.csv"):
@@ -198,18 +198,18 @@ def test_cli_saved_trace_gives_the_same_scores(tmp_path):
     assert (again / "pca-seg_0.png").is_file()  # the trace holds the pixels and labels for the figures
 
 
-@pytest.mark.parametrize("problem", ["not an image", "bad checkpoint", "gt count", "bad method", "bad layer"])
+@pytest.mark.parametrize("problem", ["not an image", "bad checkpoint", "no label map", "bad method", "bad layer"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, problem):
     save_checkpoint(tmp_path / "sa.pt", tiny_model())
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
     args = {
-        "not an image": [tmp_path / "sa.pt", tmp_path / "notes.png"],
-        "bad checkpoint": [tmp_path / "notes.pt", tmp_path / "ok.png"],
-        "gt count": [tmp_path / "sa.pt", tmp_path / "ok.png", "--gt", tmp_path / "ok.png", "--gt", tmp_path / "ok.png"],
-        "bad method": [tmp_path / "sa.pt", tmp_path / "ok.png", "--method", "svd"],
-        "bad layer": [tmp_path / "sa.pt", tmp_path / "ok.png", "--layers", "0,mssa9"],
+        "not an image": [tmp_path / "sa.pt", "--images", tmp_path / "notes.png"],
+        "bad checkpoint": [tmp_path / "notes.pt", "--images", tmp_path / "ok.png"],
+        "no label map": [tmp_path / "sa.pt", "--images", tmp_path / "ok.png", "--labels", tmp_path / "notes.pt"],
+        "bad method": [tmp_path / "sa.pt", "--images", tmp_path / "ok.png", "--method", "svd"],
+        "bad layer": [tmp_path / "sa.pt", "--images", tmp_path / "ok.png", "--layers", "0,mssa9"],
     }[problem]
     result = run_cli(*args, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output

@@ -372,13 +372,15 @@ def test_cli_on_ours_and_an_official_release(tmp_path):
     out = tmp_path / "out"
     source = write_labelled_images(tmp_path)
     result = run_cli(tmp_path / "ours.pt", tmp_path / "official-seg", *source, "--sigmas", "0.01,0.1", "--draws", 2,
-                     "--relative", "--size", 32, "--out", out)
+                     "--relative", "--out", out)
     assert result.exit_code == 0, result.output
     assert "ours" in result.stdout and "official-seg" in result.stdout
     for name in ("robustness.png", "robustness.pdf", "robustness.json", "robustness.csv"):
         assert (out / name).stat().st_size > 0
     written = json.loads((out / "robustness.json").read_text())
     assert written["complete"] and written["settings"]["relative"] and written["settings"]["num_images"] == 3
+    assert written["settings"]["protocol"] == "evaluation"  # the default: every image as depict eval scores it
+    assert [c["protocol"]["name"] for c in written["checkpoints"]] == ["evaluation"] * 2
     assert [c["model"]["decoder"] for c in written["checkpoints"]] == ["depict_sa", "mask_transformer"]
     assert len(written["records"]) == 2 * (1 + 2 * 2) and len(written["table"]) == 2 * 3
     ours = written["models"]["ours"]
@@ -401,7 +403,8 @@ def test_cli_interrupt_keeps_partial_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rob.ModelSweep, "score_crops", interrupted)
     out = tmp_path / "out"
-    result = run_cli(tmp_path / "sa.pt", *write_labelled_images(tmp_path), "--size", 32, "--batch-size", 1, "--out", out)
+    result = run_cli(tmp_path / "sa.pt", *write_labelled_images(tmp_path), "--protocol", "crops", "--size", 32, "--batch-size", 1,
+                     "--out", out)
     assert result.exit_code == 130 and result.stderr.startswith("error: interrupted: partial results on 2 images")
     written = json.loads((out / "robustness.json").read_text())
     assert not written["complete"] and len(written["records"]) == 37 and written["num_images"] == 2
