@@ -11,7 +11,7 @@ across ranks under DDP) before the per-class IoUs are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from depict_analysis.foundation.errors import ConfigError, DatasetError, InputEr
 from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import (
     Anchor,
+    MAP_VALUES,
     Segmentor,
     decoder_outputs,
     inference,
@@ -312,18 +313,22 @@ def decode_labels(model: Segmentor, encoded: EncodedImage) -> Tensor:
     decoder parameters (``torch.func.functional_call``) scores a perturbed decoder without the backbone."""
     device, window = next(model.parameters()).device, encoded.window
 
-    def windows(v: int, view: EncodedView) -> list[tuple[Tensor, list[Anchor]]]:
-        """``model.decode`` of each batch of windows, upsampled into the image's reused buffers."""
-        out = []
+    def held(view: EncodedView) -> bool:
+        """Whether a view's upsampled windows fit in ``MAP_VALUES`` values: then all of them are kept
+        in the image's buffers, reused by every decode; else they come one batch at a time, as in ``image_labels``."""
+        return sum(len(anchors) for _, anchors in view.tokens) * model.n_cls * window**2 <= MAP_VALUES
+
+    def windows(v: int, view: EncodedView) -> Iterator[tuple[Tensor, list[Anchor]]]:
+        """``model.decode`` of each batch of windows (the same logits), upsampled into reused buffers when ``held``."""
+        reuse = held(view)
         for b, (z0, anchors) in enumerate(view.tokens):
             masks = model.decoder(z0, view.grid)
             padded = (view.grid[0] * model.patch_size, view.grid[1] * model.patch_size)
-            buffer = encoded.buffer(v, b, masks, padded)
-            out.append((model.upsample(masks, view.grid, (window, window), torch.channels_last, buffer).float(), anchors))
-        return out
+            buffer = encoded.buffer(v, b, masks, padded) if reuse else None
+            yield model.upsample(masks, view.grid, (window, window), torch.channels_last, buffer).float(), anchors
 
     (only, *others) = encoded.views
-    if not others and not only.flipped and only.size == encoded.size:  # one view at the image's size: no resize
+    if not others and not only.flipped and only.size == encoded.size and held(only):  # no resize: no merged map
         return merged_labels(windows(0, only), 1, encoded.size, model.n_cls, encoded.buffers)[0]
     logits = ((merge_windows(windows(v, view), 1, view.size, model.n_cls, device), view.flipped)
               for v, view in enumerate(encoded.views))
