@@ -76,7 +76,7 @@ def run_and_report(models: list[str], folder: Path, page: Path, title: str, imag
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_suite
 
-    refuse_images(models, "report MODEL")
+    refuse_images(models, "depict-analyze report MODEL")
     check_out_dir(folder)
     check_out_file(page, inputs=[*models, *(images or []), *(labels or [])])
     source = image_source(images, dataset, data_root, split, num_images, labels).describe()
