@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -74,6 +76,18 @@ def _flags(text: str, arguments: Sequence[str], options: dict[str, str]) -> str:
             if found:  # the last mention: an earlier one may be the word itself ("for 1 iterations (give iterations ...")
                 text = text[:found[-1].start()] + flag + text[found[-1].end():]
     return text
+
+
+@contextlib.contextmanager
+def sharded(device: str) -> Iterator[Any]:
+    """Under ``torchrun``: the processes' group (``foundation.distributed.process_group``: each scores its
+    share of the images) and only rank 0's output on stdout. Yields the device this process runs on."""
+    from depict_analysis.foundation.device import resolve_device
+    from depict_analysis.foundation.distributed import is_writer, process_group
+
+    with process_group(resolve_device(device)) as run_device:
+        with contextlib.nullcontext() if is_writer() else contextlib.redirect_stdout(io.StringIO()):
+            yield run_device
 
 
 def user_errors(command: Callable) -> Callable:
