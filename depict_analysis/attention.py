@@ -322,7 +322,7 @@ def example(tr: Trace, b: int, reads: dict[str, LayerAttention], heads: dict[str
 
     return Example(
         tr.paths[b] if tr.paths else f"image {b}",
-        tr.pixels[b].permute(1, 2, 0).cpu().numpy(),
+        tr.pixels[b].permute(1, 2, 0).cpu().numpy().copy(),  # a copy: a kept example holds one image, not the batch
         shown,
         {layer: grid_maps(r.classes[b], layer) for layer, r in reads.items() if r.classes is not None},
         {layer: grid_maps(r.point[b], layer) for layer, r in reads.items() if r.point is not None},
@@ -352,17 +352,16 @@ def analyze_attention(
     chance, paths, drawn = [], [], []
     readings: dict[str, str] = {}
     used: dict[str, list[int]] = {}
-    first: Trace | None = None
+    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
     for tr in as_traces(traces):
         if not tr.attention:
             raise InputError("this trace has no attention maps: trace with attention=True")
-        first = first or tr
         K, patch = tr.model["n_cls"], tr.model["patch_size"]
         names = list(layers) if layers is not None else list(tr.attention)
         missing = [name for name in names if name not in tr.attention]
         if missing:
             raise ConfigError(f"no attention map for layer {missing[0]}; layers with maps: {', '.join(tr.attention)}")
-        if first is tr and classes is not None:
+        if first is None and classes is not None:
             classes = class_ids(classes, list(class_names) if class_names is not None else [f"class {c}" for c in range(K)])
         point = pixel_patch(pixel, tr.grid, patch) if pixel is not None else None
         patch_class = patch_classes((tr.labels if tr.labels is not None else tr.prediction).to(tr.masks.device), patch, K)
@@ -377,14 +376,16 @@ def analyze_attention(
             for b in range(min(tr.num_images, examples - len(drawn))):
                 drawn.append(example(tr, b, reads, used, classes_to_show(patch_class[b], classes)))
         paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
+        first = first or {"model": tr.model, "labelled": tr.labels is not None}
+        del tr, reads, patch_class  # release this batch before the next is traced
     if first is None:
         raise InputError("no images to analyse")
-    K = first.model["n_cls"]
+    K = first["model"]["n_cls"]
     names = class_labels(class_names, K)
     settings = {"layers": list(readings), "heads": used, "pixel": list(pixel) if pixel is not None else None,
-                "examples": len(drawn), "classes_by": "ground_truth" if first.labels is not None else "prediction",
+                "examples": len(drawn), "classes_by": "ground_truth" if first["labelled"] else "prediction",
                 "num_images": len(paths), "bootstrap": bootstrap.describe()}
-    return AttentionMaps(first.model, settings, paths, names, list(readings), readings, used,
+    return AttentionMaps(first["model"], settings, paths, names, list(readings), readings, used,
                            {name: np.concatenate(values) for name, values in own.items()}, np.concatenate(chance),
                            drawn, bootstrap)
 

@@ -222,13 +222,14 @@ def analyze_class_rates(
     for tr in as_traces(traces):
         parts.append(trace_class_rates(tr, by, eps, normalize))
         paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
-        first = first or tr
+        first = first or {"model": tr.model, "token_names": tr.token_names}  # not the trace: memory
+        del tr  # release this batch before the next is traced
     if first is None:
         raise InputError("no images to analyse")
     values = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    K = first.model["n_cls"]
+    K = first["model"]["n_cls"]
     names = class_labels(class_names, K)
     settings = {"by": by, "eps": eps, "normalize": normalize, "num_images": len(paths),
                 "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats", "bootstrap": bootstrap.describe()}
-    return ClassRates(first.model, settings, paths, first.token_names, names, values["total"], values["per_class"],
+    return ClassRates(first["model"], settings, paths, first["token_names"], names, values["total"], values["per_class"],
                       values["tokens"], values["delta"], bootstrap)

@@ -200,7 +200,7 @@ def analyze_coding_rates(
         paths += tr.paths or [f"image{len(paths) + b}" for b in range(tr.num_images)]
         if first is None:
             first = {"model": tr.model, "token_names": tr.token_names, "class_stages": tr.class_stages,
-                     "image_size": list(tr.masks.shape[-2:]), "device": str(tr.masks.device),
+                     "image_size": list(tr.image_size), "device": str(tr.masks.device),
                      "subspaces": [SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], table.subspaces[s.name].rank)
                                    for s in tr.subspaces]}
         del tr, table, classes  # release this batch before the next is traced: memory stays one batch

@@ -85,6 +85,7 @@ class _Kept:
             if self.keep:
                 self.kept.append(tr.to("cpu"))
             yield tr
+            del tr  # not alive while the next batch is traced
 
     def save(self, path: Path) -> Path:
         Trace.cat(self.kept).save(path)
