@@ -125,7 +125,7 @@ def train(
     checkpoint and exit with 128 + the signal number; a loss that turns NaN / Inf stops the run (exit 2) keeping the
     last good checkpoint.
     """
-    from depict_analysis.models.train import build_config
+    from depict_analysis.models.train import build_config, resume_point
     from depict_analysis.models.train import train as run_training
 
     options = dict(
@@ -134,7 +134,8 @@ def train(
         eval_images=eval_images, save_every=save_every, num_workers=num_workers, seed=seed, out_dir=out_dir and str(out_dir),
         device=device, pretrained=pretrained,
     )
-    result = run_training(build_config(resume=resume, config_file=config, overrides=overrides, **options), resume=resume, progress=progress)
+    point = resume_point(resume)  # the checkpoint is read once: for its options, then its state
+    result = run_training(build_config(resume=point, config_file=config, overrides=overrides, **options), resume=point, progress=progress)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     if main:
         scores = result["eval"] or {}

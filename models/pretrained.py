@@ -127,7 +127,7 @@ def retrain(
     """Train the three default models with the recipe (plus ``key=value`` ``overrides``), continuing any
     unfinished run already in ``runs`` (a finished one is kept as it is), then pack them into
     ``weights_dir``."""
-    from depict_analysis.models.train import build_config, train  # training machinery only when retraining
+    from depict_analysis.models.train import ResumePoint, build_config, train  # training machinery only when retraining
 
     weights_dir = _weights_target(weights_dir)
     for name in DEFAULT_MODELS:
@@ -135,7 +135,7 @@ def retrain(
         if (run / "metrics.json").is_file():  # written once a run has done all its iterations
             continue
         checkpoint = run / "checkpoint.pt"
-        resume = checkpoint if checkpoint.exists() else None
+        resume = ResumePoint(checkpoint) if checkpoint.exists() else None
         config = build_config(resume=resume, config_file=RECIPE, overrides=overrides, model=f"{name}-mini", out_dir=str(run))
         train(config, resume=resume, progress=progress)
     return pack_runs(runs, weights_dir)

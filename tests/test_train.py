@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from depict_analysis.models import load_model, variant_config
 from depict_analysis.models.checkpoint import CheckpointError, read_checkpoint
 from depict_analysis.models.evaluate import evaluate
 from depict_analysis.models.data import TrainTransform, build_dataset, normalization_stats
-from depict_analysis.models.train import TrainConfig, _seed, build_config, build_model, learning_rate, poly_lr, train
+from depict_analysis.models.train import (ResumePoint, TrainConfig, build_config, build_model, learning_rate, poly_lr,
+                                          seed_everything, train)
 
 # 20 synthetic 32-px scenes: one epoch is 5 steps of 4 images, so every multi-step run crosses epochs.
 TINY = dict(dataset="synthetic", dataset_kwargs={"size": 32, "length": 20}, batch_size=4, num_workers=0, eval_images=4)
@@ -174,6 +176,26 @@ def test_resume_continues_exactly(tmp_path):
     assert straight_losses == split_losses
 
 
+def test_a_resumed_run_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    # the options (build_config) and the state (train) come from one read, from the command line and from Python
+    train(tiny_config(tmp_path / "run", iterations=3, stop_after=1), progress=False)
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").resolve()
+    reads, load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f).resolve())
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = CliRunner().invoke(app, ["train", "--resume", str(checkpoint), "--no-progress"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert reads == [checkpoint] and read_checkpoint(checkpoint)["iteration"] == 3
+    reads.clear()
+    point = ResumePoint(checkpoint)
+    assert train(build_config(resume=point, iterations=4), resume=point, progress=False)["iteration"] == 4
+    assert reads == [checkpoint]
+
+
 def test_resume_with_other_weight_decay_groups_is_refused_in_one_line(tmp_path):
     train(tiny_config(tmp_path / "run", iterations=2, stop_after=1), progress=False)  # no decay: one group
     checkpoint = tmp_path / "run" / "checkpoint.pt"
@@ -194,7 +216,7 @@ def official_ddp_reference(config: TrainConfig, world: int) -> dict:
     DistributedSampler's order (randperm seeded seed + epoch, padded with its first items, rank r
     taking every r-th), batch_size / world items per rank and step (the last step shorter), each rank's
     cross-entropy averaged over its own labelled pixels, gradients averaged over ranks, Nesterov SGD."""
-    _seed(config.seed)  # the run's initial weights: seeded, datasets built, then the model
+    seed_everything(config.seed)  # the run's initial weights: seeded, datasets built, then the model
     train_set = build_dataset(config.dataset, None, "train", **config.dataset_kwargs)
     build_dataset(config.dataset, None, "val", **config.dataset_kwargs)
     model = build_model(config, train_set.n_cls)

@@ -26,7 +26,7 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    """Whether a default process group is up (``process_group``, or a caller's own, e.g. training)."""
+    """Whether a default process group is up (``process_group``, or a caller's own)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -51,14 +51,18 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     """Within the block, the processes of a ``torchrun`` launch form the default process group.
 
     Yields the device this process runs on: ``device``, or on CUDA the GPU ``LOCAL_RANK`` (NCCL);
-    the CPU uses gloo. Without ``torchrun``, or with a group already up, nothing changes.
+    the CPU uses gloo. Without ``torchrun`` nothing changes; a group already up (the caller's) is
+    used as it is, and left up.
     """
-    if not launched() or active():
+    if not launched():
         yield device
         return
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if active():
+        yield device
+        return
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield device
