@@ -24,6 +24,7 @@ from depict_analysis.cli.common import (
     image_source,
     note_builtin_models,
     refuse_images,
+    sharded,
     user_errors,
     warn,
 )
@@ -72,11 +73,12 @@ LabelsOption = typer.Option(None, "--labels", help="Label maps for --images (cla
 def run_and_report(models: list[str], folder: Path, page: Path, title: str, images, labels, dataset, data_root, split,
                    num_images, draws, seed, level, resamples, device, trust=False) -> None:
     """``run_suite`` of ``models`` on the images the options name, its files under ``folder``, its page at ``page``."""
+    from depict_analysis.foundation.distributed import is_writer
     from depict_analysis.models.sources import labelled_sources
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_suite
 
-    refuse_images(models, "report MODEL")
+    refuse_images(models, "depict-analyze report MODEL")
     check_out_dir(folder)
     check_out_file(page, inputs=[*models, *(images or []), *(labels or [])])
     source = image_source(images, dataset, data_root, split, num_images, labels).describe()
@@ -84,7 +86,10 @@ def run_and_report(models: list[str], folder: Path, page: Path, title: str, imag
     named = labelled_sources(models)
     note_builtin_models([s for _, s in named], [label for label, _ in named], images_from.get("dataset"))
     settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
-    result = run_suite(models, folder, settings, device=device, trust=trust)
+    with sharded(device) as run_device:  # under torchrun: each process its share of the images, rank 0 writes
+        result = run_suite(models, folder, settings, device=run_device, trust=trust)
+        if not is_writer():
+            return
     written = write_report(result, folder, page, title.format(primary=result.primary.label))
     print_findings(result)
     console.print(f"wrote {written} (figures and numbers in {folder}/, summary.json) in {result.seconds['total']:.0f} s")

@@ -49,6 +49,7 @@ from depict_analysis.ablation import Ablation, concentration_finding, head_count
 from depict_analysis.class_rates import ClassRates, analyze_class_rates
 from depict_analysis.claims import Finding, compare_exact, compare_per_image, compare_replicates, compare_to_sample, trend
 from depict_analysis.coding_rate_analysis import CodingRates, analyze_coding_rates
+from depict_analysis.foundation.distributed import is_writer
 from depict_analysis.foundation.progress import StageLog
 from depict_analysis.inputs import ImageSource
 from depict_analysis.models.data import build_dataset
@@ -334,7 +335,9 @@ def run_suite(
     findings, and write every analysis's files and ``summary.json`` under ``out`` (see the module docstring).
 
     ``command`` is recorded as how the run was made (default: this process's command line); ``seconds``
-    the time of each analysis and of the whole run (``total``).
+    the time of each analysis and of the whole run (``total``). Under ``torchrun`` (a process group up)
+    every analysis that reads images splits them over the processes (``compare``, ``run_robustness``,
+    ``run_ablation``); each process returns the whole result and rank 0 writes.
     """
     total = time.perf_counter()
     settings = settings or SuiteSettings()
@@ -345,6 +348,7 @@ def run_suite(
     seconds: dict[str, float] = {}
     files: dict[str, list[Path]] = {}
     started = datetime.now(timezone.utc)
+    progress = progress and is_writer()
     log = StageLog("suite", progress)
 
     log("coding rate")
@@ -401,7 +405,7 @@ def run_suite(
         log("ablation")
     ablation = suite_ablation(models, settings, progress)
     if ablation is not None:
-        files["ablation"] = ablation.save(out / "ablation")
+        files["ablation"] = ablation.save(out / "ablation") if is_writer() else []
         seconds["ablation"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - total  # loading the models included
 
@@ -413,7 +417,8 @@ def run_suite(
                          files={name: sorted(str(p.relative_to(out)) for p in paths) for name, paths in files.items()})
     result.findings = judge(result)
     result.warnings = sanity_warnings(result)
-    save_json(out / "summary.json", result.summary())
+    if is_writer():
+        save_json(out / "summary.json", result.summary())
     log(f"done in {seconds['total']:.0f} s")
     return result
 
