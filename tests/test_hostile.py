@@ -600,9 +600,16 @@ def _set(container, key, value):
 
 TRACE_TAMPERING = {  # what is done to the file -> the one line that refuses it
     "NaN in tokens": (lambda s: s["tokens"][1].__setitem__((0, 0, 0), float("nan")), "tokens/mssa1 holds 1 NaN / Inf value(s)"),
-    "Inf in the logits": (lambda s: s["masks"].__setitem__((0, 0, 0, 5), float("inf")), "masks holds 1 NaN / Inf value(s)"),
+    "Inf in the logits": (lambda s: s["masks"].__setitem__((0, 0, 0, 3), float("inf")), "masks holds 1 NaN / Inf value(s)"),
     "masks of fewer classes": (lambda s: _set(s, "masks", s["masks"][:, : K - 2]),
-                               f"masks has shape (2, {K - 2}, 32, 32), expected (*, {K}, *, *)"),
+                               f"masks has shape (2, {K - 2}, 4, 4), expected (*, {K}, 4, 4)"),
+    "masks off the grid": (lambda s: _set(s, "masks", s["masks"][..., :3]), f"masks has shape (2, {K}, 4, 3), expected (*, {K}, 4, 4)"),
+    "an image larger than the grid": (lambda s: _set(s, "image_size", [40, 32]),
+                                      "images of 40x32 pixels do not fit the 4x4 grid of 8-pixel patches"),
+    "full-size masks of another size": (lambda s: _set(s, "full_masks", torch.zeros(2, K, 32, 31)),
+                                        f"full_masks has shape (2, {K}, 32, 31), expected (2, {K}, 32, 32)"),
+    "NaN in full-size masks": (lambda s: _set(s, "full_masks", torch.full((2, K, 32, 32), float("nan"))),
+                               f"full_masks holds {2 * K * 32 * 32} NaN / Inf value(s)"),
     "masks of one image beside tokens of two": (lambda s: _set(s, "masks", s["masks"][:1]),
                                                 "tokens/input has shape (2, 16, 48), expected (1, 16, 48)"),
     "labels out of range": (lambda s: s["labels"].fill_(200), f"labels hold the value 200, no class of this model (classes 0..{K - 1}"),
