@@ -83,7 +83,7 @@ class RunOptions:
         """(label, source) of the positional checkpoints, named by ``--label``."""
         from depict_analysis.models.sources import labelled_sources
 
-        refuse_images(self.checkpoints, f"{self.command} MODEL")
+        refuse_images(self.checkpoints, f"depict-analyze {self.command} MODEL")
         return labelled_sources(self.checkpoints or [], self.label)
 
     def source(self) -> ImageSource | None:

@@ -323,7 +323,7 @@ def example(tr: Trace, b: int, reads: dict[str, LayerAttention], heads: dict[str
 
     return Example(
         tr.paths[b] if tr.paths else f"image {b}",
-        tr.pixels[b].permute(1, 2, 0).cpu().numpy(),
+        tr.pixels[b].permute(1, 2, 0).cpu().numpy().copy(),  # a copy: a kept example holds one image, not the batch
         shown,
         {layer: grid_maps(r.classes[b], layer) for layer, r in reads.items() if r.classes is not None},
         {layer: grid_maps(r.point[b], layer) for layer, r in reads.items() if r.point is not None},

@@ -188,7 +188,7 @@ class CodingRateParts(Parts[CodingRates]):
             for key in (*SUBSPACE_QUANTITIES, "head_rate"):
                 values[f"{key}/{name}"] = getattr(rates, key).cpu().numpy()
         return {"values": values, "paths": self.names(tr), "model": tr.model, "token_names": tr.token_names,
-                "class_stages": tr.class_stages, "image_size": list(tr.masks.shape[-2:]), "device": str(tr.masks.device),
+                "class_stages": tr.class_stages, "image_size": list(tr.image_size), "device": str(tr.masks.device),
                 "subspaces": [SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], table.subspaces[s.name].rank)
                               for s in tr.subspaces]}
 

@@ -163,7 +163,7 @@ def trace_examples(
     """The PCA segmentations of every image of one trace (``k`` None: ``choose_k`` of its prediction); an
     image without a path is called ``image<i>``, i counted from ``first_index``."""
     predictions = tr.prediction.cpu()
-    size = tuple(tr.masks.shape[-2:])
+    size = tr.image_size
     patch = tr.model["patch_size"]
     padded = (tr.grid[0] * patch, tr.grid[1] * patch)
     tokens = {source: source_tokens(tr, source) for source in sources}

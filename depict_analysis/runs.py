@@ -94,6 +94,7 @@ class _Kept:
             if self.keep:
                 self.kept.append(tr.to("cpu"))
             yield tr
+            del tr  # not alive while the next batch is traced
 
     def save(self, path: Path, sharded: bool) -> Path:
         """Every kept trace joined into ``path``; ``sharded``: every process's, in batch order, written by rank 0."""

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +84,13 @@ class SuiteSettings:
     resamples: int = 1000  # bootstrap resamples behind every interval
     baseline_seeds: int = 5  # fresh initialisations (seeds seed, seed + 1, ...) of every decoder: orthogonality at init
     attention_images: int = 16  # the attention analysis's images (the first of the run's), one example figure each model
+    sweep_images: int | None = None  # robustness's and the ablation's images (each decoded per σ and draw, or per head): None = num_images
+    threads: int | None = None  # torch's CPU threads during the run (None: as they are)
+
+    @property
+    def swept(self) -> int:
+        """The images of the robustness sweep and the head ablation: the first ``sweep_images`` of the run's."""
+        return min(self.sweep_images or self.num_images, self.num_images)
 
     @property
     def labelled(self) -> bool:
@@ -321,14 +329,26 @@ NO_LABELS = ("the images have no ground truth: robustness (mIoU) was not measure
 
 
 def suite_ablation(models: Sequence[LoadedModel], settings: SuiteSettings, progress: bool) -> Ablation | None:
-    """Each head of every model with heads zero-ablated on ``num_images`` of the settings' dataset, scored
+    """Each head of every model with heads zero-ablated on ``swept`` images of the settings' dataset, scored
     with the evaluation protocol; None when the images are not a dataset's or no model has heads."""
     source, headed = settings.source, [m for m in models if head_counts(m.model.decoder)]
     if not source.get("dataset") or not headed:
         return None
     dataset = build_dataset(source["dataset"], source.get("data_root"), source.get("split", "val"))
-    return run_ablation(headed, EvaluationImages(dataset, num_images=settings.num_images), unit="head",
+    return run_ablation(headed, EvaluationImages(dataset, num_images=settings.swept), unit="head",
                         bootstrap=settings.bootstrap, progress=progress)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (None: left as they are) for the block, then restored."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_suite(
@@ -343,8 +363,14 @@ def run_suite(
     every analysis that reads images splits them over the processes (``compare``, ``run_robustness``,
     ``run_ablation``); each process returns the whole result and rank 0 writes.
     """
-    total = time.perf_counter()
     settings = settings or SuiteSettings()
+    with torch_threads(settings.threads):
+        return _suite(models, Path(out), settings, progress, command, device, trust)
+
+
+def _suite(models: Sequence[ModelSource], out: Path, settings: SuiteSettings, progress: bool, command: str | None,
+           device: str | torch.device, trust: bool) -> SuiteResult:
+    total = time.perf_counter()
     out = Path(out)
     models = list(loaded_models(models, device, trust))  # all in memory: every analysis reads them
     primary, images = models[0], settings.image_source
@@ -396,8 +422,8 @@ def run_suite(
     if settings.labelled:
         log("robustness")
         clock = time.perf_counter()
-        robustness = run_robustness(models, images, resolve_perturbation("gaussian", "decoder"), settings.sigmas,
-                                    out / "robustness", draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
+        robustness = run_robustness(models, replace(images, num_images=settings.swept), resolve_perturbation("gaussian", "decoder"),
+                                    settings.sigmas, out / "robustness", draws=settings.draws, seed=settings.seed, bootstrap=settings.bootstrap,
                                     settings={"input": settings.source}, progress=progress)
         if not robustness.complete:  # Ctrl-C: the partial sweep is on disk; stop as asked, without a summary
             raise KeyboardInterrupt
