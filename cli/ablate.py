@@ -17,6 +17,7 @@ from depict_analysis.cli.common import (
     TrustOption,
     check_out_dir,
     console,
+    sharded,
     user_errors,
     warn,
 )
@@ -74,14 +75,18 @@ def ablate(
     runs once per unit. --mode mean takes the means over the same images first (one more clean pass).
     """
     from depict_analysis.ablation import NAME, run_ablation
+    from depict_analysis.foundation.distributed import is_writer
     from depict_analysis.models.data import build_dataset
     from depict_analysis.robustness import EvaluationImages
     from depict_analysis.uncertainty import Bootstrap
 
     check_out_dir(out)
     images = EvaluationImages(build_dataset(dataset, data_root, split), num_images=num_images, batch_size=batch_size)
-    result = run_ablation(checkpoints, images, unit=unit.value, mode=mode.value, bootstrap=Bootstrap(resamples, level, seed),
-                          device=device, trust=trust)
+    with sharded(device) as run_device:  # under torchrun: each process its share, rank 0 writes and prints
+        result = run_ablation(checkpoints, images, unit=unit.value, mode=mode.value, bootstrap=Bootstrap(resamples, level, seed),
+                              device=run_device, trust=trust)
+        if not is_writer():
+            return
     result.save(out)
     console.print(ablation_table(result))
     for warning in result.warnings():

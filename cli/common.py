@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -74,6 +76,18 @@ def _flags(text: str, arguments: Sequence[str], options: dict[str, str]) -> str:
             if found:  # the last mention: an earlier one may be the word itself ("for 1 iterations (give iterations ...")
                 text = text[:found[-1].start()] + flag + text[found[-1].end():]
     return text
+
+
+@contextlib.contextmanager
+def sharded(device: str) -> Iterator[Any]:
+    """Under ``torchrun``: the processes' group (``foundation.distributed.process_group``: each scores its
+    share of the images) and only rank 0's output on stdout. Yields the device this process runs on."""
+    from depict_analysis.foundation.device import resolve_device
+    from depict_analysis.foundation.distributed import is_writer, process_group
+
+    with process_group(resolve_device(device)) as run_device:
+        with contextlib.nullcontext() if is_writer() else contextlib.redirect_stdout(io.StringIO()):
+            yield run_device
 
 
 def user_errors(command: Callable) -> Callable:
@@ -155,16 +169,6 @@ CheckpointHelp = (f"Our .pt file, an official release folder, {BUILTIN}NAME ({',
                   f"{ZOO}NAME (depict zoo list); default: the built-in {DEFAULT_MODELS[0]}.")
 
 
-def split_checkpoint(paths: list[Path]) -> tuple[Path | None, list[Path]]:
-    """``[CKPT] IMAGE...`` -> (checkpoint or None, images): the first path is the checkpoint when it is
-    a release folder (``checkpoint.pth`` / ``variant.yml``), a .pt / .pth file, ``builtin:NAME`` or ``zoo:NAME``."""
-    first = paths[0] if paths else Path()
-    release = first.is_dir() and any((first / name).is_file() for name in ("checkpoint.pth", "variant.yml"))
-    if paths and (release or first.suffix in CHECKPOINT_SUFFIXES or str(first).startswith((BUILTIN, ZOO))):
-        return paths[0], list(paths[1:])
-    return None, list(paths)
-
-
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
@@ -198,16 +202,26 @@ SeedOption = typer.Option(0, "--seed", help="Random seed: the same seed gives th
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+MODEL_FILES = ("checkpoint.pt", "checkpoint.pth", "variant.yml")  # a run's or an official release's folder holds one
+
+
+def _image_folder(path: Path) -> bool:
+    """A folder of image files that is not a run's or a release's folder (those are models)."""
+    if not path.is_dir() or any((path / name).is_file() for name in MODEL_FILES):
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir())
 
 
 def refuse_images(arguments: list | None, example: str) -> None:
-    """One convention for every command: models are positional, images go after --images. An image given
-    where a model goes is one line saying so (``example``: the command, e.g. ``coding-rate CKPT``)."""
+    """One convention for every command: models are positional, images go after --images. An image file or
+    a folder of images given where a model goes is one line saying so (``example``: the command line up to
+    its models, e.g. ``depict-analyze coding-rate MODEL``)."""
     for argument in arguments or []:
         source = str(argument).partition("=")[2] if "=" in str(argument) and not Path(str(argument)).exists() else str(argument)
-        if Path(source).suffix.lower() in IMAGE_SUFFIXES:
-            fail(f"{argument} is an image, not a model: images go after --images "
-                 f"(depict-analyze {example} --images {source}; label maps after --labels)")
+        folder = _image_folder(Path(source))
+        if folder or Path(source).suffix.lower() in IMAGE_SUFFIXES:
+            fail(f"{argument} is {'a folder of images' if folder else 'an image'}, not a model: images go after --images "
+                 f"({example} --images {source}; label maps after --labels)")
 
 
 def note_builtin_models(sources: list[str], labels: list[str], dataset: str | None, always: bool = False) -> None:

@@ -24,6 +24,7 @@ from depict_analysis.cli.common import (
     image_source,
     note_builtin_models,
     refuse_images,
+    sharded,
     user_errors,
     warn,
 )
@@ -35,6 +36,10 @@ if TYPE_CHECKING:  # the model stack is imported inside the commands: `--help` s
 
 NumImagesOption = typer.Option(64, "--num-images", min=1, help="Images per analysis.")
 DrawsOption = typer.Option(3, "--draws", min=1, help="Noise draws per σ in the robustness sweep.")
+DemoDrawsOption = typer.Option(2, "--draws", min=1, help="Noise draws per σ in the robustness sweep (robustness's own default: 3).")
+SweepImagesOption = typer.Option(
+    32, "--sweep-images", min=1, help="Images of the robustness sweep and the head ablation, the first of --num-images "
+    "(the robustness and ablate commands keep their own defaults).")
 VERDICT_STYLE = {"holds": "green", "does not hold": "red", "not decided": "yellow"}
 
 
@@ -70,21 +75,26 @@ LabelsOption = typer.Option(None, "--labels", help="Label maps for --images (cla
 
 
 def run_and_report(models: list[str], folder: Path, page: Path, title: str, images, labels, dataset, data_root, split,
-                   num_images, draws, seed, level, resamples, device, trust=False) -> None:
+                   num_images, draws, seed, level, resamples, device, trust=False, sweep_images=None, threads=None) -> None:
     """``run_suite`` of ``models`` on the images the options name, its files under ``folder``, its page at ``page``."""
+    from depict_analysis.foundation.distributed import is_writer
     from depict_analysis.models.sources import labelled_sources
     from depict_analysis.report import write_report
     from depict_analysis.suite import SuiteSettings, run_suite
 
-    refuse_images(models, "report MODEL")
+    refuse_images(models, "depict-analyze report MODEL")
     check_out_dir(folder)
     check_out_file(page, inputs=[*models, *(images or []), *(labels or [])])
     source = image_source(images, dataset, data_root, split, num_images, labels).describe()
     images_from = {key: value for key, value in source.items() if key != "num_images"}
     named = labelled_sources(models)
     note_builtin_models([s for _, s in named], [label for label, _ in named], images_from.get("dataset"))
-    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
-    result = run_suite(models, folder, settings, device=device, trust=trust)
+    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples,
+                             sweep_images=sweep_images, threads=threads)
+    with sharded(device) as run_device:  # under torchrun: each process its share of the images, rank 0 writes
+        result = run_suite(models, folder, settings, device=run_device, trust=trust)
+        if not is_writer():
+            return
     written = write_report(result, folder, page, title.format(primary=result.primary.label))
     print_findings(result)
     console.print(f"wrote {written} (figures and numbers in {folder}/, summary.json) in {result.seconds['total']:.0f} s")
@@ -101,7 +111,8 @@ def demo(
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
     num_images: int = NumImagesOption,
-    draws: int = DrawsOption,
+    sweep_images: int = SweepImagesOption,
+    draws: int = DemoDrawsOption,
     seed: int = SeedOption,
     level: float = LevelOption,
     resamples: int = ResamplesOption,
@@ -116,7 +127,8 @@ def demo(
     """
     chosen = models or [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
     run_and_report(chosen, out, page or out / "report.html", "depict-analysis demo: {primary} and the others", images,
-                   labels, dataset, data_root, split, num_images, draws, seed, level, resamples, device)
+                   labels, dataset, data_root, split, num_images, draws, seed, level, resamples, device,
+                   sweep_images=sweep_images, threads=None if models else 1)  # the toy models are too small for 2 threads to pay
 
 
 @user_errors

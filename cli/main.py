@@ -18,9 +18,9 @@ import typer
 from rich.table import Table
 
 import depict_analysis.models
-from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetOption, DeviceOption, SplitOption, TrustOption,
-                                        console, fail, new_app, note_builtin_models, print_table, refuse_images,
-                                        split_checkpoint, user_errors)
+from depict_analysis.cli.common import (CheckpointHelp, DataRootOption, DatasetOption, DeviceOption, ImagesOption, SplitOption,
+                                        TrustOption, console, fail, new_app, note_builtin_models, print_table, refuse_images,
+                                        user_errors)
 from depict_analysis.cli.zoo import app as zoo_app
 from depict_analysis.foundation.files import check_out_dir, check_out_file
 
@@ -48,7 +48,7 @@ def info(
     from depict_analysis.models.sources import open_checkpoint
     from depict_analysis.models.summary import model_summary
 
-    refuse_images([checkpoint], "info MODEL")
+    refuse_images([checkpoint], "depict predict MODEL")  # info has no images: predict segments them
     model = create_model(variant, n_cls) if variant else open_checkpoint(checkpoint, device, trust).model
     image_size = image_size or max(model.config.backbone.image_size)
     summary = model_summary(model, (image_size, image_size))
@@ -203,7 +203,7 @@ def evaluate_command(
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, check_classes, eval_protocol, evaluate, jsonable
     from depict_analysis.models.sources import open_checkpoint
 
-    refuse_images([checkpoint], "eval MODEL --dataset NAME --data-root DIR")
+    refuse_images([checkpoint], "depict predict MODEL")  # eval reads a --dataset: predict segments images
     if out is not None:
         check_out_file(out, inputs=[checkpoint] if checkpoint is not None else [])
     with process_group(resolve_device(device)) as run_device:  # one process, or this one's share under torchrun
@@ -244,11 +244,10 @@ def evaluate_command(
 @app.command()
 @user_errors
 def predict(
-    paths: list[Path] = typer.Argument(
-        ..., metavar="[CKPT] IMAGE...",
-        help="A checkpoint (.pt / .pth file or release folder; default: the built-in DEPICT-SA), then image files or folders "
-        "of them (any mode: RGB, RGBA, grey, 16-bit; EXIF orientation applied).",
+    sources: Optional[list[str]] = typer.Argument(
+        None, metavar="[MODEL]", help=f"The model, [NAME=]SOURCE: {CheckpointHelp[0].lower()}{CheckpointHelp[1:]} One model per run.",
     ),
+    images: Optional[list[Path]] = ImagesOption,
     out: Path = typer.Option(..., "--out", help="Folder for <stem>_label.png (palette PNG of class ids) and <stem>_overlay.png."),
     window: Optional[int] = WindowOption,
     stride: Optional[int] = typer.Option(
@@ -264,25 +263,29 @@ def predict(
     device: str = DeviceOption,
     trust: bool = TrustOption,
 ):
-    """Segment images: a label map and a colour overlay with a legend for each, resized as depict eval resizes
+    """Segment the --images (files or folders of them; any mode: RGB, RGBA, grey, 16-bit; EXIF orientation applied)
+    with one model: a label map and a colour overlay with a legend for each, resized as depict eval resizes
     (Segmenter's segm/inference.py on mmseg's test views)."""
     from depict_analysis.foundation.files import refuse_overwrite
     from depict_analysis.inputs import image_files
     from depict_analysis.models.evaluate import MULTISCALE_RATIOS, predict_protocol
     from depict_analysis.models.predict import output_paths, predict_files
-    from depict_analysis.models.sources import open_checkpoint
+    from depict_analysis.models.sources import labelled_sources, open_checkpoint
 
-    checkpoint, sources = split_checkpoint(paths)
-    if not sources:
-        fail("give at least one image after the checkpoint")
+    refuse_images(sources, "depict predict MODEL")
+    if sources and len(sources) > 1:
+        fail(f"predict runs one model, got {len(sources)}: run it once per model, each with its own --out")
+    if not images:
+        fail("give the images to segment: --images FILE_OR_FOLDER (repeatable)")
+    label, source = labelled_sources(sources)[0] if sources else (None, None)
     check_out_dir(out)
-    images = image_files(sources)
-    refuse_overwrite([p for pair in output_paths(images, out) for p in pair], images, overwrite)  # before loading anything
-    model, info = open_checkpoint(checkpoint, device, trust)
+    files = image_files(images)
+    refuse_overwrite([p for pair in output_paths(files, out) for p in pair], files, overwrite)  # before loading anything
+    model, info = open_checkpoint(source, device, trust, label=label)
     note_builtin_models([info.source], [info.label], None, always=True)
     protocol = predict_protocol(model, info.meta, window=window, stride=stride, short_side=short_side)
     records = predict_files(
-        model, images, out, classes=info.classes(), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
+        model, files, out, classes=info.classes(), **protocol, scales=MULTISCALE_RATIOS if multiscale else (1.0,),
         flip=multiscale, alpha=alpha, batch_size=batch_size, overwrite=overwrite, progress=True, amp=amp,
     )
     console.print(f"wrote {2 * len(records)} files to {out}")

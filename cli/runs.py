@@ -11,7 +11,8 @@
   such file is checked before the first model is loaded: not a folder nor a special file, in a
   writable folder, and never one of the run's inputs (a checkpoint, an image, a label map, a trace).
 
-``trace_command`` gives a command these options: the command receives them as one ``RunOptions``.
+``trace_command`` gives a command these options: the command receives them as one ``RunOptions``, inside
+``sharded``: under ``torchrun`` each process traces its share of the images and only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ from depict_analysis.cli.common import (
     image_source,
     note_builtin_models,
     refuse_images,
+    sharded,
     user_errors,
 )
 from depict_analysis.cli.options import LabelsOption
 
 if TYPE_CHECKING:  # the model stack is imported where a run starts: `--help` stays fast
+    import torch
+
     from depict_analysis.inputs import ImageSource
     from depict_analysis.results import Comparison
 
@@ -71,7 +75,7 @@ class RunOptions:
     split: str = "val"
     batch_size: int = 8
     size: int | None = None
-    device: str = "auto"
+    device: str | torch.device = "auto"
     trust: bool = False
     command: str = "COMMAND"  # its name, for messages
 
@@ -79,7 +83,7 @@ class RunOptions:
         """(label, source) of the positional checkpoints, named by ``--label``."""
         from depict_analysis.models.sources import labelled_sources
 
-        refuse_images(self.checkpoints, f"{self.command} MODEL")
+        refuse_images(self.checkpoints, f"depict-analyze {self.command} MODEL")
         return labelled_sources(self.checkpoints or [], self.label)
 
     def source(self) -> ImageSource | None:
@@ -156,7 +160,8 @@ def trace_command(
         def wrapper(**given):
             check_out_dir(given["out"])
             run = RunOptions(**{name: given.pop(name) for name in names}, command=command.__name__.replace("_", "-"))
-            return command(run, **given)
+            with sharded(run.device) as run.device:  # under torchrun: each process its share, rank 0 prints
+                return command(run, **given)
 
         del wrapper.__wrapped__  # typer reads the signature below, not the command's
         wrapper.__signature__ = inspect.Signature(shared[:-3] + own + shared[-3:])

@@ -40,6 +40,7 @@ from torch import nn
 
 from depict_analysis import plots
 from depict_analysis.claims import Finding, compare_replicates
+from depict_analysis.foundation.distributed import is_writer, shard, sum_over_processes
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.interventions import (
     ClassAblation,
@@ -138,14 +139,16 @@ def record_ablation_means(model: nn.Module, images: EvaluationImages, sites: Seq
 def ablation_counts(model: nn.Module, images: EvaluationImages, units: Sequence[Unit], train_config: dict | None = None,
                     advance: Callable[[int], None] | None = None) -> np.ndarray:
     """Per-image counts (1 + U, n, 3, K) int64 of the clean model (row 0) and of each unit removed:
-    true positives, label pixels and predicted pixels per class. The backbone runs once per window."""
+    true positives, label pixels and predicted pixels per class. The backbone runs once per window.
+    Under ``torchrun`` each process scores its share of the images (``foundation.distributed.shard``) and
+    every process returns the counts of all (a collective call)."""
     protocol = images.protocol(model, train_config)
     device, K = next(model.parameters()).device, model.n_cls
     counts = np.zeros((len(units) + 1, len(images), 3, K), dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
-        for i in range(len(images)):
+        for i in shard(len(images)):
             image, label = images.dataset.load_raw(i)
             target = LabelIndex.of(torch.from_numpy(label).to(device)[None], K)
             encoded = encode_image(model, image, **protocol)
@@ -157,6 +160,7 @@ def ablation_counts(model: nn.Module, images: EvaluationImages, units: Sequence[
                 advance(1)
     finally:
         model.train(was_training)
+    sum_over_processes(torch.from_numpy(counts))  # in place: each image was scored by one process
     return counts
 
 
@@ -424,7 +428,9 @@ def run_ablation(
     protocol (the run's ``train_config``, as ``depict eval`` reads it).
 
     ``mode="mean"`` takes the means over ``mean_images`` (default: ``images``) first; the result's
-    settings name them. ``progress`` shows a bar over the images scored on stderr.
+    settings name them. ``progress`` shows a bar over the images scored on stderr. Under ``torchrun``
+    each process scores its share of the images (``ablation_counts``) and returns the whole result; the
+    means of ``mode="mean"`` are taken over every image in each process (the same floating-point sums).
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -434,7 +440,7 @@ def run_ablation(
     described = {"unit": unit, "mode": mode, "images": {"dataset": images.dataset.name, "split": images.dataset.split,
                                                         "num_images": len(images)}}
     scored: list[ModelAblation] = []
-    with image_progress(len(models) * len(images), NAME, progress) as advance:
+    with image_progress(len(models) * len(shard(len(images))), NAME, progress and is_writer()) as advance:
         for loaded in loaded_models(models, device, trust):
             model, train_config = loaded.model, loaded.info.train_config
             means = None

@@ -41,8 +41,9 @@ from torch import Tensor
 from depict_analysis import plots
 from depict_analysis.class_rates import patch_classes
 from depict_analysis.foundation.errors import ConfigError, InputError
+from depict_analysis.parts import Parts, per_batch, require_parts
 from depict_analysis.results import Result
-from depict_analysis.tracing import Trace, as_traces, class_labels
+from depict_analysis.tracing import Trace, class_labels
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, warn_sample_size
 
 SHOWN_CLASSES = 4  # classes drawn per example image unless chosen
@@ -322,13 +323,66 @@ def example(tr: Trace, b: int, reads: dict[str, LayerAttention], heads: dict[str
 
     return Example(
         tr.paths[b] if tr.paths else f"image {b}",
-        tr.pixels[b].permute(1, 2, 0).cpu().numpy(),
+        tr.pixels[b].permute(1, 2, 0).cpu().numpy().copy(),  # a copy: a kept example holds one image, not the batch
         shown,
         {layer: grid_maps(r.classes[b], layer) for layer, r in reads.items() if r.classes is not None},
         {layer: grid_maps(r.point[b], layer) for layer, r in reads.items() if r.point is not None},
     )
 
 
+class AttentionParts(Parts[AttentionMaps]):
+    """``analyze_attention`` in parts (``depict_analysis.parts``): a part holds a batch's shares per image
+    and the examples this process still keeps."""
+
+    def __init__(self, layers: Sequence[str] | None = None, heads: Sequence[int] | None = None,
+                 classes: Sequence[int | str] | None = None, pixel: tuple[int, int] | None = None, examples: int = 2,
+                 class_names: Sequence[str] | None = None, bootstrap: Bootstrap | None = None):
+        super().__init__()
+        self.layers, self.heads, self.classes, self.pixel, self.examples = layers, heads, classes, pixel, examples
+        self.class_names, self.bootstrap = class_names, bootstrap or Bootstrap()
+        self.class_ids: list[int] | None = None
+
+    def part(self, tr: Trace) -> dict[str, Any]:
+        if not tr.attention:
+            raise InputError("this trace has no attention maps: trace with attention=True")
+        K, patch = tr.model["n_cls"], tr.model["patch_size"]
+        names = list(self.layers) if self.layers is not None else list(tr.attention)
+        missing = [name for name in names if name not in tr.attention]
+        if missing:
+            raise ConfigError(f"no attention map for layer {missing[0]}; layers with maps: {', '.join(tr.attention)}")
+        if self.classes is not None and self.class_ids is None:
+            self.class_ids = class_ids(self.classes, list(self.class_names) if self.class_names is not None
+                                       else [f"class {c}" for c in range(K)])
+        point = pixel_patch(self.pixel, tr.grid, patch) if self.pixel is not None else None
+        patch_class = patch_classes((tr.labels if tr.labels is not None else tr.prediction).to(tr.masks.device), patch, K)
+        reads = {name: read_attention(tr.attention[name], tr.grid, K, point) for name in names}
+        readings, used, own = {}, {}, {}
+        for name, read in reads.items():
+            readings[name] = read.reading
+            used[name] = _heads(name, (read.classes if read.classes is not None else read.point).shape[1], self.heads)
+            if read.classes is not None:
+                own[name] = own_class_share(read.classes[:, used[name]], patch_class).cpu().numpy()
+        drawn = [example(tr, b, reads, used, classes_to_show(patch_class[b], self.class_ids))
+                 for b in range(self.wanted(tr.num_images) if tr.pixels is not None else 0)]
+        return {"own": own, "chance": chance_share(patch_class, K).cpu().numpy(), "examples": drawn,
+                "paths": self.names(tr), "readings": readings, "heads": used, "model": tr.model,
+                "labelled": tr.labels is not None}
+
+    def finish(self, parts: Sequence[dict[str, Any]]) -> AttentionMaps:
+        require_parts(parts)
+        first, last = parts[0], parts[-1]
+        paths, drawn = [path for p in parts for path in p["paths"]], self.first_examples(parts)
+        readings, used = last["readings"], last["heads"]
+        own = {name: np.concatenate([p["own"][name] for p in parts]) for name in first["own"]}
+        settings = {"layers": list(readings), "heads": used, "pixel": list(self.pixel) if self.pixel is not None else None,
+                    "examples": len(drawn), "classes_by": "ground_truth" if first["labelled"] else "prediction",
+                    "num_images": len(paths), "bootstrap": self.bootstrap.describe()}
+        return AttentionMaps(first["model"], settings, paths, class_labels(self.class_names, first["model"]["n_cls"]),
+                             list(readings), readings, used, own, np.concatenate([p["chance"] for p in parts]), drawn,
+                             self.bootstrap)
+
+
+@per_batch(AttentionParts)
 def analyze_attention(
     traces: Trace | Iterable[Trace],
     *,
@@ -347,46 +401,7 @@ def analyze_attention(
     ``class_names``, any case, to draw; default per image its largest classes), ``pixel`` (y, x) to query (default: none for joint maps,
     the centre for the others), ``examples``: images drawn (traces with pixels only).
     """
-    bootstrap = bootstrap or Bootstrap()
-    own: dict[str, list[np.ndarray]] = {}
-    chance, paths, drawn = [], [], []
-    readings: dict[str, str] = {}
-    used: dict[str, list[int]] = {}
-    first: Trace | None = None
-    for tr in as_traces(traces):
-        if not tr.attention:
-            raise InputError("this trace has no attention maps: trace with attention=True")
-        first = first or tr
-        K, patch = tr.model["n_cls"], tr.model["patch_size"]
-        names = list(layers) if layers is not None else list(tr.attention)
-        missing = [name for name in names if name not in tr.attention]
-        if missing:
-            raise ConfigError(f"no attention map for layer {missing[0]}; layers with maps: {', '.join(tr.attention)}")
-        if first is tr and classes is not None:
-            classes = class_ids(classes, list(class_names) if class_names is not None else [f"class {c}" for c in range(K)])
-        point = pixel_patch(pixel, tr.grid, patch) if pixel is not None else None
-        patch_class = patch_classes((tr.labels if tr.labels is not None else tr.prediction).to(tr.masks.device), patch, K)
-        reads = {name: read_attention(tr.attention[name], tr.grid, K, point) for name in names}
-        for name, read in reads.items():
-            readings[name] = read.reading
-            used[name] = _heads(name, (read.classes if read.classes is not None else read.point).shape[1], heads)
-            if read.classes is not None:
-                own.setdefault(name, []).append(own_class_share(read.classes[:, used[name]], patch_class).cpu().numpy())
-        chance.append(chance_share(patch_class, K).cpu().numpy())
-        if tr.pixels is not None:
-            for b in range(min(tr.num_images, examples - len(drawn))):
-                drawn.append(example(tr, b, reads, used, classes_to_show(patch_class[b], classes)))
-        paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
-    if first is None:
-        raise InputError("no images to analyse")
-    K = first.model["n_cls"]
-    names = class_labels(class_names, K)
-    settings = {"layers": list(readings), "heads": used, "pixel": list(pixel) if pixel is not None else None,
-                "examples": len(drawn), "classes_by": "ground_truth" if first.labels is not None else "prediction",
-                "num_images": len(paths), "bootstrap": bootstrap.describe()}
-    return AttentionMaps(first.model, settings, paths, names, list(readings), readings, used,
-                           {name: np.concatenate(values) for name, values in own.items()}, np.concatenate(chance),
-                           drawn, bootstrap)
+    return AttentionParts(layers, heads, classes, pixel, examples, class_names, bootstrap).run(traces)
 
 
 def class_ids(classes: Sequence[int | str], names: Sequence[str]) -> list[int] | None:

@@ -32,8 +32,9 @@ from depict_analysis.choices import CLASS_BY
 from depict_analysis.coding_rate import coding_rate, normalize_tokens
 from depict_analysis.models.data import IGNORE_INDEX
 from depict_analysis.foundation.errors import ConfigError, InputError
+from depict_analysis.parts import Parts, per_batch, require_parts
 from depict_analysis.results import Result
-from depict_analysis.tracing import Trace, as_traces, class_labels
+from depict_analysis.tracing import Trace, class_labels
 from depict_analysis.uncertainty import Bootstrap, Interval, intervals, mean_interval, quiet_nan_mean, warn_sample_size
 
 NORMALIZE = ("l2", "none")  # "crate" normalises inside heads: there are no heads here
@@ -200,6 +201,36 @@ class ClassRates(Result):
         return {cls.name: plots.plot_class_rates(panels, plots.model_colours([p.name for p in panels]), caption)}
 
 
+class ClassRateParts(Parts[ClassRates]):
+    """``analyze_class_rates`` in parts (``depict_analysis.parts``): a part holds a batch's rates per image."""
+
+    def __init__(self, by: str = "ground_truth", eps: float = 0.1, normalize: str = "l2",
+                 class_names: Sequence[str] | None = None, bootstrap: Bootstrap | None = None):
+        super().__init__()
+        if by not in CLASS_BY:
+            raise ConfigError(f"by must be one of {', '.join(CLASS_BY)}, got {by!r}")
+        if normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)} (no heads here), got {normalize!r}")
+        self.by, self.eps, self.normalize, self.class_names = by, eps, normalize, class_names
+        self.bootstrap = bootstrap or Bootstrap()
+
+    def part(self, tr: Trace) -> dict[str, Any]:
+        return {"values": trace_class_rates(tr, self.by, self.eps, self.normalize), "paths": self.names(tr),
+                "model": tr.model, "token_names": tr.token_names}
+
+    def finish(self, parts: Sequence[dict[str, Any]]) -> ClassRates:
+        require_parts(parts)
+        first, paths = parts[0], [path for p in parts for path in p["paths"]]
+        values = {key: np.concatenate([p["values"][key] for p in parts]) for key in first["values"]}
+        names = class_labels(self.class_names, first["model"]["n_cls"])
+        settings = {"by": self.by, "eps": self.eps, "normalize": self.normalize, "num_images": len(paths),
+                    "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats",
+                    "bootstrap": self.bootstrap.describe()}
+        return ClassRates(first["model"], settings, paths, first["token_names"], names, values["total"],
+                          values["per_class"], values["tokens"], values["delta"], self.bootstrap)
+
+
+@per_batch(ClassRateParts)
 def analyze_class_rates(
     traces: Trace | Iterable[Trace],
     *,
@@ -213,22 +244,4 @@ def analyze_class_rates(
 
     ``class_names``: K names for the class axes (default ``class i``); ``bootstrap``: the intervals.
     """
-    if by not in CLASS_BY:
-        raise ConfigError(f"by must be one of {', '.join(CLASS_BY)}, got {by!r}")
-    if normalize not in NORMALIZE:
-        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)} (no heads here), got {normalize!r}")
-    bootstrap = bootstrap or Bootstrap()
-    parts, paths, first = [], [], None
-    for tr in as_traces(traces):
-        parts.append(trace_class_rates(tr, by, eps, normalize))
-        paths += tr.paths or [f"image{len(paths) + i}" for i in range(tr.num_images)]
-        first = first or tr
-    if first is None:
-        raise InputError("no images to analyse")
-    values = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    K = first.model["n_cls"]
-    names = class_labels(class_names, K)
-    settings = {"by": by, "eps": eps, "normalize": normalize, "num_images": len(paths),
-                "tokens": "the residual stream Z_j (j = 0: decoder input)", "unit": "nats", "bootstrap": bootstrap.describe()}
-    return ClassRates(first.model, settings, paths, first.token_names, names, values["total"], values["per_class"],
-                      values["tokens"], values["delta"], bootstrap)
+    return ClassRateParts(by, eps, normalize, class_names, bootstrap).run(traces)

@@ -23,7 +23,6 @@ Every quantity is a ``Stat`` over images (rates in nats, std with ddof = 0).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -35,9 +34,10 @@ from matplotlib.figure import Figure
 from depict_analysis import plots
 from depict_analysis.choices import VIEWS
 from depict_analysis.coding_rate import NORMALIZE_MODES, RateTable, class_rate, rate_table
-from depict_analysis.foundation.errors import ConfigError, InputError
+from depict_analysis.foundation.errors import ConfigError
+from depict_analysis.parts import Parts, per_batch, require_parts
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Trace, as_traces
+from depict_analysis.tracing import Trace
 
 FINAL_STAGE = "final"
 SUBSPACE_QUANTITIES = ("subspace_rate", "raw_ratio", "span_rate", "share", "crate_rate", "input_rate")  # (n, J) each
@@ -172,6 +172,56 @@ def trace_rates(tr: Trace, eps: float, normalize: str, orthonormalize: bool, vie
     return table, classes
 
 
+class CodingRateParts(Parts[CodingRates]):
+    """``analyze_coding_rates`` in parts (``depict_analysis.parts``): a part holds a batch's rates per image."""
+
+    def __init__(self, eps: float = 0.1, normalize: str = "l2", orthonormalize: bool = False, view: str = "residual",
+                 per_head: bool = False):
+        super().__init__()
+        _check_settings(eps, normalize, view)
+        self.eps, self.normalize, self.orthonormalize, self.view, self.per_head = eps, normalize, orthonormalize, view, per_head
+
+    def part(self, tr: Trace) -> dict[str, Any]:
+        table, classes = trace_rates(tr, self.eps, self.normalize, self.orthonormalize, self.view)
+        values = {"token_rate": table.token_rate.cpu().numpy(), "class_rate": classes.cpu().numpy()}
+        for name, rates in table.subspaces.items():
+            for key in (*SUBSPACE_QUANTITIES, "head_rate"):
+                values[f"{key}/{name}"] = getattr(rates, key).cpu().numpy()
+        return {"values": values, "paths": self.names(tr), "model": tr.model, "token_names": tr.token_names,
+                "class_stages": tr.class_stages, "image_size": list(tr.image_size), "device": str(tr.masks.device),
+                "subspaces": [SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], table.subspaces[s.name].rank)
+                              for s in tr.subspaces]}
+
+    def finish(self, parts: Sequence[dict[str, Any]]) -> CodingRates:
+        require_parts(parts)
+        first, paths = parts[0], [path for p in parts for path in p["paths"]]
+        stat = lambda key: Stat(np.concatenate([p["values"][key] for p in parts]))  # noqa: E731
+        by_name = lambda key: {s.name: stat(f"{key}/{s.name}") for s in first["subspaces"]}  # noqa: E731
+        settings = {
+            "eps": self.eps, "normalize": self.normalize, "orthonormalize": self.orthonormalize, "view": self.view,
+            "per_head": self.per_head, "num_images": len(paths), "image_size": first["image_size"],
+            "device": first["device"], "std": "over images, ddof = 0", "unit": "nats",
+        }
+        return CodingRates(
+            model=first["model"],
+            settings=settings,
+            images=paths,
+            token_names=first["token_names"],
+            subspaces=first["subspaces"],
+            class_stages=[*first["class_stages"], FINAL_STAGE],
+            token_rate=stat("token_rate"),
+            class_rate=stat("class_rate"),
+            subspace_rate=by_name("subspace_rate"),
+            raw_ratio=by_name("raw_ratio"),
+            span_rate=by_name("span_rate"),
+            share=by_name("share"),
+            crate_rate=by_name("crate_rate"),
+            input_rate=by_name("input_rate") if self.view == "layer" else {},
+            head_rate=by_name("head_rate") if self.per_head else {},
+        )
+
+
+@per_batch(CodingRateParts)
 def analyze_coding_rates(
     traces: Trace | Iterable[Trace],
     *,
@@ -186,47 +236,4 @@ def analyze_coding_rates(
     ``traces``: of one model, any number of images each (one image size per trace). The rates are
     computed in float64 on the traces' device. ``per_head`` also keeps every head's rate.
     """
-    _check_settings(eps, normalize, view)
-    values: dict[str, list[np.ndarray]] = defaultdict(list)
-    paths: list[str] = []
-    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
-    for tr in as_traces(traces):
-        table, classes = trace_rates(tr, eps, normalize, orthonormalize, view)
-        values["token_rate"].append(table.token_rate.cpu().numpy())
-        values["class_rate"].append(classes.cpu().numpy())
-        for name, rates in table.subspaces.items():
-            for key in (*SUBSPACE_QUANTITIES, "head_rate"):
-                values[f"{key}/{name}"].append(getattr(rates, key).cpu().numpy())
-        paths += tr.paths or [f"image{len(paths) + b}" for b in range(tr.num_images)]
-        if first is None:
-            first = {"model": tr.model, "token_names": tr.token_names, "class_stages": tr.class_stages,
-                     "image_size": list(tr.masks.shape[-2:]), "device": str(tr.masks.device),
-                     "subspaces": [SubspaceInfo(s.name, s.layer, s.proj.shape[0], s.proj.shape[1], table.subspaces[s.name].rank)
-                                   for s in tr.subspaces]}
-        del tr, table, classes  # release this batch before the next is traced: memory stays one batch
-    if first is None:
-        raise InputError("no images to analyse")
-    stat = lambda key: Stat(np.concatenate(values[key]))  # noqa: E731
-    by_name = lambda key: {s.name: stat(f"{key}/{s.name}") for s in first["subspaces"]}  # noqa: E731
-    settings = {
-        "eps": eps, "normalize": normalize, "orthonormalize": orthonormalize, "view": view, "per_head": per_head,
-        "num_images": len(paths), "image_size": first["image_size"], "device": first["device"],
-        "std": "over images, ddof = 0", "unit": "nats",
-    }
-    return CodingRates(
-        model=first["model"],
-        settings=settings,
-        images=paths,
-        token_names=first["token_names"],
-        subspaces=first["subspaces"],
-        class_stages=[*first["class_stages"], FINAL_STAGE],
-        token_rate=stat("token_rate"),
-        class_rate=stat("class_rate"),
-        subspace_rate=by_name("subspace_rate"),
-        raw_ratio=by_name("raw_ratio"),
-        span_rate=by_name("span_rate"),
-        share=by_name("share"),
-        crate_rate=by_name("crate_rate"),
-        input_rate=by_name("input_rate") if view == "layer" else {},
-        head_rate=by_name("head_rate") if per_head else {},
-    )
+    return CodingRateParts(eps, normalize, orthonormalize, view, per_head).run(traces)

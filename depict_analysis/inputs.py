@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import torch.nn.functional as F
 from torch import Tensor
 
+from depict_analysis.foundation import distributed
 from depict_analysis.foundation.errors import ConfigError, InputError
 from depict_analysis.models.data import (DatasetError, FileSegmentationDataset, SegmentationDataset, build_dataset, load_image,
                                          load_label, make_palette)
@@ -114,11 +115,14 @@ def image_batches(
     num_images: int | None = None,
     batch_size: int = 8,
     labels: Sequence[str | Path] | None = None,
+    shard: bool = False,
 ) -> tuple[int, Iterator[Batch]]:
     """(number of images, iterator of Batches) from image files/folders or a dataset split.
 
     Every image is resized and centre-cropped to ``size`` × ``size`` so that a batch shares one token grid.
     ``labels`` (with ``images`` only): label maps or folders of them, matched to the images by file stem.
+    ``shard``: only this process's batches under ``torchrun`` (every ``world``-th, ``foundation.distributed.shard``),
+    the others not read; the number is then of this process's images. The batches are those of one process.
     """
     if (images is None) == (dataset is None):
         raise ConfigError("give either images (files / folders) or a dataset, not both")
@@ -127,24 +131,22 @@ def image_batches(
     if images is not None:
         files = image_files(images)[:num_images]
         label_paths = matching_labels(files, labels) if labels is not None else [None] * len(files)
-        items = (_read(f, l) for f, l in zip(files, label_paths))
+        read: Callable[[int], tuple] = lambda i: _read(files[i], label_paths[i])  # noqa: E731
         total, label_classes = len(files), None
     else:
         ds = build_dataset(dataset, data_root, split)
         total, label_classes = min(len(ds), num_images or len(ds)), ds.n_cls
-        items = ((it["image"], it["label"], it["path"]) for it in (ds[i] for i in range(total)))
+        read = lambda i: (lambda item: (item["image"], item["label"], item["path"]))(ds[i])  # noqa: E731
+    starts = range(0, total, batch_size)
+    chosen = [starts[b] for b in distributed.shard(len(starts))] if shard else list(starts)
 
     def batches() -> Iterator[Batch]:
-        chunk: list = []
-        for pixels, label, path in items:
-            chunk.append((*square_crop(pixels, size, label), path))
-            if len(chunk) == batch_size:
-                yield _collate(chunk, label_classes)
-                chunk = []
-        if chunk:
+        for start in chosen:
+            chunk = [(*square_crop(pixels, size, label), path)
+                     for pixels, label, path in map(read, range(start, min(start + batch_size, total)))]
             yield _collate(chunk, label_classes)
 
-    return total, batches()
+    return sum(min(batch_size, total - start) for start in chosen), batches()
 
 
 def image_at_scale(path: str | Path, max_short_side: int, gt: str | Path | None = None) -> Batch:
@@ -211,19 +213,21 @@ class ImageSource:
         """The crop side (or short-side cap) for ``model``: ``size``, else its training size."""
         return self.size or max(model.config.backbone.image_size)
 
-    def batches(self, model: torch.nn.Module) -> tuple[int, Iterator[Batch]]:
-        """(number of images, iterator of ``Batch``es) as ``model`` sees them."""
+    def batches(self, model: torch.nn.Module, shard: bool = False) -> tuple[int, Iterator[Batch]]:
+        """(number of images, iterator of ``Batch``es) as ``model`` sees them; ``shard``: only this
+        process's batches under ``torchrun`` (every ``world``-th, as ``image_batches``), and their number of images."""
         side = self.side(model)
         if self.view == "whole":
             pairs = list(zip(self.images, self.labels or [None] * len(self.images)))
+            pairs = [pairs[i] for i in distributed.shard(len(pairs))] if shard else pairs
             return len(pairs), (image_at_scale(path, side, label) for path, label in pairs)
-        return self.crops(side)
+        return self.crops(side, shard)
 
-    def crops(self, side: int) -> tuple[int, Iterator[Batch]]:
+    def crops(self, side: int, shard: bool = False) -> tuple[int, Iterator[Batch]]:
         """(number of images, iterator of ``Batch``es) of ``side`` × ``side`` crops (``image_batches``)."""
         return image_batches(side, images=self.images or None, dataset=self.dataset, data_root=self.data_root,
                              split=self.split, num_images=self.num_images, batch_size=self.batch_size,
-                             labels=self.labels or None)
+                             labels=self.labels or None, shard=shard)
 
     def count(self) -> int:
         """The number of images: the first ``num_images`` of the files or the split (all by default)."""

@@ -264,11 +264,12 @@ def analyze_orthogonality(
         raise ConfigError(f"baseline_seeds must be a sequence of integers, got {baseline_seeds!r}")
     final = _ClassStatistics()
     fresh: list[tuple[Decoder, _ClassStatistics]] = []
-    first: Trace | None = None
+    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
     paths: list[str] = []
     for tr in as_traces(traces):
         if first is None:
-            first = tr
+            first = {"model": tr.model, "subspaces": tr.subspaces, "class_stages": tr.class_stages,
+                     "learned": tr.classes[0][0].clone() if tr.classes else None, "rows": tr.class_embeddings.shape[-2], "d": tr.class_embeddings.shape[-1]}
             if baseline_seeds:
                 config = config or _recorded_config(tr)
                 z0 = tr.tokens[0]
@@ -278,22 +279,23 @@ def analyze_orthogonality(
             for decoder, statistics in fresh:
                 statistics.add(decoder.forward_intermediates(tr.tokens[0], tr.grid).class_embeddings)
         paths += tr.paths or [f"image{len(paths) + b}" for b in range(tr.num_images)]
+        del tr  # release this batch before the next is traced
     if first is None:
         raise InputError("no images to analyse")
 
     decoders = [decoder for decoder, _ in fresh]
-    panels = [_subspace_panel(space, decoders) for space in first.subspaces]
+    panels = [_subspace_panel(space, decoders) for space in first["subspaces"]]
     panels.append(_final_panel(final, [statistics for _, statistics in fresh]))
-    if first.class_stages[:1] == ["input"]:  # the learned class queries, the same for every image
-        panels.append(_learned_panel(first.classes[0][0], decoders))
-    d = first.class_embeddings.shape[-1]
+    if first["class_stages"][:1] == ["input"]:  # the learned class queries, the same for every image
+        panels.append(_learned_panel(first["learned"], decoders))
+    d = first["d"]
     settings = {"num_images": len(paths), "baseline_seeds": list(baseline_seeds), "d": d,
                 "at_init": "fresh decoders of the same config, one per seed, on the same Z_0"}
-    n_cls, rows = first.model["n_cls"], first.class_embeddings.shape[-2]
+    n_cls, rows = first["model"]["n_cls"], first["rows"]
     # the class side of a query decoder (MaskFormer) is its queries, not the K classes
     names = class_labels(class_names, n_cls) if rows == n_cls else [f"query {i}" for i in range(rows)]
     return Orthogonality(
-        model=first.model, settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
+        model=first["model"], settings=settings, images=paths, panels=panels, random_level=random_cosine_level(d),
         class_names=names,
     )
 

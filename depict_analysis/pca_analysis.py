@@ -42,8 +42,9 @@ from depict_analysis.pca import (
     segmentation_scores,
     upsample_labels,
 )
+from depict_analysis.parts import Parts, per_batch, require_parts
 from depict_analysis.results import Result, Stat
-from depict_analysis.tracing import Trace, as_traces, class_labels
+from depict_analysis.tracing import Trace, class_labels
 
 SCORES = ("ari", "nmi", "miou")
 REFERENCES = ("prediction", "ground_truth")
@@ -162,7 +163,7 @@ def trace_examples(
     """The PCA segmentations of every image of one trace (``k`` None: ``choose_k`` of its prediction); an
     image without a path is called ``image<i>``, i counted from ``first_index``."""
     predictions = tr.prediction.cpu()
-    size = tuple(tr.masks.shape[-2:])
+    size = tr.image_size
     patch = tr.model["patch_size"]
     padded = (tr.grid[0] * patch, tr.grid[1] * patch)
     tokens = {source: source_tokens(tr, source) for source in sources}
@@ -263,6 +264,51 @@ class PCASegmentation(Result):
         return figures
 
 
+class PCAParts(Parts[PCASegmentation]):
+    """``analyze_pca`` in parts (``depict_analysis.parts``): a part holds a batch's scores per image and
+    the examples this process still keeps."""
+
+    def __init__(self, layers: Sequence[int | str] | None = None, k: int | None = None, method: str = "argmax",
+                 seed: int = 0, examples: int = 4, class_names: Sequence[str] | None = None,
+                 palette: np.ndarray | None = None, score_figure: bool = True):
+        super().__init__()
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        require_positive(k=k)
+        self.layers, self.k, self.method, self.seed, self.examples = layers, k, method, seed, examples
+        self.class_names, self.palette, self.score_figure = class_names, palette, score_figure
+
+    def part(self, tr: Trace) -> dict[str, Any]:
+        sources = resolve_layers(self.layers, tr.token_names)
+        take, images, kept = self.wanted(tr.num_images), [], []
+        for b, example in enumerate(trace_examples(tr, sources, self.k, self.method, self.seed, self.seen)):
+            images.append((example.path, example.k, example.scores))
+            if b < take:
+                kept.append(example)
+        self.seen += tr.num_images
+        return {"images": images, "examples": kept, "sources": sources, "model": tr.model, "token_names": tr.token_names}
+
+    def finish(self, parts: Sequence[dict[str, Any]]) -> PCASegmentation:
+        require_parts(parts)
+        first = parts[0]
+        paths, ks, per_image = zip(*[image for p in parts for image in p["images"]])
+        scored = {ref: [i for i, s in enumerate(per_image) if ref in s] for ref in REFERENCES}
+        scored = {ref: indices for ref, indices in scored.items() if indices}
+        scores = {ref: {source: {score: Stat(np.array([per_image[i][ref][source][score] for i in indices]))
+                                 for score in SCORES} for source in per_image[indices[0]][ref]}
+                  for ref, indices in scored.items()}
+        n_cls, sources = first["model"]["n_cls"], first["sources"]
+        settings = {"method": self.method, "k": self.k or "auto (classes predicted, 2..8)", "layers": sources,
+                    "seed": self.seed, "num_images": len(paths)}
+        return PCASegmentation(
+            model=first["model"], settings=settings, sources=sources, token_names=first["token_names"], images=list(paths),
+            k=np.array(ks), scored=scored, scores=scores, examples=self.first_examples(parts),
+            class_names=class_labels(self.class_names, n_cls),
+            palette=_palette(self.palette, n_cls), score_figure=self.score_figure,
+        )
+
+
+@per_batch(PCAParts)
 def analyze_pca(
     traces: Trace | Iterable[Trace],
     *,
@@ -282,38 +328,7 @@ def analyze_pca(
     segmentations for figures, drawn with ``class_names`` and ``palette`` (K, 3) uint8 (default:
     ``class i`` and ``make_palette``); ``score_figure`` adds the box plot of every image's scores.
     """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    require_positive(k=k)
-    kept: list[PCAExample] = []
-    paths, ks, per_image = [], [], []
-    first: dict[str, Any] | None = None  # what the result needs of the first trace (not the trace: memory)
-    for tr in as_traces(traces):
-        if first is None:
-            first, sources = {"model": tr.model, "token_names": tr.token_names}, resolve_layers(layers, tr.token_names)
-        for example in trace_examples(tr, sources, k, method, seed, len(paths)):
-            paths.append(example.path)
-            ks.append(example.k)
-            per_image.append(example.scores)
-            if len(kept) < examples:
-                kept.append(example)
-        del tr  # release this batch before the next is traced: memory stays one batch (and the examples)
-    if first is None:
-        raise InputError("no images to analyse")
-    scored = {ref: [i for i, s in enumerate(per_image) if ref in s] for ref in REFERENCES}
-    scored = {ref: indices for ref, indices in scored.items() if indices}
-    scores = {ref: {source: {score: Stat(np.array([per_image[i][ref][source][score] for i in indices]))
-                             for score in SCORES} for source in per_image[indices[0]][ref]}
-              for ref, indices in scored.items()}
-    n_cls = first["model"]["n_cls"]
-    settings = {"method": method, "k": k or "auto (classes predicted, 2..8)", "layers": sources, "seed": seed,
-                "num_images": len(paths)}
-    return PCASegmentation(
-        model=first["model"], settings=settings, sources=sources, token_names=first["token_names"], images=paths,
-        k=np.array(ks), scored=scored, scores=scores, examples=kept,
-        class_names=class_labels(class_names, n_cls),
-        palette=_palette(palette, n_cls), score_figure=score_figure,
-    )
+    return PCAParts(layers, k, method, seed, examples, class_names, palette, score_figure).run(traces)
 
 
 def _palette(palette: Any, n_cls: int) -> np.ndarray:

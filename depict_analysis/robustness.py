@@ -208,6 +208,9 @@ def perturbed_images(
 
 # ------------------------------------------------------------------------------------- evaluation
 
+NEEDS_LABELS = "robustness needs ground-truth labels: images with labels, or a dataset"
+LABEL_ARGUMENTS = ("labels", "images", "dataset")  # the Python arguments it names (a command line: its flags)
+
 
 class _Call(nn.Module):
     """Runs ``fn(*args)`` as its forward, so that ``functional_call`` swaps ``model``'s parameters for
@@ -465,7 +468,7 @@ class ModelSweep:
             total = 0
             for b, batch in enumerate(batches):
                 if batch.labels is None:
-                    raise InputError("robustness needs ground-truth labels: images with labels, or a dataset", arguments=("labels", "images", "dataset"))
+                    raise InputError(NEEDS_LABELS, arguments=LABEL_ARGUMENTS)
                 indices = range(total, total + len(batch.labels))
                 total += len(indices)
                 if b % world == rank:
@@ -825,7 +828,7 @@ def run_robustness(
     crops = not isinstance(images, EvaluationImages) and (source is None or source.view != "evaluation")
     protocol = "crops" if crops else "evaluation"
     if source is not None and source.images and not source.labels:
-        raise InputError("robustness needs ground-truth labels: give label maps with the images, or a dataset")
+        raise InputError(NEEDS_LABELS, arguments=LABEL_ARGUMENTS)
     models = list(models or default_models(perturbation))
     count = len(images) if isinstance(images, EvaluationImages) else source.count() if source is not None else None
     total = None if count is None else len(models) * len(shard(count))  # this process's images, for the bar's ETA

@@ -15,6 +15,14 @@ An analysis that takes ``class_names`` / ``palette`` gets the model's own (``Che
 unless ``settings`` sets them. ``save_trace`` keeps each model's traces in a file (``Trace.save``);
 ``traces`` analyses such files instead of running models.
 
+Under ``torchrun`` (a process group up: ``foundation.distributed.process_group``, as every command starts
+one) an analysis made of parts (``depict_analysis.parts``: coding rates, class rates, attention, PCA
+segmentation) is sharded: each process traces every ``world``-th batch of the images and computes their
+parts, the parts of every process are gathered and finished in batch order, so that every process
+returns the result of one process; only rank 0 writes ``out`` and the ``save_trace`` files (every
+process's traces, gathered). Other analyses (orthogonality: the weights and a few images' Q̂) run
+whole in every process, and rank 0 writes.
+
 Models are sources (``[NAME=]SOURCE``: a ``.pt`` file, a release folder, ``builtin:NAME``, ``zoo:NAME``;
 or a (label, source) pair) or ``LoadedModel`` records already in memory.
 """
@@ -29,6 +37,7 @@ from typing import Union
 
 import torch
 
+from depict_analysis.foundation import distributed
 from depict_analysis.foundation.device import resolve_device
 from depict_analysis.foundation.errors import ConfigError
 from depict_analysis.foundation.files import check_out_file, safe_name
@@ -85,10 +94,23 @@ class _Kept:
             if self.keep:
                 self.kept.append(tr.to("cpu"))
             yield tr
+            del tr  # not alive while the next batch is traced
 
-    def save(self, path: Path) -> Path:
-        Trace.cat(self.kept).save(path)
+    def save(self, path: Path, sharded: bool) -> Path:
+        """Every kept trace joined into ``path``; ``sharded``: every process's, in batch order, written by rank 0."""
+        shares = distributed.gather(self.kept, everywhere=False) if sharded else [self.kept] if distributed.is_writer() else None
+        if shares is not None:
+            Trace.cat(distributed.interleave(shares)).save(path)
         return path
+
+
+def _analyse(analysis: Callable[..., Result], traces: Iterable[Trace], settings: dict, sharded: bool) -> Result:
+    """``analysis(traces, **settings)``; ``sharded``: in parts (``depict_analysis.parts``), this process's
+    batches, then every process's parts finished in batch order."""
+    if not sharded:
+        return analysis(traces, **settings)
+    parts = analysis.parts(**settings)
+    return parts.finish(distributed.interleave(distributed.gather(parts.parts(traces))))
 
 
 def _input_files(sources: Sequence[str], images: ImageSource | None) -> list[Path]:
@@ -144,36 +166,40 @@ def compare(
         raise ConfigError("give traces, or models and images, not both: a saved trace holds its images")
     if not traces and images is None:
         raise ConfigError("compare needs images (an ImageSource) or traces")
+    sharded = distributed.active() and not traces and hasattr(analysis, "parts")
     if traces:
         pairs = labelled_sources(traces)
         runs = _saved_runs(pairs, device)
     else:
         models = list(models or DEFAULT)
         pairs = [(label, _labelled(m)[1] or m.source) for label, m in zip(model_labels(models), models)]
-        runs = _model_runs(models, images, analysis, device, trust, attention, scored, progress, description)
+        runs = _model_runs(models, images, analysis, device, trust, attention, scored, progress and distributed.is_writer(),
+                           description, sharded)
     labels, sources = [label for label, _ in pairs], [source for _, source in pairs]
     targets = _trace_targets(save_trace, labels, sources, images) if save_trace is not None else [None] * len(pairs)
     results, saved = [], []
     for (source, stream, arguments), target in zip(runs, targets):
         kept = _Kept(stream, target is not None)
-        results.append(analysis(kept, **(arguments | settings)))
+        results.append(_analyse(analysis, kept, arguments | settings, sharded))
         if target is not None:
-            saved.append(kept.save(target))
+            saved.append(kept.save(target, sharded))
     if record is None:
         record = {"traces": sources} if traces else {"input": images.describe()}
     comparison = Comparison(labels, sources, results, record)
     comparison.trace_files = saved
-    if out is not None:
+    if out is not None and distributed.is_writer():
         comparison.files = comparison.save(out)
     return comparison
 
 
-def _model_runs(models, images: ImageSource, analysis, device, trust, attention, scored, progress, description) -> Iterator:
-    """(source, traces, the model's own arguments of the analysis) of each model, loaded when reached."""
+def _model_runs(models, images: ImageSource, analysis, device, trust, attention, scored, progress, description,
+                sharded: bool) -> Iterator:
+    """(source, traces, the model's own arguments of the analysis) of each model, loaded when reached;
+    ``sharded``: this process's batches."""
     for loaded in loaded_models(models, device, trust):
         if scored:
             images.require_classes(loaded.model)
-        total, batches = images.batches(loaded.model)
+        total, batches = images.batches(loaded.model, shard=sharded)
         stream = trace_batches(loaded.model, batches, attention=attention, total=total, progress=progress,
                                description=f"{description or analysis.__name__}: {loaded.label}", source=loaded.label)
         yield loaded.source, stream, _model_arguments(analysis, loaded, images)

@@ -11,8 +11,8 @@ first problem, unless
 - every floating-point tensor is finite, and labels are integers in ``0 .. K-1`` or 255 (ignore);
 - the shapes agree with each other and with the recorded model: B ≥ 1 images everywhere, K =
   ``model["n_cls"]`` classes, N = h·w tokens of the ``grid``, d = ``model["d_model"]`` at the input,
-  masks of an image that ``grid`` patches of ``model["patch_size"]`` cover, pixels and labels of the
-  masks' size, one path per image;
+  masks on the grid, an ``image_size`` that ``grid`` patches of ``model["patch_size"]`` cover, full-size
+  masks (when kept), pixels and labels of that size, one path per image;
 - the names are those the model's decoder family gives (``<stage><layer>``, e.g. ``mssa2``;
   subspaces also ``block1.W_Q``), each once; attention maps and subspaces name layers of the trace;
 - a recorded ``config`` describes the same model (classes, family, patch size, d) and its decoder
@@ -79,8 +79,10 @@ def _check_types(tr: Trace) -> None:
         _require(isinstance(model.get(key), str), f"model[{key!r}] must be a string")
     for key in ("d_model", "patch_size", "n_cls"):
         _require(_count(model.get(key)), f"model[{key!r}] must be a positive integer, got {model.get(key)!r}")
-    _require(isinstance(tr.grid, tuple) and len(tr.grid) == 2 and all(map(_count, tr.grid)),
-             f"grid must be two positive integers, got {tr.grid!r}")
+    for what in ("grid", "image_size"):
+        value = getattr(tr, what)
+        _require(isinstance(value, tuple) and len(value) == 2 and all(map(_count, value)),
+                 f"{what} must be two positive integers, got {value!r}")
     _names(tr.layer_names, "layer_names")
     _names(tr.class_stages, "class_stages")
     _names(tr.paths, "paths")
@@ -88,7 +90,7 @@ def _check_types(tr: Trace) -> None:
         _tensors(getattr(tr, what), what)
     for what in ("embeddings", "class_embeddings", "masks"):
         _require(isinstance(getattr(tr, what), Tensor), f"{what} must be a tensor")
-    for what in ("pixels", "labels"):
+    for what in ("full_masks", "pixels", "labels"):
         _require(getattr(tr, what) is None or isinstance(getattr(tr, what), Tensor), f"{what} must be a tensor or None")
     _require(isinstance(tr.attention, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tr.attention.items()),
              "attention must map layer names to tensors")
@@ -130,11 +132,14 @@ def _check_values_and_shapes(tr: Trace) -> None:
     K, d, patch = tr.model["n_cls"], tr.model["d_model"], tr.model["patch_size"]
     gh, gw = tr.grid
     N = gh * gw
-    _shape(tr.masks, (None, K, None, None), "masks")
-    B, _, H, W = tr.masks.shape
+    _shape(tr.masks, (None, K, gh, gw), "masks")
+    B = len(tr.masks)
+    H, W = tr.image_size
     _require(B >= 1, "it holds no images")
     _require((gh - 1) * patch < H <= gh * patch and (gw - 1) * patch < W <= gw * patch,
-             f"masks of {H}x{W} pixels do not fit the {gh}x{gw} grid of {patch}-pixel patches")
+             f"images of {H}x{W} pixels do not fit the {gh}x{gw} grid of {patch}-pixel patches")
+    if tr.full_masks is not None:
+        _shape(tr.full_masks, (B, K, H, W), "full_masks")
     _require(len(tr.tokens) == len(tr.layer_names) + 1, f"{len(tr.tokens)} token tensors for {len(tr.layer_names)} layers "
              "(expected one more: the input)")
     _require(len(tr.classes) == len(tr.class_stages), f"{len(tr.classes)} class tensors for {len(tr.class_stages)} class stages")
@@ -168,8 +173,7 @@ def _check_values_and_shapes(tr: Trace) -> None:
               *((f"representatives[{l}]", r) for l, r in enumerate(tr.representatives)),
               *((f"subspace/{s.name}", s.proj) for s in tr.subspaces),
               *((f"subspace/{s.name} norm", t) for s in tr.subspaces if s.norm is not None for t in s.norm[:2])]
-    if tr.pixels is not None:
-        floats.append(("pixels", tr.pixels))
+    floats += [(what, t) for what, t in (("full_masks", tr.full_masks), ("pixels", tr.pixels)) if t is not None]
     for what, t in floats:
         _finite(t, what)
 

@@ -8,7 +8,11 @@
   updates them), (B, K, d)
 - ``embeddings``: the patch embeddings the mask head compares with Q̂ (after the decoder's final
   LayerNorm; SPEC's Z_L1), (B, N, d); ``class_embeddings``: the final L2-normalised Q̂, (B, K, d)
-- ``masks``: the model's output logits, (B, K, H, W), equal to ``model(images)``
+- ``masks``: the decoder's mask logits on the patch grid, (B, K, h, w) with (h, w) = ``grid``; ``logits(b)``
+  upsamples image b's to its ``image_size`` (H, W), equal to ``model(images)[b]``, and ``prediction`` is
+  their argmax (B, H, W), computed one image at a time. ``full_masks``: the logits of every image,
+  (B, K, H, W) = ``model(images)``, kept only on request (``trace(..., full_masks=True)``): at 512² and
+  150 classes they take 1.2 GB per batch of eight, 256 times the masks on a 16-pixel patch grid
 - ``subspaces``: every projection P_l the decoder owns, ``Subspace(name, layer, proj (h, p, d))``, with
   the LayerNorm its layer applies before projecting (``Subspace.layer_input``)
 - ``attention[name]`` per layer on request; ``representatives[l]`` per layer for decoders that
@@ -30,7 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +48,8 @@ from depict_analysis.models.data.base import IGNORE_INDEX
 
 __all__ = ["Subspace", "Trace", "as_traces", "trace", "trace_batches"]
 
-TRACE_FORMAT = "depict-analysis-trace/1"
+TRACE_FORMAT = "depict-analysis-trace/2"  # /2: masks on the patch grid, image_size, full_masks on request
+OLD_FORMATS = ("depict-analysis-trace/1",)
 
 
 @dataclass(repr=False)
@@ -55,6 +60,7 @@ class Trace:
 
     model: dict[str, Any]  # what the model is (outputs.describe_model): variant, decoder, role, d, patch, K
     grid: tuple[int, int]
+    image_size: tuple[int, int]  # (H, W) of the traced images
     layer_names: list[str]
     tokens: list[Tensor]
     class_stages: list[str]
@@ -63,6 +69,7 @@ class Trace:
     class_embeddings: Tensor
     masks: Tensor
     subspaces: list[Subspace]
+    full_masks: Tensor | None = None
     attention: dict[str, Tensor] = field(default_factory=dict)
     representatives: list[Tensor] = field(default_factory=list)
     pixels: Tensor | None = None
@@ -83,7 +90,7 @@ class Trace:
 
     @property
     def num_images(self) -> int:
-        return len(self.masks)
+        return len(self.embeddings)
 
     @property
     def token_names(self) -> list[str]:
@@ -97,13 +104,22 @@ class Trace:
 
     def same_model(self, other: "Trace") -> bool:
         """Whether ``other`` was traced from the same model (description, and weights where both record them)."""
-        known = self.weights is not None and other.weights is not None
-        return self.model == other.model and (not known or self.weights == other.weights)
+        return _Identity.of(self).matches(other)
+
+    def logits(self, b: int) -> Tensor:
+        """Image b's class logits (K, H, W) at its full size, equal to ``model(images)[b]``: ``full_masks[b]``
+        when kept, else its ``masks`` upsampled as the model upsamples them."""
+        from depict_analysis.models.segmentor import upsample_masks
+
+        if self.full_masks is not None:
+            return self.full_masks[b]
+        return upsample_masks(self.masks[b : b + 1], self.grid, self.model["patch_size"], self.image_size)[0]
 
     @property
     def prediction(self) -> Tensor:
-        """The model's class map (B, H, W): the argmax of ``masks``."""
-        return self.masks.argmax(1)
+        """The model's class map (B, H, W): the argmax of the logits, one image at a time (the logits of
+        one image are held at once, not the batch's)."""
+        return torch.stack([self.logits(b).argmax(0) for b in range(self.num_images)])
 
     # ------------------------------------------------------------------------------ named access
 
@@ -111,6 +127,7 @@ class Trace:
         entries = {f"tokens/{name}": z for name, z in zip(self.token_names, self.tokens)}
         entries |= {f"classes/{stage}": q for stage, q in zip(self.class_stages, self.classes)}
         entries |= {"embeddings": self.embeddings, "class_embeddings": self.class_embeddings, "masks": self.masks}
+        entries |= {"full_masks": self.full_masks} if self.full_masks is not None else {}
         entries |= {f"subspace/{space.name}": space.proj for space in self.subspaces}
         entries |= {f"attention/{name}": a for name, a in self.attention.items()}
         return entries
@@ -137,6 +154,7 @@ class Trace:
             embeddings=move(self.embeddings),
             class_embeddings=move(self.class_embeddings),
             masks=move(self.masks),
+            full_masks=move(self.full_masks),
             subspaces=[replace(s, proj=move(s.proj), norm=None if s.norm is None else (*map(move, s.norm[:2]), s.norm[2]))
                        for s in self.subspaces],
             attention={name: move(a) for name, a in self.attention.items()},
@@ -159,15 +177,17 @@ class Trace:
         for t in traces[1:]:
             if t.model != first.model or t.config != first.config or t.layer_names != first.layer_names:
                 raise InputError(f"traces of different models cannot be concatenated ({_model_text(first)} and {_model_text(t)})")
-            if t.grid != first.grid or t.masks.shape[1:] != first.masks.shape[1:]:
-                raise InputError(f"traces of different image sizes cannot be concatenated ({tuple(first.masks.shape[-2:])} "
-                                 f"and {tuple(t.masks.shape[-2:])} pixels)")
+            if t.grid != first.grid or t.image_size != first.image_size or t.masks.shape[1:] != first.masks.shape[1:]:
+                raise InputError(f"traces of different image sizes cannot be concatenated ({first.image_size} "
+                                 f"and {t.image_size} pixels)")
             if any(not torch.equal(a.proj.cpu(), b.proj.cpu()) for a, b in zip(t.subspaces, first.subspaces)):
                 raise InputError(f"traces of different models cannot be concatenated (two {_model_text(t)} with different weights)")
             if (t.pixels is None) != (first.pixels is None) or (t.labels is None) != (first.labels is None) \
-                    or set(t.attention) != set(first.attention):
-                raise InputError("traces with and without images, labels or attention maps cannot be concatenated")
-        _refuse_other_models(first, traces)
+                    or (t.full_masks is None) != (first.full_masks is None) or set(t.attention) != set(first.attention):
+                raise InputError("traces with and without images, labels, full-size masks or attention maps cannot be concatenated")
+        identity = _Identity.of(first)
+        for t in traces:
+            identity.require(t)
         cat = lambda get: torch.cat([get(t) for t in traces])  # noqa: E731
         optional = lambda get: None if get(first) is None else cat(get)  # noqa: E731
         return replace(
@@ -177,6 +197,7 @@ class Trace:
             embeddings=cat(lambda t: t.embeddings),
             class_embeddings=cat(lambda t: t.class_embeddings),
             masks=cat(lambda t: t.masks),
+            full_masks=optional(lambda t: t.full_masks),
             attention={name: cat(lambda t, n=name: t.attention[n]) for name in first.attention},
             representatives=[cat(lambda t, l=l: t.representatives[l]) for l in range(len(first.representatives))],
             pixels=optional(lambda t: t.pixels),
@@ -193,7 +214,7 @@ class Trace:
 
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["subspaces"] = [vars(space) for space in self.subspaces]
-        state["grid"] = list(self.grid)
+        state["grid"], state["image_size"] = list(self.grid), list(self.image_size)
         atomic_save({"format": TRACE_FORMAT, **state}, path)
 
     @staticmethod
@@ -205,11 +226,14 @@ class Trace:
         from depict_analysis.trace_validation import validate_trace
 
         state = read_checkpoint(path)
-        if state.pop("format", None) != TRACE_FORMAT:
+        tag = state.pop("format", None)
+        if tag in OLD_FORMATS:
+            raise InputError(f"{path}: a trace saved by an older version ({tag}, full-size masks only); trace the images again")
+        if tag != TRACE_FORMAT:
             raise InputError(f"{path}: not a saved trace (no format tag {TRACE_FORMAT!r})")
         try:
             state["subspaces"] = [Subspace(**space) for space in state["subspaces"]]
-            state["grid"] = tuple(state["grid"])
+            state["grid"], state["image_size"] = tuple(state["grid"]), tuple(state["image_size"])
             loaded = Trace(**state)
         except (KeyError, TypeError) as e:
             raise InputError(f"{path}: a saved trace with missing or unknown entries ({e})") from None
@@ -257,13 +281,15 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def trace(
-    model: nn.Module, images: Batch | Tensor, attention: bool = False, amp: bool = False, source: str | None = None
+    model: nn.Module, images: Batch | Tensor, attention: bool = False, amp: bool = False, source: str | None = None,
+    full_masks: bool = False,
 ) -> Trace:
     """Run ``model`` on ``images`` and record the decoder's internals.
 
     ``images``: an ``Images`` batch (``load_images``; pixels in [0, 1], normalised here and kept in
     the trace with labels and paths), or a tensor (B, 3, H, W) already normalised with
-    ``model.normalize``. The same computation as ``model(images)``: ``masks`` equal it. Runs under
+    ``model.normalize``. The same computation as ``model(images)``: ``logits(b)`` equal it, and
+    ``full_masks`` (kept only when asked: (B, K, H, W), large) are it. Runs under
     ``torch.inference_mode``, in float32 unless ``amp`` (bf16 autocast on CUDA); the subspaces are
     copies, independent of later changes to the model. ``source`` names the model in error messages
     (``LoadedModel.label``).
@@ -274,19 +300,21 @@ def trace(
     with torch.inference_mode(), autocast(device, amp):
         z0, grid = model.encode(x)
         out = model.decoder.forward_intermediates(z0, grid, attention=attention)
-        masks = model.upsample(out.masks, grid, x.shape[-2:]).float()
+        full = model.upsample(out.masks, grid, x.shape[-2:]).float() if full_masks else None
         subspaces = [_copy(s, model.decoder.input_norm(s)) for s in model.decoder.subspaces()]
     return Trace(
         model=describe_model(model),
         grid=grid,
+        image_size=tuple(x.shape[-2:]),
         layer_names=list(out.layer_names),
         tokens=_float(out.tokens),
         class_stages=list(out.class_stages),
         classes=_float(out.classes),
         embeddings=out.embeddings.detach().float(),
         class_embeddings=out.class_embeddings.detach().float(),
-        masks=masks,
+        masks=out.masks.detach().float(),
         subspaces=subspaces,
+        full_masks=full,
         attention=dict(zip(out.attention, _float(out.attention.values()))),
         representatives=_float(out.representatives),
         pixels=batch.pixels if batch is not None else None,
@@ -354,11 +382,12 @@ def trace_batches(
     progress: bool = True,
     description: str = "tracing",
     source: str | None = None,
+    full_masks: bool = False,
 ) -> Iterator[Trace]:
     """One ``Trace`` per batch of ``batches``, with a progress bar over ``total`` images on stderr."""
     with image_progress(total, description, progress) as advance:
         for batch in batches:
-            yield trace(model, batch, attention=attention, amp=amp, source=source)
+            yield trace(model, batch, attention=attention, amp=amp, source=source, full_masks=full_masks)
             advance(len(batch.paths))
 
 
@@ -374,12 +403,14 @@ def as_traces(traces: Trace | Iterable[Trace]) -> Iterator[Trace]:
 
 
 def _of_one_model(traces: Iterable[Any]) -> Iterator[Trace]:
-    first: Trace | None = None
+    first: _Identity | None = None  # not the first trace: its tensors would stay alive to the end
     for item in traces:
         tr = _a_trace(item)
-        first = first or tr
-        _refuse_other_models(first, [tr])
+        del item
+        first = first or _Identity.of(tr)
+        first.require(tr)
         yield tr
+        del tr  # not alive while the next batch is traced
 
 
 def _a_trace(item: Any) -> Trace:
@@ -388,10 +419,25 @@ def _a_trace(item: Any) -> Trace:
     return item
 
 
-def _refuse_other_models(first: Trace, traces: Iterable[Trace]) -> None:
-    for tr in traces:
-        if not first.same_model(tr):
-            raise InputError(f"traces of two models cannot be pooled into one result: {first.model_name} and "
+class _Identity(NamedTuple):
+    """Which model a trace comes from: its description, weight fingerprint and name (``Trace.model_name``)."""
+
+    model: dict[str, Any]
+    weights: str | None
+    name: str
+
+    @staticmethod
+    def of(tr: Trace) -> "_Identity":
+        return _Identity(tr.model, tr.weights, tr.model_name)
+
+    def matches(self, tr: Trace) -> bool:
+        """The same description, and the same weights where both record them."""
+        known = self.weights is not None and tr.weights is not None
+        return self.model == tr.model and (not known or self.weights == tr.weights)
+
+    def require(self, tr: Trace) -> None:
+        if not self.matches(tr):
+            raise InputError(f"traces of two models cannot be pooled into one result: {self.name} and "
                              f"{tr.model_name}; analyse each model on its own (depict_analysis.compare)")
 
 

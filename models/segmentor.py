@@ -26,6 +26,25 @@ def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
     return F.pad(images, (0, -W % multiple, 0, -H % multiple))
 
 
+def upsample_masks(
+    masks: Tensor, grid: tuple[int, int], patch_size: int, size: tuple[int, int], memory_format=torch.contiguous_format,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W): bilinear to the padded image (``grid`` ×
+    ``patch_size`` pixels), then cropped to ``size`` = (H, W). Each image's logits depend on its own
+    masks only: upsampling one image of a batch gives the same values as upsampling the batch.
+    ``out`` (B, K, padded H, padded W) in ``memory_format``: written in place of a new tensor, the
+    same values (a caller decoding many times saves the page faults of a fresh full-resolution map,
+    most of the upsampling's cost on the CPU)."""
+    padded = (grid[0] * patch_size, grid[1] * patch_size)
+    masks = masks.contiguous(memory_format=memory_format)
+    if out is None:
+        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
+    else:  # F.interpolate's own kernel, with an output
+        masks = torch.ops.aten.upsample_bilinear2d.out(masks, padded, False, None, None, out=out)
+    return masks[..., : size[0], : size[1]]
+
+
 class Segmentor(nn.Module):
     """``encoder`` (ViT) + ``decoder`` (any family in ``depict_analysis.models.decoders``) -> logits (B, K, H, W)."""
 
@@ -63,17 +82,8 @@ class Segmentor(nn.Module):
         self, masks: Tensor, grid: tuple[int, int], size: tuple[int, int], memory_format=torch.contiguous_format,
         out: Tensor | None = None,
     ) -> Tensor:
-        """The decoder's masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W): bilinear to the padded
-        image, then cropped to ``size`` = (H, W). ``out`` (B, K, padded H, padded W) in
-        ``memory_format``: written in place of a new tensor, the same values (a caller decoding many
-        times saves the page faults of a fresh full-resolution map, most of the upsampling's cost)."""
-        padded = (grid[0] * self.patch_size, grid[1] * self.patch_size)
-        masks = masks.contiguous(memory_format=memory_format)
-        if out is None:
-            masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
-        else:  # F.interpolate's own kernel, with an output
-            masks = torch.ops.aten.upsample_bilinear2d.out(masks, padded, False, None, None, out=out)
-        return masks[..., : size[0], : size[1]]
+        """The decoder's masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W) (``upsample_masks``, ``out`` too)."""
+        return upsample_masks(masks, grid, self.patch_size, size, memory_format, out)
 
     def forward(self, images: Tensor, memory_format=torch.contiguous_format, predictions: bool = False):
         """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``).

@@ -116,7 +116,7 @@ def test_help_imports_no_heavy_module(module, commands):
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    for args, fragment in [(["frobnicate"], "No such command 'frobnicate'"), (["predict", "--out", tmp_path], "Missing argument"),
+    for args, fragment in [(["frobnicate"], "No such command 'frobnicate'"), (["predict", "--out", tmp_path], "give the images to segment: --images"),
                            (["eval", "--batch-size", "x"], "Invalid value for '--batch-size'")]:
         result = CliRunner().invoke(APPS["depict"], [str(a) for a in args])
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
@@ -169,7 +169,7 @@ def test_predict_takes_folders_and_resizes_as_eval_does(tmp_path, run_checkpoint
     for name, (h, w) in {"wide": (30, 90), "tall": (70, 40)}.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    result = CliRunner().invoke(APPS["depict"], ["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(APPS["depict"], ["predict", str(checkpoint), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "tall_label.png", "tall_overlay.png", "wide_label.png", "wide_overlay.png"]

@@ -81,7 +81,10 @@ def test_family_traces_its_forward_pass(family):
     with torch.no_grad():
         expected = model(images)
     t = trace(model, images, attention=True)
-    torch.testing.assert_close(t.masks, expected, atol=0, rtol=0)
+    for b in range(2):  # the masks on the grid, upsampled one image at a time, are the model's logits
+        torch.testing.assert_close(t.logits(b), expected[b], atol=0, rtol=0)
+    assert t.masks.shape == (2, K, 5, 4) and t.image_size == (37, 30) and t.full_masks is None
+    torch.testing.assert_close(trace(model, images, full_masks=True).full_masks, expected, atol=0, rtol=0)
     assert t.family == family.name and t.grid == (5, 4)
     assert len(t.tokens) == len(t.layer_names) + 1 and all(z.shape[:2] == (2, 20) for z in t.tokens)
     side = getattr(model.decoder, "n_queries", K)  # the class side: K classes, or a query decoder's queries

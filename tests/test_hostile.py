@@ -115,7 +115,7 @@ def files(tmp_path_factory):
 COMMANDS = {  # every command that reads a model, as (app, arguments before the checkpoint, after it)
     "info": (DEPICT, ["info"], []),
     "eval": (DEPICT, ["eval"], ["--dataset", "synthetic", "--num-images", "1"]),
-    "predict": (DEPICT, ["predict"], ["{images}/a.png", "--out", "{out}"]),
+    "predict": (DEPICT, ["predict"], ["--images", "{images}/a.png", "--out", "{out}"]),
     "coding-rate": (ANALYZE, ["coding-rate"], ["--num-images", "1", "--out", "{out}"]),
     "pca-seg": (ANALYZE, ["pca-seg"], ["--num-images", "1", "--out", "{out}"]),
     "orthogonality": (ANALYZE, ["orthogonality"], ["--num-images", "1", "--out", "{out}"]),
@@ -210,17 +210,17 @@ def test_a_loss_that_becomes_nan_stops_training_before_the_step_keeping_the_last
 
 @pytest.mark.parametrize("app, args, fragment", [
     (DEPICT, ["eval", "{good}", "--batch-size", "-1"], "Invalid value for '--batch-size'"),
-    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (DEPICT, ["predict", "{good}", "--images", "{images}/a.png", "--out", "{out}", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (DEPICT, ["eval", "{good}", "--short-side", "-10"], "Invalid value for '--short-side'"),
-    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--short-side", "-10"], "Invalid value for '--short-side'"),
+    (DEPICT, ["predict", "{good}", "--images", "{images}/a.png", "--out", "{out}", "--short-side", "-10"], "Invalid value for '--short-side'"),
     (DEPICT, ["eval", "{good}", "--window", "-5"], "Invalid value for '--window'"),
-    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--window", "3"],
+    (DEPICT, ["predict", "{good}", "--images", "{images}/a.png", "--out", "{out}", "--window", "3"],
      "the window (3) must be at least the model's patch size, 8 px"),
     (DEPICT, ["eval", "{good}", "--dataset", "synthetic", "--stride", "40"], "the stride (40) must be between 1 and the window (32)"),
     (DEPICT, ["info", "--n-cls", "-1", "--variant", "depict-sa-tiny"], "Invalid value for '--n-cls'"),
     (DEPICT, ["info", "--n-cls", "0", "--variant", "depict-sa-tiny"], "Invalid value for '--n-cls'"),
     (DEPICT, ["info", "{good}", "--image-size", "-5"], "Invalid value for '--image-size'"),
-    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--alpha", "5"], "Invalid value for '--alpha'"),
+    (DEPICT, ["predict", "{good}", "--images", "{images}/a.png", "--out", "{out}", "--alpha", "5"], "Invalid value for '--alpha'"),
     (DEPICT, ["eval", "{good}", "--num-images", "-3"], "Invalid value for '--num-images'"),
     (DEPICT, ["eval", "{good}", "--dataset", "nope"], "unknown dataset 'nope'"),
     (ANALYZE, ["coding-rate", "{good}", "--eps", "1e-300", "--num-images", "1", "--out", "{out}"], "eps = 1e-300 is too small"),
@@ -228,7 +228,7 @@ def test_a_loss_that_becomes_nan_stops_training_before_the_step_keeping_the_last
     (ANALYZE, ["robustness", "{good}", "--sigmas", "nan", "--out", "{out}"], "σ values must be finite numbers ≥ 0"),
     (ANALYZE, ["pca-seg", "{good}", "--k", "1", "--out", "{out}"], "Invalid value for '--k'"),
     (ANALYZE, ["pca-seg", "--k", "100", "--num-images", "1", "--out", "{out}"], "k must be in [1, min(N, d)] = [1, 64], got 100"),
-    (DEPICT, ["predict", "{good}", "{images}/a.png", "--out", "{out}", "--window", "100000", "--short-side", "0"],
+    (DEPICT, ["predict", "{good}", "--images", "{images}/a.png", "--out", "{out}", "--window", "100000", "--short-side", "0"],
      "a 120000 x 100000 view of this image exceeds 100 megapixels"),
 ])
 def test_options_out_of_range_are_refused(files, tmp_path, app, args, fragment):
@@ -389,9 +389,9 @@ def test_predict_never_overwrites_a_file_it_did_not_write(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a_label.png").write_bytes(b"the user's own file")
-    refused(DEPICT, ["predict", files / "good.pt", files / "images" / "a.png", "--out", out],
+    refused(DEPICT, ["predict", files / "good.pt", "--images", files / "images" / "a.png", "--out", out],
             f"{out / 'a_label.png'} exists; pass --overwrite to replace it", files, tmp_path)
-    result = invoke(DEPICT, "predict", files / "good.pt", files / "images" / "a.png", "--out", out, "--overwrite")
+    result = invoke(DEPICT, "predict", files / "good.pt", "--images", files / "images" / "a.png", "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert Image.open(out / "a_label.png").mode == "P" and sorted(p.name for p in out.iterdir()) == ["a_label.png", "a_overlay.png"]
 
@@ -400,7 +400,7 @@ def test_predict_never_writes_over_one_of_its_inputs(tmp_path):
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "a_label.png", seed=2)  # an input that a.png's label map would replace
     for extra in ([], ["--overwrite"]):
-        refused(DEPICT, ["predict", tmp_path / "a.png", tmp_path / "a_label.png", "--out", tmp_path, *extra],
+        refused(DEPICT, ["predict", "--images", tmp_path / "a.png", "--images", tmp_path / "a_label.png", "--out", tmp_path, *extra],
                 f"{tmp_path / 'a_label.png'} is also an input", tmp_path)
 
 
@@ -409,7 +409,7 @@ def test_unusable_output_folders_are_refused_before_any_work(files, tmp_path, ca
     (tmp_path / "taken").write_text("a file")
     out = tmp_path / "taken" if case == "file" else tmp_path / "taken" / "sub"
     fragment = "is a file; give a folder" if case == "file" else f"{tmp_path / 'taken'} is a file, not a folder"
-    for app, args in [(DEPICT, ["predict", files / "good.pt", files / "images" / "a.png"]),
+    for app, args in [(DEPICT, ["predict", files / "good.pt", "--images", files / "images" / "a.png"]),
                       (ANALYZE, ["coding-rate", files / "good.pt"]), (ANALYZE, ["pca-seg"]), (ANALYZE, ["orthogonality"]),
                       (ANALYZE, ["robustness"]), (ANALYZE, ["demo"]), (DEPICT, [*TRAIN, "--iterations", 2])]:
         refused(app, [*args, "--out", out], fragment, files, tmp_path)
@@ -479,13 +479,13 @@ def test_folders_named_like_images_are_not_images(files, tmp_path):
     write_image(images / "a.png")
     (images / "sub.png").mkdir()
     write_image(images / "sub.png" / "inner.png")
-    result = invoke(DEPICT, "predict", files / "good.pt", images, "--out", tmp_path / "out")
+    result = invoke(DEPICT, "predict", files / "good.pt", "--images", images, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_label.png", "a_overlay.png"]
     result = invoke(ANALYZE, "coding-rate", files / "good.pt", "--images", images, "--out", tmp_path / "rates")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "rates" / "coding_rate.json").read_text())["checkpoints"][0]["settings"]["num_images"] == 1
-    refused(DEPICT, ["predict", files / "good.pt", images / "sub.png" / "nothing.png", "--out", tmp_path / "o2"],
+    refused(DEPICT, ["predict", files / "good.pt", "--images", images / "sub.png" / "nothing.png", "--out", tmp_path / "o2"],
             "no such image file or folder", tmp_path, files)
 
 
@@ -528,7 +528,7 @@ def test_images_over_the_pixel_limit_are_refused_from_their_header(files, tmp_pa
     import depict_analysis.models.data.base as base
 
     monkeypatch.setattr(base, "MAX_PIXELS", 1000)
-    refused(DEPICT, ["predict", files / "good.pt", files / "images" / "a.png", "--out", tmp_path / "out"],
+    refused(DEPICT, ["predict", files / "good.pt", "--images", files / "images" / "a.png", "--out", tmp_path / "out"],
             "is 48 x 40 pixels, over the limit", files, tmp_path)
 
 
@@ -600,9 +600,16 @@ def _set(container, key, value):
 
 TRACE_TAMPERING = {  # what is done to the file -> the one line that refuses it
     "NaN in tokens": (lambda s: s["tokens"][1].__setitem__((0, 0, 0), float("nan")), "tokens/mssa1 holds 1 NaN / Inf value(s)"),
-    "Inf in the logits": (lambda s: s["masks"].__setitem__((0, 0, 0, 5), float("inf")), "masks holds 1 NaN / Inf value(s)"),
+    "Inf in the logits": (lambda s: s["masks"].__setitem__((0, 0, 0, 3), float("inf")), "masks holds 1 NaN / Inf value(s)"),
     "masks of fewer classes": (lambda s: _set(s, "masks", s["masks"][:, : K - 2]),
-                               f"masks has shape (2, {K - 2}, 32, 32), expected (*, {K}, *, *)"),
+                               f"masks has shape (2, {K - 2}, 4, 4), expected (*, {K}, 4, 4)"),
+    "masks off the grid": (lambda s: _set(s, "masks", s["masks"][..., :3]), f"masks has shape (2, {K}, 4, 3), expected (*, {K}, 4, 4)"),
+    "an image larger than the grid": (lambda s: _set(s, "image_size", [40, 32]),
+                                      "images of 40x32 pixels do not fit the 4x4 grid of 8-pixel patches"),
+    "full-size masks of another size": (lambda s: _set(s, "full_masks", torch.zeros(2, K, 32, 31)),
+                                        f"full_masks has shape (2, {K}, 32, 31), expected (2, {K}, 32, 32)"),
+    "NaN in full-size masks": (lambda s: _set(s, "full_masks", torch.full((2, K, 32, 32), float("nan"))),
+                               f"full_masks holds {2 * K * 32 * 32} NaN / Inf value(s)"),
     "masks of one image beside tokens of two": (lambda s: _set(s, "masks", s["masks"][:1]),
                                                 "tokens/input has shape (2, 16, 48), expected (1, 16, 48)"),
     "labels out of range": (lambda s: s["labels"].fill_(200), f"labels hold the value 200, no class of this model (classes 0..{K - 1}"),
@@ -748,7 +755,7 @@ def test_special_files_are_refused_as_outputs_never_replaced(files, traced, tmp_
     out = tmp_path / "predicted"
     out.mkdir()
     os.mkfifo(out / "a_label.png")
-    refused(DEPICT, ["predict", files / "good.pt", files / "images" / "a.png", "--out", out, "--overwrite"], message, files)
+    refused(DEPICT, ["predict", files / "good.pt", "--images", files / "images" / "a.png", "--out", out, "--overwrite"], message, files)
     # and the last line of defence: the atomic writer itself
     with pytest.raises(files_module.InputError, match="special file"):
         save_json(special["device"], {"a": 1})
@@ -1021,9 +1028,9 @@ def test_predict_reads_every_image_before_writing_and_a_rerun_finishes_without_o
     (images / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)  # a broken file among good ones
     write_image(images / "c.png", seed=2)
     out = tmp_path / "out"
-    refused(DEPICT, ["predict", files / "good.pt", images, "--out", out], f"cannot read image {images / 'b.png'}", files, tmp_path)
+    refused(DEPICT, ["predict", files / "good.pt", "--images", images, "--out", out], f"cannot read image {images / 'b.png'}", files, tmp_path)
     assert not out.exists() or not list(out.iterdir())  # nothing written for a.png either
     write_image(images / "b.png", seed=1)  # the file fixed, the same command again, no --overwrite
-    result = invoke(DEPICT, "predict", files / "good.pt", images, "--out", out)
+    result = invoke(DEPICT, "predict", files / "good.pt", "--images", images, "--out", out)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [f"{s}_{kind}.png" for s in "abc" for kind in ("label", "overlay")]

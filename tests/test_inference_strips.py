@@ -91,7 +91,7 @@ def test_predict_on_an_image_in_strips_writes_the_same_labels(tmp_path, monkeypa
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "m.pt", create_model("depict-sa-tiny", n_cls=5))
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(tmp_path / "big.png")
-    args = ["predict", str(tmp_path / "m.pt"), str(tmp_path / "big.png"), "--short-side", "40"]
+    args = ["predict", str(tmp_path / "m.pt"), "--images", str(tmp_path / "big.png"), "--short-side", "40"]
     assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")]).exit_code == 0
     monkeypatch.setattr(segmentor, "MAP_VALUES", 1)
     monkeypatch.setattr(segmentor, "STRIP_VALUES", 5 * 130 * 7)  # 7 rows a strip

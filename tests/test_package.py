@@ -71,7 +71,7 @@ def test_load_images_crops_every_image_to_the_models_grid(tmp_path):
     assert images.pixels.shape == (2, 3, 64, 64) and images.paths == [str(tmp_path / n) for n in ("grey.png", "wide.png")]
     assert float(images.pixels[0].max()) == 0.0 and abs(float(images.pixels[1].mean()) - 200 / 255) < 1e-6
     t = trace(model, images)
-    assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 64, 64) and t.grid == (16, 16)
+    assert t.paths == images.paths and t.masks.shape == (2, model.n_cls, 16, 16) and t.grid == (16, 16) and t.image_size == (64, 64)
 
 
 def test_labelled_sources_and_one_colour_per_model(tmp_path, monkeypatch):

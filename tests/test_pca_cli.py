@@ -40,8 +40,9 @@ def test_runner_equals_the_pure_functions_on_a_traced_batch(name):
     result = analyze_pca(tr, layers=[0, 3, "L1"], method="argmax", examples=2)
     assert isinstance(result, PCASegmentation) and result.sources == ["input", "mssa3", "Z_L1"]
     padded = (tr.grid[0] * 8, tr.grid[1] * 8)
+    logits = model(model.normalize(pixels))
     for b, example in enumerate(result.examples):
-        prediction = tr.masks[b].argmax(0)
+        prediction = logits[b].argmax(0)
         k = choose_k(prediction)
         assert example.k == k == result.k[b] and example.path == "ab"[b] + ".png"
         assert torch.equal(example.prediction, prediction)
@@ -63,11 +64,12 @@ def _separated_trace(prediction: torch.Tensor, noise: torch.Tensor, ground_truth
     noise); its residual tokens are the noise alone."""
     token_class = prediction[::8, ::8].reshape(-1)  # (16,): the class of each 8x8 patch
     z_l = 10.0 * torch.eye(12)[token_class] + 1e-3 * noise
-    masks = torch.nn.functional.one_hot(prediction, 12).permute(2, 0, 1).float()[None]
+    one_hot = lambda classes: torch.nn.functional.one_hot(classes, 12).permute(2, 0, 1).float()[None]  # noqa: E731
     model = {"variant": "toy", "decoder": "depict_sa", "patch_size": 8, "n_cls": 12}
-    return Trace(model=model, grid=(4, 4), layer_names=["mssa1"], tokens=[noise[None], noise[None]],
-                 class_stages=[], classes=[], embeddings=z_l[None], class_embeddings=torch.zeros(1, 3, 12), masks=masks,
-                 subspaces=[], labels=ground_truth[None], paths=["toy.png"])
+    return Trace(model=model, grid=(4, 4), image_size=(32, 32), layer_names=["mssa1"], tokens=[noise[None], noise[None]],
+                 class_stages=[], classes=[], embeddings=z_l[None], class_embeddings=torch.zeros(1, 3, 12),
+                 masks=one_hot(token_class.reshape(4, 4)), full_masks=one_hot(prediction), subspaces=[],
+                 labels=ground_truth[None], paths=["toy.png"])
 
 
 @pytest.mark.parametrize("method, n_classes", [("argmax", 2), ("kmeans", 3)])

@@ -39,10 +39,15 @@ def write_images(folder) -> dict[str, tuple[int, int]]:
     return {name: (a.shape[1], a.shape[0]) for name, a in arrays.items()}
 
 
+def images_options(paths) -> list[str]:
+    """``--images P`` for each path (the option repeats)."""
+    return [arg for path in paths for arg in ("--images", str(path))]
+
+
 def test_predict_writes_labels_and_overlays_for_every_image_mode(tmp_path, checkpoint):
     sizes = write_images(tmp_path / "in")
     paths = [str(tmp_path / "in" / f"{name}.png") for name in sizes]
-    result = CliRunner().invoke(app, ["predict", str(checkpoint), *paths, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), *images_options(paths), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.stderr
     palette = make_palette(K)  # a checkpoint without a dataset: the generated colours
     for name, size in sizes.items():
@@ -60,12 +65,52 @@ def test_predict_writes_labels_and_overlays_for_every_image_mode(tmp_path, check
 
 def test_large_images_go_through_sliding_windows(tmp_path, checkpoint):
     write_images(tmp_path / "in")
-    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--stride", "16"])
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), "--images", str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--stride", "16"])
     assert result.exit_code == 0, result.stderr
     model, _ = load_model(checkpoint)
     x = model.normalize(image_to_tensor(load_image(tmp_path / "in" / "rgb.png"))[None])
     expected = predict_probs(model, x, window=32, stride=16).argmax(1)[0].numpy()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rgb_label.png")), expected)
+
+
+def test_images_go_after_images_and_the_model_is_positional(tmp_path, checkpoint):
+    write_images(tmp_path / "in")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "in" / "grey.png").rename(tmp_path / "more" / "grey.png")
+    out = tmp_path / "out"
+    # a named source, an image file and a folder (--images repeats), the protocol pinned: windows of 32 every 16, own size
+    result = CliRunner().invoke(app, ["predict", f"mine={checkpoint}", "--images", str(tmp_path / "in" / "rgb.png"),
+                                      "--images", str(tmp_path / "more"), "--out", str(out), "--stride", "16", "--short-side", "0"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}_{kind}.png" for s in ("grey", "rgb") for kind in ("label", "overlay")]
+    model, _ = load_model(checkpoint)
+    for image in (tmp_path / "in" / "rgb.png", tmp_path / "more" / "grey.png"):
+        x = model.normalize(image_to_tensor(load_image(image))[None])
+        with torch.inference_mode():
+            expected = predict_probs(model, x, window=32, stride=16).argmax(1)[0].numpy()
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{image.stem}_label.png")), expected)
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "after the model"])
+def test_an_image_where_the_model_goes_says_images_go_after_images(tmp_path, checkpoint, where):
+    write_images(tmp_path / "in")
+    image = tmp_path / "in" if where == "folder" else tmp_path / "in" / "rgb.png"
+    given = [str(checkpoint), str(image)] if where == "after the model" else [str(image)]
+    result = CliRunner().invoke(app, ["predict", *given, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{image} is {'a folder of images' if where == 'folder' else 'an image'}, not a model: images go after --images" in result.stderr
+    assert f"depict predict MODEL --images {image}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_runs_one_model_and_needs_images(tmp_path, checkpoint):
+    write_images(tmp_path / "in")
+    two = CliRunner().invoke(app, ["predict", str(checkpoint), "builtin:segmenter", "--images", str(tmp_path / "in"),
+                                   "--out", str(tmp_path / "out")])
+    assert two.exit_code == 2 and "predict runs one model, got 2" in two.stderr
+    none = CliRunner().invoke(app, ["predict", str(checkpoint), "--out", str(tmp_path / "out")])
+    assert none.exit_code == 2 and "--images" in none.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_overlay_blends_class_colours_and_palette_follows_the_dataset():
@@ -96,7 +141,7 @@ def test_bad_images_are_one_line_errors_with_exit_2(tmp_path, checkpoint, case, 
     elif case == "not an image":
         bad.write_text("hello")
     paths = [str(bad)] if case != "duplicate names" else [str(tmp_path / "in" / "rgb.png"), str(tmp_path / "in" / "rgb.png")]
-    result = CliRunner().invoke(app, ["predict", str(checkpoint), *paths, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), *images_options(paths), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, (result.stdout, result.exception)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

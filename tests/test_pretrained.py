@@ -105,7 +105,7 @@ def test_depict_info_eval_and_predict_use_the_default_model(tmp_path):
     assert scores["checkpoint"] == "builtin:depict-sa" and scores["dataset"] == "synthetic" and scores["n_images"] == 8
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    for args in ([tmp_path / "a.png"], ["builtin:segmenter", tmp_path / "a.png", "--overwrite"]):
+    for args in (["--images", tmp_path / "a.png"], ["builtin:segmenter", "--images", tmp_path / "a.png", "--overwrite"]):
         result = run(depict_analysis.cli.main.app, "predict", *args, "--out", tmp_path / "pred")
         assert result.exit_code == 0, result.output
         label = np.array(Image.open(tmp_path / "pred" / "a_label.png"))

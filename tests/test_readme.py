@@ -75,3 +75,22 @@ def test_the_intervention_example_runs_and_changes_the_prediction(tmp_path, monk
     assert capsys.readouterr().out.endswith("of the pixels change class\n")
     assert scope["edited_masks"].shape == scope["clean"].masks.shape
     assert not any("edits" in m.__dict__ for m in scope["model"].modules())
+
+
+def test_the_predict_line_of_the_quick_start_runs_as_written(tmp_path, monkeypatch):
+    """The README's `depict predict` on your own image (the built-in model, images after --images)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from depict_analysis.cli.main import app
+
+    line = next(line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("depict predict "))
+    args = shlex.split(line.split("#")[0])[2:]
+    assert args[:2] == ["--images", "photo.png"]
+    Image.fromarray(render_scene(np.random.default_rng(0), 96)[0]).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["predict", *args])
+    assert result.exit_code == 0, result.output
+    label = np.asarray(Image.open(tmp_path / "predictions" / "photo_label.png"))
+    assert label.shape == (96, 96) and label.max() < 8 and (tmp_path / "predictions" / "photo_overlay.png").is_file()

@@ -3,8 +3,9 @@
 ``torchrun --nproc-per-node N -m depict_analysis.cli.main eval ...`` (any command that calls
 ``process_group``) starts N copies of the command. Inside ``process_group(device)`` they form the
 default ``torch.distributed`` group (gloo on the CPU, NCCL on CUDA, each process on GPU
-``LOCAL_RANK``); ``shard(n)`` gives each process every ``world``-th image, ``sum_over_processes``
-adds up what they counted, and only ``is_writer()`` (rank 0) writes files or shows progress.
+``LOCAL_RANK``); ``shard(n)`` gives each process every ``world``-th image (or batch), ``sum_over_processes``
+adds up what they counted, ``gather`` collects what each computed (picklable, on the CPU), and only
+``is_writer()`` (rank 0) writes files or shows progress.
 Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) all of this is a no-op: one
 process, every image.
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -85,3 +89,26 @@ def sum_over_processes(tensor: Tensor) -> Tensor:
     else:
         dist.all_reduce(tensor)
     return tensor
+
+
+def interleave(shares: list[list[T]]) -> list[T]:
+    """The items of every process's share (``shares[rank]``, in ``shard`` order) back in the order of
+    ``range(n)``: the k-th item of rank r is item r + k·world."""
+    longest = max(map(len, shares), default=0)
+    return [share[k] for k in range(longest) for share in shares if k < len(share)]
+
+
+def gather(value: T, everywhere: bool = True) -> list[T] | None:
+    """Every process's ``value`` in rank order, pickled through the group: on every process
+    (``everywhere``), else on rank 0 only (None on the others). ``[value]`` without a group.
+
+    ``value`` should hold CPU tensors and arrays; under NCCL the bytes travel through this process's GPU.
+    """
+    if not active():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    if everywhere:
+        dist.all_gather_object(gathered, value)
+        return gathered
+    dist.gather_object(value, gathered if is_writer() else None, dst=0)
+    return gathered if is_writer() else None
