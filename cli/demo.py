@@ -36,6 +36,10 @@ if TYPE_CHECKING:  # the model stack is imported inside the commands: `--help` s
 
 NumImagesOption = typer.Option(64, "--num-images", min=1, help="Images per analysis.")
 DrawsOption = typer.Option(3, "--draws", min=1, help="Noise draws per σ in the robustness sweep.")
+DemoDrawsOption = typer.Option(2, "--draws", min=1, help="Noise draws per σ in the robustness sweep (robustness's own default: 3).")
+SweepImagesOption = typer.Option(
+    32, "--sweep-images", min=1, help="Images of the robustness sweep and the head ablation, the first of --num-images "
+    "(the robustness and ablate commands keep their own defaults).")
 VERDICT_STYLE = {"holds": "green", "does not hold": "red", "not decided": "yellow"}
 
 
@@ -71,7 +75,7 @@ LabelsOption = typer.Option(None, "--labels", help="Label maps for --images (cla
 
 
 def run_and_report(models: list[str], folder: Path, page: Path, title: str, images, labels, dataset, data_root, split,
-                   num_images, draws, seed, level, resamples, device, trust=False) -> None:
+                   num_images, draws, seed, level, resamples, device, trust=False, sweep_images=None, threads=None) -> None:
     """``run_suite`` of ``models`` on the images the options name, its files under ``folder``, its page at ``page``."""
     from depict_analysis.foundation.distributed import is_writer
     from depict_analysis.models.sources import labelled_sources
@@ -85,7 +89,8 @@ def run_and_report(models: list[str], folder: Path, page: Path, title: str, imag
     images_from = {key: value for key, value in source.items() if key != "num_images"}
     named = labelled_sources(models)
     note_builtin_models([s for _, s in named], [label for label, _ in named], images_from.get("dataset"))
-    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples)
+    settings = SuiteSettings(source=images_from, num_images=num_images, draws=draws, seed=seed, level=level, resamples=resamples,
+                             sweep_images=sweep_images, threads=threads)
     with sharded(device) as run_device:  # under torchrun: each process its share of the images, rank 0 writes
         result = run_suite(models, folder, settings, device=run_device, trust=trust)
         if not is_writer():
@@ -106,7 +111,8 @@ def demo(
     data_root: Optional[Path] = DataRootOption,
     split: str = SplitOption,
     num_images: int = NumImagesOption,
-    draws: int = DrawsOption,
+    sweep_images: int = SweepImagesOption,
+    draws: int = DemoDrawsOption,
     seed: int = SeedOption,
     level: float = LevelOption,
     resamples: int = ResamplesOption,
@@ -121,7 +127,8 @@ def demo(
     """
     chosen = models or [f"{BUILTIN}{name}" for name in DEFAULT_MODELS]
     run_and_report(chosen, out, page or out / "report.html", "depict-analysis demo: {primary} and the others", images,
-                   labels, dataset, data_root, split, num_images, draws, seed, level, resamples, device)
+                   labels, dataset, data_root, split, num_images, draws, seed, level, resamples, device,
+                   sweep_images=sweep_images, threads=None if models else 1)  # the toy models are too small for 2 threads to pay
 
 
 @user_errors

@@ -78,9 +78,14 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
     name = safe_name(name)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     try:
-        atomic_write(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"))
+        # Laid out and measured once for both files: "tight" would lay out and draw each file twice.
+        fig.set_dpi(FIGURE_DPI)
+        fig.draw_without_rendering()
+        box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams["savefig.pad_inches"])
+        fig.set_layout_engine("none")
+        atomic_write(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches=box))
         metadata = {MIN_FONT_KEY: f"{min_font_size(fig):.2f}"}  # after a draw: tick labels exist only once drawn
-        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight", metadata=metadata))
+        atomic_write(paths[0], lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches=box, metadata=metadata))
     finally:
         plt.close(fig)
     return paths

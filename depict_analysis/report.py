@@ -22,6 +22,7 @@ import PIL.Image
 
 from depict_analysis.claims import Finding
 from depict_analysis.outputs import FIGURE_DPI, MIN_FONT_KEY, atomic_write_text
+from depict_analysis.robustness import PROTOCOLS
 from depict_analysis.suite import SuiteResult, p_cosine, q_offdiag, token_rates
 from depict_analysis.uncertainty import Interval, intervals, mean_interval, percentile_interval
 
@@ -142,7 +143,8 @@ def _robustness_table(result: SuiteResult) -> dict:
     curves = [robustness.curve(label) for label in robustness.labels]
     rows = [[f"{sigma:g}", *(c.interval[i].text(100) for c in curves)] for i, sigma in enumerate(curves[0].sigma)]
     rows.append(["σ½", *(c.sigma_half(result.settings.level).text() for c in curves)])
-    return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows, "mean over draws [interval]")
+    return _table(["σ", *(f"{label} mIoU (%)" for label in robustness.labels)], rows,
+                  f"mean over draws [interval]; images scored as {PROTOCOLS[robustness.settings['protocol']]}")
 
 
 def _ablation_table(result: SuiteResult) -> dict:

@@ -144,3 +144,17 @@ def test_report_cli_bad_checkpoint_is_one_line(tmp_path):
     result = run_cli("report", tmp_path / "notes.pt", "--out", tmp_path / "r.html")
     assert result.exit_code == 2 and result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r.html").exists()
+
+
+def test_demo_settings_sweep_fewer_images_on_the_threads_asked_and_restore_them():
+    from depict_analysis.suite import torch_threads
+
+    assert SuiteSettings(num_images=64, sweep_images=32).swept == 32
+    assert SuiteSettings(num_images=8, sweep_images=32).swept == 8  # never more than the run's images
+    assert SuiteSettings(num_images=64).swept == 64  # the full settings: every image
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
