@@ -73,7 +73,8 @@ def test_the_intervention_example_runs_and_changes_the_prediction(tmp_path, monk
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert capsys.readouterr().out.endswith("of the pixels change class\n")
-    assert scope["edited_masks"].shape == scope["clean"].masks.shape
+    clean = scope["clean"]
+    assert scope["edited_masks"].shape == (len(clean.masks), clean.masks.shape[1], *clean.image_size)
     assert not any("edits" in m.__dict__ for m in scope["model"].modules())
 
 
