@@ -56,7 +56,7 @@ from depict_analysis.inputs import image_progress
 from depict_analysis.models.evaluate import decode_labels, encode_image
 from depict_analysis.models.pretrained import BUILTIN, DEFAULT_MODELS
 from depict_analysis.results import Result
-from depict_analysis.robustness import EvaluationImages, per_image_counts
+from depict_analysis.robustness import EvaluationImages, LabelIndex
 from depict_analysis.runs import ModelSource, loaded_models
 from depict_analysis.tracing import describe_model
 from depict_analysis.uncertainty import Bootstrap, Interval, image_resamples, percentile_interval, quiet_nan_mean, warn_sample_size
@@ -150,12 +150,12 @@ def ablation_counts(model: nn.Module, images: EvaluationImages, units: Sequence[
     try:
         for i in shard(len(images)):
             image, label = images.dataset.load_raw(i)
-            target = torch.from_numpy(label).to(device)[None]
+            target = LabelIndex.of(torch.from_numpy(label).to(device)[None], K)
             encoded = encode_image(model, image, **protocol)
             for u, edits in enumerate([(), *(unit.edits for unit in units)]):
                 with edited(model, *edits):
                     labels = decode_labels(model, encoded)
-                counts[u, i] = per_image_counts(labels[None], target, K)[0].cpu().numpy()
+                counts[u, i] = target.counts(labels[None])[0].cpu().numpy()
             if advance is not None:
                 advance(1)
     finally:

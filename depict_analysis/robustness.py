@@ -259,25 +259,50 @@ class ParameterSets:
         return drawn
 
 
+@dataclass(frozen=True)
+class LabelIndex:
+    """The labelled pixels of a batch of label maps (B, H, W), read once for any number of
+    predictions (``counts``): ``valid`` (B, H, W) bool, None when every pixel is labelled, and each
+    labelled pixel's row of its image's confusion matrix, ``(image · K + label) · K`` (int64)."""
+
+    valid: Tensor | None
+    rows: Tensor
+    batch: int
+    n_cls: int
+
+    @staticmethod
+    def of(target: Tensor, n_cls: int, ignore_index: int = IGNORE_INDEX) -> "LabelIndex":
+        """A label outside 0..K-1 (other than ``ignore_index``) is refused, as ``ConfusionMatrix`` refuses it."""
+        B, K = target.shape[0], n_cls
+        valid = target != ignore_index
+        image = torch.arange(B, device=target.device).view(B, *([1] * (target.ndim - 1))).expand_as(target)
+        valid = None if bool(valid.all()) else valid
+        t, image = (target.long(), image) if valid is None else (target[valid].long(), image[valid])
+        bad = t[(t < 0) | (t >= K)]
+        if bad.numel():
+            raise DatasetError(f"label value {int(bad[0])} is not a class index 0..{K - 1} (or {ignore_index} = ignore)")
+        return LabelIndex(valid, ((image * K + t) * K).reshape(-1), B, K)
+
+    def counts(self, pred: Tensor) -> Tensor:
+        """Per image and class of the predictions ``pred`` (B, H, W): true positives, label pixels,
+        predicted pixels (B, 3, K) int64, from one ``bincount`` of each image's confusion matrix
+        (its diagonal, row sums and column sums)."""
+        B, K = self.batch, self.n_cls
+        p = pred.to(self.rows.device)
+        p = p.reshape(-1) if self.valid is None else p[self.valid]
+        confusion = torch.bincount(self.rows + p, minlength=B * K * K).view(B, K, K)
+        return torch.stack([confusion.diagonal(dim1=1, dim2=2), confusion.sum(2), confusion.sum(1)], dim=1)
+
+
 def per_image_counts(pred: Tensor, target: Tensor, n_cls: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Per image and class: true positives, label pixels, predicted pixels; (B, H, W) -> (B, 3, K) int64.
 
     Pixels labelled ``ignore_index`` are left out, as in ``ConfusionMatrix``: summed over images these
     are its diagonal, row sums and column sums, all that the mIoU needs (``uncertainty.miou_from_counts``).
     A label outside 0..K-1 (other than ``ignore_index``) is refused, as ``ConfusionMatrix`` refuses it.
+    ``LabelIndex`` reads the labels once for many predictions.
     """
-    B, K = pred.shape[0], n_cls
-    valid = target != ignore_index
-    image = torch.arange(B, device=target.device).view(B, *([1] * (target.ndim - 1))).expand_as(target)[valid] * K
-    t, p = target[valid].long(), pred.to(target.device)[valid].long()
-    bad = t[(t < 0) | (t >= K)]
-    if bad.numel():
-        raise DatasetError(f"label value {int(bad[0])} is not a class index 0..{K - 1} (or {ignore_index} = ignore)")
-
-    def count(index: Tensor) -> Tensor:
-        return torch.bincount(index, minlength=B * K).view(B, K)
-
-    return torch.stack([count((image + t)[t == p]), count(image + t), count(image + p)], dim=1)
+    return LabelIndex.of(target, n_cls, ignore_index).counts(pred)
 
 
 def scores_from_counts(counts: np.ndarray) -> dict[str, float]:
@@ -391,7 +416,7 @@ class ModelSweep:
     def score_crops(self, batch: Batch, indices: Sequence[int]) -> None:
         """Score a batch of square crops (pixels (B, 3, S, S), labels (B, S, S)), image i = ``indices[i]``."""
         model, pixels, labels = self.model, batch.pixels.to(self.device), batch.labels.to(self.device)
-        size, counts = labels.shape[-2:], []
+        size, counts, target = labels.shape[-2:], [], LabelIndex.of(labels, model.n_cls)
         if self.cache_z0:
             z0, grid = model.encode(model.normalize(pixels))
         for sigma, draw in self.draws:
@@ -402,14 +427,14 @@ class ModelSweep:
                 x = torch.cat([(self._inputs(sigma, draw, i) or model.normalize)(pixels[j : j + 1])
                                for j, i in enumerate(indices)])
                 logits = with_parameters(model, parameters, model, x, torch.channels_last)
-            counts.append(per_image_counts(logits.argmax(1), labels, model.n_cls))
+            counts.append(target.counts(logits.argmax(1)))
         for j, image_counts in enumerate(torch.stack(counts, dim=1).cpu().numpy()):  # (B, E, 3, K)
             self.counts[indices[j]] = image_counts
 
     @torch.inference_mode()
     def score_image(self, image: Image.Image, label: np.ndarray, index: int, protocol: dict[str, Any]) -> None:
         """Score one image with the evaluation protocol (``EvaluationImages.protocol``) under every draw."""
-        model, target = self.model, torch.from_numpy(label).to(self.device)[None]
+        model, target = self.model, LabelIndex.of(torch.from_numpy(label).to(self.device)[None], self.model.n_cls)
         encoded = encode_image(model, image, **protocol) if self.cache_z0 else None
         counts = []
         for sigma, draw in self.draws:
@@ -419,7 +444,7 @@ class ModelSweep:
             else:
                 labels = with_parameters(model, parameters, partial(image_labels, model, image, inputs=self._inputs(
                     sigma, draw, index), **protocol))
-            counts.append(per_image_counts(labels[None], target, model.n_cls)[0])
+            counts.append(target.counts(labels[None])[0])
         self.counts[index] = torch.stack(counts).cpu().numpy()
 
     def run(self, images: SweepImages, train_config: dict | None = None,

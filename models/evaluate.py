@@ -11,8 +11,8 @@ across ranks under DDP) before the per-class IoUs are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,11 +28,13 @@ from depict_analysis.foundation.errors import ConfigError, DatasetError, InputEr
 from depict_analysis.foundation.progress import track
 from depict_analysis.models.segmentor import (
     Anchor,
+    MAP_VALUES,
     Segmentor,
     decoder_outputs,
     inference,
     inference_labels,
     merge_windows,
+    merged_labels,
     view_labels,
     window_anchors,
     window_crops,
@@ -265,6 +267,17 @@ class EncodedImage:
     views: list[EncodedView]
     size: tuple[int, int]  # (H, W) of the image, where labels are scored
     window: int
+    # reused by every decode: each batch of windows' upsampled logits, ``merged_labels``' scratch
+    buffers: dict = field(default_factory=dict, repr=False)
+
+    def buffer(self, view: int, batch: int, like: Tensor, size: tuple[int, int]) -> Tensor:
+        """The reused channels-last buffer (n, K, *size) of one batch of windows' logits, dtype of ``like`` (n, K, h, w)."""
+        shape = (*like.shape[:2], *size)
+        held = self.buffers.get((view, batch))
+        if held is None or held.shape != shape or held.dtype != like.dtype:
+            held = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+            self.buffers[view, batch] = held
+        return held
 
 
 def encode_image(
@@ -300,12 +313,25 @@ def decode_labels(model: Segmentor, encoded: EncodedImage) -> Tensor:
     decoder parameters (``torch.func.functional_call``) scores a perturbed decoder without the backbone."""
     device, window = next(model.parameters()).device, encoded.window
 
-    def view_logits(view: EncodedView) -> Tensor:
-        windows = ((model.decode(z0, view.grid, (window, window), torch.channels_last).float(), anchors)
-                   for z0, anchors in view.tokens)
-        return merge_windows(windows, 1, view.size, model.n_cls, device)
+    def held(view: EncodedView) -> bool:
+        """Whether a view's upsampled windows fit in ``MAP_VALUES`` values: then all of them are kept
+        in the image's buffers, reused by every decode; else they come one batch at a time, as in ``image_labels``."""
+        return sum(len(anchors) for _, anchors in view.tokens) * model.n_cls * window**2 <= MAP_VALUES
 
-    logits = ((view_logits(view), view.flipped) for view in encoded.views)
+    def windows(v: int, view: EncodedView) -> Iterator[tuple[Tensor, list[Anchor]]]:
+        """``model.decode`` of each batch of windows (the same logits), upsampled into reused buffers when ``held``."""
+        reuse = held(view)
+        for b, (z0, anchors) in enumerate(view.tokens):
+            masks = model.decoder(z0, view.grid)
+            padded = (view.grid[0] * model.patch_size, view.grid[1] * model.patch_size)
+            buffer = encoded.buffer(v, b, masks, padded) if reuse else None
+            yield model.upsample(masks, view.grid, (window, window), torch.channels_last, buffer).float(), anchors
+
+    (only, *others) = encoded.views
+    if not others and not only.flipped and only.size == encoded.size and held(only):  # no resize: no merged map
+        return merged_labels(windows(0, only), 1, encoded.size, model.n_cls, encoded.buffers)[0]
+    logits = ((merge_windows(windows(v, view), 1, view.size, model.n_cls, device), view.flipped)
+              for v, view in enumerate(encoded.views))
     return view_labels(logits, 1, model.n_cls, encoded.size, outputs=decoder_outputs(model))[0]
 
 

@@ -27,14 +27,21 @@ def pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
 
 
 def upsample_masks(
-    masks: Tensor, grid: tuple[int, int], patch_size: int, size: tuple[int, int], memory_format=torch.contiguous_format
+    masks: Tensor, grid: tuple[int, int], patch_size: int, size: tuple[int, int], memory_format=torch.contiguous_format,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W): bilinear to the padded image (``grid`` ×
     ``patch_size`` pixels), then cropped to ``size`` = (H, W). Each image's logits depend on its own
-    masks only: upsampling one image of a batch gives the same values as upsampling the batch."""
+    masks only: upsampling one image of a batch gives the same values as upsampling the batch.
+    ``out`` (B, K, padded H, padded W) in ``memory_format``: written in place of a new tensor, the
+    same values (a caller decoding many times saves the page faults of a fresh full-resolution map,
+    most of the upsampling's cost on the CPU)."""
     padded = (grid[0] * patch_size, grid[1] * patch_size)
     masks = masks.contiguous(memory_format=memory_format)
-    masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
+    if out is None:
+        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
+    else:  # F.interpolate's own kernel, with an output
+        masks = torch.ops.aten.upsample_bilinear2d.out(masks, padded, False, None, None, out=out)
     return masks[..., : size[0], : size[1]]
 
 
@@ -72,10 +79,11 @@ class Segmentor(nn.Module):
         return self.upsample(self.decoder(z, grid), grid, size, memory_format)
 
     def upsample(
-        self, masks: Tensor, grid: tuple[int, int], size: tuple[int, int], memory_format=torch.contiguous_format
+        self, masks: Tensor, grid: tuple[int, int], size: tuple[int, int], memory_format=torch.contiguous_format,
+        out: Tensor | None = None,
     ) -> Tensor:
-        """The decoder's masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W) (``upsample_masks``)."""
-        return upsample_masks(masks, grid, self.patch_size, size, memory_format)
+        """The decoder's masks (B, K, h, w) on ``grid`` -> logits (B, K, H, W) (``upsample_masks``, ``out`` too)."""
+        return upsample_masks(masks, grid, self.patch_size, size, memory_format, out)
 
     def forward(self, images: Tensor, memory_format=torch.contiguous_format, predictions: bool = False):
         """Normalised images (B, 3, H, W), any H, W -> logits (B, K, H, W) (see ``decode``).
@@ -187,6 +195,50 @@ def merge_windows(chunks: Iterable[tuple[Tensor, Sequence[Anchor]]], batch: int,
     if logits is None:  # no windows (an empty batch)
         return torch.zeros(batch, n_cls, H, W, device=device)
     return logits.div_(count)
+
+
+def _cells(starts: Iterable[int], ends: Iterable[int], length: int) -> list[tuple[int, int]]:
+    """The intervals between consecutive window edges in [0, length)."""
+    edges = sorted({0, length, *(min(max(e, 0), length) for e in (*starts, *ends))})
+    return list(itertools.pairwise(edges))
+
+
+def merged_labels(windows: Iterable[tuple[Tensor, Sequence[Anchor]]], batch: int, size: tuple[int, int], n_cls: int,
+                  scratch: dict[str, Tensor] | None = None) -> Tensor:
+    """``merge_windows(windows, ...).argmax(1)``: labels (B, H, W) (uint8 for at most 256 classes, else
+    int64) of the windows' logits (n, K, h, w) at their anchors, without building the (B, K, H, W) map.
+
+    The window edges cut each image into cells covered by the same windows: a cell under one window
+    is arg-maxed in that window's logits; elsewhere its windows' logits are summed in anchor order
+    and divided by their number, as ``merge_windows`` does (its zeros first add nothing, its count is
+    that number), into ``scratch["merge"]`` (kept there for the next call). The same values, so the
+    same labels (ties included: the first class)."""
+    (H, W), placed = size, [(o, a) for out, anchors in windows for o, a in zip(out, anchors)]
+    K = placed[0][0].shape[0] if placed else n_cls
+    labels = torch.zeros(batch, H, W, dtype=torch.uint8 if n_cls <= 256 else torch.int64,
+                         device=placed[0][0].device if placed else None)
+    scratch = {} if scratch is None else scratch
+    for b in range(batch):
+        mine = [(o, top, left) for o, (i, top, left) in placed if i == b]
+        rows = _cells((t for _, t, _ in mine), (t + o.shape[-2] for o, t, _ in mine), H)
+        cols = _cells((l for _, _, l in mine), (l + o.shape[-1] for o, _, l in mine), W)
+        for (y0, y1), (x0, x1) in itertools.product(rows, cols):
+            cover = [o[:, y0 - t : y1 - t, x0 - l : x1 - l] for o, t, l in mine
+                     if t <= y0 and y1 <= t + o.shape[-2] and l <= x0 and x1 <= l + o.shape[-1]]
+            if not cover:  # 0 / 0 everywhere in merge_windows: NaN, whose argmax is class 0
+                continue
+            if len(cover) > 1:
+                n = K * (y1 - y0) * (x1 - x0)
+                held = scratch.get("merge")
+                if held is None or held.numel() < n or held.dtype != cover[0].dtype or held.device != cover[0].device:
+                    held = scratch["merge"] = torch.empty(n, dtype=cover[0].dtype, device=cover[0].device)
+                total = torch.add(cover[0], cover[1], out=held[:n].view(y1 - y0, x1 - x0, K).permute(2, 0, 1))
+                for more in cover[2:]:
+                    total.add_(more)
+                count = torch.full((1, 1, 1), float(len(cover)), dtype=total.dtype, device=total.device)
+                cover = [total.div_(count.expand(1, y1 - y0, x1 - x0))]  # element-wise, as merge_windows divides
+            labels[b, y0:y1, x0:x1] = cover[0].argmax(0)
+    return labels
 
 
 @torch.no_grad()
