@@ -160,7 +160,8 @@ def test_reprs_are_short_and_say_what_the_result_is(results, kind):
 def test_trace_repr_names_model_layers_and_shapes(traced):
     text = repr(traced)
     assert len(text) < 1500, len(text)
-    assert "depict-ca-mini" in text and "mssa1" in text and "Tensor(3, 8, 64, 64) float32" in text  # masks (B, K, H, W)
+    assert "depict-ca-mini" in text and "mssa1" in text and "Tensor(3, 8, 16, 16) float32" in text  # masks on the token grid (B, K, h, w)
+    assert "image_size=(64, 64)" in text
     assert "4 × Tensor(3, 256, 64) float32" in text  # tokens: input + 3 layers, (B, N, d)
 
 
