@@ -371,7 +371,6 @@ def run_suite(
 def _suite(models: Sequence[ModelSource], out: Path, settings: SuiteSettings, progress: bool, command: str | None,
            device: str | torch.device, trust: bool) -> SuiteResult:
     total = time.perf_counter()
-    out = Path(out)
     models = list(loaded_models(models, device, trust))  # all in memory: every analysis reads them
     primary, images = models[0], settings.image_source
     shared = {"images": images, "progress": progress, "record": {"input": settings.source}}
